@@ -1,0 +1,474 @@
+"""Fit-time overhead of :class:`~mstore_lightning.GradientCapture` on three small models.
+
+Each model is trained for one epoch of synthetic, seeded data, once without capture (*plain*) and
+once with capture of every layer at fp16 (*capture*), alternating plain and capture runs so that
+drift of a noisy machine hits both alike. The script prints a table of median fit times, the
+capture/plain ratios and the store's size per sample, and writes every raw timing to JSON.
+
+Usage:
+    python benchmarks/capture_overhead.py                       # all models, 5 pairs each
+    python benchmarks/capture_overhead.py --models mlp --pairs 7
+    python benchmarks/capture_overhead.py --batches-scale 0.1   # quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import zarr
+from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+
+from mstore_lightning import GradientCapture
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "capture_overhead.json"
+POLICY = {"layers": ["*"], "precision": "fp16", "loss_reduction": "mean"}
+DATA_SEED = 0
+MODEL_SEED = 1
+LR = 0.01
+VOCAB = 1000
+NUM_CLASSES = 10
+
+# Lightning's per-run chatter ("GPU available", "does not have many workers") is the same for
+# both arms and would bury the table.
+_LIGHTNING_NOISE = (
+    ".*does not have many workers.*",
+    ".*GPU available but not used.*",
+    ".*log_every_n_steps.*",
+)
+
+
+# ---------------------------------------------------------------------------------------------- models
+class TokenClassifier(nn.Module):
+    """Embedding, a Transformer encoder and a linear head over the mean token.
+
+    Args:
+        vocab: number of token ids.
+        d_model: embedding width.
+        nhead: attention heads.
+        layers: encoder layers.
+        num_classes: output classes.
+    """
+
+    def __init__(self, vocab: int, d_model: int, nhead: int, layers: int, num_classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=4 * d_model, batch_first=True)
+        # Nested tensors only apply in inference with a padding mask; disabling them silences a warning.
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+def build_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 512), nn.ReLU(),
+        nn.Linear(512, 512), nn.ReLU(),
+        nn.Linear(512, NUM_CLASSES),
+    )
+
+
+def build_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(),  # 32x32 -> 16x16
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.ReLU(),  # 16x16 -> 8x8
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, NUM_CLASSES),
+    )
+
+
+def build_transformer() -> nn.Module:
+    return TokenClassifier(VOCAB, d_model=128, nhead=4, layers=2, num_classes=NUM_CLASSES)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked model and its synthetic data.
+
+    Attributes:
+        name: CLI name.
+        description: one line for the table's legend.
+        build: returns a freshly initialised network.
+        make_inputs: ``(generator, n) -> inputs`` of ``n`` samples.
+        batch_size: samples per batch.
+        batches: batches per fit; chosen so a plain fit takes about 3 s on a 2-core CPU.
+        target: the largest acceptable capture/plain ratio, or ``None`` when only reported.
+        note: what the reader should expect, printed under the table.
+    """
+
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    make_inputs: Callable[[torch.Generator, int], Tensor]
+    batch_size: int
+    batches: int
+    target: float | None
+    note: str = ""
+
+
+SPECS = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="mlp",
+            description="MLP 784-512-512-10",
+            build=build_mlp,
+            make_inputs=lambda g, n: torch.randn(n, 784, generator=g),
+            batch_size=128,
+            batches=800,
+            target=1.15,
+        ),
+        ModelSpec(
+            name="cnn",
+            description="4-conv CNN on 3x32x32 + linear",
+            build=build_cnn,
+            make_inputs=lambda g, n: torch.randn(n, 3, 32, 32, generator=g),
+            batch_size=64,
+            batches=80,
+            target=1.15,
+        ),
+        ModelSpec(
+            name="transformer",
+            description="Transformer encoder d128 h4 L2, T=64",
+            build=build_transformer,
+            make_inputs=lambda g, n: torch.randint(0, VOCAB, (n, 64), generator=g),
+            batch_size=32,
+            batches=40,
+            target=None,
+            note=(
+                "nn.MultiheadAttention applies out_proj functionally and holds in_proj_weight as a raw "
+                "Parameter, so the capture reports them as uncovered; that warning is expected."
+            ),
+        ),
+    )
+}
+
+
+class Classifier(L.LightningModule):
+    """Cross-entropy training of ``net`` on ``batch["x"]``; ``batch["index"]`` is left to the capture.
+
+    Args:
+        net: the network.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        # Mean over the batch, as the policy's loss_reduction says.
+        return F.cross_entropy(self.net(batch["x"]), batch["y"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+# ------------------------------------------------------------------------------------------------ data
+class SyntheticData(Dataset):
+    """In-memory samples fetched a whole batch at a time.
+
+    Indexed by a list of ids (from a :class:`BatchSampler`), so a batch is one gather instead of
+    ``batch_size`` item lookups and a collate: loader cost stays small next to the model's, and the
+    measured ratio is not diluted by it.
+
+    Args:
+        inputs: all inputs, samples along dim 0.
+        labels: int64 class of each sample.
+    """
+
+    def __init__(self, inputs: Tensor, labels: Tensor) -> None:
+        self.inputs = inputs
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, ids: list[int]) -> dict[str, Tensor]:
+        index = torch.as_tensor(ids, dtype=torch.int64)
+        return {"x": self.inputs[index], "y": self.labels[index], "index": index}
+
+
+def make_data(spec: ModelSpec, batches: int) -> SyntheticData:
+    """Seeded random inputs and labels for ``batches`` full batches."""
+    g = torch.Generator().manual_seed(DATA_SEED)
+    n = batches * spec.batch_size
+    return SyntheticData(spec.make_inputs(g, n), torch.randint(0, NUM_CLASSES, (n,), generator=g))
+
+
+def make_loader(data: SyntheticData, batch_size: int) -> DataLoader:
+    sampler = BatchSampler(SequentialSampler(data), batch_size, drop_last=True)
+    # batch_size=None: the sampler yields whole batches and the dataset returns them already collated.
+    return DataLoader(data, sampler=sampler, batch_size=None, num_workers=0)
+
+
+# --------------------------------------------------------------------------------------------- running
+def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> float:
+    """Trains one epoch from the same initial weights and returns the wall time of ``Trainer.fit``.
+
+    Args:
+        spec: the model.
+        data: its synthetic data.
+        store: where the capture writes, or ``None`` for a plain fit.
+
+    Returns:
+        Seconds spent in ``trainer.fit``, which includes the capture's setup and final flush.
+    """
+    torch.manual_seed(MODEL_SEED)
+    model = Classifier(spec.build())
+    callbacks = []
+    if store is not None:
+        # A leftover store from the previous run would make "overwrite" delete it inside the timed
+        # region; deleting it here keeps file-system cleanup out of the measurement.
+        shutil.rmtree(store, ignore_errors=True)
+        callbacks.append(GradientCapture(store=str(store), policy=POLICY, mode="overwrite"))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = make_loader(data, spec.batch_size)
+    gc.collect()  # a collection of the previous run's garbage must not land inside this one
+    start = time.perf_counter()
+    trainer.fit(model, loader)
+    return time.perf_counter() - start
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.levelname}: {record.getMessage()}")
+
+
+def capture_messages(run: Callable[[], float]) -> tuple[float, list[str]]:
+    """Runs ``run`` and returns its result with the warnings and warning logs it raised."""
+    recorder = _Recorder()
+    lib_logger = logging.getLogger("mstore_lightning")
+    lib_logger.addHandler(recorder)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for pattern in _LIGHTNING_NOISE:
+                warnings.filterwarnings("ignore", message=pattern)
+            result = run()
+    finally:
+        lib_logger.removeHandler(recorder)
+    found = [f"{w.category.__name__}: {w.message}" for w in caught] + recorder.messages
+    return result, list(dict.fromkeys(found))  # dedupe, keep order
+
+
+def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path) -> dict[str, Any]:
+    """Warms up, then runs ``pairs`` interleaved plain/capture fits of one model.
+
+    Args:
+        spec: the model.
+        pairs: plain/capture pairs to time.
+        batches_scale: multiplies ``spec.batches`` (for quick runs).
+        workdir: temporary directory for the store.
+
+    Returns:
+        Raw timings, their summary and the store's size.
+    """
+    batches = max(1, round(spec.batches * batches_scale))
+    data = make_data(spec, batches)
+    samples = batches * spec.batch_size
+    store = workdir / f"{spec.name}.zarr"
+    params = sum(p.numel() for p in spec.build().parameters())
+
+    # Warm-up: first runs pay for imports, allocator growth and lazy initialisation. Only warnings
+    # the capture run raises beyond the plain run's are the capture's own.
+    plain_warm, plain_msgs = capture_messages(lambda: fit_once(spec, data, None))
+    capture_warm, capture_msgs = capture_messages(lambda: fit_once(spec, data, store))
+    capture_warnings = [m for m in capture_msgs if m not in set(plain_msgs)]
+
+    plain, capture, ratios, store_bytes = [], [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # already recorded at warm-up
+        for i in range(pairs):
+            a = fit_once(spec, data, None)
+            b = fit_once(spec, data, store)
+            store_bytes.append(dir_bytes(store))
+            plain.append(a)
+            capture.append(b)
+            ratios.append(b / a)
+            print(f"  {spec.name} pair {i + 1}/{pairs}: plain {a:.3f} s, capture {b:.3f} s, ratio {b / a:.3f}",
+                  flush=True)
+    shutil.rmtree(store, ignore_errors=True)
+
+    plain_med, capture_med = statistics.median(plain), statistics.median(capture)
+    return {
+        "description": spec.description,
+        "batch_size": spec.batch_size,
+        "batches": batches,
+        "samples": samples,
+        "params": params,
+        "target_ratio": spec.target,
+        "warmup_s": {"plain": plain_warm, "capture": capture_warm},
+        "plain_s": plain,
+        "capture_s": capture,
+        "ratios": ratios,
+        "plain_median_s": plain_med,
+        "capture_median_s": capture_med,
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_of_medians": capture_med / plain_med,
+        "store_bytes": store_bytes,
+        "store_bytes_per_sample": statistics.median(store_bytes) / samples,
+        # A dense fp16 copy of every parameter's gradient: what storing the full gradient would cost.
+        "dense_fp16_grad_bytes_per_sample": 2 * params,
+        "capture_warnings": capture_warnings,
+        "note": spec.note,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "lightning": L.__version__, "zarr": zarr.__version__}
+
+
+def verdict(result: dict[str, Any]) -> str:
+    target = result["target_ratio"]
+    if target is None:
+        return "report only"
+    return f"<={target:.2f} " + ("ok" if result["ratio_median"] <= target else "MISS")
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    header = (
+        f"{'model':<12} {'steps x batch':>13} {'plain med':>10} {'capture med':>12} {'ratio med':>10} "
+        f"{'ratio min':>10} {'store B/sample':>15} {'dense fp16 B':>13}  target"
+    )
+    lines = [header, "-" * len(header)]
+    for name, r in results.items():
+        steps = f"{r['batches']} x {r['batch_size']}"
+        lines.append(
+            f"{name:<12} {steps:>13} {r['plain_median_s']:>9.3f}s "
+            f"{r['capture_median_s']:>11.3f}s {r['ratio_median']:>9.3f}x {r['ratio_min']:>9.3f}x "
+            f"{r['store_bytes_per_sample']:>15,.0f} {r['dense_fp16_grad_bytes_per_sample']:>13,}  {verdict(r)}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved plain/capture pairs per model")
+    parser.add_argument("--models", default=",".join(SPECS), help=f"comma-separated subset of {list(SPECS)}")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--batches-scale", type=float, default=1.0,
+                        help="multiply each model's batches per fit (e.g. 0.1 for a smoke run)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in SPECS]
+    if unknown or not args.models:
+        parser.error(f"--models takes a comma-separated subset of {list(SPECS)}; got {unknown or 'nothing'}")
+    if args.pairs < 1:
+        parser.error("--pairs must be >= 1")
+    if args.batches_scale <= 0:
+        parser.error("--batches-scale must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    machine = machine_info()
+    print(f"{machine['cpu_model']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}; "
+          + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="mstore-bench-") as tmp:
+        for name in args.models:
+            print(f"{name}: {SPECS[name].description}", flush=True)
+            results[name] = bench_model(SPECS[name], args.pairs, args.batches_scale, Path(tmp))
+
+    print()
+    print(format_table(results))
+    for name, r in results.items():
+        if r["note"]:
+            print(f"\n{name}: {r['note']}")
+    for name, r in results.items():
+        if r["capture_warnings"]:
+            print(f"\nwarnings of the {name} capture run:")
+            for message in r["capture_warnings"]:
+                print(f"  {message}")
+
+    report = {
+        "benchmark": "capture_overhead",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "versions": versions(),
+        "policy": POLICY,
+        "pairs": args.pairs,
+        "batches_scale": args.batches_scale,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "models": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""The ``GradientCapture`` callback: per-sample gradient factors of a Lightning run, into a Zarr store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from mstore_lightning.capture.hooks import HookManager
+from mstore_lightning.capture.identity import (
+    MISSING_IDS,
+    batch_ids,
+    batch_labels,
+    describe_sampler,
+    positional_batch_size,
+)
+from mstore_lightning.capture.layers import LayerPlan, select_layers
+from mstore_lightning.capture.scaling import grad_multiplier
+from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
+from mstore_lightning.store import layout
+from mstore_lightning.store.session import MODES, RunWriter
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+_ROW_FIELDS = {"ids": np.int64, "step": np.int64, "label": np.int64, "lr": np.float64, "loss": np.float32}
+
+
+@dataclass
+class _Step:
+    """What one captured training batch has told us so far."""
+
+    ids: np.ndarray | None
+    labels: np.ndarray | None
+    keep: torch.Tensor | None  # positions of kept samples; None keeps all
+    amp_scale: float = 1.0
+    backward_done: bool = False
+
+
+class GradientCapture(Callback):
+    """Captures per-sample gradient factors of the selected layers during ``Trainer.fit``.
+
+    Forward hooks keep each selected layer's input and output-gradient hooks its output gradient,
+    scaled to each sample's own loss. A background thread writes them, compressed, into a Zarr v3
+    store; an epoch becomes visible to readers once all of it is written.
+
+    Args:
+        store: path or fsspec URL of the store to write.
+        policy: a :class:`~mstore_lightning.CapturePolicy`, a dict of its fields, or a YAML file path.
+        sample_ids: ``callable(batch) -> ids`` for batches that are not dicts with an ``"index"`` entry.
+        labels: ``callable(batch) -> labels``; by default a dict's ``label``/``y``/``target`` entry or
+            the second item of an ``(x, y)`` batch, when it holds one integer per sample.
+        mode: what to do when ``store`` already holds a store: ``"error"``, ``"overwrite"`` or ``"append"``.
+        queue_bytes: most bytes of captured rows waiting for the writer; training waits beyond it.
+        chunk_bytes: target uncompressed size of one stored chunk.
+        storage_options: fsspec options for URL stores.
+
+    Example:
+        >>> capture = GradientCapture("runs/demo.zarr", policy={"layers": ["*"], "precision": "fp16"})
+        >>> trainer = L.Trainer(max_epochs=3, callbacks=[capture])     # doctest: +SKIP
+        >>> trainer.fit(model, train_loader)                            # doctest: +SKIP
+
+    To record per-sample losses, return them from ``training_step`` as
+    ``{"loss": loss, "per_sample_loss": losses.detach()}``.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        policy: PolicyLike = None,
+        *,
+        sample_ids: Callable[[Any], Any] | None = None,
+        labels: Callable[[Any], Any] | None = None,
+        mode: str = "error",
+        queue_bytes: int = 256 << 20,
+        chunk_bytes: int = 4 << 20,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
+            raise ValueError(f"`store` must be a non-empty path or URL, got {store!r}.")
+        if mode not in MODES:
+            raise ValueError(f"`mode` can be {', '.join(repr(m) for m in MODES)}; got {mode!r}.")
+        for name, value in (("queue_bytes", queue_bytes), ("chunk_bytes", chunk_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive number of bytes, got {value!r}.")
+        for name, fn in (("sample_ids", sample_ids), ("labels", labels)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"`{name}` must be a callable taking a batch, got {type(fn).__name__}.")
+        self.store = os.fspath(store)
+        self.policy = CapturePolicy.coerce(policy)
+        self.mode = mode
+        self.queue_bytes, self.chunk_bytes = queue_bytes, chunk_bytes
+        self.storage_options = storage_options
+        self._sample_ids_fn, self._labels_fn = sample_ids, labels
+        self._hooks = HookManager()
+        self._plans: dict[str, LayerPlan] = {}
+        self._uncovered: list[dict] = []
+        self._run: RunWriter | None = None
+        self._epoch: int | None = None  # the epoch being captured
+        self._step: _Step | None = None
+        self._committed: list[int] = []
+        self._resume: dict[str, Any] | None = None
+        self._positional_bs: int | None = None
+        self._chunk_rows: dict[str, int] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(store=self.store)
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the captured modules (known after ``setup``)."""
+        return list(self._plans)
+
+    @property
+    def uncovered(self) -> list[dict]:
+        """Selected parameters that are not captured, each with its reason."""
+        return list(self._uncovered)
+
+    # ------------------------------------------------------------------ set-up and tear-down
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _refuse_compiled(pl_module)
+        if self.policy.epochs == "last" and (trainer.max_epochs is None or trainer.max_epochs < 0):
+            raise PolicyError("`epochs='last'` needs Trainer(max_epochs=...) to know which epoch is last.")
+        self._plans, self._uncovered = select_layers(pl_module, self.policy)
+        for u in self._uncovered:
+            rank_zero_warn(
+                f"GradientCapture does not capture {u['module']} ({u['type']}) parameters {u['params']} "
+                f"({u['numel']} numbers): {u['reason']}. They are recorded as uncovered in the store."
+            )
+        if not self._plans:
+            raise PolicyError(
+                f"The policy's layers {list(self.policy.layers)} select no layer that can be captured; "
+                "see the warnings above for why."
+            )
+        self._hooks.detach()  # a second fit with the same callback attaches afresh
+        self._hooks.attach(self._plans)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        resume = self._resume is not None and self._resume.get("store") == self.store
+        self._run = RunWriter(
+            self.store,
+            mode=self.mode,
+            rank=trainer.global_rank,
+            queue_bytes=self.queue_bytes,
+            chunk_bytes=self.chunk_bytes,
+            storage_options=self.storage_options,
+        )
+        if trainer.global_rank == 0:
+            self._run.open(self._run_meta(trainer, pl_module), resume=resume)
+        trainer.strategy.barrier("mstore_open")
+        if trainer.global_rank != 0:
+            self._run.open(self._run_meta(trainer, pl_module), resume=True)
+        if resume:
+            keep = set(self._resume.get("committed", []))
+            if self._resume.get("open_epoch") is not None:
+                keep.add(int(self._resume["open_epoch"]))
+            self._run.prune_epochs(keep)
+            self._committed = sorted(keep & set(self._resume.get("committed", [])))
+        else:
+            self._resume = None
+        trainer.strategy.barrier("mstore_pruned")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._hooks.detach()
+        self._close(abandon=True)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._hooks.detach()
+        self._close(abandon=True)
+
+    # ------------------------------------------------------------------ epochs
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        self._epoch = None
+        if not self.policy.captures_epoch(epoch, trainer.max_epochs):
+            return
+        resume_rows = None
+        if self._resume is not None and self._resume.get("open_epoch") == epoch:
+            resume_rows = int(self._resume.get("open_rows", 0))
+        self._resume = None
+        if trainer.global_rank == 0:
+            self._run.begin_epoch(epoch, resume_rows)
+        trainer.strategy.barrier("mstore_epoch_start")
+        if trainer.global_rank != 0:
+            self._run.begin_epoch(epoch, resume_rows if resume_rows is not None else 0)
+        self._epoch = epoch
+        self._epoch_lr = _learning_rates(trainer)
+        loader = trainer.train_dataloader
+        self._positional_bs = positional_batch_size(loader)
+        self._loader_note = describe_sampler(loader)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epoch is None:
+            return
+        epoch, self._epoch = self._epoch, None
+        rows = self._run.finish_epoch(epoch)
+        trainer.strategy.barrier("mstore_epoch_flushed")
+        self._run.commit_epoch(
+            epoch,
+            {
+                "lr": self._epoch_lr[0][0] if self._epoch_lr and self._epoch_lr[0] else None,
+                "lr_groups": self._epoch_lr,
+                "rows": rows.get(f"{layout.ROWS}/ids", 0),
+                "world_size": trainer.world_size,
+                "global_step_end": trainer.global_step,
+            },
+        )
+        self._committed.append(epoch)
+
+    # ------------------------------------------------------------------ batches
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step = None
+        if self._epoch is None or not self.policy.captures_step(batch_idx):
+            return
+        ids = batch_ids(batch, self._sample_ids_fn)
+        if ids is None:
+            if self._positional_bs is None:
+                raise RuntimeError(MISSING_IDS.format(why=self._loader_note))
+            ids = None  # numbered by position once the batch size is seen
+        keep = None
+        if ids is not None:
+            mask = self.policy.sample_mask(ids)
+            if not mask.any():
+                return
+            if not mask.all():
+                keep = torch.from_numpy(np.nonzero(mask)[0])
+        labels = batch_labels(batch, len(ids) if ids is not None else _batch_len(batch), self._labels_fn)
+        self._step = _Step(ids=ids, labels=labels, keep=keep)
+        self._batch_idx = batch_idx
+        self._hooks.active = True
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._step is None:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            self._step.amp_scale = float(scaler.get_scale())
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = self._step
+        if step is None or step.backward_done:
+            return
+        self._hooks.active = False
+        uses = self._hooks.take()
+        step.backward_done = True
+        fired = [u for u in uses.values() if u]
+        if not fired:
+            return
+        n = fired[0][0][1].shape[0]
+        if step.ids is None:
+            step.ids = self._batch_idx * self._positional_bs + np.arange(n, dtype=np.int64)
+            mask = self.policy.sample_mask(step.ids)
+            step.keep = None if mask.all() else torch.from_numpy(np.nonzero(mask)[0])
+            if not mask.any():
+                return
+        if len(step.ids) != n:
+            raise RuntimeError(
+                f"The batch carries {len(step.ids)} sample ids but the model saw {n} samples; "
+                "ids must give one dataset index per sample in the batch."
+            )
+        accumulation = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        mult = grad_multiplier(self.policy.loss_reduction, n, accumulation, step.amp_scale)
+        self._write_layers(trainer, uses, mult, step)
+        self._write_rows(trainer, step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step, self._step = self._step, None
+        self._hooks.active = False
+        if step is None or not step.backward_done or step.ids is None or self._epoch is None:
+            self._hooks.discard()
+            return
+        if not self._run.writer.has_array(self._run.rank_group(self._epoch), f"{layout.ROWS}/ids"):
+            return
+        n = len(step.ids)
+        losses = np.full(n, np.nan, dtype=np.float32)
+        per_sample = outputs.get("per_sample_loss") if isinstance(outputs, dict) else None
+        if isinstance(per_sample, torch.Tensor) and per_sample.numel() == n:
+            losses = per_sample.detach().float().reshape(-1).cpu().numpy()
+        self._append_row_field("loss", self._select(torch.from_numpy(losses), step.keep))
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "store": self.store,
+            "policy": self.policy.to_dict(),
+            "committed": list(self._committed),
+            "open_epoch": None,
+            "open_rows": 0,
+        }
+        if self._run is not None and self._epoch is not None:
+            # Rows flushed now survive a crash; a resume keeps exactly these and redoes the rest.
+            self._run.flush()
+            state["open_epoch"] = self._epoch
+            state["open_rows"] = self._run.rows_written(self._epoch)
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict)
+        if state_dict.get("policy") not in (None, self.policy.to_dict()):
+            rank_zero_warn(
+                "Resuming GradientCapture with a policy different from the checkpoint's; epochs already "
+                "committed keep the old policy's data."
+            )
+
+    # ------------------------------------------------------------------ internals
+    def _run_meta(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        import lightning
+        import numcodecs
+        import zarr
+
+        return {
+            "schema_version": layout.SCHEMA_VERSION,
+            "policy": self.policy.to_dict(),
+            "loss_reduction": self.policy.loss_reduction,
+            "model": type(pl_module).__name__,
+            "model_layers": {n: type(p.module).__name__ for n, p in self._plans.items()},
+            "layers": {n: p.spec() for n, p in self._plans.items() if p.ready},
+            "uncovered": self._uncovered,
+            "world_size": trainer.world_size,
+            "versions": {
+                "mstore_lightning": _version(),
+                "torch": torch.__version__,
+                "lightning": lightning.__version__,
+                "zarr": zarr.__version__,
+                "numcodecs": numcodecs.__version__,
+            },
+        }
+
+    def _write_layers(
+        self, trainer: pl.Trainer, uses: dict[str, list], mult: float, step: _Step
+    ) -> None:
+        newly_ready = []
+        rows_before = self._run.rows_written(self._epoch)
+        for name, plan in self._plans.items():
+            layer_uses = uses.get(name, [])
+            if not plan.ready:
+                if not layer_uses:
+                    continue
+                plan.finalize(layer_uses, self.policy.precision, self.policy.representation)
+                newly_ready.append(plan)
+            if not self._run.writer.has_array(self._run.rank_group(self._epoch), _array_path(plan)) and rows_before:
+                self._append_layer(plan, _zero_rows(plan, rows_before), None)  # rows before it first ran
+            rows = plan.rows(layer_uses, mult) if layer_uses else _zero_rows(plan, len(step.ids))
+            self._append_layer(plan, rows, step.keep)
+        if newly_ready:
+            never = [n for n, p in self._plans.items() if not p.ready]
+            self._run.update_meta(layers={n: p.spec() | {"choice": p.choice_note()} for n, p in self._plans.items() if p.ready})
+            if never:
+                rank_zero_warn(
+                    f"GradientCapture: selected layers {never} produced no output gradient in the first "
+                    "captured batch (applied functionally, unused, or frozen upstream); they are not captured "
+                    "until they do."
+                )
+
+    def _append_layer(self, plan: LayerPlan, rows: dict[str, torch.Tensor], keep: torch.Tensor | None) -> None:
+        chunk_rows = self._layer_chunk_rows(plan)
+        for array, values in rows.items():
+            self._run.append(
+                self._epoch,
+                f"{layout.LAYERS}/{plan.name}/{array}",
+                self._select(values, keep),
+                np.dtype(plan.arrays[array]["dtype"]),
+                chunk_rows,
+            )
+
+    def _layer_chunk_rows(self, plan: LayerPlan) -> int:
+        if plan.name not in self._chunk_rows:
+            row_bytes = sum(
+                int(np.prod(info["row_shape"], dtype=np.int64)) * np.dtype(info["dtype"]).itemsize
+                for info in plan.arrays.values()
+            )
+            self._chunk_rows[plan.name] = self._run.writer.chunk_rows_for(row_bytes)
+        return self._chunk_rows[plan.name]
+
+    def _write_rows(self, trainer: pl.Trainer, step: _Step) -> None:
+        n = len(step.ids)
+        lr = self._epoch_lr[0][0] if self._epoch_lr and self._epoch_lr[0] else float("nan")
+        if trainer.optimizers:
+            lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        fields = {
+            "ids": torch.from_numpy(step.ids),
+            "step": torch.full((n,), trainer.global_step, dtype=torch.int64),
+            "label": torch.from_numpy(step.labels) if step.labels is not None else torch.full((n,), -1),
+            "lr": torch.full((n,), lr, dtype=torch.float64),
+        }
+        for name, values in fields.items():
+            self._append_row_field(name, self._select(values, step.keep))
+
+    def _append_row_field(self, name: str, values: torch.Tensor) -> None:
+        chunk_rows = self._run.writer.chunk_rows_for(8 * len(_ROW_FIELDS))
+        self._run.append(self._epoch, f"{layout.ROWS}/{name}", values, _ROW_FIELDS[name], chunk_rows)
+
+    @staticmethod
+    def _select(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return values if keep is None else values.index_select(0, keep.to(values.device))
+
+    def _close(self, abandon: bool) -> None:
+        if self._run is None:
+            return
+        if abandon and self._epoch is not None:
+            self._run.abandon_epoch(self._epoch)
+        self._epoch = None
+        self._run.close()
+        self._run = None
+
+
+def _array_path(plan: LayerPlan) -> str:
+    return f"{layout.LAYERS}/{plan.name}/{next(iter(plan.arrays))}"
+
+
+def _zero_rows(plan: LayerPlan, n: int) -> dict[str, torch.Tensor]:
+    # A layer that did not run in a batch has zero gradient there; zeros keep rows aligned.
+    out = {}
+    for name, info in plan.arrays.items():
+        dtype = torch.int64 if info["dtype"] == "int64" else torch.float32
+        out[name] = torch.zeros((n, *info["row_shape"]), dtype=dtype)
+    return out
+
+
+def _learning_rates(trainer: pl.Trainer) -> list[list[float]]:
+    return [[float(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].shape[0]
+    if isinstance(batch, dict):
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        return first.shape[0] if first is not None else -1
+    return -1
+
+
+def _refuse_compiled(pl_module: torch.nn.Module) -> None:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    compiled = getattr(pl_module, "_compiler_ctx", None) is not None or any(
+        isinstance(m, OptimizedModule) for m in pl_module.modules()
+    )
+    if compiled:
+        raise RuntimeError(
+            "GradientCapture cannot capture a torch.compile'd model: hooks added after compilation are "
+            "ignored and output-gradient hooks break graphs, so captured gradients could be wrong or "
+            "missing. Train without torch.compile while capturing."
+        )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mstore-lightning")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,91 @@
+"""Forward hooks plus output-gradient hooks that pair each layer call's input with its gradient.
+
+A use is kept only when its output gradient arrives. That one rule makes activation checkpointing
+safe both ways: a non-reentrant re-run's outputs never receive gradient (so it is not counted twice),
+and a reentrant re-run is the only forward with grad enabled (so it is counted once). State lives
+here, never on the user's modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from mstore_lightning.capture.layers import LayerPlan
+
+
+class _Use:
+    __slots__ = ("a", "d", "order")
+
+    def __init__(self, a: Tensor, order: int) -> None:
+        self.a, self.d, self.order = a, None, order
+
+    def set_grad(self, grad: Tensor) -> None:
+        grad = grad.detach()
+        self.d = grad if self.d is None else self.d + grad
+
+
+class HookManager:
+    """Attaches to the planned layers and collects ``(prefix, output gradient)`` per call.
+
+    Hooks do nothing unless :attr:`active` is set, grad is enabled and the output requires grad, so
+    validation, inference and frozen layers cost nothing.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self._handles: list[RemovableHandle] = []
+        self._pending: dict[str, list[_Use]] = {}
+        self._order = 0
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self, plans: Mapping[str, LayerPlan]) -> None:
+        if self._handles:
+            raise RuntimeError("Hooks are already attached; detach them before attaching again.")
+        for name, plan in plans.items():
+            self._pending[name] = []
+            self._handles.append(plan.module.register_forward_hook(self._forward_hook(name, plan)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.discard()
+        self.active = False
+
+    def take(self) -> dict[str, list[tuple[Tensor, Tensor]]]:
+        """The calls whose gradient arrived since the last take, per layer in forward order."""
+        out = {}
+        for name, uses in self._pending.items():
+            fired = sorted((u for u in uses if u.d is not None), key=lambda u: u.order)
+            out[name] = [(u.a, u.d) for u in fired]
+        self.discard()
+        return out
+
+    def discard(self) -> None:
+        for uses in self._pending.values():
+            uses.clear()
+        self._order = 0
+
+    def _forward_hook(self, name: str, plan: LayerPlan) -> Any:
+        pending = self._pending[name]
+        extractor, hyper = plan.extractor, plan.hyper
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if not self.active or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            use = _Use(extractor.prefix(hyper, inputs), self._order)
+            self._order += 1
+            pending.append(use)
+            output.register_hook(use.set_grad)
+
+        return hook

@@ -1,0 +1,187 @@
+"""Which layers a policy captures, what each stores, and what is reported as not captured."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mstore_lightning.capture.registry import Extractor, find_extractor
+from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
+
+STORAGE_DTYPES = {"fp32": np.dtype("float32"), "fp16": np.dtype("float16"), "bf16": np.dtype("int16")}
+ENCODINGS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16-bits"}
+
+
+@dataclass
+class LayerPlan:
+    """One captured module: its extractor and, once its first batch is seen, what it stores."""
+
+    name: str
+    module: nn.Module
+    extractor: type[Extractor]
+    hyper: dict[str, Any]
+    params: list[str]
+    param_shapes: dict[str, list[int]]
+    representation: str | None = None
+    uses: int = 0
+    arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.representation is not None
+
+    def spec(self) -> dict[str, Any]:
+        """JSON description: everything a reader needs, without the model."""
+        return {
+            "name": self.name,
+            "kind": self.extractor.kind,
+            "module_type": type(self.module).__name__,
+            "hyper": self.hyper,
+            "params": self.params,
+            "param_shapes": self.param_shapes,
+            "representation": self.representation,
+            "uses": self.uses,
+            "arrays": self.arrays,
+        }
+
+    def finalize(self, uses: list[tuple[Tensor, Tensor]], precision: str, forced: str) -> None:
+        """Chooses factors or full gradient from the first captured batch's shapes."""
+        a0, d0 = uses[0]
+        self.uses = len(uses)
+        itemsize = STORAGE_DTYPES[precision].itemsize
+        full_bytes = sum(math.prod(s) for s in self.param_shapes.values()) * itemsize
+        factor_bytes = self.extractor.factor_bytes(a0, d0, itemsize) * self.uses
+        if not self.extractor.has_factors or forced == "full":
+            rep = "full"
+        elif forced == "factors":
+            rep = "factors"
+        else:
+            rep = "factors" if factor_bytes <= full_bytes else "full"
+        float_array = {"dtype": str(STORAGE_DTYPES[precision]), "encoding": ENCODINGS[precision]}
+        if rep == "factors":
+            a_dtype = (
+                {"dtype": "int64", "encoding": "int64"} if self.extractor.prefix_is_index() else float_array
+            )
+            self.arrays = {
+                "a": {"row_shape": [self.uses, *a0.shape[1:]], **a_dtype},
+                "d": {"row_shape": [self.uses, *d0.shape[1:]], **float_array},
+            }
+        else:
+            self.arrays = {p: {"row_shape": list(self.param_shapes[p]), **float_array} for p in self.params}
+        self.representation = rep
+        self._choice = {"factor_bytes": int(factor_bytes), "full_bytes": int(full_bytes)}
+
+    def rows(self, uses: list[tuple[Tensor, Tensor]], multiplier: float) -> dict[str, Tensor]:
+        """Per-sample rows of one batch, with ``d`` scaled to each sample's own loss."""
+        if len(uses) > self.uses:
+            raise RuntimeError(
+                f"Layer {self.name!r} was called {len(uses)} times in one forward, but {self.uses} times "
+                "in the first captured batch; capture needs the same number of calls in every batch."
+            )
+        expect_a = tuple(self.arrays["a"]["row_shape"][1:]) if self.representation == "factors" else None
+        for a, _ in uses:
+            if expect_a is not None and tuple(a.shape[1:]) != expect_a:
+                raise RuntimeError(
+                    f"Layer {self.name!r} got per-sample inputs of shape {tuple(a.shape[1:])}, but "
+                    f"{expect_a} in the first captured batch; capture needs fixed per-sample shapes "
+                    "(pad sequences to one length)."
+                )
+        a = _stack([u[0] for u in uses], self.uses)
+        d = _stack([u[1] for u in uses], self.uses).float() * multiplier
+        if self.representation == "factors":
+            return self.extractor.factor_rows(self.hyper, a, d)
+        return self.extractor.full_rows(self.hyper, self.params, a, d)
+
+    def choice_note(self) -> dict[str, int]:
+        return dict(getattr(self, "_choice", {}))
+
+
+def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, LayerPlan], list[dict]]:
+    """Applies the policy's patterns to ``model``.
+
+    Returns:
+        The captured layers by module name, and records of selected parameters that are not
+        captured, each with the module, its type, the parameters, their size and the reason.
+
+    Raises:
+        PolicyError: a ``layers`` pattern matches no module; the message lists the model's layers.
+    """
+    modules = dict(model.named_modules())
+    candidates = {
+        n: m for n, m in modules.items() if n and any(p.requires_grad for p in m.parameters(recurse=False))
+    }
+    for pattern in policy.layers:
+        if not any(match_pattern(n, type(m).__name__, pattern) for n, m in modules.items() if n):
+            listing = ", ".join(f"{n} ({type(m).__name__})" for n, m in candidates.items())
+            raise PolicyError(
+                f"The `layers` pattern {pattern!r} matches no module of {type(model).__name__}. "
+                f"Its layers with parameters are: {listing or 'none'}."
+            )
+    owners: dict[int, list[str]] = {}
+    for n, m in candidates.items():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(n)
+
+    plans: dict[str, LayerPlan] = {}
+    uncovered: list[dict] = []
+    for name, module in candidates.items():
+        if not policy.matches(name, type(module).__name__):
+            continue
+        own = {pn: p for pn, p in module.named_parameters(recurse=False) if p.requires_grad}
+        ext = find_extractor(module)
+        reason = _why_not(name, module, ext, modules)
+        covered = [] if reason else [pn for pn in ext.param_names(module) if pn in own]
+        shared = [pn for pn in covered if len(owners[id(own[pn])]) > 1]
+        if shared:
+            others = sorted(set(owners[id(own[shared[0]])]) - {name})
+            reason = (
+                f"parameter {shared[0]!r} is shared with {others}; its gradient sums every module's use"
+            )
+            covered = []
+        missing = [pn for pn in own if pn not in covered]
+        if missing:
+            uncovered.append(
+                {
+                    "module": name,
+                    "type": type(module).__name__,
+                    "params": missing,
+                    "numel": int(sum(own[pn].numel() for pn in missing)),
+                    "reason": reason or "no extractor covers these parameters",
+                }
+            )
+        if covered:
+            plans[name] = LayerPlan(
+                name=name,
+                module=module,
+                extractor=ext,
+                hyper=ext.hyper(module),
+                params=covered,
+                param_shapes={pn: list(own[pn].shape) for pn in covered},
+            )
+    return plans, uncovered
+
+
+def _why_not(name: str, module: nn.Module, ext: type[Extractor] | None, modules: dict[str, nn.Module]) -> str | None:
+    parent = modules.get(name.rpartition(".")[0]) if "." in name else None
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention applies its out_proj functionally, so module hooks never see it"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batch statistics couple the samples of a batch, so per-sample gradients are not separable"
+    if ext is None:
+        return f"no extractor is registered for {type(module).__name__}"
+    return ext.unsupported(module)
+
+
+def _stack(ts: list[Tensor], uses: int) -> Tensor:
+    if len(ts) == 1 and uses == 1:
+        return ts[0].unsqueeze(1)
+    out = torch.stack(ts, 1)
+    if len(ts) < uses:  # a use that did not happen contributes nothing
+        pad = out.new_zeros((out.shape[0], uses - len(ts), *out.shape[2:]))
+        out = torch.cat([out, pad], 1)
+    return out

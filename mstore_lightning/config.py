@@ -1,0 +1,246 @@
+"""The capture policy: what to capture, when, and at what precision.
+
+A :class:`CapturePolicy` is built from keyword arguments, a dict or a YAML file and is validated at
+construction, so a typo fails before any training starts. It serialises to plain JSON for the store.
+
+Example:
+    >>> policy = CapturePolicy(layers=["fc*"], epochs="last", precision="fp16")
+    >>> CapturePolicy.from_dict(policy.to_dict()) == policy
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+import yaml
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+LOSS_REDUCTIONS = ("mean", "sum")
+REPRESENTATIONS = ("auto", "factors", "full")
+_EPOCH_WORDS = ("all", "last")
+
+PolicyLike = Union["CapturePolicy", Mapping[str, Any], str, os.PathLike, None]
+
+
+class PolicyError(ValueError):
+    """A policy field has a value the policy cannot use."""
+
+
+@dataclass(frozen=True)
+class CapturePolicy:
+    """What :class:`~mstore_lightning.GradientCapture` captures.
+
+    Args:
+        layers: fnmatch patterns matched against module names (``"encoder.*"``) and type names
+            (``"Linear"``). ``["*"]`` selects every module that holds parameters.
+        exclude: patterns, matched the same way, removed from the selection.
+        epochs: ``"all"``, ``"last"`` (needs ``Trainer(max_epochs=...)``), ``{"every": n}`` or a list
+            of epoch numbers.
+        every_n_steps: capture one training batch in ``n`` (counted per epoch, from batch 0).
+        samples: ``"all"``, a fraction in ``(0, 1]`` (chosen by a seeded hash of the sample id, so the
+            same samples are kept in every epoch), or ``{"ids": [...]}`` for an explicit set.
+        sample_seed: seed of the hash that picks a sample fraction.
+        precision: storage precision of the captured factors: ``"fp32"`` (lossless), ``"fp16"``, ``"bf16"``.
+        loss_reduction: how ``training_step`` reduces per-sample losses: ``"mean"`` or ``"sum"``.
+        representation: ``"auto"`` stores, per layer, the factors or the full per-sample gradient,
+            whichever is smaller; ``"factors"`` or ``"full"`` force one.
+    """
+
+    layers: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    epochs: Any = "all"
+    every_n_steps: int = 1
+    samples: Any = "all"
+    sample_seed: int = 0
+    precision: str = "fp32"
+    loss_reduction: str = "mean"
+    representation: str = "auto"
+    _id_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _parse_patterns("layers", self.layers, allow_empty=False))
+        object.__setattr__(self, "exclude", _parse_patterns("exclude", self.exclude, allow_empty=True))
+        object.__setattr__(self, "epochs", _parse_epochs(self.epochs))
+        object.__setattr__(self, "every_n_steps", _parse_positive_int("every_n_steps", self.every_n_steps))
+        object.__setattr__(self, "samples", _parse_samples(self.samples))
+        object.__setattr__(self, "sample_seed", _parse_int("sample_seed", self.sample_seed))
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        _check_choice("representation", self.representation, REPRESENTATIONS)
+        if isinstance(self.samples, dict):
+            object.__setattr__(self, "_id_set", frozenset(self.samples["ids"]))
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CapturePolicy:
+        """Builds a policy from a mapping, rejecting unknown keys."""
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"A policy must be a mapping of fields, got {type(data).__name__}.")
+        allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise PolicyError(f"Unknown policy field(s) {unknown}; allowed fields are {allowed}.")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> CapturePolicy:
+        """Reads a policy from a YAML file (``yaml.safe_load``)."""
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+        if data is None:
+            data = {}
+        if isinstance(data, Mapping) and "policy" in data and len(data) == 1:
+            data = data["policy"]
+        return cls.from_dict(data)
+
+    @classmethod
+    def coerce(cls, policy: PolicyLike) -> CapturePolicy:
+        """Accepts a policy, a dict, a YAML path or ``None`` (the defaults)."""
+        if policy is None:
+            return cls()
+        if isinstance(policy, CapturePolicy):
+            return policy
+        if isinstance(policy, Mapping):
+            return cls.from_dict(policy)
+        if isinstance(policy, (str, os.PathLike)):
+            if not os.path.isfile(policy):
+                raise PolicyError(f"`policy` names the file {str(policy)!r}, which does not exist.")
+            return cls.from_yaml(policy)
+        raise PolicyError(
+            f"`policy` can be a CapturePolicy, a dict or a path to a YAML file, got {type(policy).__name__}."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dict that :meth:`from_dict` turns back into an equal policy."""
+        return {
+            f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init
+        }
+
+    # ---------------------------------------------------------------- decisions
+    def matches(self, name: str, type_name: str) -> bool:
+        """Whether a module, by name or type name, is selected."""
+        hit = any(match_pattern(name, type_name, p) for p in self.layers)
+        return hit and not any(match_pattern(name, type_name, p) for p in self.exclude)
+
+    def captures_epoch(self, epoch: int, max_epochs: int | None) -> bool:
+        """Whether training epoch ``epoch`` (0-based) is captured."""
+        spec = self.epochs
+        if spec == "all":
+            return True
+        if spec == "last":
+            return max_epochs is not None and epoch == max_epochs - 1
+        if isinstance(spec, dict):
+            return epoch % spec["every"] == 0
+        return epoch in spec
+
+    def captures_step(self, batch_idx: int) -> bool:
+        """Whether the ``batch_idx``-th training batch of an epoch is captured."""
+        return batch_idx % self.every_n_steps == 0
+
+    def sample_mask(self, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask of the samples in ``ids`` that the policy keeps."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.samples == "all":
+            return np.ones(ids.shape, dtype=bool)
+        if isinstance(self.samples, dict):
+            return np.fromiter((int(i) in self._id_set for i in ids), dtype=bool, count=ids.size)
+        return _unit_hash(ids, self.sample_seed) < self.samples
+
+
+# -------------------------------------------------------------------- helpers
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise PolicyError(f"`{name}` can be {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+
+
+def _parse_patterns(name: str, value: Any, allow_empty: bool) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
+        raise PolicyError(f"`{name}` must be a list of non-empty fnmatch patterns (e.g. ['*']), got {value!r}.")
+    if not value and not allow_empty:
+        raise PolicyError(f"`{name}` must hold at least one pattern (e.g. ['*']), got an empty list.")
+    return tuple(value)
+
+
+def _parse_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise PolicyError(f"`{name}` must be an integer, got {value!r}.")
+    return int(value)
+
+
+def _parse_positive_int(name: str, value: Any) -> int:
+    value = _parse_int(name, value)
+    if value < 1:
+        raise PolicyError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    return value
+
+
+def _parse_epochs(value: Any) -> Any:
+    allowed = "'all', 'last', {'every': n} with n >= 1, or a list of epoch numbers >= 0"
+    if isinstance(value, str):
+        if value not in _EPOCH_WORDS:
+            raise PolicyError(f"`epochs` can be {allowed}; got {value!r}.")
+        return value
+    if isinstance(value, Mapping):
+        if set(value) != {"every"}:
+            raise PolicyError(f"`epochs` can be {allowed}; got {dict(value)!r}.")
+        return {"every": _parse_positive_int("epochs.every", value["every"])}
+    if isinstance(value, Sequence) and value and all(
+        isinstance(e, (int, np.integer)) and not isinstance(e, bool) and e >= 0 for e in value
+    ):
+        return tuple(sorted({int(e) for e in value}))
+    raise PolicyError(f"`epochs` can be {allowed}; got {value!r}.")
+
+
+def _parse_samples(value: Any) -> Any:
+    allowed = "'all', a fraction in (0, 1], or {'ids': [sample ids]}"
+    if isinstance(value, str):
+        if value != "all":
+            raise PolicyError(f"`samples` can be {allowed}; got {value!r}.")
+        return value
+    if isinstance(value, (float, int, np.floating)) and not isinstance(value, bool):
+        if not 0.0 < float(value) <= 1.0:
+            raise PolicyError(f"`samples` can be {allowed}; got the fraction {value!r}.")
+        return "all" if float(value) == 1.0 else float(value)
+    if isinstance(value, Mapping) and set(value) == {"ids"}:
+        ids = value["ids"]
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        if not isinstance(ids, Sequence) or not ids or not all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in ids
+        ):
+            raise PolicyError(f"`samples.ids` must be a non-empty list of sample ids >= 0, got {ids!r}.")
+        return {"ids": tuple(sorted({int(i) for i in ids}))}
+    raise PolicyError(f"`samples` can be {allowed}; got {value!r}.")
+
+
+def match_pattern(name: str, type_name: str, pattern: str) -> bool:
+    """Whether an fnmatch ``pattern`` matches a module's name or its type name."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(type_name, pattern)
+
+
+def _unit_hash(ids: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of (id, seed) mapped to [0, 1): a stable, seeded coin per sample."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,65 @@
+"""The on-disk layout of a gradient store: one Zarr v3 group per run.
+
+::
+
+    run.zarr/                          root group; attrs["mstore"] = run metadata (JSON, schema-versioned)
+      epochs/<eeeee>/                  one group per captured epoch; attrs: state "open" | "committed", lr, rows
+        r<rank>/rows/{ids,step,loss,label,lr}       per-sample row records of one training process
+        r<rank>/layers/<module name>/{a,d}          factors: layer input (prefix) and output gradient (suffix)
+        r<rank>/layers/<module name>/{weight,bias}  or full per-sample gradients, whichever is smaller
+
+Every array is chunked along the row axis and stored with zstd and a crc32c checksum per chunk. An
+epoch is visible to readers only once its group says ``state: committed``; that attribute is written
+after every chunk of the epoch, and local writes replace ``zarr.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+SCHEMA_VERSION = 1
+META_KEY = "mstore"
+EPOCHS = "epochs"
+ROWS = "rows"
+LAYERS = "layers"
+OPEN, COMMITTED = "open", "committed"
+
+ZSTD_LEVEL = 1  # level 3 compresses these arrays no better at half the speed
+
+
+def epoch_key(epoch: int) -> str:
+    return f"{epoch:05d}"
+
+
+def rank_key(rank: int) -> str:
+    return f"r{rank}"
+
+
+def compressors() -> list[Any]:
+    return [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]
+
+
+def create_row_array(
+    group: zarr.Group, name: str, rows: int, row_shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int
+) -> zarr.Array:
+    """Creates an array of ``rows`` rows, chunked along rows only."""
+    return group.create_array(
+        name,
+        shape=(rows, *row_shape),
+        chunks=(chunk_rows, *row_shape),
+        dtype=dtype,
+        fill_value=0,
+        compressors=compressors(),
+        # The empty-chunk check scans every chunk; gradient rows are almost never all zero.
+        config={"write_empty_chunks": True},
+    )
+
+
+def to_json(value: Any) -> Any:
+    """Round-trips ``value`` through JSON so that nothing but JSON types reach the store."""
+    return json.loads(json.dumps(value))

@@ -1,0 +1,326 @@
+"""Reading a gradient store: rows, restored gradients, and norms and inner products on the factors.
+
+Everything streams: norms read one chunk of one layer at a time, and inner products read the rows of
+``ids_a`` once and stream ``ids_b`` in blocks. Nothing is unpickled, and the model is never needed.
+
+Example:
+    >>> store = open_store("runs/demo.zarr")            # doctest: +SKIP
+    >>> ids = store.sample_ids(store.epochs[-1])        # doctest: +SKIP
+    >>> norms = store.norms(store.epochs[-1])           # doctest: +SKIP
+    >>> worst = ids[np.argsort(norms)[::-1][:20]]       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+import zarr.storage
+
+from mstore_lightning.capture.registry import Extractor, extractor_for_kind, flat_gram
+from mstore_lightning.store import layout
+
+_BLOCK_ROWS = 1024  # rows of ``ids_b`` per block in ``dot``
+
+
+class StoreReadError(ValueError):
+    """The store, an epoch, a layer or a sample asked for is not there."""
+
+
+@dataclass(frozen=True)
+class _Layer:
+    spec: dict[str, Any]
+    extractor: type[Extractor]
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def params(self) -> list[str]:
+        return self.spec["params"]
+
+    @property
+    def factored(self) -> bool:
+        return self.spec["representation"] == "factors"
+
+
+def open_store(uri: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> GradientStore:
+    """Opens a gradient store read-only.
+
+    Args:
+        uri: local path or fsspec URL (``s3://...``) of the store.
+        storage_options: passed to fsspec for URLs.
+    """
+    uri = os.fspath(uri)
+    if "://" in uri:
+        store = zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options, read_only=True)
+    else:
+        if not os.path.isdir(uri):
+            raise StoreReadError(f"No gradient store at {uri!r}: the directory does not exist.")
+        store = zarr.storage.LocalStore(uri, read_only=True)
+    try:
+        root = zarr.open_group(store, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreReadError(f"{uri!r} is not a Zarr group, so not a gradient store.") from exc
+    return GradientStore(root, uri)
+
+
+class GradientStore:
+    """A read-only view of a gradient store. Use :func:`open_store` to get one."""
+
+    def __init__(self, root: zarr.Group, uri: str = "") -> None:
+        self.uri = uri
+        self._root = root
+        if layout.META_KEY not in root.attrs:
+            raise StoreReadError(f"{uri!r} is a Zarr group without gradient-store metadata.")
+        self.meta: dict[str, Any] = dict(root.attrs[layout.META_KEY])
+        version = self.meta.get("schema_version")
+        if version != layout.SCHEMA_VERSION:
+            raise StoreReadError(
+                f"{uri!r} has store schema version {version}; this library reads version {layout.SCHEMA_VERSION}."
+            )
+        self._layers = {
+            name: _Layer(spec, extractor_for_kind(spec["kind"]))
+            for name, spec in self.meta.get("layers", {}).items()
+            if spec.get("representation")
+        }
+        self._epoch_cache: dict[int, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------- what is there
+    @property
+    def epochs(self) -> list[int]:
+        """Committed epochs, ascending. An epoch still being written is not listed."""
+        if layout.EPOCHS not in self._root:
+            return []
+        out = []
+        for key, group in self._root[layout.EPOCHS].groups():
+            if group.attrs.get("state") == layout.COMMITTED:
+                out.append(int(group.attrs["epoch"]))
+        return sorted(out)
+
+    @property
+    def layers(self) -> list[str]:
+        """Captured module names."""
+        return list(self._layers)
+
+    @property
+    def uncovered(self) -> list[dict[str, Any]]:
+        """Selected parameters that are not captured, with the reason for each."""
+        return list(self.meta.get("uncovered", []))
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        return dict(self.meta.get("policy", {}))
+
+    def layer_spec(self, layer: str) -> dict[str, Any]:
+        return dict(self._layer(layer).spec)
+
+    def lr(self, epoch: int) -> float:
+        """The learning rate in force at the start of ``epoch`` (first optimizer, first group)."""
+        return float(self._epoch(epoch)["attrs"]["lr"])
+
+    def sample_ids(self, epoch: int) -> np.ndarray:
+        """Global dataset index of each captured training row of ``epoch``."""
+        return self.row_field(epoch, "ids")
+
+    def row_field(self, epoch: int, field: str) -> np.ndarray:
+        """One per-row record of ``epoch``: ``ids``, ``step``, ``loss``, ``label`` or ``lr``."""
+        parts = [g[f"{layout.ROWS}/{field}"][:] for g in self._epoch(epoch)["ranks"]]
+        if not parts:
+            return np.zeros(0, dtype=np.float64 if field in ("loss", "lr") else np.int64)
+        return np.concatenate(parts)
+
+    # ---------------------------------------------------------------- gradients
+    def restore(self, epoch: int, layer: str, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Per-sample gradients of ``layer``'s captured parameters for samples ``ids``.
+
+        Returns:
+            ``{param name: tensor of shape (len(ids), *param.shape)}``.
+        """
+        lay = self._layer(layer)
+        rows = self._gather(epoch, lay, self._rows_of(epoch, ids))
+        return rows if not lay.factored else lay.extractor.restore(lay.spec["hyper"], lay.params, rows)
+
+    def norms(self, epoch: int, layers: Sequence[str] | None = None) -> np.ndarray:
+        """Per-sample gradient L2 norm over ``layers``, aligned with :meth:`sample_ids`.
+
+        Computed on the stored factors, chunk by chunk, without restoring gradients.
+        """
+        total = np.zeros(len(self.sample_ids(epoch)), dtype=np.float64)
+        for lay in self._select(layers):
+            for lo, rows in self._stream(epoch, lay):
+                total[lo : lo + _nrows(rows)] += _sqnorm(lay, rows).double().numpy()
+        return np.sqrt(total)
+
+    def dot(
+        self,
+        epoch: int,
+        ids_a: Sequence[int] | np.ndarray,
+        ids_b: Sequence[int] | np.ndarray,
+        layers: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """``(len(ids_a), len(ids_b))`` per-sample gradient inner products over ``layers``.
+
+        Computed on the factors as ``Σ_{t,s} (a_t·a'_s)(d_t·d'_s)``; ``ids_b`` streams in blocks.
+        """
+        rows_a, rows_b = self._rows_of(epoch, ids_a), self._rows_of(epoch, ids_b)
+        out = np.zeros((len(rows_a), len(rows_b)), dtype=np.float64)
+        for lay in self._select(layers):
+            xa = self._gather(epoch, lay, rows_a)
+            for lo in range(0, len(rows_b), _BLOCK_ROWS):
+                xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS])
+                out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).double().numpy()
+        return out
+
+    def describe(self) -> str:
+        """A human-readable summary: epochs, layers, representation, bytes, and what is not captured."""
+        lines = [f"gradient store {self.uri}", f"  epochs committed: {self.epochs}"]
+        pol = self.policy
+        lines.append(
+            f"  precision {pol.get('precision')}, loss reduction {pol.get('loss_reduction')}, "
+            f"layers {pol.get('layers')}"
+        )
+        for ep in self.epochs:
+            lines.append(f"  epoch {ep}: {len(self.sample_ids(ep))} rows, lr {self.lr(ep):.4g}")
+        lines.append("  layers:")
+        for lay in self._layers.values():
+            s = lay.spec
+            choice = s.get("choice", {})
+            full, fac = choice.get("full_bytes"), choice.get("factor_bytes")
+            ratio = f", factors {full / fac:.1f}x smaller than full" if full and fac and lay.factored else ""
+            lines.append(
+                f"    {lay.name} ({s['module_type']}): {s['representation']}, params {s['params']}"
+                f"{ratio}"
+            )
+        if self.uncovered:
+            lines.append("  not captured:")
+            for u in self.uncovered:
+                lines.append(f"    {u['module']}.{{{','.join(u['params'])}}} ({u['numel']} numbers): {u['reason']}")
+        lines.append(f"  bytes on disk: {self.nbytes_stored():,}")
+        return "\n".join(lines)
+
+    def nbytes_stored(self) -> int:
+        """Bytes of stored chunks across committed epochs (0 where the backend cannot list sizes)."""
+        total = 0
+        if os.path.isdir(self.uri):
+            for dirpath, _, files in os.walk(self.uri):
+                total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+        return total
+
+    # ---------------------------------------------------------------- internals
+    def _layer(self, layer: str) -> _Layer:
+        try:
+            return self._layers[layer]
+        except KeyError:
+            raise StoreReadError(f"Layer {layer!r} is not in this store; its layers are {self.layers}.") from None
+
+    def _select(self, layers: Sequence[str] | None) -> list[_Layer]:
+        if isinstance(layers, str):
+            layers = [layers]
+        return [self._layer(n) for n in (layers if layers is not None else self.layers)]
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        if epoch not in self._epoch_cache:
+            if epoch not in self.epochs:
+                raise StoreReadError(f"Epoch {epoch} is not committed in this store; committed: {self.epochs}.")
+            group = self._root[f"{layout.EPOCHS}/{layout.epoch_key(epoch)}"]
+            ranks = [
+                g for _, g in sorted((int(k[1:]), g) for k, g in group.groups() if k[:1] == "r" and k[1:].isdigit())
+            ]
+            ranks = [g for g in ranks if layout.ROWS in g]
+            sizes = [g[f"{layout.ROWS}/ids"].shape[0] for g in ranks]
+            self._epoch_cache[epoch] = {
+                "attrs": dict(group.attrs),
+                "ranks": ranks,
+                "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            }
+        return self._epoch_cache[epoch]
+
+    def _rows_of(self, epoch: int, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Row positions of sample ``ids`` in ``epoch``."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        have = self.sample_ids(epoch)
+        order = np.argsort(have, kind="stable")
+        sorted_ids = have[order]
+        pos = np.searchsorted(sorted_ids, ids)
+        found = (pos < len(sorted_ids)) & (sorted_ids[np.minimum(pos, len(sorted_ids) - 1)] == ids)
+        if not found.all():
+            missing = ids[~found][:10].tolist()
+            raise StoreReadError(f"Sample id(s) {missing} were not captured in epoch {epoch}.")
+        dup = (pos + 1 < len(sorted_ids)) & (sorted_ids[np.minimum(pos + 1, len(sorted_ids) - 1)] == ids)
+        if dup.any():
+            raise StoreReadError(
+                f"Sample id {int(ids[dup][0])} has several rows in epoch {epoch} (a sampler with "
+                "replacement?); address those rows by position with row_field(epoch, 'ids')."
+            )
+        return order[pos]
+
+    def _array(self, rank_group: zarr.Group, lay: _Layer, name: str) -> zarr.Array:
+        return rank_group[f"{layout.LAYERS}/{lay.name}/{name}"]
+
+    def _array_names(self, lay: _Layer) -> list[str]:
+        return list(lay.spec["arrays"])
+
+    def _gather(self, epoch: int, lay: _Layer, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Decoded arrays of ``lay`` at global row positions ``rows`` (in the given order)."""
+        ep = self._epoch(epoch)
+        offsets = ep["offsets"]
+        which = np.searchsorted(offsets, rows, side="right") - 1
+        out: dict[str, torch.Tensor] = {}
+        for name in self._array_names(lay):
+            info = lay.spec["arrays"][name]
+            parts = np.empty((len(rows), *info["row_shape"]), dtype=np.dtype(info["dtype"]))
+            for r, g in enumerate(ep["ranks"]):
+                sel = np.nonzero(which == r)[0]
+                if sel.size:
+                    local = rows[sel] - offsets[r]
+                    order = np.argsort(local)
+                    got = self._array(g, lay, name).get_orthogonal_selection((local[order],))
+                    parts[sel[order]] = got
+            out[name] = _decode(parts, info["encoding"])
+        return out
+
+    def _stream(self, epoch: int, lay: _Layer) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Yields ``(first global row, decoded rows)`` one chunk of the layer at a time."""
+        ep = self._epoch(epoch)
+        names = self._array_names(lay)
+        for r, g in enumerate(ep["ranks"]):
+            arrays = {n: self._array(g, lay, n) for n in names}
+            n_rows = arrays[names[0]].shape[0]
+            step = int(arrays[names[0]].chunks[0])  # a layer's arrays share their chunk rows
+            for lo in range(0, n_rows, step):
+                rows = {
+                    n: _decode(a[lo : lo + step], lay.spec["arrays"][n]["encoding"]) for n, a in arrays.items()
+                }
+                yield int(ep["offsets"][r]) + lo, rows
+
+
+def _decode(values: np.ndarray, encoding: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(values))
+    if encoding == "bfloat16-bits":
+        return t.view(torch.bfloat16).float()
+    if encoding == "float16":
+        return t.float()
+    return t
+
+
+def _nrows(rows: dict[str, torch.Tensor]) -> int:
+    return next(iter(rows.values())).shape[0]
+
+
+def _sqnorm(lay: _Layer, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    if lay.factored:
+        return lay.extractor.sqnorm(lay.spec["hyper"], lay.params, rows)
+    return sum(rows[p].reshape(rows[p].shape[0], -1).double().pow(2).sum(1) for p in lay.params)
+
+
+def _gram(lay: _Layer, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
+    if lay.factored:
+        return lay.extractor.gram(lay.spec["hyper"], lay.params, x, y)
+    return sum(flat_gram(x[p], y[p]) for p in lay.params)

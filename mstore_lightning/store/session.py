@@ -1,0 +1,220 @@
+"""The write side of a gradient store for one training process (one rank)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+import zarr.storage
+
+from mstore_lightning.store import layout
+from mstore_lightning.store.writer import BackgroundWriter
+
+MODES = ("error", "overwrite", "append")
+
+
+class StoreExistsError(FileExistsError):
+    """The store path already holds a store and the mode does not allow touching it."""
+
+
+class IncompatibleStoreError(ValueError):
+    """An existing store cannot take this run's data (another schema or another set of layers)."""
+
+
+class RunWriter:
+    """Creates or reopens a store and writes one process's epochs into it.
+
+    Args:
+        uri: local path or fsspec URL of the store.
+        mode: ``"error"`` refuses an existing store, ``"overwrite"`` replaces it, ``"append"`` adds
+            epochs to it (an epoch already present is replaced).
+        rank: this process's rank; each rank writes its own arrays.
+        queue_bytes: bound on bytes waiting for the writer thread.
+        chunk_bytes: target uncompressed chunk size.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        mode: str = "error",
+        rank: int = 0,
+        queue_bytes: int = 256 << 20,
+        chunk_bytes: int = 4 << 20,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"`mode` can be {', '.join(repr(m) for m in MODES)}; got {mode!r}.")
+        self.uri, self.mode, self.rank = str(uri), mode, rank
+        self.storage_options = storage_options
+        self.writer = BackgroundWriter(queue_bytes=queue_bytes, chunk_bytes=chunk_bytes)
+        self.root: zarr.Group | None = None
+        self._epoch_groups: dict[int, zarr.Group] = {}
+        self._rank_groups: dict[int, zarr.Group] = {}
+
+    # ---------------------------------------------------------------- run metadata
+    def open(self, meta: dict[str, Any], resume: bool) -> None:
+        """Opens the store for writing; ``resume`` continues a run from a checkpoint."""
+        existing = _existing_meta(self.uri, self.storage_options)
+        if existing is not None and not resume:
+            if self.mode == "error":
+                raise StoreExistsError(
+                    f"{self.uri} already holds a gradient store. Pass GradientCapture(mode='overwrite') to "
+                    "replace it, mode='append' to add epochs to it, or choose another path."
+                )
+        if existing is not None and (resume or self.mode == "append"):
+            _check_compatible(self.uri, existing, meta)
+            self.root = zarr.open_group(self._store(), mode="r+")
+            return
+        if self.rank == 0:
+            self.root = zarr.open_group(self._store(), mode="w")
+            meta = dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat())
+            self.root.attrs[layout.META_KEY] = layout.to_json(meta)
+            self.root.create_group(layout.EPOCHS)
+        else:
+            self.root = zarr.open_group(self._store(), mode="r+")
+
+    def update_meta(self, **fields: Any) -> None:
+        """Rank 0 records fields in the run metadata (layer specs once known, uncovered layers)."""
+        if self.rank != 0:
+            return
+        meta = dict(self.root.attrs[layout.META_KEY])
+        meta.update(layout.to_json(fields))
+        self.root.attrs[layout.META_KEY] = meta
+
+    # ---------------------------------------------------------------- epochs
+    def begin_epoch(self, epoch: int, resume_rows: int | None = None) -> None:
+        """Prepares ``epoch``: a fresh, uncommitted group, or the rows kept by a checkpoint."""
+        path = f"{layout.EPOCHS}/{layout.epoch_key(epoch)}"
+        rank_key = layout.rank_key(self.rank)
+        epochs = self.root[layout.EPOCHS]
+        if resume_rows is not None and layout.epoch_key(epoch) in epochs:
+            group = self.root[path]
+            self._epoch_groups[epoch] = group
+            self._resume_arrays(group, rank_key, resume_rows)
+            return
+        if self.rank == 0:
+            if layout.epoch_key(epoch) in epochs:
+                del epochs[layout.epoch_key(epoch)]  # an uncommitted or replaced epoch restarts clean
+            group = epochs.create_group(layout.epoch_key(epoch))
+            group.attrs.update({"state": layout.OPEN, "epoch": epoch})
+        else:
+            group = self.root[path]
+        self._epoch_groups[epoch] = group
+
+    def rank_group(self, epoch: int) -> zarr.Group:
+        """This rank's group in ``epoch``, created at its first use."""
+        if epoch not in self._rank_groups:
+            group, key = self._epoch_groups[epoch], layout.rank_key(self.rank)
+            self._rank_groups[epoch] = group[key] if key in group else group.create_group(key)
+        return self._rank_groups[epoch]
+
+    def append(
+        self, epoch: int, name: str, values: torch.Tensor | np.ndarray, dtype: Any, chunk_rows: int | None = None
+    ) -> None:
+        """Appends rows to array ``name`` (a path under this rank's epoch group)."""
+        group = self.rank_group(epoch)
+        if not self.writer.has_array(group, name):
+            self.writer.open_array(group, name, tuple(values.shape[1:]), dtype, chunk_rows)
+        self.writer.append(group, name, values)
+
+    def prune_epochs(self, keep: set[int]) -> None:
+        """Rank 0 deletes every epoch group not in ``keep`` (work a resumed run will redo)."""
+        if self.rank != 0:
+            return
+        epochs = self.root[layout.EPOCHS]
+        for key, group in list(epochs.groups()):
+            if int(group.attrs.get("epoch", int(key))) not in keep:
+                del epochs[key]
+
+    def rows_written(self, epoch: int) -> int:
+        """Rows appended to this rank's row records in ``epoch``."""
+        group = self.rank_group(epoch)
+        name = f"{layout.ROWS}/ids"
+        return self.writer.rows(group, name) if self.writer.has_array(group, name) else 0
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def finish_epoch(self, epoch: int) -> dict[str, int]:
+        """Writes every buffered row of ``epoch`` and trims its arrays; returns rows per array."""
+        return self.writer.finish_arrays(self.rank_group(epoch))
+
+    def commit_epoch(self, epoch: int, attrs: dict[str, Any]) -> None:
+        """Rank 0 marks ``epoch`` committed; call only after every rank finished it."""
+        group = self._epoch_groups.pop(epoch)
+        self._rank_groups.pop(epoch, None)
+        if self.rank == 0:
+            group.attrs.update(layout.to_json({**attrs, "state": layout.COMMITTED, "epoch": epoch}))
+
+    def abandon_epoch(self, epoch: int) -> None:
+        """Stops writing ``epoch`` without committing it."""
+        rank_group = self._rank_groups.pop(epoch, None)
+        self._epoch_groups.pop(epoch, None)
+        if rank_group is not None:
+            self.writer.discard_arrays(rank_group)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    # ---------------------------------------------------------------- internals
+    def _store(self) -> Any:
+        if "://" in self.uri:
+            return zarr.storage.FsspecStore.from_url(self.uri, storage_options=self.storage_options)
+        return zarr.storage.LocalStore(os.fspath(self.uri))
+
+    def _resume_arrays(self, group: zarr.Group, rank_key: str, rows: int) -> None:
+        """Trims this rank's arrays to the ``rows`` a checkpoint recorded and refills the last chunk."""
+        if rank_key not in group:
+            return
+        rank_group = group[rank_key]
+        self._rank_groups[group.attrs["epoch"]] = rank_group
+        for path, arr in _arrays_under(rank_group):
+            self.writer.adopt_array(rank_group, path, arr, rows)
+
+
+def _arrays_under(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Array]]:
+    out = []
+    for name, member in group.members():
+        path = f"{prefix}{name}"
+        if isinstance(member, zarr.Array):
+            out.append((path, member))
+        else:
+            out.extend(_arrays_under(member, path + "/"))
+    return out
+
+
+def _existing_meta(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    try:
+        store = (
+            zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options, read_only=True)
+            if "://" in uri
+            else zarr.storage.LocalStore(os.fspath(uri), read_only=True)
+        )
+        root = zarr.open_group(store, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        if "://" not in uri and os.path.exists(uri) and os.listdir(uri):
+            raise StoreExistsError(
+                f"{uri} exists and is not a gradient store; choose another path."
+            ) from None
+        return None
+    if layout.META_KEY not in root.attrs:
+        raise StoreExistsError(f"{uri} holds a Zarr group that is not a gradient store; choose another path.")
+    return dict(root.attrs[layout.META_KEY])
+
+
+def _check_compatible(uri: str, existing: dict[str, Any], meta: dict[str, Any]) -> None:
+    if existing.get("schema_version") != layout.SCHEMA_VERSION:
+        raise IncompatibleStoreError(
+            f"{uri} has store schema version {existing.get('schema_version')}, this library writes "
+            f"{layout.SCHEMA_VERSION}; write to a new path."
+        )
+    old, new = existing.get("model_layers"), meta.get("model_layers")
+    if old is not None and new is not None and old != new:
+        raise IncompatibleStoreError(
+            f"{uri} was captured from a model with other layers ({sorted(old)[:8]}...); "
+            "write this run to a new path or pass mode='overwrite'."
+        )
