@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -64,11 +65,19 @@ def per_sample_grads(task: Task, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
 class Reference(L.Callback):
     """Records torch.func per-sample gradients of every training batch at the weights it is trained on."""
 
-    def __init__(self) -> None:
+    def __init__(self, toggle: Callable[[Task, bool], None] | None = None) -> None:
         self.grads: dict[int, dict[int, dict[str, torch.Tensor]]] = defaultdict(dict)
+        # Switches the model to the same function without what torch.func cannot trace (checkpointing).
+        self.toggle = toggle
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Task, batch: dict, batch_idx: int) -> None:
-        g = per_sample_grads(pl_module, batch["x"], batch["y"])
+        if self.toggle is not None:
+            self.toggle(pl_module, False)
+        try:
+            g = per_sample_grads(pl_module, batch["x"], batch["y"])
+        finally:
+            if self.toggle is not None:
+                self.toggle(pl_module, True)
         for row, sid in enumerate(batch["index"].tolist()):
             self.grads[trainer.current_epoch][sid] = {k: v[row].clone() for k, v in g.items()}
 

@@ -1,0 +1,105 @@
+"""CapturePolicy: construction from every source, and an exact message for every bad field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mstore_lightning import CapturePolicy, PolicyError
+
+
+def test_defaults_round_trip_through_dict_and_yaml(tmp_path):
+    policy = CapturePolicy(layers=["fc*", "Conv2d"], epochs=[2, 0], samples=0.25, precision="bf16")
+    assert CapturePolicy.from_dict(policy.to_dict()) == policy
+    path = tmp_path / "policy.yaml"
+    path.write_text("layers: ['fc*', Conv2d]\nepochs: [0, 2]\nsamples: 0.25\nprecision: bf16\n")
+    assert CapturePolicy.from_yaml(path) == policy
+    assert CapturePolicy.coerce(str(path)) == policy
+    assert CapturePolicy.coerce(policy.to_dict()) == policy
+    assert CapturePolicy.coerce(None) == CapturePolicy()
+
+
+def test_yaml_may_nest_under_policy_and_is_safe_loaded(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("policy:\n  precision: fp16\n")
+    assert CapturePolicy.from_yaml(path).precision == "fp16"
+    path.write_text("precision: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception, match="could not determine a constructor"):
+        CapturePolicy.from_yaml(path)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"precision": "int4"}, r"`precision` can be 'fp32', 'fp16', 'bf16'; got 'int4'"),
+        ({"loss_reduction": "none"}, r"`loss_reduction` can be 'mean', 'sum'; got 'none'"),
+        ({"representation": "sparse"}, r"`representation` can be 'auto', 'factors', 'full'; got 'sparse'"),
+        ({"epochs": "first"}, r"`epochs` can be 'all', 'last', \{'every': n\}.*got 'first'"),
+        ({"epochs": {"every": 0}}, r"`epochs.every` must be an integer >= 1, got 0"),
+        ({"epochs": {"each": 2}}, r"`epochs` can be .*got \{'each': 2\}"),
+        ({"epochs": [-1]}, r"`epochs` can be .*got \[-1\]"),
+        ({"epochs": []}, r"`epochs` can be .*got \[\]"),
+        ({"every_n_steps": 0}, r"`every_n_steps` must be an integer >= 1, got 0"),
+        ({"every_n_steps": 1.5}, r"`every_n_steps` must be an integer, got 1.5"),
+        ({"samples": 0.0}, r"`samples` can be 'all', a fraction in \(0, 1\].*got the fraction 0.0"),
+        ({"samples": 1.5}, r"got the fraction 1.5"),
+        ({"samples": "some"}, r"`samples` can be .*got 'some'"),
+        ({"samples": {"ids": []}}, r"`samples.ids` must be a non-empty list of sample ids >= 0, got \[\]"),
+        ({"samples": {"ids": [-3]}}, r"`samples.ids` must be a non-empty list"),
+        ({"layers": []}, r"`layers` must hold at least one pattern"),
+        ({"layers": [3]}, r"`layers` must be a list of non-empty fnmatch patterns"),
+        ({"exclude": [""]}, r"`exclude` must be a list of non-empty fnmatch patterns"),
+        ({"sample_seed": "x"}, r"`sample_seed` must be an integer, got 'x'"),
+    ],
+)
+def test_every_bad_field_names_field_allowed_and_given(fields, match):
+    with pytest.raises(PolicyError, match=match):
+        CapturePolicy(**fields)
+    with pytest.raises(PolicyError, match=match):
+        CapturePolicy.from_dict(fields)
+
+
+def test_unknown_fields_and_bad_sources():
+    with pytest.raises(PolicyError, match=r"Unknown policy field\(s\) \['precison'\]; allowed fields are \["):
+        CapturePolicy.from_dict({"precison": "fp16"})
+    with pytest.raises(PolicyError, match="names the file 'nope.yaml', which does not exist"):
+        CapturePolicy.coerce("nope.yaml")
+    with pytest.raises(PolicyError, match="can be a CapturePolicy, a dict or a path to a YAML file, got int"):
+        CapturePolicy.coerce(3)
+    with pytest.raises(PolicyError, match="A policy must be a mapping of fields, got list"):
+        CapturePolicy.from_dict([1])
+
+
+def test_layer_matching_by_name_type_and_exclude():
+    p = CapturePolicy(layers=["encoder.*", "Conv2d"], exclude=["*.bias_only"])
+    assert p.matches("encoder.fc", "Linear")
+    assert p.matches("stem", "Conv2d")
+    assert not p.matches("head", "Linear")
+    assert not p.matches("encoder.bias_only", "Linear")
+
+
+def test_epoch_and_step_selection():
+    assert CapturePolicy(epochs="last").captures_epoch(4, 5)
+    assert not CapturePolicy(epochs="last").captures_epoch(3, 5)
+    assert [e for e in range(7) if CapturePolicy(epochs={"every": 3}).captures_epoch(e, 7)] == [0, 3, 6]
+    assert [e for e in range(5) if CapturePolicy(epochs=[1, 4]).captures_epoch(e, 5)] == [1, 4]
+    assert [s for s in range(7) if CapturePolicy(every_n_steps=3).captures_step(s)] == [0, 3, 6]
+
+
+@settings(max_examples=30, deadline=None)
+@given(frac=st.floats(0.05, 0.95), seed=st.integers(0, 2**31))
+def test_sample_fraction_is_stable_and_close_to_asked(frac, seed):
+    p = CapturePolicy(samples=frac, sample_seed=seed)
+    ids = np.arange(20000)
+    mask = p.sample_mask(ids)
+    assert abs(mask.mean() - frac) < 0.03
+    perm = np.random.default_rng(seed).permutation(ids)
+    np.testing.assert_array_equal(p.sample_mask(perm), mask[perm])  # per sample, not per position
+
+
+def test_explicit_id_set():
+    p = CapturePolicy(samples={"ids": [3, 1, 3]})
+    assert p.samples == {"ids": (1, 3)}
+    np.testing.assert_array_equal(p.sample_mask(np.array([0, 1, 2, 3])), [False, True, False, True])
