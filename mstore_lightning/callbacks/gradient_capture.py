@@ -185,15 +185,26 @@ class GradientCapture(Callback):
 
     # ------------------------------------------------------------------ epochs
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed from a mid-epoch checkpoint continues that epoch without on_train_epoch_start.
+        if self._resume is not None and self._resume.get("open_epoch") == trainer.current_epoch:
+            if trainer.fit_loop.epoch_loop.batch_progress.current.ready > 0:
+                self._start_epoch(trainer, trainer.current_epoch)
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
+        if self._epoch == trainer.current_epoch:
+            return  # already continued from a mid-epoch checkpoint
+        self._start_epoch(trainer, trainer.current_epoch)
+
+    def _start_epoch(self, trainer: pl.Trainer, epoch: int) -> None:
         self._epoch = None
-        if not self.policy.captures_epoch(epoch, trainer.max_epochs):
-            return
         resume_rows = None
         if self._resume is not None and self._resume.get("open_epoch") == epoch:
             resume_rows = int(self._resume.get("open_rows", 0))
         self._resume = None
+        if not self.policy.captures_epoch(epoch, trainer.max_epochs):
+            return
         if trainer.global_rank == 0:
             self._run.begin_epoch(epoch, resume_rows)
         trainer.strategy.barrier("mstore_epoch_start")

@@ -1,0 +1,167 @@
+"""The store's write path: chunk alignment, codecs, bounded memory, failures, and JSON-only metadata."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import Task, loader, trainer
+from mstore_lightning import GradientCapture, open_store
+from mstore_lightning.store import layout
+from mstore_lightning.store.writer import BackgroundWriter, WriterError
+from test_capture_fit import data, mlp
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+    chunk_rows=st.integers(1, 16),
+    flush_at=st.sets(st.integers(0, 11)),
+)
+def test_rows_arrive_exactly_whatever_the_batching(tmp_path_factory, sizes, chunk_rows, flush_at):
+    group = zarr.open_group(tmp_path_factory.mktemp("w") / "s.zarr", mode="w")
+    w = BackgroundWriter(queue_bytes=1 << 20, chunk_bytes=chunk_rows * 3 * 2)
+    w.open_array(group, "x", (3,), np.float16)
+    rng = np.random.default_rng(0)
+    parts = []
+    for i, n in enumerate(sizes):
+        part = rng.standard_normal((n, 3)).astype(np.float32)
+        parts.append(part)
+        w.append(group, "x", torch.from_numpy(part))
+        if i in flush_at:
+            w.flush()  # a partial chunk written now must be rewritten whole later
+    rows = w.finish_arrays(group)
+    w.close()
+    want = np.concatenate(parts).astype(np.float16)
+    assert rows == {"x": len(want)}
+    np.testing.assert_array_equal(group["x"][:], want)
+    assert group["x"].chunks == (chunk_rows, 3)
+
+
+def test_writer_blocks_instead_of_growing_when_storage_is_slow(tmp_path):
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    chunk = 64 * 1024  # bytes per chunk
+
+    class Slow(BackgroundWriter):
+        peak = 0
+
+        def _write(self, c):
+            Slow.peak = max(Slow.peak, self.pending_bytes)
+            time.sleep(0.02)
+            super()._write(c)
+
+    w = Slow(queue_bytes=4 * chunk, chunk_bytes=chunk)
+    w.open_array(group, "x", (1024,), np.float32)  # 16 rows a chunk
+    t0 = time.perf_counter()
+    for i in range(40):
+        w.append(group, "x", torch.full((16, 1024), float(i)))
+    w.finish_arrays(group)
+    w.close()
+    assert Slow.peak <= 4 * chunk
+    assert w.wait_seconds > 0.2  # the training side waited rather than queueing everything
+    assert time.perf_counter() - t0 >= 40 * 0.02
+    np.testing.assert_array_equal(group["x"][:, 0], np.repeat(np.arange(40, dtype=np.float32), 16))
+
+
+def test_writer_failure_surfaces_on_the_training_thread(tmp_path):
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w")
+
+    class Broken(BackgroundWriter):
+        def _write(self, c):
+            raise OSError(28, "No space left on device")
+
+    w = Broken(queue_bytes=1 << 20, chunk_bytes=64)
+    w.open_array(group, "x", (4,), np.float32)
+    with pytest.raises(WriterError, match="No space left on device"):
+        for _ in range(100):
+            w.append(group, "x", torch.zeros(4, 4))
+            time.sleep(0.001)
+        w.flush()
+    w.close()
+    assert not w._thread.is_alive()
+
+
+def fit_store(path: Path, **policy) -> None:
+    torch.manual_seed(0)
+    x, y = data(n=24)
+    trainer([GradientCapture(path, policy=policy or None)], max_epochs=2).fit(Task(mlp()), loader(x, y))
+
+
+def test_layout_codecs_and_json_only_metadata(tmp_path):
+    path = tmp_path / "s.zarr"
+    fit_store(path, precision="fp16")
+    root = zarr.open_group(path, mode="r")
+    meta = root.attrs[layout.META_KEY]
+    assert meta["schema_version"] == layout.SCHEMA_VERSION
+    assert meta["policy"]["precision"] == "fp16" and meta["loss_reduction"] == "mean"
+    assert set(meta["versions"]) >= {"torch", "lightning", "zarr", "numcodecs"}
+    spec = meta["layers"]["net.0"]
+    assert spec["kind"] == "linear" and spec["hyper"] == {"in_features": 6, "out_features": 8}
+    assert spec["representation"] == "factors" and spec["arrays"]["a"]["dtype"] == "float16"
+    arr = root["epochs/00000/r0/layers/net.0/a"]
+    names = [c.to_dict()["name"] for c in arr.compressors]
+    assert names == ["zstd", "crc32c"]
+    assert root["epochs/00000"].attrs["lr"] == pytest.approx(0.1)
+    # Every metadata document is JSON, and nothing else but chunk data lives in the store.
+    for f in path.rglob("*"):
+        if f.is_file():
+            if f.name == "zarr.json":
+                json.loads(f.read_text())
+            else:
+                assert "/c/" in f.as_posix(), f
+            assert b"\x80\x04\x95" not in f.read_bytes()[:3]  # no pickle protocol header
+
+
+def test_restore_needs_no_model(tmp_path):
+    path = tmp_path / "s.zarr"
+    fit_store(path)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mstore_lightning import open_store; s = open_store(sys.argv[1]); "
+        "ids = s.sample_ids(0)[:3]; g = s.restore(0, 'net.2', ids); "
+        "print(sorted(g), tuple(g['weight'].shape), len(s.norms(1)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['bias', 'weight'] (3, 3, 8) 24"
+
+
+def test_a_flipped_byte_in_a_chunk_is_detected(tmp_path):
+    path = tmp_path / "s.zarr"
+    fit_store(path)
+    chunk = next((path / "epochs/00000/r0/layers/net.0/a/c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    store = open_store(path)
+    with pytest.raises(Exception, match="(?i)checksum|crc"):
+        store.norms(0)
+    np.testing.assert_array_equal(np.sort(store.sample_ids(1)), np.arange(24))  # the rest still reads
+
+
+def test_read_errors_name_what_is_missing(tmp_path):
+    from mstore_lightning import StoreReadError
+
+    path = tmp_path / "s.zarr"
+    fit_store(path)
+    store = open_store(path)
+    with pytest.raises(StoreReadError, match=r"Epoch 5 is not committed in this store; committed: \[0, 1\]"):
+        store.norms(5)
+    with pytest.raises(StoreReadError, match=r"Layer 'fc' is not in this store; its layers are \['net.0', 'net.2'\]"):
+        store.restore(0, "fc", [0])
+    with pytest.raises(StoreReadError, match=r"Sample id\(s\) \[999\] were not captured in epoch 0"):
+        store.restore(0, "net.0", [1, 999])
+    with pytest.raises(StoreReadError, match="No gradient store at"):
+        open_store(tmp_path / "nothing.zarr")
+    assert "net.0 (Linear): factors" in store.describe()
