@@ -3,11 +3,12 @@
 Everything streams: norms read one chunk of one layer at a time, and inner products read the rows of
 ``ids_a`` once and stream ``ids_b`` in blocks. Nothing is unpickled, and the model is never needed.
 
-Example:
-    >>> store = open_store("runs/demo.zarr")            # doctest: +SKIP
-    >>> ids = store.sample_ids(store.epochs[-1])        # doctest: +SKIP
-    >>> norms = store.norms(store.epochs[-1])           # doctest: +SKIP
-    >>> worst = ids[np.argsort(norms)[::-1][:20]]       # doctest: +SKIP
+Example::
+
+    store = open_store("runs/demo.zarr")
+    ids = store.sample_ids(store.epochs[-1])
+    norms = store.norms(store.epochs[-1])
+    worst = ids[np.argsort(norms)[::-1][:20]]
 """
 
 from __future__ import annotations

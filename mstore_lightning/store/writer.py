@@ -75,11 +75,12 @@ class BackgroundWriter:
         queue_bytes: most bytes of filled chunks waiting to be written. ``append`` blocks beyond it.
         chunk_bytes: target uncompressed size of one chunk.
 
-    Example:
-        >>> w = BackgroundWriter(queue_bytes=64 << 20)      # doctest: +SKIP
-        >>> w.open_array(group, "ids", (), np.int64)       # doctest: +SKIP
-        >>> w.append(group, "ids", torch.arange(10))       # doctest: +SKIP
-        >>> w.flush()                                      # doctest: +SKIP
+    Example::
+
+        w = BackgroundWriter(queue_bytes=64 << 20)
+        w.open_array(group, "ids", (), np.int64)
+        w.append(group, "ids", torch.arange(10))
+        w.flush()
     """
 
     def __init__(self, queue_bytes: int = 256 << 20, chunk_bytes: int = 4 << 20) -> None:
