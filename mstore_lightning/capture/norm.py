@@ -93,20 +93,11 @@ class GroupNormExtractor(_NormExtractor):
 if hasattr(nn, "RMSNorm"):
 
     @register(nn.RMSNorm)
-    class RMSNormExtractor(_NormExtractor):
+    class RMSNormExtractor(LayerNormExtractor):
         kind = "rms_norm"
-
-        @classmethod
-        def hyper(cls, module: nn.Module) -> Hyper:
-            return {"normalized_shape": list(module.normalized_shape), "eps": module.eps}
 
         @classmethod
         def normalized(cls, hyper: Hyper, x: Tensor) -> Tensor:
             dims = list(range(x.ndim - len(hyper["normalized_shape"]), x.ndim))
             eps = hyper["eps"] if hyper["eps"] is not None else torch.finfo(x.dtype).eps
             return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
-
-        @classmethod
-        def channel_dims(cls, hyper: Hyper, x: Tensor) -> tuple[list[int], tuple[int, ...]]:
-            k = len(hyper["normalized_shape"])
-            return list(range(1, x.ndim - k)), tuple(hyper["normalized_shape"])
