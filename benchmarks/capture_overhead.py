@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -32,13 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from mstore_lightning import GradientCapture
+import mstore_lightning
+from mstore_lightning import GradientCapture, open_store
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "capture_overhead.json"
 POLICY = {"layers": ["*"], "precision": "fp16", "loss_reduction": "mean"}
@@ -82,6 +85,7 @@ class TokenClassifier(nn.Module):
 
 
 def build_mlp() -> nn.Module:
+    """MLP 784-512-512-10 with ReLU."""
     return nn.Sequential(
         nn.Linear(784, 512), nn.ReLU(),
         nn.Linear(512, 512), nn.ReLU(),
@@ -90,6 +94,7 @@ def build_mlp() -> nn.Module:
 
 
 def build_cnn() -> nn.Module:
+    """Four 3x3 convolutions (3->32->32->64->64, two of stride 2) with ReLU, then a linear classifier."""
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
         nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(),  # 32x32 -> 16x16
@@ -101,6 +106,7 @@ def build_cnn() -> nn.Module:
 
 
 def build_transformer() -> nn.Module:
+    """Token classifier over a 2-layer, 4-head, d_model=128 ``nn.TransformerEncoder``."""
     return TokenClassifier(VOCAB, d_model=128, nhead=4, layers=2, num_classes=NUM_CLASSES)
 
 
@@ -114,7 +120,7 @@ class ModelSpec:
         build: returns a freshly initialised network.
         make_inputs: ``(generator, n) -> inputs`` of ``n`` samples.
         batch_size: samples per batch.
-        batches: batches per fit; chosen so a plain fit takes about 3 s on a 2-core CPU.
+        batches: batches per fit; chosen so a plain fit takes 3-5 s on a 2-core CPU.
         target: the largest acceptable capture/plain ratio, or ``None`` when only reported.
         note: what the reader should expect, printed under the table.
     """
@@ -219,14 +225,15 @@ def make_data(spec: ModelSpec, batches: int) -> SyntheticData:
 
 
 def make_loader(data: SyntheticData, batch_size: int) -> DataLoader:
+    """An unshuffled, single-process loader of whole batches; the last partial batch is dropped."""
     sampler = BatchSampler(SequentialSampler(data), batch_size, drop_last=True)
     # batch_size=None: the sampler yields whole batches and the dataset returns them already collated.
     return DataLoader(data, sampler=sampler, batch_size=None, num_workers=0)
 
 
 # --------------------------------------------------------------------------------------------- running
-def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> float:
-    """Trains one epoch from the same initial weights and returns the wall time of ``Trainer.fit``.
+def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[float, float]:
+    """Trains one epoch from the same initial weights and times ``Trainer.fit``.
 
     Args:
         spec: the model.
@@ -234,7 +241,8 @@ def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> float:
         store: where the capture writes, or ``None`` for a plain fit.
 
     Returns:
-        Seconds spent in ``trainer.fit``, which includes the capture's setup and final flush.
+        Wall and process CPU seconds (all threads, so the store's writer threads count) spent in
+        ``trainer.fit``, which includes the capture's setup and final flush.
     """
     torch.manual_seed(MODEL_SEED)
     model = Classifier(spec.build())
@@ -256,9 +264,9 @@ def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> float:
     )
     loader = make_loader(data, spec.batch_size)
     gc.collect()  # a collection of the previous run's garbage must not land inside this one
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(model, loader)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def dir_bytes(path: Path) -> int:
@@ -267,6 +275,8 @@ def dir_bytes(path: Path) -> int:
 
 
 class _Recorder(logging.Handler):
+    """Keeps the messages of warning-level (and worse) log records."""
+
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
@@ -275,7 +285,7 @@ class _Recorder(logging.Handler):
         self.messages.append(f"{record.levelname}: {record.getMessage()}")
 
 
-def capture_messages(run: Callable[[], float]) -> tuple[float, list[str]]:
+def capture_messages(run: Callable[[], Any]) -> tuple[Any, list[str]]:
     """Runs ``run`` and returns its result with the warnings and warning logs it raised."""
     recorder = _Recorder()
     lib_logger = logging.getLogger("mstore_lightning")
@@ -316,18 +326,21 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
     capture_warm, capture_msgs = capture_messages(lambda: fit_once(spec, data, store))
     capture_warnings = [m for m in capture_msgs if m not in set(plain_msgs)]
 
-    plain, capture, ratios, store_bytes = [], [], [], []
+    plain, capture, plain_cpu, capture_cpu, ratios, store_bytes = [], [], [], [], [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # already recorded at warm-up
         for i in range(pairs):
-            a = fit_once(spec, data, None)
-            b = fit_once(spec, data, store)
+            a, a_cpu = fit_once(spec, data, None)
+            b, b_cpu = fit_once(spec, data, store)
             store_bytes.append(dir_bytes(store))
             plain.append(a)
             capture.append(b)
+            plain_cpu.append(a_cpu)
+            capture_cpu.append(b_cpu)
             ratios.append(b / a)
-            print(f"  {spec.name} pair {i + 1}/{pairs}: plain {a:.3f} s, capture {b:.3f} s, ratio {b / a:.3f}",
-                  flush=True)
+            print(f"  {spec.name} pair {i + 1}/{pairs}: plain {a:.3f} s, capture {b:.3f} s, "
+                  f"ratio {b / a:.3f}", flush=True)
+    check = check_store(store, samples)
     shutil.rmtree(store, ignore_errors=True)
 
     plain_med, capture_med = statistics.median(plain), statistics.median(capture)
@@ -338,26 +351,53 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
         "samples": samples,
         "params": params,
         "target_ratio": spec.target,
-        "warmup_s": {"plain": plain_warm, "capture": capture_warm},
+        "warmup_s": {"plain": plain_warm[0], "capture": capture_warm[0]},
         "plain_s": plain,
         "capture_s": capture,
+        "plain_cpu_s": plain_cpu,
+        "capture_cpu_s": capture_cpu,
         "ratios": ratios,
         "plain_median_s": plain_med,
         "capture_median_s": capture_med,
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_of_medians": capture_med / plain_med,
+        # Process CPU over all threads: includes the store's compression and writer threads.
+        "cpu_ratio_median": statistics.median(c / p for c, p in zip(capture_cpu, plain_cpu)),
         "store_bytes": store_bytes,
         "store_bytes_per_sample": statistics.median(store_bytes) / samples,
         # A dense fp16 copy of every parameter's gradient: what storing the full gradient would cost.
         "dense_fp16_grad_bytes_per_sample": 2 * params,
+        "store_check": check,
         "capture_warnings": capture_warnings,
         "note": spec.note,
     }
 
 
+def check_store(store: Path, samples: int) -> dict[str, Any]:
+    """Reads the last capture's store back, so that a fast but empty capture cannot pass unnoticed.
+
+    Returns:
+        The epochs, captured and uncovered layers, the sample rows found and whether they are the
+        dataset indices ``0..samples-1`` in order; ``error`` instead if the store cannot be read.
+    """
+    try:
+        reader = open_store(store)
+        ids = np.asarray(reader.sample_ids(reader.epochs[-1]))
+        return {
+            "epochs": list(reader.epochs),
+            "layers": len(reader.layers),
+            "uncovered": len(reader.uncovered),
+            "rows": int(ids.size),
+            "ids_ok": bool(np.array_equal(ids, np.arange(samples))),
+        }
+    except Exception as exc:  # noqa: BLE001 - reported, the timings are still worth keeping
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 # ---------------------------------------------------------------------------------------------- report
 def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, or what ``platform`` knows elsewhere."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
@@ -369,6 +409,7 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
+    """What the timings depend on besides the code: CPU, cores, torch threads, OS, Python."""
     return {
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -379,10 +420,21 @@ def machine_info() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
+    """Versions of the libraries on the measured path."""
     return {"torch": torch.__version__, "lightning": L.__version__, "zarr": zarr.__version__}
 
 
+def library_digest() -> str:
+    """SHA-256 over the library's Python sources: names the exact code measured, committed or not."""
+    root = Path(mstore_lightning.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def verdict(result: dict[str, Any]) -> str:
+    """The target column: the median ratio against the model's target, if it has one."""
     target = result["target_ratio"]
     if target is None:
         return "report only"
@@ -390,9 +442,10 @@ def verdict(result: dict[str, Any]) -> str:
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per model of :func:`bench_model` results, as fixed-width text."""
     header = (
         f"{'model':<12} {'steps x batch':>13} {'plain med':>10} {'capture med':>12} {'ratio med':>10} "
-        f"{'ratio min':>10} {'store B/sample':>15} {'dense fp16 B':>13}  target"
+        f"{'ratio min':>10} {'cpu ratio':>10} {'store B/sample':>15} {'dense fp16 B':>13}  target"
     )
     lines = [header, "-" * len(header)]
     for name, r in results.items():
@@ -400,12 +453,15 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"{name:<12} {steps:>13} {r['plain_median_s']:>9.3f}s "
             f"{r['capture_median_s']:>11.3f}s {r['ratio_median']:>9.3f}x {r['ratio_min']:>9.3f}x "
-            f"{r['store_bytes_per_sample']:>15,.0f} {r['dense_fp16_grad_bytes_per_sample']:>13,}  {verdict(r)}"
+            f"{r['cpu_ratio_median']:>9.3f}x "
+            f"{r['store_bytes_per_sample']:>15,.0f} {r['dense_fp16_grad_bytes_per_sample']:>13,}  "
+            f"{verdict(r)}"
         )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses and checks the command line; ``--models`` becomes a list of names."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=5, help="interleaved plain/capture pairs per model")
     parser.add_argument("--models", default=",".join(SPECS), help=f"comma-separated subset of {list(SPECS)}")
@@ -426,6 +482,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark, prints the table and writes the JSON report.
+
+    Returns:
+        The process exit status: 0 once the report is written. A missed target is reported, not an
+        error, since one noisy run of a shared machine should not fail a build.
+    """
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -445,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(results))
     for name, r in results.items():
+        check = r["store_check"]
+        if "error" in check or not check["ids_ok"]:
+            print(f"\n{name}: the store read back does not hold the {r['samples']} samples in order: {check}")
+    for name, r in results.items():
         if r["note"]:
             print(f"\n{name}: {r['note']}")
     for name, r in results.items():
@@ -458,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "versions": versions(),
+        "mstore_lightning_sources_sha256": library_digest(),
         "policy": POLICY,
         "pairs": args.pairs,
         "batches_scale": args.batches_scale,
