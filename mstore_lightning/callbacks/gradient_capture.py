@@ -26,6 +26,7 @@ from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
 from mstore_lightning.store import layout
 from mstore_lightning.store.session import MODES, RunWriter
+from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -79,8 +80,8 @@ class GradientCapture(Callback):
         sample_ids: Callable[[Any], Any] | None = None,
         labels: Callable[[Any], Any] | None = None,
         mode: str = "error",
-        queue_bytes: int = 256 << 20,
-        chunk_bytes: int = 4 << 20,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from mstore_lightning.store.codecs import compressors
 
 SCHEMA_VERSION = 1
 META_KEY = "mstore"
@@ -29,19 +30,12 @@ ROWS = "rows"
 LAYERS = "layers"
 OPEN, COMMITTED = "open", "committed"
 
-ZSTD_LEVEL = 1  # level 3 compresses these arrays no better at half the speed
-
-
 def epoch_key(epoch: int) -> str:
     return f"{epoch:05d}"
 
 
 def rank_key(rank: int) -> str:
     return f"r{rank}"
-
-
-def compressors() -> list[Any]:
-    return [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]
 
 
 def create_row_array(

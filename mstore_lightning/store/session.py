@@ -12,7 +12,7 @@ import zarr
 import zarr.storage
 
 from mstore_lightning.store import layout
-from mstore_lightning.store.writer import BackgroundWriter
+from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES, BackgroundWriter
 
 MODES = ("error", "overwrite", "append")
 
@@ -42,8 +42,8 @@ class RunWriter:
         uri: str,
         mode: str = "error",
         rank: int = 0,
-        queue_bytes: int = 256 << 20,
-        chunk_bytes: int = 4 << 20,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         if mode not in MODES:
