@@ -383,7 +383,7 @@ class GradientCapture(Callback):
             self._append_layer(plan, rows, step.keep)
         if newly_ready:
             never = [n for n, p in self._plans.items() if not p.ready]
-            self._run.update_meta(layers={n: p.spec() | {"choice": p.choice_note()} for n, p in self._plans.items() if p.ready})
+            self._run.update_meta(layers={n: p.spec() for n, p in self._plans.items() if p.ready})
             if never:
                 rank_zero_warn(
                     f"GradientCapture: selected layers {never} produced no output gradient in the first "

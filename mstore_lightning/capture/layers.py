@@ -30,6 +30,7 @@ class LayerPlan:
     representation: str | None = None
     uses: int = 0
     arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
+    choice: dict[str, int] = field(default_factory=dict)  # bytes per sample of each representation
 
     @property
     def ready(self) -> bool:
@@ -47,6 +48,7 @@ class LayerPlan:
             "representation": self.representation,
             "uses": self.uses,
             "arrays": self.arrays,
+            "choice": self.choice,
         }
 
     def finalize(self, uses: list[tuple[Tensor, Tensor]], precision: str, forced: str) -> None:
@@ -74,7 +76,7 @@ class LayerPlan:
         else:
             self.arrays = {p: {"row_shape": list(self.param_shapes[p]), **float_array} for p in self.params}
         self.representation = rep
-        self._choice = {"factor_bytes": int(factor_bytes), "full_bytes": int(full_bytes)}
+        self.choice = {"factor_bytes": int(factor_bytes), "full_bytes": int(full_bytes)}
 
     def rows(self, uses: list[tuple[Tensor, Tensor]], multiplier: float) -> dict[str, Tensor]:
         """Per-sample rows of one batch, with ``d`` scaled to each sample's own loss."""
@@ -96,9 +98,6 @@ class LayerPlan:
         if self.representation == "factors":
             return self.extractor.factor_rows(self.hyper, a, d)
         return self.extractor.full_rows(self.hyper, self.params, a, d)
-
-    def choice_note(self) -> dict[str, int]:
-        return dict(getattr(self, "_choice", {}))
 
 
 def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, LayerPlan], list[dict]]:

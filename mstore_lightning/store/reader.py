@@ -194,11 +194,12 @@ class GradientStore:
             s = lay.spec
             choice = s.get("choice", {})
             full, fac = choice.get("full_bytes"), choice.get("factor_bytes")
-            ratio = f", factors {full / fac:.1f}x smaller than full" if full and fac and lay.factored else ""
-            lines.append(
-                f"    {lay.name} ({s['module_type']}): {s['representation']}, params {s['params']}"
-                f"{ratio}"
-            )
+            why = ""
+            if full and fac:
+                kept, other = (fac, full) if lay.factored else (full, fac)
+                other_name = "full gradient" if lay.factored else "factors"
+                why = f", {kept:,} B/sample raw ({other / kept:.1f}x less than the {other_name})"
+            lines.append(f"    {lay.name} ({s['module_type']}): {s['representation']}, params {s['params']}{why}")
         if self.uncovered:
             lines.append("  not captured:")
             for u in self.uncovered:

@@ -6,17 +6,11 @@ writes them. Buffers are recycled, so a step writes into memory already touched 
 several times slower to fill than reused ones). The bytes waiting in the queue are bounded: when the
 writer falls behind, ``append`` blocks until a chunk is written, so memory stays bounded and no row is
 dropped.
-
-On Linux the writer and Zarr's I/O threads run at the lowest CPU priority: compression then uses the
-cycles training leaves idle instead of preempting the math library's worker threads, whose parallel
-regions stall whenever one of them is descheduled.
 """
 
 from __future__ import annotations
 
-import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -103,7 +97,6 @@ class BackgroundWriter:
         self._error: BaseException | None = None
         self.bytes_written = 0
         self.wait_seconds = 0.0
-        self._threads_seen = 0
         self._thread = threading.Thread(target=self._run, name="mstore-writer", daemon=True)
         self._thread.start()
 
@@ -260,7 +253,6 @@ class BackgroundWriter:
             self._cond.notify_all()
 
     def _run(self) -> None:
-        _idle_priority(threading.get_native_id())
         while True:
             item = self._queue.get()
             if item is None:
@@ -292,34 +284,11 @@ class BackgroundWriter:
             arr.array.resize((arr.capacity, *arr.row_shape))
         arr.array[chunk.start : stop] = chunk.buffer[: chunk.rows]
         self.bytes_written += chunk.nbytes
-        if threading.active_count() != self._threads_seen:
-            self._threads_seen = threading.active_count()
-            _lower_store_threads()
+
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise WriterError(f"The gradient store writer failed: {self._error!r}") from self._error
-
-
-_IO_THREAD_PREFIXES = ("zarr_io", "zarr_pool")
-_lowered: set[int] = set()
-
-
-def _idle_priority(native_id: int) -> None:
-    """Lowers one thread to nice 19 (Linux applies setpriority to a thread id)."""
-    if not sys.platform.startswith("linux") or native_id in _lowered:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, native_id, 19)
-        _lowered.add(native_id)
-    except OSError:  # a sandbox may refuse; priority is an optimisation only
-        pass
-
-
-def _lower_store_threads() -> None:
-    for t in threading.enumerate():
-        if t.name.startswith(_IO_THREAD_PREFIXES) and t.native_id is not None:
-            _idle_priority(t.native_id)
 
 
 def _create(arr: _RowArray, rows: int) -> Any:
