@@ -460,6 +460,28 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+ABLATIONS = ("none", "no-compression", "no-write")
+
+
+def apply_ablation(name: str) -> None:
+    """Switches off part of the store's work, for measurement only.
+
+    ``no-compression`` stores chunks with their crc32c but without zstd; ``no-write`` keeps the hooks,
+    the row copies and the queue but drops every chunk instead of writing it (its store reads back
+    empty, and the read-back check says so).
+    """
+    if name == "no-compression":
+        from zarr.codecs import Crc32cCodec
+
+        from mstore_lightning.store import layout
+
+        layout.compressors = lambda: [Crc32cCodec()]
+    elif name == "no-write":
+        from mstore_lightning.store.writer import BackgroundWriter
+
+        BackgroundWriter._write = lambda self, chunk: None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses and checks the command line; ``--models`` becomes a list of names."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -469,7 +491,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches-scale", type=float, default=1.0,
                         help="multiply each model's batches per fit (e.g. 0.1 for a smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--ablation", choices=ABLATIONS, default="none",
+                        help="switch off part of the store's work to see where the capture's time goes")
     args = parser.parse_args(argv)
+    if args.ablation != "none" and args.out == DEFAULT_OUT:
+        args.out = DEFAULT_OUT.with_name(f"capture_overhead_{args.ablation}.json")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in SPECS]
     if unknown or not args.models:
@@ -489,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         error, since one noisy run of a shared machine should not fail a build.
     """
     args = parse_args(argv)
+    apply_ablation(args.ablation)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -528,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         "policy": POLICY,
         "pairs": args.pairs,
         "batches_scale": args.batches_scale,
+        "ablation": args.ablation,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "models": results,
     }
