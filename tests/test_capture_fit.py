@@ -410,3 +410,22 @@ def test_epochs_last_needs_max_epochs(tmp_path):
     cap = GradientCapture(tmp_path / "s.zarr", policy={"epochs": "last"})
     with pytest.raises(PolicyError, match=r"`epochs='last'` needs Trainer\(max_epochs=...\)"):
         trainer([cap], max_epochs=-1, max_steps=2).fit(Task(mlp()), loader(x, y))
+
+
+def test_positional_ids_with_a_sample_subset_keep_rows_aligned(tmp_path):
+    x, y = data(n=20)
+
+    class Plain(Task):
+        def training_step(self, batch, batch_idx):
+            losses = self.sample_losses(self(batch[0]), batch[1])
+            return {"loss": losses.mean(), "per_sample_loss": losses.detach()}
+
+    ds = torch.utils.data.TensorDataset(x, y)
+    cap = GradientCapture(tmp_path / "s.zarr", policy={"samples": {"ids": [1, 2, 13]}})
+    trainer([cap]).fit(Plain(mlp()), torch.utils.data.DataLoader(ds, batch_size=6, shuffle=False))
+    store = open_store(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(store.sample_ids(0), [1, 2, 13])
+    for name in ("loss", "label", "step", "lr"):
+        assert len(store.row_field(0, name)) == 3, name  # batches with no kept sample add no row anywhere
+    assert np.isfinite(store.row_field(0, "loss")).all()
+    assert len(store.norms(0)) == 3

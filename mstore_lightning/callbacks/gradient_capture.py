@@ -108,7 +108,10 @@ class GradientCapture(Callback):
         self._step: _Step | None = None
         self._committed: list[int] = []
         self._resume: dict[str, Any] | None = None
-        self._positional_bs: int | None = None
+        self._positional_bs: int | None = None  # batch size, when positions are dataset indices
+        self._loader_note = ""
+        self._epoch_lr: list[list[float]] = []
+        self._batch_idx = 0
         self._chunk_rows: dict[str, int] = {}
 
     @property
@@ -165,11 +168,11 @@ class GradientCapture(Callback):
         if trainer.global_rank != 0:
             self._run.open(self._run_meta(trainer, pl_module), resume=True)
         if resume:
-            keep = set(self._resume.get("committed", []))
+            self._committed = sorted(self._resume.get("committed", []))
+            keep = set(self._committed)
             if self._resume.get("open_epoch") is not None:
                 keep.add(int(self._resume["open_epoch"]))
             self._run.prune_epochs(keep)
-            self._committed = sorted(keep & set(self._resume.get("committed", [])))
         else:
             self._resume = None
         trainer.strategy.barrier("mstore_pruned")
@@ -177,12 +180,12 @@ class GradientCapture(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.detach()
-        self._close(abandon=True)
+        self._close()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._hooks.detach()
-        self._close(abandon=True)
+        self._close()
 
     # ------------------------------------------------------------------ epochs
     @override
@@ -244,11 +247,9 @@ class GradientCapture(Callback):
         self._step = None
         if self._epoch is None or not self.policy.captures_step(batch_idx):
             return
-        ids = batch_ids(batch, self._sample_ids_fn)
-        if ids is None:
-            if self._positional_bs is None:
-                raise RuntimeError(MISSING_IDS.format(why=self._loader_note))
-            ids = None  # numbered by position once the batch size is seen
+        ids = batch_ids(batch, self._sample_ids_fn)  # None: numbered by position once the batch size is seen
+        if ids is None and self._positional_bs is None:
+            raise RuntimeError(MISSING_IDS.format(why=self._loader_note))
         keep = None
         if ids is not None:
             mask = self.policy.sample_mask(ids)
@@ -279,14 +280,16 @@ class GradientCapture(Callback):
         step.backward_done = True
         fired = [u for u in uses.values() if u]
         if not fired:
+            self._step = None  # nothing to record for this batch, not even its loss
             return
         n = fired[0][0][1].shape[0]
         if step.ids is None:
             step.ids = self._batch_idx * self._positional_bs + np.arange(n, dtype=np.int64)
             mask = self.policy.sample_mask(step.ids)
-            step.keep = None if mask.all() else torch.from_numpy(np.nonzero(mask)[0])
             if not mask.any():
+                self._step = None
                 return
+            step.keep = None if mask.all() else torch.from_numpy(np.nonzero(mask)[0])
         if len(step.ids) != n:
             raise RuntimeError(
                 f"The batch carries {len(step.ids)} sample ids but the model saw {n} samples; "
@@ -303,10 +306,8 @@ class GradientCapture(Callback):
     ) -> None:
         step, self._step = self._step, None
         self._hooks.active = False
-        if step is None or not step.backward_done or step.ids is None or self._epoch is None:
-            self._hooks.discard()
-            return
-        if not self._run.writer.has_array(self._run.rank_group(self._epoch), f"{layout.ROWS}/ids"):
+        if step is None or not step.backward_done or self._epoch is None:
+            self._hooks.discard()  # e.g. training_step returned None and backward never ran
             return
         n = len(step.ids)
         losses = np.full(n, np.nan, dtype=np.float32)
@@ -433,10 +434,11 @@ class GradientCapture(Callback):
     def _select(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         return values if keep is None else values.index_select(0, keep.to(values.device))
 
-    def _close(self, abandon: bool) -> None:
+    def _close(self) -> None:
+        """Stops the writer; an epoch still open is left uncommitted, so readers never see it."""
         if self._run is None:
             return
-        if abandon and self._epoch is not None:
+        if self._epoch is not None:
             self._run.abandon_epoch(self._epoch)
         self._epoch = None
         self._run.close()
