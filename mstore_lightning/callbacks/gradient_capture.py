@@ -297,7 +297,7 @@ class GradientCapture(Callback):
             )
         accumulation = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         mult = grad_multiplier(self.policy.loss_reduction, n, accumulation, step.amp_scale)
-        self._write_layers(trainer, uses, mult, step)
+        self._write_layers(uses, mult, step)
         self._write_rows(trainer, step)
 
     @override
@@ -366,11 +366,10 @@ class GradientCapture(Callback):
             },
         }
 
-    def _write_layers(
-        self, trainer: pl.Trainer, uses: dict[str, list], mult: float, step: _Step
-    ) -> None:
+    def _write_layers(self, uses: dict[str, list], mult: float, step: _Step) -> None:
         newly_ready = []
         rows_before = self._run.rows_written(self._epoch)
+        group = self._run.rank_group(self._epoch)
         for name, plan in self._plans.items():
             layer_uses = uses.get(name, [])
             if not plan.ready:
@@ -378,7 +377,7 @@ class GradientCapture(Callback):
                     continue
                 plan.finalize(layer_uses, self.policy.precision, self.policy.representation)
                 newly_ready.append(plan)
-            if not self._run.writer.has_array(self._run.rank_group(self._epoch), _array_path(plan)) and rows_before:
+            if rows_before and not self._run.writer.has_array(group, _array_path(plan)):
                 self._append_layer(plan, _zero_rows(plan, rows_before), None)  # rows before it first ran
             rows = plan.rows(layer_uses, mult) if layer_uses else _zero_rows(plan, len(step.ids))
             self._append_layer(plan, rows, step.keep)
@@ -414,9 +413,7 @@ class GradientCapture(Callback):
 
     def _write_rows(self, trainer: pl.Trainer, step: _Step) -> None:
         n = len(step.ids)
-        lr = self._epoch_lr[0][0] if self._epoch_lr and self._epoch_lr[0] else float("nan")
-        if trainer.optimizers:
-            lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else float("nan")
         fields = {
             "ids": torch.from_numpy(step.ids),
             "step": torch.full((n,), trainer.global_step, dtype=torch.int64),
