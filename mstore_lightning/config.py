@@ -119,9 +119,7 @@ class CapturePolicy:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible dict that :meth:`from_dict` turns back into an equal policy."""
-        return {
-            f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init
-        }
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
 
     # ---------------------------------------------------------------- decisions
     def matches(self, name: str, type_name: str) -> bool:
@@ -164,7 +162,9 @@ def _parse_patterns(name: str, value: Any, allow_empty: bool) -> tuple[str, ...]
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
-        raise PolicyError(f"`{name}` must be a list of non-empty fnmatch patterns (e.g. ['*']), got {value!r}.")
+        raise PolicyError(
+            f"`{name}` must be a list of non-empty fnmatch patterns (e.g. ['*']), got {value!r}."
+        )
     if not value and not allow_empty:
         raise PolicyError(f"`{name}` must hold at least one pattern (e.g. ['*']), got an empty list.")
     return tuple(value)
@@ -193,8 +193,10 @@ def _parse_epochs(value: Any) -> Any:
         if set(value) != {"every"}:
             raise PolicyError(f"`epochs` can be {allowed}; got {dict(value)!r}.")
         return {"every": _parse_positive_int("epochs.every", value["every"])}
-    if isinstance(value, Sequence) and value and all(
-        isinstance(e, (int, np.integer)) and not isinstance(e, bool) and e >= 0 for e in value
+    if (
+        isinstance(value, Sequence)
+        and value
+        and all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) and e >= 0 for e in value)
     ):
         return tuple(sorted({int(e) for e in value}))
     raise PolicyError(f"`epochs` can be {allowed}; got {value!r}.")
@@ -214,8 +216,10 @@ def _parse_samples(value: Any) -> Any:
         ids = value["ids"]
         if isinstance(ids, np.ndarray):
             ids = ids.tolist()
-        if not isinstance(ids, Sequence) or not ids or not all(
-            isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in ids
+        if (
+            not isinstance(ids, Sequence)
+            or not ids
+            or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in ids)
         ):
             raise PolicyError(f"`samples.ids` must be a non-empty list of sample ids >= 0, got {ids!r}.")
         return {"ids": tuple(sorted({int(i) for i in ids}))}

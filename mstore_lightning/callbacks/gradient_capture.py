@@ -183,7 +183,9 @@ class GradientCapture(Callback):
         self._close()
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._hooks.detach()
         self._close()
 
@@ -263,7 +265,9 @@ class GradientCapture(Callback):
         self._hooks.active = True
 
     @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
         if self._step is None:
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -391,7 +395,9 @@ class GradientCapture(Callback):
                     "until they do."
                 )
 
-    def _append_layer(self, plan: LayerPlan, rows: dict[str, torch.Tensor], keep: torch.Tensor | None) -> None:
+    def _append_layer(
+        self, plan: LayerPlan, rows: dict[str, torch.Tensor], keep: torch.Tensor | None
+    ) -> None:
         chunk_rows = self._layer_chunk_rows(plan)
         for array, values in rows.items():
             self._run.append(

@@ -29,7 +29,9 @@ def batch_ids(batch: Any, fn: Callable[[Any], Any] | None) -> np.ndarray | None:
     if fn is not None:
         ids = fn(batch)
         if ids is None:
-            raise ValueError("`sample_ids` returned None for a training batch; it must return the batch's ids.")
+            raise ValueError(
+                "`sample_ids` returned None for a training batch; it must return the batch's ids."
+            )
     elif isinstance(batch, Mapping) and "index" in batch:
         ids = batch["index"]
     else:
@@ -52,7 +54,12 @@ def batch_labels(batch: Any, n: int, fn: Callable[[Any], Any] | None) -> np.ndar
         lab = None
     if isinstance(lab, torch.Tensor) and lab.ndim == 1 and lab.shape[0] == n and not lab.is_floating_point():
         return lab.detach().cpu().numpy().astype(np.int64)
-    if isinstance(lab, np.ndarray) and lab.ndim == 1 and lab.shape[0] == n and np.issubdtype(lab.dtype, np.integer):
+    if (
+        isinstance(lab, np.ndarray)
+        and lab.ndim == 1
+        and lab.shape[0] == n
+        and np.issubdtype(lab.dtype, np.integer)
+    ):
         return lab.astype(np.int64)
     return None
 

@@ -138,9 +138,7 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
         shared = [pn for pn in covered if len(owners[id(own[pn])]) > 1]
         if shared:
             others = sorted(set(owners[id(own[shared[0]])]) - {name})
-            reason = (
-                f"parameter {shared[0]!r} is shared with {others}; its gradient sums every module's use"
-            )
+            reason = f"parameter {shared[0]!r} is shared with {others}; its gradient sums every module's use"
             covered = []
         missing = [pn for pn in own if pn not in covered]
         if missing:
@@ -165,7 +163,9 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
     return plans, uncovered
 
 
-def _why_not(name: str, module: nn.Module, ext: type[Extractor] | None, modules: dict[str, nn.Module]) -> str | None:
+def _why_not(
+    name: str, module: nn.Module, ext: type[Extractor] | None, modules: dict[str, nn.Module]
+) -> str | None:
     parent = modules.get(name.rpartition(".")[0]) if "." in name else None
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention applies its out_proj functionally, so module hooks never see it"

@@ -8,7 +8,9 @@ samples, ``∂ℓ_i/∂y_i = B · ∂L/∂y_i``.
 from __future__ import annotations
 
 
-def grad_multiplier(loss_reduction: str, batch_size: int, accumulation: int = 1, amp_scale: float = 1.0) -> float:
+def grad_multiplier(
+    loss_reduction: str, batch_size: int, accumulation: int = 1, amp_scale: float = 1.0
+) -> float:
     """Multiplier for ``d`` so that it is the gradient of each sample's own loss.
 
     Example:

@@ -30,6 +30,7 @@ ROWS = "rows"
 LAYERS = "layers"
 OPEN, COMMITTED = "open", "committed"
 
+
 def epoch_key(epoch: int) -> str:
     return f"{epoch:05d}"
 

@@ -199,11 +199,14 @@ class GradientStore:
                 kept, other = (fac, full) if lay.factored else (full, fac)
                 other_name = "full gradient" if lay.factored else "factors"
                 why = f", {kept:,} B/sample raw ({other / kept:.1f}x less than the {other_name})"
-            lines.append(f"    {lay.name} ({s['module_type']}): {s['representation']}, params {s['params']}{why}")
+            head = f"    {lay.name} ({s['module_type']}): {s['representation']}, params {s['params']}"
+            lines.append(head + why)
         if self.uncovered:
             lines.append("  not captured:")
             for u in self.uncovered:
-                lines.append(f"    {u['module']}.{{{','.join(u['params'])}}} ({u['numel']} numbers): {u['reason']}")
+                lines.append(
+                    f"    {u['module']}.{{{','.join(u['params'])}}} ({u['numel']} numbers): {u['reason']}"
+                )
         lines.append(f"  bytes on disk: {self.nbytes_stored():,}")
         return "\n".join(lines)
 
@@ -220,7 +223,9 @@ class GradientStore:
         try:
             return self._layers[layer]
         except KeyError:
-            raise StoreReadError(f"Layer {layer!r} is not in this store; its layers are {self.layers}.") from None
+            raise StoreReadError(
+                f"Layer {layer!r} is not in this store; its layers are {self.layers}."
+            ) from None
 
     def _select(self, layers: Sequence[str] | None) -> list[_Layer]:
         if isinstance(layers, str):
@@ -230,10 +235,15 @@ class GradientStore:
     def _epoch(self, epoch: int) -> dict[str, Any]:
         if epoch not in self._epoch_cache:
             if epoch not in self.epochs:
-                raise StoreReadError(f"Epoch {epoch} is not committed in this store; committed: {self.epochs}.")
+                raise StoreReadError(
+                    f"Epoch {epoch} is not committed in this store; committed: {self.epochs}."
+                )
             group = self._root[f"{layout.EPOCHS}/{layout.epoch_key(epoch)}"]
             ranks = [
-                g for _, g in sorted((int(k[1:]), g) for k, g in group.groups() if k[:1] == "r" and k[1:].isdigit())
+                g
+                for _, g in sorted(
+                    (int(k[1:]), g) for k, g in group.groups() if k[:1] == "r" and k[1:].isdigit()
+                )
             ]
             ranks = [g for g in ranks if layout.ROWS in g]
             sizes = [g[f"{layout.ROWS}/ids"].shape[0] for g in ranks]
@@ -298,7 +308,8 @@ class GradientStore:
             step = int(arrays[names[0]].chunks[0])  # a layer's arrays share their chunk rows
             for lo in range(0, n_rows, step):
                 rows = {
-                    n: _decode(a[lo : lo + step], lay.spec["arrays"][n]["encoding"]) for n, a in arrays.items()
+                    n: _decode(a[lo : lo + step], lay.spec["arrays"][n]["encoding"])
+                    for n, a in arrays.items()
                 }
                 yield int(ep["offsets"][r]) + lo, rows
 

@@ -113,7 +113,12 @@ class RunWriter:
         return self._rank_groups[epoch]
 
     def append(
-        self, epoch: int, name: str, values: torch.Tensor | np.ndarray, dtype: Any, chunk_rows: int | None = None
+        self,
+        epoch: int,
+        name: str,
+        values: torch.Tensor | np.ndarray,
+        dtype: Any,
+        chunk_rows: int | None = None,
     ) -> None:
         """Appends rows to array ``name`` (a path under this rank's epoch group)."""
         group = self.rank_group(epoch)

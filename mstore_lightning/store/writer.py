@@ -23,7 +23,6 @@ import zarr
 
 from mstore_lightning.store.layout import create_row_array
 
-
 DEFAULT_QUEUE_BYTES = 64 << 20  # small enough that recycled buffers stay warm
 DEFAULT_CHUNK_BYTES = 4 << 20  # zarr costs ~1.5 ms a chunk beyond compression; big chunks amortise it
 
@@ -87,7 +86,9 @@ class BackgroundWriter:
         w.flush()
     """
 
-    def __init__(self, queue_bytes: int = DEFAULT_QUEUE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(
+        self, queue_bytes: int = DEFAULT_QUEUE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> None:
         self.queue_bytes = int(queue_bytes)
         self.chunk_bytes = int(chunk_bytes)
         self._arrays: dict[tuple[int, str], _RowArray] = {}
@@ -106,7 +107,12 @@ class BackgroundWriter:
         return int(min(max(1, self.chunk_bytes // max(1, row_bytes)), 1 << 16))
 
     def open_array(
-        self, group: zarr.Group, name: str, row_shape: tuple[int, ...], dtype: Any, chunk_rows: int | None = None
+        self,
+        group: zarr.Group,
+        name: str,
+        row_shape: tuple[int, ...],
+        dtype: Any,
+        chunk_rows: int | None = None,
     ) -> None:
         """Declares an array of rows under ``group``; it is created when its first chunk is written.
 
@@ -284,7 +290,6 @@ class BackgroundWriter:
             arr.array.resize((arr.capacity, *arr.row_shape))
         arr.array[chunk.start : stop] = chunk.buffer[: chunk.rows]
         self.bytes_written += chunk.nbytes
-
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
