@@ -21,7 +21,8 @@ from typing import Any, Union
 import numpy as np
 import yaml
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+from mstore_lightning.store.quant import PRECISIONS
+
 LOSS_REDUCTIONS = ("mean", "sum")
 REPRESENTATIONS = ("auto", "factors", "full")
 _EPOCH_WORDS = ("all", "last")
@@ -47,10 +48,15 @@ class CapturePolicy:
         samples: ``"all"``, a fraction in ``(0, 1]`` (chosen by a seeded hash of the sample id, so the
             same samples are kept in every epoch), or ``{"ids": [...]}`` for an explicit set.
         sample_seed: seed of the hash that picks a sample fraction.
-        precision: storage precision of the captured factors: ``"fp32"`` (lossless), ``"fp16"``, ``"bf16"``.
+        precision: storage precision of the captured rows: ``"int8"`` (symmetric, one scale per row,
+            position or channel; median cosine of restored gradients >= 0.999), ``"fp16"``, ``"bf16"``
+            or ``"fp32"`` (lossless). See :mod:`mstore_lightning.store.quant` for the error bounds.
         loss_reduction: how ``training_step`` reduces per-sample losses: ``"mean"`` or ``"sum"``.
         representation: ``"auto"`` stores, per layer, the factors or the full per-sample gradient,
             whichever is smaller; ``"factors"`` or ``"full"`` force one.
+        dedup: store a layer input row identical to one already stored (in this run) once, and
+            reference it: the first layer's input when data is not augmented, inputs after frozen
+            layers. Output gradients depend on the current weights and are never deduplicated.
     """
 
     layers: tuple[str, ...] = ("*",)
@@ -59,9 +65,10 @@ class CapturePolicy:
     every_n_steps: int = 1
     samples: Any = "all"
     sample_seed: int = 0
-    precision: str = "fp32"
+    precision: str = "int8"
     loss_reduction: str = "mean"
     representation: str = "auto"
+    dedup: bool = True
     _id_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +81,9 @@ class CapturePolicy:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _check_choice("representation", self.representation, REPRESENTATIONS)
+        if not isinstance(self.dedup, (bool, np.bool_)):
+            raise PolicyError(f"`dedup` must be true or false, got {self.dedup!r}.")
+        object.__setattr__(self, "dedup", bool(self.dedup))
         if isinstance(self.samples, dict):
             object.__setattr__(self, "_id_set", frozenset(self.samples["ids"]))
 

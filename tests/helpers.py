@@ -12,6 +12,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
+# Lossless storage: what tests comparing with torch.func at float32 tolerance capture with.
+EXACT = {"precision": "fp32"}
+
 
 class IndexedTensors(Dataset):
     """Dict items ``{"x", "y", "index"}`` over fixed tensors."""

@@ -10,7 +10,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from helpers import Reference, Task, loader, trainer
+from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, PolicyError, open_store
 from test_extractors import Conv1D
 
@@ -48,7 +48,7 @@ def test_mean_and_sum_reduction_with_shuffling_workers(tmp_path, reduction):
     torch.manual_seed(0)
     x, y = data()
     task, ref = Task(mlp(), reduction=reduction), Reference()
-    cap = GradientCapture(tmp_path / "s.zarr", policy={"loss_reduction": reduction})
+    cap = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "loss_reduction": reduction})
     trainer([ref, cap], max_epochs=2).fit(task, loader(x, y, batch_size=7, shuffle=True, workers=2))
     store = open_store(tmp_path / "s.zarr")
     assert store.epochs == [0, 1]
@@ -62,7 +62,7 @@ def test_gradient_accumulation_captures_every_micro_batch(tmp_path):
     torch.manual_seed(0)
     x, y = data()
     task, ref = Task(mlp()), Reference()
-    cap = GradientCapture(tmp_path / "s.zarr")
+    cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT)
     trainer([ref, cap], max_epochs=1, accumulate_grad_batches=3).fit(task, loader(x, y, batch_size=4))
     store = open_store(tmp_path / "s.zarr")
     assert sorted(store.sample_ids(0).tolist()) == list(range(30))
@@ -106,7 +106,7 @@ def test_every_layer_family_in_one_fit(tmp_path):
     torch.manual_seed(0)
     x, y = zoo_data()
     task, ref = Task(Zoo()), Reference()
-    cap = GradientCapture(tmp_path / "s.zarr")
+    cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT)
     trainer([ref, cap], max_epochs=2).fit(task, loader(x, y, batch_size=5))
     store = open_store(tmp_path / "s.zarr")
     assert set(store.layers) == {"net.conv", "net.gn", "net.conv1d", "net.ln", "net.emb", "net.gpt", "net.shared", "net.head"}
@@ -138,7 +138,7 @@ def test_activation_checkpointing_does_not_double_capture(tmp_path, reentrant):
     torch.manual_seed(0)
     x, y = data()
     task, ref = Task(Checkpointed(reentrant)), Reference(toggle=lambda t, on: setattr(t.net, "enabled", on))
-    trainer([ref, GradientCapture(tmp_path / "s.zarr")]).fit(task, loader(x, y, batch_size=8))
+    trainer([ref, GradientCapture(tmp_path / "s.zarr", policy=EXACT)]).fit(task, loader(x, y, batch_size=8))
     store = open_store(tmp_path / "s.zarr")
     assert all(store.layer_spec(n)["uses"] == 1 for n in store.layers)
     assert set(store.layers) == {"net.block.0", "net.block.2", "net.head"}
@@ -149,7 +149,7 @@ def test_bf16_autocast_is_close_to_fp32_reference(tmp_path):
     torch.manual_seed(0)
     x, y = data(n=24)
     task, ref = Task(mlp()), Reference()
-    trainer([ref, GradientCapture(tmp_path / "s.zarr")], precision="bf16-mixed").fit(task, loader(x, y))
+    trainer([ref, GradientCapture(tmp_path / "s.zarr", policy=EXACT)], precision="bf16-mixed").fit(task, loader(x, y))
     store = open_store(tmp_path / "s.zarr")
     ids = store.sample_ids(0).tolist()
     for layer in store.layers:
@@ -166,7 +166,7 @@ def test_grad_scaler_scale_is_divided_out(tmp_path):
     task, ref = Task(mlp()), Reference()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     amp = MixedPrecision("16-mixed", "cpu", scaler=scaler)
-    trainer([ref, GradientCapture(tmp_path / "s.zarr")], plugins=[amp]).fit(task, loader(x, y))
+    trainer([ref, GradientCapture(tmp_path / "s.zarr", policy=EXACT)], plugins=[amp]).fit(task, loader(x, y))
     store = open_store(tmp_path / "s.zarr")
     ids = store.sample_ids(0).tolist()
     g = torch.cat([store.restore(0, n, ids)["weight"].flatten(1) for n in store.layers], 1)
@@ -180,7 +180,7 @@ def test_reduced_precision_restores_within_its_rounding(tmp_path, precision, tol
     torch.manual_seed(0)
     x, y = data()
     task, ref = Task(mlp()), Reference()
-    trainer([ref, GradientCapture(tmp_path / "s.zarr", policy={"precision": precision})]).fit(task, loader(x, y))
+    trainer([ref, GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "precision": precision})]).fit(task, loader(x, y))
     store = open_store(tmp_path / "s.zarr")
     assert store.layer_spec("net.0")["arrays"]["a"]["encoding"] == {"fp16": "float16", "bf16": "bfloat16-bits"}[precision]
     ids = store.sample_ids(0).tolist()
@@ -195,7 +195,7 @@ def test_sample_fraction_and_id_set(tmp_path):
     torch.manual_seed(0)
     x, y = data(n=40)
     task, ref = Task(mlp()), Reference()
-    cap = GradientCapture(tmp_path / "f.zarr", policy={"samples": 0.5, "sample_seed": 3})
+    cap = GradientCapture(tmp_path / "f.zarr", policy={**EXACT, "samples": 0.5, "sample_seed": 3})
     trainer([ref, cap], max_epochs=2).fit(task, loader(x, y, batch_size=6))
     store = open_store(tmp_path / "f.zarr")
     kept = np.nonzero(cap.policy.sample_mask(np.arange(40)))[0]
@@ -204,14 +204,14 @@ def test_sample_fraction_and_id_set(tmp_path):
         assert sorted(store.sample_ids(e).tolist()) == kept.tolist()
     assert_matches_reference(store, ref)
 
-    cap = GradientCapture(tmp_path / "i.zarr", policy={"samples": {"ids": [0, 7, 39, 99]}})
+    cap = GradientCapture(tmp_path / "i.zarr", policy={**EXACT, "samples": {"ids": [0, 7, 39, 99]}})
     trainer([cap]).fit(Task(mlp()), loader(x, y, batch_size=6))
     assert sorted(open_store(tmp_path / "i.zarr").sample_ids(0).tolist()) == [0, 7, 39]
 
 
 def test_epoch_and_step_policy(tmp_path):
     x, y = data(n=40)
-    cap = GradientCapture(tmp_path / "s.zarr", policy={"epochs": {"every": 2}, "every_n_steps": 2})
+    cap = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "epochs": {"every": 2}, "every_n_steps": 2})
     trainer([cap], max_epochs=4).fit(Task(mlp()), loader(x, y, batch_size=10, shuffle=False))
     store = open_store(tmp_path / "s.zarr")
     assert store.epochs == [0, 2]
@@ -220,7 +220,7 @@ def test_epoch_and_step_policy(tmp_path):
     assert sorted(set(store.row_field(2, "step").tolist())) == [8, 10]
     assert len(store.sample_ids(2)) == 20
 
-    cap = GradientCapture(tmp_path / "last.zarr", policy={"epochs": "last"})
+    cap = GradientCapture(tmp_path / "last.zarr", policy={**EXACT, "epochs": "last"})
     trainer([cap], max_epochs=3).fit(Task(mlp()), loader(x, y, batch_size=10))
     assert open_store(tmp_path / "last.zarr").epochs == [2]
 
@@ -234,7 +234,7 @@ def test_positional_ids_for_an_unshuffled_loader_without_ids(tmp_path):
             return self.sample_losses(self(batch[0]), batch[1]).mean()
 
     ds = torch.utils.data.TensorDataset(x, y)
-    cap = GradientCapture(tmp_path / "s.zarr")
+    cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT)
     task = Plain(mlp())
     trainer([cap]).fit(task, torch.utils.data.DataLoader(ds, batch_size=6, shuffle=False))
     store = open_store(tmp_path / "s.zarr")
@@ -253,7 +253,7 @@ def test_refuses_shuffled_batches_without_ids(tmp_path):
     task = Plain(mlp())
     before = [p.detach().clone() for p in task.parameters()]
     with pytest.raises(RuntimeError, match=r"needs the dataset index.*RandomSampler.*'index' entry.*sample_ids="):
-        trainer([GradientCapture(tmp_path / "s.zarr")]).fit(task, torch.utils.data.DataLoader(ds, batch_size=6, shuffle=True))
+        trainer([GradientCapture(tmp_path / "s.zarr", policy=EXACT)]).fit(task, torch.utils.data.DataLoader(ds, batch_size=6, shuffle=True))
     assert all(torch.equal(a, b) for a, b in zip(before, task.parameters()))  # refused before any step
     assert not any(m._forward_hooks for m in task.modules())
 
@@ -267,7 +267,7 @@ def test_sample_ids_callable(tmp_path):
         def training_step(self, batch, batch_idx):
             return self.sample_losses(self(batch[0]), batch[1]).mean()
 
-    cap = GradientCapture(tmp_path / "s.zarr", sample_ids=lambda b: b[2], labels=lambda b: b[1])
+    cap = GradientCapture(tmp_path / "s.zarr", sample_ids=lambda b: b[2], labels=lambda b: b[1], policy=EXACT)
     trainer([cap]).fit(Triple(mlp()), torch.utils.data.DataLoader(ds, batch_size=6, shuffle=True))
     store = open_store(tmp_path / "s.zarr")
     ids = store.sample_ids(0)
@@ -292,7 +292,7 @@ class WithUncovered(nn.Module):
 
 def test_uncovered_parameters_are_warned_and_recorded(tmp_path):
     x, y = data(n=16)
-    cap = GradientCapture(tmp_path / "s.zarr")
+    cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT)
     with pytest.warns(UserWarning, match=r"does not capture net\.bn \(BatchNorm1d\).*batch statistics couple"):
         trainer([cap]).fit(Task(WithUncovered()), loader(x, y))
     store = open_store(tmp_path / "s.zarr")
@@ -316,7 +316,7 @@ def test_tied_parameters_are_reported_not_half_captured(tmp_path):
             return self.b(self.c(torch.relu(self.a(x))))
 
     x, y = data(n=8)
-    cap = GradientCapture(tmp_path / "s.zarr")
+    cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT)
     with pytest.warns(UserWarning, match="is shared with"):
         trainer([cap]).fit(Task(Tied()), loader(x, y))
     store = open_store(tmp_path / "s.zarr")
@@ -325,7 +325,7 @@ def test_tied_parameters_are_reported_not_half_captured(tmp_path):
 
 
 def test_unknown_layer_pattern_fails_at_setup_and_lists_layers(tmp_path):
-    cap = GradientCapture(tmp_path / "s.zarr", policy={"layers": ["encoder.*"]})
+    cap = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "layers": ["encoder.*"]})
     x, y = data(n=8)
     with pytest.raises(PolicyError, match=r"'encoder\.\*' matches no module of Task.*net\.0 \(Linear\), net\.2 \(Linear\)"):
         trainer([cap]).fit(Task(mlp()), loader(x, y))
@@ -337,14 +337,14 @@ def test_torch_compile_is_refused(tmp_path):
     task.net = torch.compile(task.net)
     x, y = data(n=8)
     with pytest.raises(RuntimeError, match="cannot capture a torch.compile'd model"):
-        trainer([GradientCapture(tmp_path / "s.zarr")]).fit(task, loader(x, y))
+        trainer([GradientCapture(tmp_path / "s.zarr", policy=EXACT)]).fit(task, loader(x, y))
 
 
 def test_hooks_removed_and_modules_untouched(tmp_path):
     x, y = data(n=16)
     plain, task = Task(mlp()), Task(mlp())
     trainer([]).fit(plain, loader(x, y))
-    trainer([GradientCapture(tmp_path / "a.zarr")]).fit(task, loader(x, y))
+    trainer([GradientCapture(tmp_path / "a.zarr", policy=EXACT)]).fit(task, loader(x, y))
     assert not any(m._forward_hooks for m in task.modules())
     # Capture leaves no attribute on any module that Lightning itself did not set.
     assert {n: set(vars(m)) for n, m in task.named_modules()} == {n: set(vars(m)) for n, m in plain.named_modules()}
@@ -355,7 +355,7 @@ def test_hooks_removed_and_modules_untouched(tmp_path):
             raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        trainer([GradientCapture(tmp_path / "b.zarr"), Boom()]).fit(task, loader(x, y))
+        trainer([GradientCapture(tmp_path / "b.zarr", policy=EXACT), Boom()]).fit(task, loader(x, y))
     assert not any(m._forward_hooks for m in task.modules())
     assert open_store(tmp_path / "b.zarr").epochs == []  # the interrupted epoch is never visible
 
@@ -369,22 +369,22 @@ def test_epoch_is_invisible_until_committed(tmp_path):
                 seen.append((trainer.current_epoch, open_store(tmp_path / "s.zarr").epochs))
 
     x, y = data(n=20)
-    trainer([GradientCapture(tmp_path / "s.zarr"), Peek()], max_epochs=3).fit(Task(mlp()), loader(x, y, batch_size=5))
+    trainer([GradientCapture(tmp_path / "s.zarr", policy=EXACT), Peek()], max_epochs=3).fit(Task(mlp()), loader(x, y, batch_size=5))
     assert seen == [(0, []), (1, [0]), (2, [0, 1])]
 
 
 def test_existing_store_modes(tmp_path):
     x, y = data(n=10)
     path = tmp_path / "s.zarr"
-    trainer([GradientCapture(path)]).fit(Task(mlp()), loader(x, y))
+    trainer([GradientCapture(path, policy=EXACT)]).fit(Task(mlp()), loader(x, y))
     from mstore_lightning import StoreExistsError
 
     with pytest.raises(StoreExistsError, match="already holds a gradient store.*mode='overwrite'.*mode='append'"):
-        trainer([GradientCapture(path)]).fit(Task(mlp()), loader(x, y))
+        trainer([GradientCapture(path, policy=EXACT)]).fit(Task(mlp()), loader(x, y))
     assert open_store(path).epochs == [0]  # untouched
-    trainer([GradientCapture(path, mode="append", policy={"epochs": [1]})], max_epochs=2).fit(Task(mlp()), loader(x, y))
+    trainer([GradientCapture(path, mode="append", policy={**EXACT, "epochs": [1]})], max_epochs=2).fit(Task(mlp()), loader(x, y))
     assert open_store(path).epochs == [0, 1]
-    trainer([GradientCapture(path, mode="overwrite", policy={"epochs": [1]})], max_epochs=2).fit(Task(mlp()), loader(x, y))
+    trainer([GradientCapture(path, mode="overwrite", policy={**EXACT, "epochs": [1]})], max_epochs=2).fit(Task(mlp()), loader(x, y))
     assert open_store(path).epochs == [1]
 
 
@@ -407,7 +407,7 @@ def test_callback_argument_errors(tmp_path, kwargs, match):
 
 def test_epochs_last_needs_max_epochs(tmp_path):
     x, y = data(n=8)
-    cap = GradientCapture(tmp_path / "s.zarr", policy={"epochs": "last"})
+    cap = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "epochs": "last"})
     with pytest.raises(PolicyError, match=r"`epochs='last'` needs Trainer\(max_epochs=...\)"):
         trainer([cap], max_epochs=-1, max_steps=2).fit(Task(mlp()), loader(x, y))
 
@@ -421,7 +421,7 @@ def test_positional_ids_with_a_sample_subset_keep_rows_aligned(tmp_path):
             return {"loss": losses.mean(), "per_sample_loss": losses.detach()}
 
     ds = torch.utils.data.TensorDataset(x, y)
-    cap = GradientCapture(tmp_path / "s.zarr", policy={"samples": {"ids": [1, 2, 13]}})
+    cap = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "samples": {"ids": [1, 2, 13]}})
     trainer([cap]).fit(Plain(mlp()), torch.utils.data.DataLoader(ds, batch_size=6, shuffle=False))
     store = open_store(tmp_path / "s.zarr")
     np.testing.assert_array_equal(store.sample_ids(0), [1, 2, 13])

@@ -33,7 +33,7 @@ def test_yaml_may_nest_under_policy_and_is_safe_loaded(tmp_path):
 @pytest.mark.parametrize(
     ("fields", "match"),
     [
-        ({"precision": "int4"}, r"`precision` can be 'fp32', 'fp16', 'bf16'; got 'int4'"),
+        ({"precision": "int4"}, r"`precision` can be 'fp32', 'fp16', 'bf16', 'int8'.*; got 'int4'"),
         ({"loss_reduction": "none"}, r"`loss_reduction` can be 'mean', 'sum'; got 'none'"),
         ({"representation": "sparse"}, r"`representation` can be 'auto', 'factors', 'full'; got 'sparse'"),
         ({"epochs": "first"}, r"`epochs` can be 'all', 'last', \{'every': n\}.*got 'first'"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import Reference, Task, loader, trainer
+from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
 from test_capture_fit import assert_matches_reference, data, mlp
 
@@ -53,7 +53,7 @@ def test_crash_mid_epoch_resumes_from_epoch_end_checkpoint(tmp_path):
     path, ckpts = tmp_path / "s.zarr", tmp_path / "ckpt"
     # 5 batches an epoch; crash in the middle of epoch 1.
     first = trainer(
-        [GradientCapture(path), ModelCheckpoint(dirpath=ckpts, save_last=True), Crash(at_step=7)],
+        [GradientCapture(path, policy=EXACT), ModelCheckpoint(dirpath=ckpts, save_last=True), Crash(at_step=7)],
         max_epochs=3,
         enable_checkpointing=True,
     )
@@ -63,7 +63,7 @@ def test_crash_mid_epoch_resumes_from_epoch_end_checkpoint(tmp_path):
 
     ref = Reference()
     second = trainer(
-        [ref, GradientCapture(path), ModelCheckpoint(dirpath=ckpts, save_last=True)], max_epochs=3, enable_checkpointing=True
+        [ref, GradientCapture(path, policy=EXACT), ModelCheckpoint(dirpath=ckpts, save_last=True)], max_epochs=3, enable_checkpointing=True
     )
     second.fit(Task(mlp()), loader(x, y, batch_size=6), ckpt_path=ckpts / "last.ckpt")
     store = open_store(path)
@@ -88,7 +88,7 @@ def test_crash_after_mid_epoch_checkpoint_keeps_rows_up_to_it(tmp_path, chunk_by
     mid = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=3, save_last=True)
     # 8 batches an epoch; checkpoints after steps 3 and 6 of epoch 0 ... crash at step 11 (epoch 1, batch 3).
     first = trainer(
-        [GradientCapture(path, chunk_bytes=chunk_bytes), mid, Crash(at_step=11), log],
+        [GradientCapture(path, chunk_bytes=chunk_bytes, policy=EXACT), mid, Crash(at_step=11), log],
         max_epochs=2,
         enable_checkpointing=True,
     )
@@ -101,7 +101,7 @@ def test_crash_after_mid_epoch_checkpoint_keeps_rows_up_to_it(tmp_path, chunk_by
 
     log2 = StepLog()
     second = trainer(
-        [GradientCapture(path, chunk_bytes=chunk_bytes), ModelCheckpoint(dirpath=ckpts, save_last=True), log2],
+        [GradientCapture(path, chunk_bytes=chunk_bytes, policy=EXACT), ModelCheckpoint(dirpath=ckpts, save_last=True), log2],
         max_epochs=2,
         enable_checkpointing=True,
     )

@@ -13,7 +13,7 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import Task, loader, trainer
+from helpers import EXACT, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
 from mstore_lightning.store import layout
 from mstore_lightning.store.writer import BackgroundWriter, WriterError
@@ -92,7 +92,7 @@ def test_writer_failure_surfaces_on_the_training_thread(tmp_path):
 def fit_store(path: Path, **policy) -> None:
     torch.manual_seed(0)
     x, y = data(n=24)
-    trainer([GradientCapture(path, policy=policy or None)], max_epochs=2).fit(Task(mlp()), loader(x, y))
+    trainer([GradientCapture(path, policy={**EXACT, **policy})], max_epochs=2).fit(Task(mlp()), loader(x, y))
 
 
 def test_layout_codecs_and_json_only_metadata(tmp_path):

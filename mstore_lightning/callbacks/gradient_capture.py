@@ -24,7 +24,8 @@ from mstore_lightning.capture.identity import (
 from mstore_lightning.capture.layers import LayerPlan, select_layers
 from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
-from mstore_lightning.store import layout
+from mstore_lightning.store import layout, quant
+from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, RowIndex
 from mstore_lightning.store.session import MODES, RunWriter
 from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES
 
@@ -62,6 +63,8 @@ class GradientCapture(Callback):
         queue_bytes: most bytes of captured rows waiting for the writer; training waits beyond it.
         chunk_bytes: target uncompressed size of one stored chunk.
         storage_options: fsspec options for URL stores.
+        dedup_bytes: most bytes of stored input rows kept in memory to find later duplicates
+            (``policy.dedup``); rows beyond it are stored in full.
 
     Example:
         >>> capture = GradientCapture("runs/demo.zarr", policy={"layers": ["*"], "precision": "fp16"})
@@ -83,12 +86,17 @@ class GradientCapture(Callback):
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         storage_options: dict[str, Any] | None = None,
+        dedup_bytes: int = DEFAULT_DEDUP_BYTES,
     ) -> None:
         if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
             raise ValueError(f"`store` must be a non-empty path or URL, got {store!r}.")
         if mode not in MODES:
             raise ValueError(f"`mode` can be {', '.join(repr(m) for m in MODES)}; got {mode!r}.")
-        for name, value in (("queue_bytes", queue_bytes), ("chunk_bytes", chunk_bytes)):
+        for name, value in (
+            ("queue_bytes", queue_bytes),
+            ("chunk_bytes", chunk_bytes),
+            ("dedup_bytes", dedup_bytes),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive number of bytes, got {value!r}.")
         for name, fn in (("sample_ids", sample_ids), ("labels", labels)):
@@ -113,6 +121,9 @@ class GradientCapture(Callback):
         self._epoch_lr: list[list[float]] = []
         self._batch_idx = 0
         self._chunk_rows: dict[str, int] = {}
+        self.dedup_bytes = dedup_bytes
+        self._dedup: RowIndex | None = None
+        self._rank = 0
 
     @property
     @override
@@ -162,6 +173,8 @@ class GradientCapture(Callback):
             chunk_bytes=self.chunk_bytes,
             storage_options=self.storage_options,
         )
+        self._rank = trainer.global_rank
+        self._dedup = RowIndex(self.dedup_bytes) if self.policy.dedup else None
         if trainer.global_rank == 0:
             self._run.open(self._run_meta(trainer, pl_module), resume=resume)
         trainer.strategy.barrier("mstore_open")
@@ -228,6 +241,8 @@ class GradientCapture(Callback):
             return
         epoch, self._epoch = self._epoch, None
         rows = self._run.finish_epoch(epoch)
+        if self._dedup is not None:
+            self._run.set_rank_attrs(epoch, dedup=self._dedup.take_stats())
         trainer.strategy.barrier("mstore_epoch_flushed")
         self._run.commit_epoch(
             epoch,
@@ -379,12 +394,15 @@ class GradientCapture(Callback):
             if not plan.ready:
                 if not layer_uses:
                     continue
-                plan.finalize(layer_uses, self.policy.precision, self.policy.representation)
+                plan.finalize(
+                    layer_uses, self.policy.precision, self.policy.representation, self.policy.dedup
+                )
                 newly_ready.append(plan)
             if rows_before and not self._run.writer.has_array(group, _array_path(plan)):
-                self._append_layer(plan, _zero_rows(plan, rows_before), None)  # rows before it first ran
+                # rows before it first ran
+                self._append_layer(plan, _zero_rows(plan, rows_before), None, first_row=0)
             rows = plan.rows(layer_uses, mult) if layer_uses else _zero_rows(plan, len(step.ids))
-            self._append_layer(plan, rows, step.keep)
+            self._append_layer(plan, rows, step.keep, first_row=rows_before)
         if newly_ready:
             never = [n for n, p in self._plans.items() if not p.ready]
             self._run.update_meta(layers={n: p.spec() for n, p in self._plans.items() if p.ready})
@@ -396,24 +414,42 @@ class GradientCapture(Callback):
                 )
 
     def _append_layer(
-        self, plan: LayerPlan, rows: dict[str, torch.Tensor], keep: torch.Tensor | None
+        self, plan: LayerPlan, rows: dict[str, torch.Tensor], keep: torch.Tensor | None, first_row: int
     ) -> None:
         chunk_rows = self._layer_chunk_rows(plan)
+        dedup = plan.dedup_arrays()
         for array, values in rows.items():
-            self._run.append(
-                self._epoch,
-                f"{layout.LAYERS}/{plan.name}/{array}",
-                self._select(values, keep),
-                np.dtype(plan.arrays[array]["dtype"]),
-                chunk_rows,
-            )
+            spec = plan.arrays[array]
+            parts = quant.encode(spec, array, self._select(values, keep))
+            if array in dedup:
+                parts = self._deduplicate(f"{plan.name}/{array}", array, parts, first_row)
+            for part, part_values in parts.items():
+                self._run.append(
+                    self._epoch,
+                    f"{layout.LAYERS}/{plan.name}/{part}",
+                    part_values,
+                    np.dtype(spec["parts"][part]["dtype"]) if part in spec["parts"] else np.int32,
+                    chunk_rows,
+                    skip_empty=array in dedup,
+                )
+
+    def _deduplicate(
+        self, key: str, array: str, parts: dict[str, torch.Tensor], first_row: int
+    ) -> dict[str, torch.Tensor]:
+        """Replaces rows already stored by zeros and adds the ``<array>_ref`` part that points to them."""
+        parts = {k: v.cpu() for k, v in parts.items()}
+        n = next(iter(parts.values())).shape[0]
+        raw = np.concatenate([v.numpy().reshape(n, -1).view(np.uint8) for v in parts.values()], axis=1)
+        refs = self._dedup.deduplicate(key, raw, self._epoch, self._rank, first_row)
+        dup = torch.from_numpy(refs[:, 2] >= 0)
+        if dup.any():
+            parts = {k: v.masked_fill(dup.view(-1, *([1] * (v.dim() - 1))), 0) for k, v in parts.items()}
+        parts[f"{array}_ref"] = torch.from_numpy(refs)
+        return parts
 
     def _layer_chunk_rows(self, plan: LayerPlan) -> int:
         if plan.name not in self._chunk_rows:
-            row_bytes = sum(
-                int(np.prod(info["row_shape"], dtype=np.int64)) * np.dtype(info["dtype"]).itemsize
-                for info in plan.arrays.values()
-            )
+            row_bytes = sum(quant.row_nbytes(spec) for spec in plan.arrays.values())
             self._chunk_rows[plan.name] = self._run.writer.chunk_rows_for(row_bytes)
         return self._chunk_rows[plan.name]
 
@@ -444,6 +480,7 @@ class GradientCapture(Callback):
         if self._epoch is not None:
             self._run.abandon_epoch(self._epoch)
         self._epoch = None
+        self._dedup = None
         self._run.close()
         self._run = None
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mstore_lightning.capture.registry import Extractor, find_extractor
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
-
-STORAGE_DTYPES = {"fp32": np.dtype("float32"), "fp16": np.dtype("float16"), "bf16": np.dtype("int16")}
-ENCODINGS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16-bits"}
+from mstore_lightning.store import quant
 
 
 @dataclass
@@ -51,32 +47,45 @@ class LayerPlan:
             "choice": self.choice,
         }
 
-    def finalize(self, uses: list[tuple[Tensor, Tensor]], precision: str, forced: str) -> None:
-        """Chooses factors or full gradient from the first captured batch's shapes."""
+    def finalize(
+        self, uses: list[tuple[Tensor, Tensor]], precision: str, forced: str, dedup: bool = False
+    ) -> None:
+        """Chooses factors or full gradient from the first captured batch's shapes.
+
+        The choice compares stored bytes per sample at ``precision``, scales included. With ``dedup``,
+        the layer input is marked for deduplication: it is a function of the data alone when every
+        layer before it is frozen (or there is none), so its rows can repeat; output gradients depend
+        on the current weights and never do.
+        """
         a0, d0 = uses[0]
         self.uses = len(uses)
-        itemsize = STORAGE_DTYPES[precision].itemsize
-        full_bytes = sum(math.prod(s) for s in self.param_shapes.values()) * itemsize
-        factor_bytes = self.extractor.factor_bytes(a0, d0, itemsize) * self.uses
-        if not self.extractor.has_factors or forced == "full":
+        full = {p: quant.array_spec(p, self.param_shapes[p], precision) for p in self.params}
+        factors = None
+        if self.extractor.has_factors:
+            index = self.extractor.prefix_is_index()
+            factors = {
+                "a": quant.array_spec("a", [self.uses, *a0.shape[1:]], precision, index=index),
+                "d": quant.array_spec("d", [self.uses, *d0.shape[1:]], precision),
+            }
+        full_bytes = sum(quant.row_nbytes(s) for s in full.values())
+        factor_bytes = sum(quant.row_nbytes(s) for s in factors.values()) if factors else None
+        if factors is None or forced == "full":
             rep = "full"
         elif forced == "factors":
             rep = "factors"
         else:
             rep = "factors" if factor_bytes <= full_bytes else "full"
-        float_array = {"dtype": str(STORAGE_DTYPES[precision]), "encoding": ENCODINGS[precision]}
-        if rep == "factors":
-            a_dtype = (
-                {"dtype": "int64", "encoding": "int64"} if self.extractor.prefix_is_index() else float_array
-            )
-            self.arrays = {
-                "a": {"row_shape": [self.uses, *a0.shape[1:]], **a_dtype},
-                "d": {"row_shape": [self.uses, *d0.shape[1:]], **float_array},
-            }
-        else:
-            self.arrays = {p: {"row_shape": list(self.param_shapes[p]), **float_array} for p in self.params}
         self.representation = rep
-        self.choice = {"factor_bytes": int(factor_bytes), "full_bytes": int(full_bytes)}
+        self.arrays = factors if rep == "factors" else full
+        if dedup and rep == "factors":
+            self.arrays["a"]["dedup"] = True
+        self.choice = {"full_bytes": int(full_bytes)}
+        if factor_bytes is not None:
+            self.choice["factor_bytes"] = int(factor_bytes)
+
+    def dedup_arrays(self) -> list[str]:
+        """Arrays whose rows are deduplicated."""
+        return [n for n, spec in self.arrays.items() if spec.get("dedup")]
 
     def rows(self, uses: list[tuple[Tensor, Tensor]], multiplier: float) -> dict[str, Tensor]:
         """Per-sample rows of one batch, with ``d`` scaled to each sample's own loss."""

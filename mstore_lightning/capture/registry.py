@@ -71,11 +71,6 @@ class Extractor(ABC):
         return cls.restore(hyper, params, {"a": a, "d": d})
 
     @classmethod
-    def factor_bytes(cls, a: Tensor, d: Tensor, itemsize: int) -> int:
-        """Bytes per sample and use that the factors ``(a, d)`` take at ``itemsize`` bytes a number."""
-        return (a[0].numel() + d[0].numel()) * itemsize
-
-    @classmethod
     def prefix_is_index(cls) -> bool:
         """Whether the prefix holds integer ids (stored as int64) rather than numbers."""
         return False

@@ -7,6 +7,8 @@
         r<rank>/rows/{ids,step,loss,label,lr}       per-sample row records of one training process
         r<rank>/layers/<module name>/{a,d}          factors: layer input (prefix) and output gradient (suffix)
         r<rank>/layers/<module name>/{weight,bias}  or full per-sample gradients, whichever is smaller
+        r<rank>/layers/<module name>/<x>_scale      int8 scales of array <x> (see ``quant``)
+        r<rank>/layers/<module name>/a_ref          (epoch, rank, row) of each deduplicated input row
 
 Every array is chunked along the row axis and stored with zstd and a crc32c checksum per chunk. An
 epoch is visible to readers only once its group says ``state: committed``; that attribute is written
@@ -40,9 +42,19 @@ def rank_key(rank: int) -> str:
 
 
 def create_row_array(
-    group: zarr.Group, name: str, rows: int, row_shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int
+    group: zarr.Group,
+    name: str,
+    rows: int,
+    row_shape: tuple[int, ...],
+    dtype: np.dtype,
+    chunk_rows: int,
+    skip_empty: bool = False,
 ) -> zarr.Array:
-    """Creates an array of ``rows`` rows, chunked along rows only."""
+    """Creates an array of ``rows`` rows, chunked along rows only.
+
+    ``skip_empty`` leaves all-zero chunks unwritten (deduplicated rows are zeros); elsewhere the
+    check would scan every chunk for nothing, since gradient rows are almost never all zero.
+    """
     return group.create_array(
         name,
         shape=(rows, *row_shape),
@@ -50,8 +62,7 @@ def create_row_array(
         dtype=dtype,
         fill_value=0,
         compressors=compressors(),
-        # The empty-chunk check scans every chunk; gradient rows are almost never all zero.
-        config={"write_empty_chunks": True},
+        config={"write_empty_chunks": not skip_empty},
     )
 
 

@@ -24,7 +24,7 @@ import zarr
 import zarr.storage
 
 from mstore_lightning.capture.registry import Extractor, extractor_for_kind, flat_gram
-from mstore_lightning.store import layout
+from mstore_lightning.store import layout, quant
 
 _BLOCK_ROWS = 1024  # rows of ``ids_b`` per block in ``dot``
 
@@ -148,6 +148,26 @@ class GradientStore:
         rows = self._gather(epoch, lay, self._rows_of(epoch, ids))
         return rows if not lay.factored else lay.extractor.restore(lay.spec["hyper"], lay.params, rows)
 
+    def factors(self, epoch: int, layer: str, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """The stored arrays of ``layer`` for samples ``ids``, decoded: ``{"a": ..., "d": ...}`` for a
+        factored layer (rows ``(len(ids), uses, ...)``), per-parameter gradients for a full one."""
+        return self._gather(epoch, self._layer(layer), self._rows_of(epoch, ids))
+
+    def dedup_stats(self, epoch: int | None = None) -> dict[str, dict[str, int]]:
+        """What deduplication saved, by ``"<layer>/<array>"``, summed over ranks (and epochs).
+
+        Each entry holds ``rows`` looked at, ``duplicates`` stored as references, ``bytes_saved``
+        (uncompressed bytes of those rows) and hash ``collisions`` caught by the byte check.
+        """
+        total: dict[str, dict[str, int]] = {}
+        for ep in [epoch] if epoch is not None else self.epochs:
+            for g in self._epoch(ep)["ranks"]:
+                for key, stats in dict(g.attrs.get("dedup", {})).items():
+                    into = total.setdefault(key, {})
+                    for k, v in stats.items():
+                        into[k] = into.get(k, 0) + int(v)
+        return total
+
     def norms(self, epoch: int, layers: Sequence[str] | None = None) -> np.ndarray:
         """Per-sample gradient L2 norm over ``layers``, aligned with :meth:`sample_ids`.
 
@@ -188,7 +208,12 @@ class GradientStore:
             f"layers {pol.get('layers')}"
         )
         for ep in self.epochs:
-            lines.append(f"  epoch {ep}: {len(self.sample_ids(ep))} rows, lr {self.lr(ep):.4g}")
+            line = f"  epoch {ep}: {len(self.sample_ids(ep))} rows, lr {self.lr(ep):.4g}"
+            dedup = self.dedup_stats(ep).values()
+            if any(d.get("duplicates") for d in dedup):
+                dups, saved = sum(d["duplicates"] for d in dedup), sum(d["bytes_saved"] for d in dedup)
+                line += f", dedup stored {dups:,} input rows as references ({saved:,} B uncompressed saved)"
+            lines.append(line)
         lines.append("  layers:")
         for lay in self._layers.values():
             s = lay.spec
@@ -210,12 +235,26 @@ class GradientStore:
         lines.append(f"  bytes on disk: {self.nbytes_stored():,}")
         return "\n".join(lines)
 
-    def nbytes_stored(self) -> int:
-        """Bytes of stored chunks across committed epochs (0 where the backend cannot list sizes)."""
+    def nbytes_stored(self, epoch: int | None = None, layer: str | None = None) -> int:
+        """Bytes on disk of the whole store, of one committed epoch, or of one layer (in one epoch or all).
+
+        Counts files, so it is exact for local stores and 0 for object stores.
+        """
+        if not os.path.isdir(self.uri):
+            return 0
+        if epoch is None and layer is None:
+            return _dir_bytes(self.uri)
+        epochs = [epoch] if epoch is not None else self.epochs
         total = 0
-        if os.path.isdir(self.uri):
-            for dirpath, _, files in os.walk(self.uri):
-                total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+        for ep in epochs:
+            self._epoch(ep)  # raises for an epoch that is not committed
+            base = os.path.join(self.uri, layout.EPOCHS, layout.epoch_key(ep))
+            if layer is None:
+                total += _dir_bytes(base)
+                continue
+            self._layer(layer)
+            for rank in sorted(os.listdir(base)):
+                total += _dir_bytes(os.path.join(base, rank, layout.LAYERS, *layer.split("/")))
         return total
 
     # ---------------------------------------------------------------- internals
@@ -250,6 +289,7 @@ class GradientStore:
             self._epoch_cache[epoch] = {
                 "attrs": dict(group.attrs),
                 "ranks": ranks,
+                "by_rank": {int(g.basename[1:]): g for g in ranks},
                 "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
             }
         return self._epoch_cache[epoch]
@@ -279,6 +319,37 @@ class GradientStore:
     def _array_names(self, lay: _Layer) -> list[str]:
         return list(lay.spec["arrays"])
 
+    def _read(self, group: zarr.Group, lay: _Layer, name: str, where: slice | np.ndarray) -> np.ndarray:
+        """Stored parts of array ``name`` at local rows ``where`` (a slice or sorted positions),
+        with deduplicated rows filled in from where they are stored."""
+        spec = lay.spec["arrays"][name]
+
+        def get(g: zarr.Group, part: str, at: slice | np.ndarray) -> np.ndarray:
+            arr = self._array(g, lay, part)
+            return arr[at] if isinstance(at, slice) else arr.get_orthogonal_selection((at,))
+
+        parts = {p: get(group, p, where) for p in spec["parts"]}
+        if not spec.get("dedup"):
+            return parts
+        refs = get(group, f"{name}_ref", where)
+        dup = np.nonzero(refs[:, 2] >= 0)[0]
+        if dup.size:
+            targets = refs[dup]
+            for e, r in {(int(e), int(r)) for e, r in targets[:, :2]}:
+                sel = np.nonzero((targets[:, 0] == e) & (targets[:, 1] == r))[0]
+                rows = targets[sel, 2].astype(np.int64)
+                order = np.argsort(rows, kind="stable")
+                source = self._rank_group(e, r)
+                for p in spec["parts"]:
+                    parts[p][dup[sel[order]]] = get(source, p, rows[order])
+        return parts
+
+    def _rank_group(self, epoch: int, rank: int) -> zarr.Group:
+        ep = self._epoch(epoch)
+        if rank not in ep["by_rank"]:
+            raise StoreReadError(f"Deduplicated rows refer to rank {rank} of epoch {epoch}, which is missing.")
+        return ep["by_rank"][rank]
+
     def _gather(self, epoch: int, lay: _Layer, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Decoded arrays of ``lay`` at global row positions ``rows`` (in the given order)."""
         ep = self._epoch(epoch)
@@ -286,16 +357,19 @@ class GradientStore:
         which = np.searchsorted(offsets, rows, side="right") - 1
         out: dict[str, torch.Tensor] = {}
         for name in self._array_names(lay):
-            info = lay.spec["arrays"][name]
-            parts = np.empty((len(rows), *info["row_shape"]), dtype=np.dtype(info["dtype"]))
+            spec = lay.spec["arrays"][name]
+            parts = {
+                p: np.empty((len(rows), *info["row_shape"]), dtype=np.dtype(info["dtype"]))
+                for p, info in spec["parts"].items()
+            }
             for r, g in enumerate(ep["ranks"]):
                 sel = np.nonzero(which == r)[0]
                 if sel.size:
                     local = rows[sel] - offsets[r]
                     order = np.argsort(local)
-                    got = self._array(g, lay, name).get_orthogonal_selection((local[order],))
-                    parts[sel[order]] = got
-            out[name] = _decode(parts, info["encoding"])
+                    for p, got in self._read(g, lay, name, local[order]).items():
+                        parts[p][sel[order]] = got
+            out[name] = quant.decode(spec, name, parts)
         return out
 
     def _stream(self, epoch: int, lay: _Layer) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -303,24 +377,22 @@ class GradientStore:
         ep = self._epoch(epoch)
         names = self._array_names(lay)
         for r, g in enumerate(ep["ranks"]):
-            arrays = {n: self._array(g, lay, n) for n in names}
-            n_rows = arrays[names[0]].shape[0]
-            step = int(arrays[names[0]].chunks[0])  # a layer's arrays share their chunk rows
+            first = self._array(g, lay, names[0])
+            n_rows = first.shape[0]
+            step = int(first.chunks[0])  # a layer's arrays share their chunk rows
             for lo in range(0, n_rows, step):
                 rows = {
-                    n: _decode(a[lo : lo + step], lay.spec["arrays"][n]["encoding"])
-                    for n, a in arrays.items()
+                    n: quant.decode(lay.spec["arrays"][n], n, self._read(g, lay, n, slice(lo, lo + step)))
+                    for n in names
                 }
                 yield int(ep["offsets"][r]) + lo, rows
 
 
-def _decode(values: np.ndarray, encoding: str) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(values))
-    if encoding == "bfloat16-bits":
-        return t.view(torch.bfloat16).float()
-    if encoding == "float16":
-        return t.float()
-    return t
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
 
 
 def _nrows(rows: dict[str, torch.Tensor]) -> int:

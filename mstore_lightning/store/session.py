@@ -119,11 +119,12 @@ class RunWriter:
         values: torch.Tensor | np.ndarray,
         dtype: Any,
         chunk_rows: int | None = None,
+        skip_empty: bool = False,
     ) -> None:
         """Appends rows to array ``name`` (a path under this rank's epoch group)."""
         group = self.rank_group(epoch)
         if not self.writer.has_array(group, name):
-            self.writer.open_array(group, name, tuple(values.shape[1:]), dtype, chunk_rows)
+            self.writer.open_array(group, name, tuple(values.shape[1:]), dtype, chunk_rows, skip_empty)
         self.writer.append(group, name, values)
 
     def prune_epochs(self, keep: set[int]) -> None:
@@ -147,6 +148,10 @@ class RunWriter:
     def finish_epoch(self, epoch: int) -> dict[str, int]:
         """Writes every buffered row of ``epoch`` and trims its arrays; returns rows per array."""
         return self.writer.finish_arrays(self.rank_group(epoch))
+
+    def set_rank_attrs(self, epoch: int, **attrs: Any) -> None:
+        """Records JSON attributes on this rank's group of ``epoch`` (per-rank statistics)."""
+        self.rank_group(epoch).attrs.update(layout.to_json(attrs))
 
     def commit_epoch(self, epoch: int, attrs: dict[str, Any]) -> None:
         """Rank 0 marks ``epoch`` committed; call only after every rank finished it."""

@@ -52,6 +52,7 @@ class _RowArray:
     row_shape: tuple[int, ...]
     dtype: np.dtype
     chunk_rows: int
+    skip_empty: bool = False  # leave all-zero chunks unwritten (rows that are references)
     array: Any = None  # created on the writer thread at the first chunk
     rows: int = 0  # rows appended so far
     fill: int = 0  # rows in the current buffer
@@ -113,15 +114,19 @@ class BackgroundWriter:
         row_shape: tuple[int, ...],
         dtype: Any,
         chunk_rows: int | None = None,
+        skip_empty: bool = False,
     ) -> None:
         """Declares an array of rows under ``group``; it is created when its first chunk is written.
 
         Arrays read together (a layer's factors) should share ``chunk_rows`` so reads stay aligned.
+        ``skip_empty`` leaves chunks of nothing but zeros unwritten; they read back as zeros.
         """
         dtype = np.dtype(dtype)
         if chunk_rows is None:
             chunk_rows = self.chunk_rows_for(int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize)
-        self._arrays[(id(group), name)] = _RowArray(group, name, tuple(row_shape), dtype, chunk_rows)
+        self._arrays[(id(group), name)] = _RowArray(
+            group, name, tuple(row_shape), dtype, chunk_rows, skip_empty=skip_empty
+        )
 
     def adopt_array(self, group: zarr.Group, name: str, array: zarr.Array, rows: int) -> None:
         """Continues writing an existing array from row ``rows``; rows after it are dropped."""
@@ -297,12 +302,11 @@ class BackgroundWriter:
 
 
 def _create(arr: _RowArray, rows: int) -> Any:
-    return create_row_array(arr.group, arr.name, rows, arr.row_shape, arr.dtype, arr.chunk_rows)
+    return create_row_array(
+        arr.group, arr.name, rows, arr.row_shape, arr.dtype, arr.chunk_rows, skip_empty=arr.skip_empty
+    )
 
 
 def _copy_rows(dst: np.ndarray, src: torch.Tensor) -> None:
     # torch converts dtypes an order of magnitude faster than numpy's astype.
-    out = torch.from_numpy(dst)
-    if out.dtype == torch.int16 and src.is_floating_point():  # bf16 stored as its raw bits
-        out = out.view(torch.bfloat16)
-    out.copy_(src)
+    torch.from_numpy(dst).copy_(src)
