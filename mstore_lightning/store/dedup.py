@@ -62,6 +62,7 @@ class RowIndex:
         self.held_bytes = 0
         self._index: dict[tuple[str, bytes], list[tuple[bytes, tuple[int, int, int]]]] = {}
         self.stats: dict[str, DedupStats] = {}
+        self.sources: set[int] = set()  # epochs that references point into
 
     def deduplicate(self, key: str, rows: np.ndarray, epoch: int, rank: int, first_row: int) -> np.ndarray:
         """References for ``rows`` (``(n, nbytes)`` uint8), which will be stored from row ``first_row``.
@@ -77,11 +78,13 @@ class RowIndex:
             data = rows[i].tobytes()
             digest = self.hash_fn(data)
             bucket = self._index.get((key, digest), ())
-            for stored, where in bucket:
+            for checked, (stored, where) in enumerate(bucket):
                 if stored == data:
                     refs[i] = where
+                    self.sources.add(where[0])
                     stats.duplicates += 1
                     stats.bytes_saved += len(data)
+                    stats.collisions += checked
                     break
             else:
                 stats.collisions += len(bucket)
@@ -90,8 +93,8 @@ class RowIndex:
                     self.held_bytes += len(data)
         return refs
 
-    def take_stats(self) -> dict[str, dict[str, int]]:
-        """Statistics since the last call, by array, and resets them."""
-        out = {k: s.to_dict() for k, s in self.stats.items()}
-        self.stats = {}
+    def take_stats(self) -> dict[str, object]:
+        """Statistics since the last call, by array, and the epochs referenced; resets both."""
+        out = {"arrays": {k: s.to_dict() for k, s in self.stats.items()}, "sources": sorted(self.sources)}
+        self.stats, self.sources = {}, set()
         return out

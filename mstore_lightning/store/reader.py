@@ -162,7 +162,7 @@ class GradientStore:
         total: dict[str, dict[str, int]] = {}
         for ep in [epoch] if epoch is not None else self.epochs:
             for g in self._epoch(ep)["ranks"]:
-                for key, stats in dict(g.attrs.get("dedup", {})).items():
+                for key, stats in dict(g.attrs.get("dedup", {}).get("arrays", {})).items():
                     into = total.setdefault(key, {})
                     for k, v in stats.items():
                         into[k] = into.get(k, 0) + int(v)
@@ -347,7 +347,9 @@ class GradientStore:
     def _rank_group(self, epoch: int, rank: int) -> zarr.Group:
         ep = self._epoch(epoch)
         if rank not in ep["by_rank"]:
-            raise StoreReadError(f"Deduplicated rows refer to rank {rank} of epoch {epoch}, which is missing.")
+            raise StoreReadError(
+                f"Deduplicated rows refer to rank {rank} of epoch {epoch}, which is missing."
+            )
         return ep["by_rank"][rank]
 
     def _gather(self, epoch: int, lay: _Layer, rows: np.ndarray) -> dict[str, torch.Tensor]:

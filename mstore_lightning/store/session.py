@@ -98,6 +98,7 @@ class RunWriter:
             return
         if self.rank == 0:
             if layout.epoch_key(epoch) in epochs:
+                _check_unreferenced(self.uri, epochs, epoch)
                 del epochs[layout.epoch_key(epoch)]  # an uncommitted or replaced epoch restarts clean
             group = epochs.create_group(layout.epoch_key(epoch))
             group.attrs.update({"state": layout.OPEN, "epoch": epoch})
@@ -195,6 +196,23 @@ def _arrays_under(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.A
         else:
             out.extend(_arrays_under(member, path + "/"))
     return out
+
+
+def _check_unreferenced(uri: str, epochs: zarr.Group, epoch: int) -> None:
+    """Refuses to replace an epoch whose rows other epochs' deduplicated rows point to."""
+    users = []
+    for _, group in epochs.groups():
+        other = int(group.attrs.get("epoch", -1))
+        if other != epoch and any(
+            epoch in dict(rank.attrs.get("dedup", {})).get("sources", []) for _, rank in group.groups()
+        ):
+            users.append(other)
+    if users:
+        raise IncompatibleStoreError(
+            f"Epoch {epoch} of {uri} holds input rows that epochs {sorted(users)} reference "
+            "(deduplication), so replacing it would corrupt them. Append other epochs, write to a new "
+            "path, or pass mode='overwrite'."
+        )
 
 
 def _existing_meta(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
