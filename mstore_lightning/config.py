@@ -21,7 +21,7 @@ from typing import Any, Union
 import numpy as np
 import yaml
 
-from mstore_lightning.store.quant import PRECISIONS
+from mstore_lightning.store.quant import check_precision
 
 LOSS_REDUCTIONS = ("mean", "sum")
 REPRESENTATIONS = ("auto", "factors", "full")
@@ -49,8 +49,10 @@ class CapturePolicy:
             same samples are kept in every epoch), or ``{"ids": [...]}`` for an explicit set.
         sample_seed: seed of the hash that picks a sample fraction.
         precision: storage precision of the captured rows: ``"int8"`` (symmetric, one scale per row,
-            position or channel; median cosine of restored gradients >= 0.999), ``"fp16"``, ``"bf16"``
-            or ``"fp32"`` (lossless). See :mod:`mstore_lightning.store.quant` for the error bounds.
+            position or channel; median cosine of restored gradients >= 0.999), ``"fp16"``, ``"bf16"``,
+            ``"fp32"`` (lossless), ``"kbit:N"`` (N-bit codes on quantile bins fitted per chunk) or
+            ``"threshold[:q]"`` (one bit: above or below the chunk's q-quantile). See
+            :mod:`mstore_lightning.store.quant` for the error of each.
         loss_reduction: how ``training_step`` reduces per-sample losses: ``"mean"`` or ``"sum"``.
         representation: ``"auto"`` stores, per layer, the factors or the full per-sample gradient,
             whichever is smaller; ``"factors"`` or ``"full"`` force one.
@@ -78,7 +80,10 @@ class CapturePolicy:
         object.__setattr__(self, "every_n_steps", _parse_positive_int("every_n_steps", self.every_n_steps))
         object.__setattr__(self, "samples", _parse_samples(self.samples))
         object.__setattr__(self, "sample_seed", _parse_int("sample_seed", self.sample_seed))
-        _check_choice("precision", self.precision, PRECISIONS)
+        try:
+            check_precision(self.precision)
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from None
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _check_choice("representation", self.representation, REPRESENTATIONS)
         if not isinstance(self.dedup, (bool, np.bool_)):

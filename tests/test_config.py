@@ -34,6 +34,12 @@ def test_yaml_may_nest_under_policy_and_is_safe_loaded(tmp_path):
     ("fields", "match"),
     [
         ({"precision": "int4"}, r"`precision` can be 'fp32', 'fp16', 'bf16', 'int8'.*; got 'int4'"),
+        ({"precision": "kbit:9"}, r"'kbit:N' \(N in 1..8\).*got 'kbit:9'"),
+        ({"precision": "kbit:"}, r"got 'kbit:'"),
+        ({"precision": "threshold:1.5"}, r"'threshold\[:q\]' \(q in \(0, 1\)\); got 'threshold:1.5'"),
+        ({"precision": "threshold:x"}, r"got 'threshold:x'"),
+        ({"precision": 8}, r"got 8"),
+        ({"dedup": "yes"}, r"`dedup` must be true or false, got 'yes'"),
         ({"loss_reduction": "none"}, r"`loss_reduction` can be 'mean', 'sum'; got 'none'"),
         ({"representation": "sparse"}, r"`representation` can be 'auto', 'factors', 'full'; got 'sparse'"),
         ({"epochs": "first"}, r"`epochs` can be 'all', 'last', \{'every': n\}.*got 'first'"),

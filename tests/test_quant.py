@@ -87,20 +87,38 @@ class ConvSeqNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(h)))
 
 
+LOSSY = ["int8", "kbit:2", "kbit:4", "kbit:8", "threshold"]
+
+
 @pytest.fixture(scope="module")
-def int8_run(tmp_path_factory):
-    """One training run captured twice, lossless and at int8, with the torch.func reference."""
-    path = tmp_path_factory.mktemp("int8")
+def quant_run(tmp_path_factory):
+    """One training run captured losslessly and at every lossy precision, with the torch.func reference."""
+    path = tmp_path_factory.mktemp("quant")
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(48, 16, 8, 8, generator=g), torch.randint(0, 5, (48,), generator=g)
     ref = Reference()
-    caps = [
-        GradientCapture(path / "fp32.zarr", policy=EXACT),
-        GradientCapture(path / "int8.zarr", policy={"precision": "int8"}),
-    ]
+    names = ["fp32", *LOSSY]
+    # small chunks: several chunk tables per array
+    caps = [GradientCapture(path / f"{p}.zarr", policy={"precision": p}, chunk_bytes=32 << 10) for p in names]
     trainer([ref, *caps], max_epochs=2).fit(Task(ConvSeqNet()), loader(x, y, batch_size=16))
-    return open_store(path / "fp32.zarr"), open_store(path / "int8.zarr"), ref
+    return {p: open_store(path / f"{p}.zarr") for p in names}, ref
+
+
+@pytest.fixture(scope="module")
+def int8_run(quant_run):
+    stores, ref = quant_run
+    return stores["fp32"], stores["int8"], ref
+
+
+def median_cosines(store, ref, epoch: int) -> dict[str, float]:
+    ids = store.sample_ids(epoch).tolist()
+    out = {}
+    for layer in store.layers:
+        got = torch.cat([g.flatten(1) for g in store.restore(epoch, layer, ids).values()], 1)
+        want = torch.cat([ref.stacked(epoch, ids, f"{layer}.{p}").flatten(1) for p in ("weight", "bias")], 1)
+        out[layer] = float(torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=1).median())
+    return out
 
 
 def test_int8_is_the_default_and_is_recorded():
@@ -110,14 +128,52 @@ def test_int8_is_the_default_and_is_recorded():
 def test_int8_restored_gradients_have_median_cosine_at_least_0999(int8_run):
     _, store, ref = int8_run
     for epoch in store.epochs:
-        ids = store.sample_ids(epoch).tolist()
-        for layer in store.layers:
+        for layer, cos in median_cosines(store, ref, epoch).items():
             spec = store.layer_spec(layer)
             assert spec["representation"] == "factors" and spec["arrays"]["d"]["encoding"] == "int8"
-            got = torch.cat([g.flatten(1) for g in store.restore(epoch, layer, ids).values()], 1)
-            want = torch.cat([ref.stacked(epoch, ids, f"{layer}.{p}").flatten(1) for p in ("weight", "bias")], 1)
-            cos = torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=1)
-            assert cos.median() >= 0.999, (layer, cos.median())
+            assert cos >= 0.999, (layer, cos)
+
+
+def test_kbit_accuracy_grows_with_bits_and_threshold_keeps_one_bit(quant_run):
+    stores, ref = quant_run
+    for epoch in (0, 1):
+        cos = {p: median_cosines(stores[p], ref, epoch) for p in LOSSY}
+        for layer in stores["int8"].layers:
+            assert cos["kbit:2"][layer] < cos["kbit:4"][layer] < cos["kbit:8"][layer]
+            assert cos["kbit:8"][layer] >= 0.999 and cos["kbit:4"][layer] >= 0.95
+            assert cos["threshold"][layer] > 0.2  # a sketch, not a gradient: positively aligned only
+    spec = stores["threshold"].layer_spec("net.conv")["arrays"]["a"]
+    assert spec["encoding"] == "threshold" and spec["codec"]["bits"] == 1
+    # a row lies in one chunk, so its numbers, divided by their channel's scale, take two values
+    values = stores["threshold"].factors(0, "net.conv", [0])["a"]
+    scale = zarr_scale(stores["threshold"], "net.conv", "a")
+    levels = torch.unique((values.reshape(16, -1) / torch.from_numpy(scale).reshape(16, 1)).round(decimals=5))
+    assert len(levels) <= 2
+
+
+def zarr_scale(store, layer: str, name: str) -> np.ndarray:
+    import zarr
+
+    group = zarr.open_group(store.uri, mode="r")
+    return group[f"epochs/00000/r0/layers/{layer}/{name}_scale"][int(np.nonzero(store.sample_ids(0) == 0)[0][0])]
+
+
+@SETTINGS
+@given(bits=st.integers(1, 8), rows=st.integers(1, 5), numbers=st.integers(1, 50), seed=st.integers(0, 2**31))
+def test_kbit_codes_pack_and_decode_to_their_bin_means(bits, rows, numbers, seed):
+    codec = quant.ChunkCodec.for_precision(f"kbit:{bits}", [numbers])
+    unit = torch.rand(rows, numbers, generator=torch.Generator().manual_seed(seed)).numpy() * 2 - 1
+    packed, table = codec.encode(unit)
+    assert packed.shape == (rows, math.ceil(numbers * bits / 8)) and table.shape == (2**bits,)
+    codes = quant._unpack(packed, bits, numbers)
+    assert (codes < 2**bits).all()
+    np.testing.assert_array_equal(quant._unpack(quant._pack(codes, bits), bits, numbers), codes)
+    got = codec.decode(packed, np.broadcast_to(table, (rows, 2**bits)))
+    for code in np.unique(codes):  # each value decodes to the mean of its bin, which lies inside the bin
+        members = unit[codes == code]
+        np.testing.assert_allclose(got[codes == code], members.mean(), rtol=1e-5, atol=1e-6)
+    order = np.argsort(unit.reshape(-1), kind="stable")  # bins are intervals: codes grow with the value
+    assert (np.diff(codes.reshape(-1)[order].astype(int)) >= 0).all()
 
 
 def crest_error(x: torch.Tensor, spec: dict) -> torch.Tensor:

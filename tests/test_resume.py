@@ -79,8 +79,8 @@ def test_crash_mid_epoch_resumes_from_epoch_end_checkpoint(tmp_path):
             torch.testing.assert_close(got, ref.stacked(e, ids, f"{layer}.weight"), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("chunk_bytes", [4 << 20, 256])
-def test_crash_after_mid_epoch_checkpoint_keeps_rows_up_to_it(tmp_path, chunk_bytes):
+@pytest.mark.parametrize(("chunk_bytes", "precision"), [(4 << 20, "fp32"), (256, "fp32"), (256, "int8"), (256, "kbit:4")])
+def test_crash_after_mid_epoch_checkpoint_keeps_rows_up_to_it(tmp_path, chunk_bytes, precision):
     torch.manual_seed(0)
     x, y = data(n=40)
     path, ckpts = tmp_path / "s.zarr", tmp_path / "ckpt"
@@ -88,7 +88,7 @@ def test_crash_after_mid_epoch_checkpoint_keeps_rows_up_to_it(tmp_path, chunk_by
     mid = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=3, save_last=True)
     # 8 batches an epoch; checkpoints after steps 3 and 6 of epoch 0 ... crash at step 11 (epoch 1, batch 3).
     first = trainer(
-        [GradientCapture(path, chunk_bytes=chunk_bytes, policy=EXACT), mid, Crash(at_step=11), log],
+        [GradientCapture(path, chunk_bytes=chunk_bytes, policy={"precision": precision}), mid, Crash(at_step=11), log],
         max_epochs=2,
         enable_checkpointing=True,
     )
@@ -101,7 +101,7 @@ def test_crash_after_mid_epoch_checkpoint_keeps_rows_up_to_it(tmp_path, chunk_by
 
     log2 = StepLog()
     second = trainer(
-        [GradientCapture(path, chunk_bytes=chunk_bytes, policy=EXACT), ModelCheckpoint(dirpath=ckpts, save_last=True), log2],
+        [GradientCapture(path, chunk_bytes=chunk_bytes, policy={"precision": precision}), ModelCheckpoint(dirpath=ckpts, save_last=True), log2],
         max_epochs=2,
         enable_checkpointing=True,
     )
@@ -114,3 +114,5 @@ def test_crash_after_mid_epoch_checkpoint_keeps_rows_up_to_it(tmp_path, chunk_by
     assert got == trained  # every trained step once, with exactly its samples
     assert sum(len(v) for v in rows_by_step(store, 1).values()) == len(store.sample_ids(1))
     assert np.all(np.diff(store.row_field(1, "step")) >= 0)
+    norms = store.norms(1)  # every row decodes, the refilled last chunk (codes refitted for kbit) too
+    assert norms.shape == (len(store.sample_ids(1)),) and np.isfinite(norms).all() and (norms > 0).all()

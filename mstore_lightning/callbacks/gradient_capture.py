@@ -424,13 +424,16 @@ class GradientCapture(Callback):
             if array in dedup:
                 parts = self._deduplicate(f"{plan.name}/{array}", array, parts, first_row)
             for part, part_values in parts.items():
+                codec = quant.chunk_codec(spec, array, part)
+                dtype = spec["parts"][part]["dtype"] if part in spec["parts"] else np.int32  # refs
                 self._run.append(
                     self._epoch,
                     f"{layout.LAYERS}/{plan.name}/{part}",
                     part_values,
-                    np.dtype(spec["parts"][part]["dtype"]) if part in spec["parts"] else np.int32,
+                    np.dtype(np.float32 if codec is not None else dtype),
                     chunk_rows,
                     skip_empty=array in dedup,
+                    codec=codec,
                 )
 
     def _deduplicate(
@@ -449,7 +452,7 @@ class GradientCapture(Callback):
 
     def _layer_chunk_rows(self, plan: LayerPlan) -> int:
         if plan.name not in self._chunk_rows:
-            row_bytes = sum(quant.row_nbytes(spec) for spec in plan.arrays.values())
+            row_bytes = sum(quant.row_nbytes(spec, buffered=True) for spec in plan.arrays.values())
             self._chunk_rows[plan.name] = self._run.writer.chunk_rows_for(row_bytes)
         return self._chunk_rows[plan.name]
 

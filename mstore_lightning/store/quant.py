@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,9 +51,30 @@ _FLOATS = {
     "fp16": ("float16", "float16"),
     "bf16": ("bfloat16-bits", "int16"),
 }
-PRECISIONS = (*_FLOATS, "int8")
+PRECISIONS = (*_FLOATS, "int8", "kbit:N", "threshold[:q]")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 LOSSLESS = ("float32", "int64")
+FIT_SAMPLES = 1 << 16  # values a chunk's bin edges are fitted on; the bin means use every value
+
+
+def check_precision(precision: Any) -> str:
+    """Validates a precision string; ``kbit:N`` takes N in 1..8, ``threshold:q`` q in (0, 1)."""
+    ok = isinstance(precision, str) and (precision in _FLOATS or precision == "int8")
+    if isinstance(precision, str) and precision.startswith("kbit:"):
+        n = precision[5:]
+        ok = n.isdigit() and 1 <= int(n) <= 8
+    elif isinstance(precision, str) and (precision == "threshold" or precision.startswith("threshold:")):
+        try:
+            q = float(precision[10:]) if ":" in precision else 0.5
+            ok = 0.0 < q < 1.0
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"`precision` can be 'fp32', 'fp16', 'bf16', 'int8', 'kbit:N' (N in 1..8) or 'threshold[:q]' "
+            f"(q in (0, 1)); got {precision!r}."
+        )
+    return precision
 
 
 def array_spec(name: str, row_shape: list[int], precision: str, *, index: bool = False) -> dict[str, Any]:
@@ -61,7 +83,8 @@ def array_spec(name: str, row_shape: list[int], precision: str, *, index: bool =
     Args:
         name: logical array name, also the name of its main part.
         row_shape: shape of one row (one sample).
-        precision: a policy precision (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``).
+        precision: a policy precision (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``, ``"kbit:N"``,
+            ``"threshold[:q]"``).
         index: the array holds integer ids, which are stored exactly whatever the precision.
     """
     row_shape = [int(s) for s in row_shape]
@@ -70,17 +93,24 @@ def array_spec(name: str, row_shape: list[int], precision: str, *, index: bool =
     if precision in _FLOATS:
         encoding, dtype = _FLOATS[precision]
         return _spec(name, row_shape, encoding, {name: (row_shape, dtype)})
+    lead = scale_axes(row_shape)
+    scale = (row_shape[:lead], "float32")
     if precision == "int8":
-        lead = scale_axes(row_shape)
-        spec = _spec(
-            name,
-            row_shape,
-            "int8",
-            {name: (row_shape, "int8"), f"{name}_scale": (row_shape[:lead], "float32")},
-        )
+        spec = _spec(name, row_shape, "int8", {name: (row_shape, "int8"), f"{name}_scale": scale})
         spec["scale_axes"] = lead
         return spec
-    raise ValueError(f"Unknown precision {precision!r}; known: {PRECISIONS}.")
+    codec = ChunkCodec.for_precision(check_precision(precision), row_shape)
+    table = f"{name}{TABLE}"
+    parts = {
+        name: (list(codec.code_shape), "uint8"),
+        f"{name}_scale": scale,
+        table: ([codec.levels], "float32"),
+    }
+    spec = _spec(name, row_shape, precision, parts)
+    spec["parts"][table]["per"] = "chunk"
+    spec["scale_axes"] = lead
+    spec["codec"] = codec.to_json()
+    return spec
 
 
 def _spec(name: str, row_shape: list[int], encoding: str, parts: dict[str, tuple]) -> dict[str, Any]:
@@ -102,9 +132,23 @@ def scale_axes(row_shape: list[int]) -> int:
     return 0
 
 
-def row_nbytes(spec: dict[str, Any]) -> int:
-    """Uncompressed bytes of one row over all of the array's parts."""
-    return sum(math.prod(p["row_shape"]) * np.dtype(p["dtype"]).itemsize for p in spec["parts"].values())
+def row_nbytes(spec: dict[str, Any], buffered: bool = False) -> int:
+    """Uncompressed bytes of one row over the array's per-row parts: as stored, or as buffered
+    for the writer (codes fitted per chunk are buffered as float32 values)."""
+    total = sum(
+        math.prod(p["row_shape"]) * np.dtype(p["dtype"]).itemsize
+        for p in spec["parts"].values()
+        if p.get("per", "row") == "row"
+    )
+    if buffered and "codec" in spec:
+        main = next(iter(spec["parts"].values()))
+        total += 4 * math.prod(spec["row_shape"]) - math.prod(main["row_shape"])
+    return total
+
+
+def chunk_codec(spec: dict[str, Any], name: str, part: str) -> ChunkCodec | None:
+    """The per-chunk codec that writes ``part`` of array ``name``, if its codes are fitted per chunk."""
+    return ChunkCodec.from_json(spec["codec"]) if "codec" in spec and part == name else None
 
 
 def is_lossless(spec: dict[str, Any]) -> bool:
@@ -122,6 +166,11 @@ def encode(spec: dict[str, Any], name: str, x: Tensor) -> dict[str, Tensor]:
         return {name: x.to(_TORCH_DTYPES[encoding])}
     if encoding == "bfloat16-bits":
         return {name: x.to(torch.bfloat16).view(torch.int16)}
+    if encoding != "int8":  # k-bit / threshold: normalised here, binned per chunk by the writer
+        groups = x.reshape(*x.shape[: spec["scale_axes"] + 1], -1).float()
+        amax = groups.abs().amax(-1, keepdim=True)
+        unit = groups * torch.where(amax > 0, 1.0 / amax, torch.zeros_like(amax))
+        return {name: unit.reshape(x.shape), f"{name}_scale": amax.squeeze(-1)}
     lead = spec["scale_axes"]
     groups = x.reshape(*x.shape[: lead + 1], -1).float()
     amax = groups.abs().amax(-1, keepdim=True)
@@ -135,6 +184,10 @@ def decode(spec: dict[str, Any], name: str, parts: dict[str, np.ndarray]) -> Ten
     """Rows of logical array ``name`` as float32 (int64 for ids) from its stored parts."""
     t = torch.from_numpy(np.ascontiguousarray(parts[name]))
     encoding = spec["encoding"]
+    if "codec" in spec:  # parts[name] holds the unit values decoded with each chunk's table
+        scale = torch.from_numpy(np.ascontiguousarray(parts[f"{name}_scale"]))
+        groups = t.reshape(t.shape[0], *spec["row_shape"][: spec["scale_axes"]], -1)
+        return (groups * scale.unsqueeze(-1)).reshape(t.shape[0], *spec["row_shape"])
     if encoding == "int8":
         scale = torch.from_numpy(np.ascontiguousarray(parts[f"{name}_scale"]))
         lead = spec["scale_axes"]
@@ -145,3 +198,85 @@ def decode(spec: dict[str, Any], name: str, parts: dict[str, np.ndarray]) -> Ten
     if encoding == "float16":
         return t.float()
     return t
+
+
+TABLE = "_table"
+
+
+@dataclass(frozen=True)
+class ChunkCodec:
+    """Codes of ``bits`` bits whose bins are fitted on each chunk (MISTIQUE's k-bit quantiles).
+
+    The writer hands it a whole chunk of values already divided by their group's max magnitude, so
+    they lie in ``[-1, 1]``. Bin edges are the chunk's quantiles (at ``quantiles``), each value is
+    replaced by its bin's code, and the chunk's table holds each bin's mean, the value it decodes to.
+    ``threshold:q`` is the one-bit case with the single edge at quantile ``q``: it keeps which side
+    of the chunk's threshold a number lies on, and the mean of each side.
+
+    Codes are bit-packed per row, so a row of ``M`` numbers takes ``ceil(M·bits/8)`` bytes.
+    """
+
+    bits: int
+    quantiles: tuple[float, ...]
+    row_shape: tuple[int, ...]
+
+    @classmethod
+    def for_precision(cls, precision: str, row_shape: list[int]) -> ChunkCodec:
+        if precision.startswith("kbit:"):
+            bits = int(precision[5:])
+            quantiles = tuple(k / 2**bits for k in range(1, 2**bits))
+        else:
+            bits, quantiles = 1, (float(precision[10:]) if ":" in precision else 0.5,)
+        return cls(bits, quantiles, tuple(row_shape))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ChunkCodec:
+        return cls(int(data["bits"]), tuple(data["quantiles"]), tuple(data["row_shape"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bits": self.bits, "quantiles": list(self.quantiles), "row_shape": list(self.row_shape)}
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits
+
+    @property
+    def numbers(self) -> int:
+        return math.prod(self.row_shape)
+
+    @property
+    def code_shape(self) -> tuple[int]:
+        return (math.ceil(self.numbers * self.bits / 8),)
+
+    def encode(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(packed codes (rows, *code_shape), table (levels,))`` of a chunk of unit values."""
+        values = np.ascontiguousarray(block, dtype=np.float32).reshape(len(block), -1)
+        flat = values.reshape(-1)
+        sample = flat[:: max(1, flat.size // FIT_SAMPLES)]
+        edges = np.quantile(sample, self.quantiles).astype(np.float32) if sample.size else np.zeros(0)
+        codes = np.searchsorted(edges, values, side="right").astype(np.uint8)
+        counts = np.bincount(codes.reshape(-1), minlength=self.levels)
+        sums = np.bincount(codes.reshape(-1), weights=flat, minlength=self.levels)
+        table = (sums / np.maximum(counts, 1)).astype(np.float32)  # an empty bin is never decoded
+        return _pack(codes, self.bits), table
+
+    def decode(self, packed: np.ndarray, tables: np.ndarray) -> np.ndarray:
+        """Unit values of rows from their packed codes and each row's chunk table ``(rows, levels)``."""
+        codes = _unpack(packed, self.bits, self.numbers)
+        return np.take_along_axis(tables, codes.astype(np.int64), axis=1).reshape(
+            len(packed), *self.row_shape
+        )
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return codes
+    planes = np.unpackbits(codes[..., None], axis=-1)[..., 8 - bits :]  # (rows, M, bits), MSB first
+    return np.packbits(planes.reshape(len(codes), -1), axis=-1)
+
+
+def _unpack(packed: np.ndarray, bits: int, numbers: int) -> np.ndarray:
+    if bits == 8:
+        return packed
+    planes = np.unpackbits(packed, axis=-1, count=numbers * bits).reshape(len(packed), numbers, bits)
+    return np.packbits(planes, axis=-1, bitorder="big").reshape(len(packed), numbers) >> (8 - bits)

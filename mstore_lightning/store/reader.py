@@ -323,15 +323,11 @@ class GradientStore:
         """Stored parts of array ``name`` at local rows ``where`` (a slice or sorted positions),
         with deduplicated rows filled in from where they are stored."""
         spec = lay.spec["arrays"][name]
-
-        def get(g: zarr.Group, part: str, at: slice | np.ndarray) -> np.ndarray:
-            arr = self._array(g, lay, part)
-            return arr[at] if isinstance(at, slice) else arr.get_orthogonal_selection((at,))
-
-        parts = {p: get(group, p, where) for p in spec["parts"]}
+        row_parts = [p for p, info in spec["parts"].items() if info.get("per", "row") == "row"]
+        parts = {p: self._read_part(group, lay, name, p, where) for p in row_parts}
         if not spec.get("dedup"):
             return parts
-        refs = get(group, f"{name}_ref", where)
+        refs = _take(self._array(group, lay, f"{name}_ref"), where)
         dup = np.nonzero(refs[:, 2] >= 0)[0]
         if dup.size:
             targets = refs[dup]
@@ -340,9 +336,25 @@ class GradientStore:
                 rows = targets[sel, 2].astype(np.int64)
                 order = np.argsort(rows, kind="stable")
                 source = self._rank_group(e, r)
-                for p in spec["parts"]:
-                    parts[p][dup[sel[order]]] = get(source, p, rows[order])
+                for p in row_parts:
+                    parts[p][dup[sel[order]]] = self._read_part(source, lay, name, p, rows[order])
         return parts
+
+    def _read_part(
+        self, group: zarr.Group, lay: _Layer, name: str, part: str, where: slice | np.ndarray
+    ) -> np.ndarray:
+        """One part's rows; codes fitted per chunk come back decoded with their chunk's table."""
+        arr = self._array(group, lay, part)
+        got = _take(arr, where)
+        codec = quant.chunk_codec(lay.spec["arrays"][name], name, part)
+        if codec is None:
+            return got
+        rows = np.arange(arr.shape[0])[where] if isinstance(where, slice) else where
+        chunk = rows // int(arr.chunks[0])
+        tables = self._array(group, lay, part + quant.TABLE)
+        lo = int(chunk.min()) if chunk.size else 0
+        block = tables[lo : int(chunk.max()) + 1] if chunk.size else np.zeros((0, codec.levels), np.float32)
+        return codec.decode(got, block[chunk - lo])
 
     def _rank_group(self, epoch: int, rank: int) -> zarr.Group:
         ep = self._epoch(epoch)
@@ -360,10 +372,7 @@ class GradientStore:
         out: dict[str, torch.Tensor] = {}
         for name in self._array_names(lay):
             spec = lay.spec["arrays"][name]
-            parts = {
-                p: np.empty((len(rows), *info["row_shape"]), dtype=np.dtype(info["dtype"]))
-                for p, info in spec["parts"].items()
-            }
+            parts = _empty_parts(spec, name, len(rows))
             for r, g in enumerate(ep["ranks"]):
                 sel = np.nonzero(which == r)[0]
                 if sel.size:
@@ -388,6 +397,20 @@ class GradientStore:
                     for n in names
                 }
                 yield int(ep["offsets"][r]) + lo, rows
+
+
+def _empty_parts(spec: dict[str, Any], name: str, n: int) -> dict[str, np.ndarray]:
+    out = {}
+    for p, info in spec["parts"].items():
+        if info.get("per", "row") == "row":
+            coded = quant.chunk_codec(spec, name, p) is not None  # read back as float32 values
+            shape, dtype = (spec["row_shape"], np.float32) if coded else (info["row_shape"], info["dtype"])
+            out[p] = np.empty((n, *shape), dtype=np.dtype(dtype))
+    return out
+
+
+def _take(arr: zarr.Array, where: slice | np.ndarray) -> np.ndarray:
+    return arr[where] if isinstance(where, slice) else arr.get_orthogonal_selection((where,))
 
 
 def _dir_bytes(path: str) -> int:

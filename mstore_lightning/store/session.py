@@ -12,6 +12,7 @@ import zarr
 import zarr.storage
 
 from mstore_lightning.store import layout
+from mstore_lightning.store.quant import TABLE, ChunkCodec
 from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES, BackgroundWriter
 
 MODES = ("error", "overwrite", "append")
@@ -121,11 +122,12 @@ class RunWriter:
         dtype: Any,
         chunk_rows: int | None = None,
         skip_empty: bool = False,
+        codec: ChunkCodec | None = None,
     ) -> None:
         """Appends rows to array ``name`` (a path under this rank's epoch group)."""
         group = self.rank_group(epoch)
         if not self.writer.has_array(group, name):
-            self.writer.open_array(group, name, tuple(values.shape[1:]), dtype, chunk_rows, skip_empty)
+            self.writer.open_array(group, name, tuple(values.shape[1:]), dtype, chunk_rows, skip_empty, codec)
         self.writer.append(group, name, values)
 
     def prune_epochs(self, keep: set[int]) -> None:
@@ -183,8 +185,11 @@ class RunWriter:
             return
         rank_group = group[rank_key]
         self._rank_groups[group.attrs["epoch"]] = rank_group
-        for path, arr in _arrays_under(rank_group):
-            self.writer.adopt_array(rank_group, path, arr, rows)
+        arrays = dict(_arrays_under(rank_group))
+        for path, arr in arrays.items():
+            owner = arrays.get(path[: -len(TABLE)]) if path.endswith(TABLE) else None
+            if owner is None or "codec" not in owner.attrs:  # a codec's tables follow its codes
+                self.writer.adopt_array(rank_group, path, arr, rows)
 
 
 def _arrays_under(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Array]]:

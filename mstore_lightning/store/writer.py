@@ -22,6 +22,7 @@ import torch
 import zarr
 
 from mstore_lightning.store.layout import create_row_array
+from mstore_lightning.store.quant import TABLE, ChunkCodec
 
 DEFAULT_QUEUE_BYTES = 64 << 20  # small enough that recycled buffers stay warm
 DEFAULT_CHUNK_BYTES = 4 << 20  # zarr costs ~1.5 ms a chunk beyond compression; big chunks amortise it
@@ -53,13 +54,19 @@ class _RowArray:
     dtype: np.dtype
     chunk_rows: int
     skip_empty: bool = False  # leave all-zero chunks unwritten (rows that are references)
+    codec: ChunkCodec | None = None  # codes fitted per chunk; the buffer holds the values to code
     array: Any = None  # created on the writer thread at the first chunk
+    table: Any = None  # the codec's per-chunk tables
     rows: int = 0  # rows appended so far
     fill: int = 0  # rows in the current buffer
     current: np.ndarray | None = None
     free: list[np.ndarray] = field(default_factory=list)
     capacity: int = 0  # rows the Zarr array can hold (written on the writer thread only)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return self.codec.code_shape if self.codec is not None else self.row_shape
 
     def take_buffer(self) -> np.ndarray:
         with self.lock:
@@ -115,30 +122,40 @@ class BackgroundWriter:
         dtype: Any,
         chunk_rows: int | None = None,
         skip_empty: bool = False,
+        codec: ChunkCodec | None = None,
     ) -> None:
         """Declares an array of rows under ``group``; it is created when its first chunk is written.
 
         Arrays read together (a layer's factors) should share ``chunk_rows`` so reads stay aligned.
-        ``skip_empty`` leaves chunks of nothing but zeros unwritten; they read back as zeros.
+        ``skip_empty`` leaves chunks of nothing but zeros unwritten; they read back as zeros. With a
+        ``codec``, rows are the values to code (``dtype`` float32); the array stores the codes and a
+        ``<name>_table`` array one table per chunk.
         """
         dtype = np.dtype(dtype)
         if chunk_rows is None:
             chunk_rows = self.chunk_rows_for(int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize)
         self._arrays[(id(group), name)] = _RowArray(
-            group, name, tuple(row_shape), dtype, chunk_rows, skip_empty=skip_empty
+            group, name, tuple(row_shape), dtype, chunk_rows, skip_empty=skip_empty, codec=codec
         )
 
     def adopt_array(self, group: zarr.Group, name: str, array: zarr.Array, rows: int) -> None:
         """Continues writing an existing array from row ``rows``; rows after it are dropped."""
-        row_shape, chunk_rows = tuple(array.shape[1:]), int(array.chunks[0])
-        arr = _RowArray(group, name, row_shape, np.dtype(array.dtype), chunk_rows, array=array, rows=rows)
-        if array.shape[0] != rows:
-            array.resize((rows, *row_shape))
-        arr.capacity = rows
+        chunk_rows = int(array.chunks[0])
+        codec = ChunkCodec.from_json(array.attrs["codec"]) if "codec" in array.attrs else None
+        arr = _RowArray(group, name, tuple(array.shape[1:]), np.dtype(array.dtype), chunk_rows, array=array)
+        if codec is not None:
+            arr.row_shape, arr.dtype, arr.codec = codec.row_shape, np.dtype(np.float32), codec
+            arr.table = group[name + TABLE]
+        arr.rows = rows
+        _resize(arr, rows)
         start = rows - rows % chunk_rows
         if rows > start:  # the last chunk is partial: refill its buffer so it is rewritten whole
             arr.current = arr.take_buffer()
-            arr.current[: rows - start] = array[start:rows]
+            stored = array[start:rows]
+            if codec is not None:  # its codes are refitted with the new rows: one more rounding
+                table = np.broadcast_to(arr.table[start // chunk_rows], (rows - start, codec.levels))
+                stored = codec.decode(stored, table)
+            arr.current[: rows - start] = stored
             arr.fill = rows - start
         self._arrays[(id(group), name)] = arr
 
@@ -206,9 +223,8 @@ class BackgroundWriter:
         def trim() -> None:
             for arr in mine.values():
                 if arr.array is None:
-                    arr.array = _create(arr, max(arr.rows, 0))
-                elif arr.array.shape[0] != arr.rows:
-                    arr.array.resize((arr.rows, *arr.row_shape))
+                    _create(arr, max(arr.rows, 0))
+                _resize(arr, arr.rows)
 
         self.run_on_writer(trim)
         for key in mine:
@@ -288,12 +304,14 @@ class BackgroundWriter:
         arr = chunk.array
         stop = chunk.start + chunk.rows
         if arr.array is None:
-            arr.array = _create(arr, max(stop, 4 * arr.chunk_rows))
-            arr.capacity = arr.array.shape[0]
+            _create(arr, max(stop, 4 * arr.chunk_rows))
         if stop > arr.capacity:
-            arr.capacity = max(stop, 2 * arr.capacity)
-            arr.array.resize((arr.capacity, *arr.row_shape))
-        arr.array[chunk.start : stop] = chunk.buffer[: chunk.rows]
+            _resize(arr, max(stop, 2 * arr.capacity))
+        block = chunk.buffer[: chunk.rows]
+        if arr.codec is not None:
+            block, table = arr.codec.encode(block)
+            arr.table[chunk.start // arr.chunk_rows] = table
+        arr.array[chunk.start : stop] = block
         self.bytes_written += chunk.nbytes
 
     def _raise_if_failed(self) -> None:
@@ -301,10 +319,26 @@ class BackgroundWriter:
             raise WriterError(f"The gradient store writer failed: {self._error!r}") from self._error
 
 
-def _create(arr: _RowArray, rows: int) -> Any:
-    return create_row_array(
-        arr.group, arr.name, rows, arr.row_shape, arr.dtype, arr.chunk_rows, skip_empty=arr.skip_empty
+def _create(arr: _RowArray, rows: int) -> None:
+    dtype = np.dtype(np.uint8) if arr.codec is not None else arr.dtype
+    arr.array = create_row_array(
+        arr.group, arr.name, rows, arr.stored_shape, dtype, arr.chunk_rows, skip_empty=arr.skip_empty
     )
+    arr.capacity = rows
+    if arr.codec is not None:
+        arr.array.attrs["codec"] = arr.codec.to_json()
+        arr.table = create_row_array(
+            arr.group, arr.name + TABLE, -(-rows // arr.chunk_rows), (arr.codec.levels,), np.float32, 1024
+        )
+
+
+def _resize(arr: _RowArray, rows: int) -> None:
+    """Sets the arrays' row count (the codec's tables follow in whole chunks)."""
+    if arr.array.shape[0] != rows:
+        arr.array.resize((rows, *arr.stored_shape))
+    if arr.table is not None and arr.table.shape[0] != -(-rows // arr.chunk_rows):
+        arr.table.resize((-(-rows // arr.chunk_rows), arr.codec.levels))
+    arr.capacity = rows
 
 
 def _copy_rows(dst: np.ndarray, src: torch.Tensor) -> None:
