@@ -24,7 +24,7 @@ import yaml
 from mstore_lightning.store.quant import check_precision
 
 LOSS_REDUCTIONS = ("mean", "sum")
-REPRESENTATIONS = ("auto", "factors", "full")
+REPRESENTATIONS = ("auto", "factors", "full", "projection")
 _EPOCH_WORDS = ("all", "last")
 
 PolicyLike = Union["CapturePolicy", Mapping[str, Any], str, os.PathLike, None]
@@ -55,7 +55,15 @@ class CapturePolicy:
             :mod:`mstore_lightning.store.quant` for the error of each.
         loss_reduction: how ``training_step`` reduces per-sample losses: ``"mean"`` or ``"sum"``.
         representation: ``"auto"`` stores, per layer, the factors or the full per-sample gradient,
-            whichever is smaller; ``"factors"`` or ``"full"`` force one.
+            whichever is smaller (or what ``budget`` asks); ``"factors"``, ``"full"`` or
+            ``"projection"`` force one. See :mod:`mstore_lightning.capture.choice`.
+        budget: ``{"bytes_per_sample": n}`` and/or ``{"max_error": e}``: per layer, the stored bytes a
+            sample may take, and the relative error of inner products a projection may add.
+        projection_dim: size of both sides of a forced projection (``representation="projection"``
+            without a budget), capped at the layer's own sizes.
+        projection_seed: seed of the projection matrices (recorded; the matrices are not stored).
+        pool: average-pool convolution inputs and output gradients over ``pool``-sized blocks
+            (MISTIQUE's POOL; approximate): an int for every convolution, or ``{pattern: int}``.
         dedup: store a layer input row identical to one already stored (in this run) once, and
             reference it: the first layer's input when data is not augmented, inputs after frozen
             layers. Output gradients depend on the current weights and are never deduplicated.
@@ -71,6 +79,10 @@ class CapturePolicy:
     loss_reduction: str = "mean"
     representation: str = "auto"
     dedup: bool = True
+    budget: Any = None
+    projection_dim: int = 64
+    projection_seed: int = 0
+    pool: Any = 1
     _id_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +98,10 @@ class CapturePolicy:
             raise PolicyError(str(exc)) from None
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _check_choice("representation", self.representation, REPRESENTATIONS)
+        object.__setattr__(self, "budget", _parse_budget(self.budget))
+        object.__setattr__(self, "projection_dim", _parse_positive_int("projection_dim", self.projection_dim))
+        object.__setattr__(self, "projection_seed", _parse_int("projection_seed", self.projection_seed))
+        object.__setattr__(self, "pool", _parse_pool(self.pool))
         if not isinstance(self.dedup, (bool, np.bool_)):
             raise PolicyError(f"`dedup` must be true or false, got {self.dedup!r}.")
         object.__setattr__(self, "dedup", bool(self.dedup))
@@ -141,6 +157,12 @@ class CapturePolicy:
         """Whether a module, by name or type name, is selected."""
         hit = any(match_pattern(name, type_name, p) for p in self.layers)
         return hit and not any(match_pattern(name, type_name, p) for p in self.exclude)
+
+    def pool_for(self, name: str, type_name: str) -> int:
+        """The pooling factor of a convolution (1: none)."""
+        if isinstance(self.pool, int):
+            return self.pool
+        return next((f for p, f in self.pool.items() if match_pattern(name, type_name, p)), 1)
 
     def captures_epoch(self, epoch: int, max_epochs: int | None) -> bool:
         """Whether training epoch ``epoch`` (0-based) is captured."""
@@ -239,6 +261,34 @@ def _parse_samples(value: Any) -> Any:
             raise PolicyError(f"`samples.ids` must be a non-empty list of sample ids >= 0, got {ids!r}.")
         return {"ids": tuple(sorted({int(i) for i in ids}))}
     raise PolicyError(f"`samples` can be {allowed}; got {value!r}.")
+
+
+def _parse_budget(value: Any) -> dict[str, Any] | None:
+    allowed = "None or a mapping with 'bytes_per_sample' (int > 0) and/or 'max_error' (in (0, 1))"
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value or set(value) - {"bytes_per_sample", "max_error"}:
+        raise PolicyError(f"`budget` can be {allowed}; got {value!r}.")
+    out = {}
+    if "bytes_per_sample" in value:
+        out["bytes_per_sample"] = _parse_positive_int("budget.bytes_per_sample", value["bytes_per_sample"])
+    if "max_error" in value:
+        e = value["max_error"]
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < float(e) < 1:
+            raise PolicyError(f"`budget.max_error` must be a number in (0, 1), got {e!r}.")
+        out["max_error"] = float(e)
+    return out
+
+
+def _parse_pool(value: Any) -> Any:
+    allowed = "an int >= 1 for every convolution, or a mapping of layer patterns to ints >= 1"
+    if isinstance(value, Mapping):
+        if not value or not all(isinstance(k, str) and k for k in value):
+            raise PolicyError(f"`pool` can be {allowed}; got {dict(value)!r}.")
+        return {k: _parse_positive_int(f"pool[{k!r}]", v) for k, v in value.items()}
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise PolicyError(f"`pool` can be {allowed}; got {value!r}.")
+    return _parse_positive_int("pool", value)
 
 
 def match_pattern(name: str, type_name: str, pattern: str) -> bool:

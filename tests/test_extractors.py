@@ -69,7 +69,7 @@ def check_layer(layer: nn.Module, inputs: list[torch.Tensor], representation: st
     uses = hooks.take()["layer"]
     hooks.detach()
     assert len(uses) == len(inputs)
-    plan.finalize(uses, "fp32", representation)
+    plan.finalize(uses, CapturePolicy(precision="fp32", representation=representation))
     rows = plan.rows(uses, 1.0)
 
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -167,7 +167,7 @@ def test_embedding_stores_ids_not_one_hots():
     model(torch.randint(0, 1000, (3, 5))).sum().backward()
     uses = hooks.take()["layer"]
     hooks.detach()
-    plans["layer"].finalize(uses, "fp16", "auto")
+    plans["layer"].finalize(uses, CapturePolicy(precision="fp16"))
     a = plans["layer"].arrays["a"]
     assert (a["row_shape"], a["encoding"], a["parts"]) == ([1, 5], "int64", {"a": {"row_shape": [1, 5], "dtype": "int64"}})
 

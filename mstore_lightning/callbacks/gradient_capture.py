@@ -394,9 +394,7 @@ class GradientCapture(Callback):
             if not plan.ready:
                 if not layer_uses:
                     continue
-                plan.finalize(
-                    layer_uses, self.policy.precision, self.policy.representation, self.policy.dedup
-                )
+                plan.finalize(layer_uses, self.policy)
                 newly_ready.append(plan)
             if rows_before and not self._run.writer.has_array(group, _array_path(plan)):
                 # rows before it first ran

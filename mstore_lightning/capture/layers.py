@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mstore_lightning.capture import choice, pooling, projection
 from mstore_lightning.capture.registry import Extractor, find_extractor
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
-from mstore_lightning.store import quant
 
 
 @dataclass
@@ -26,7 +26,11 @@ class LayerPlan:
     representation: str | None = None
     uses: int = 0
     arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
-    choice: dict[str, int] = field(default_factory=dict)  # bytes per sample of each representation
+    choice: dict[str, Any] = field(default_factory=dict)  # what was considered, and why this
+    projection: dict[str, Any] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] = ()  # one use's per-sample input shape, fixed at the first batch
+    _matrices: tuple[Tensor, Tensor] | None = None
 
     @property
     def ready(self) -> bool:
@@ -34,7 +38,7 @@ class LayerPlan:
 
     def spec(self) -> dict[str, Any]:
         """JSON description: everything a reader needs, without the model."""
-        return {
+        out = {
             "name": self.name,
             "kind": self.extractor.kind,
             "module_type": type(self.module).__name__,
@@ -46,42 +50,51 @@ class LayerPlan:
             "arrays": self.arrays,
             "choice": self.choice,
         }
+        if self.projection is not None:
+            out["projection"] = self.projection
+        if self.summary:
+            out["summary"] = self.summary
+        return out
 
-    def finalize(
-        self, uses: list[tuple[Tensor, Tensor]], precision: str, forced: str, dedup: bool = False
-    ) -> None:
-        """Chooses factors or full gradient from the first captured batch's shapes.
+    def finalize(self, uses: list[tuple[Tensor, Tensor]], policy: CapturePolicy) -> None:
+        """Chooses what to store from the first captured batch's shapes (see :mod:`.choice`).
 
-        The choice compares stored bytes per sample at ``precision``, scales included. With ``dedup``,
-        the layer input is marked for deduplication: it is a function of the data alone when every
-        layer before it is frozen (or there is none), so its rows can repeat; output gradients depend
-        on the current weights and never do.
+        With ``policy.dedup`` the layer input is marked for deduplication: it is a function of the
+        data alone when every layer before it is frozen (or there is none), so its rows can repeat;
+        output gradients depend on the current weights and never do.
         """
-        a0, d0 = uses[0]
         self.uses = len(uses)
-        full = {p: quant.array_spec(p, self.param_shapes[p], precision) for p in self.params}
-        factors = None
-        if self.extractor.has_factors:
-            index = self.extractor.prefix_is_index()
-            factors = {
-                "a": quant.array_spec("a", [self.uses, *a0.shape[1:]], precision, index=index),
-                "d": quant.array_spec("d", [self.uses, *d0.shape[1:]], precision),
-            }
-        full_bytes = sum(quant.row_nbytes(s) for s in full.values())
-        factor_bytes = sum(quant.row_nbytes(s) for s in factors.values()) if factors else None
-        if factors is None or forced == "full":
-            rep = "full"
-        elif forced == "factors":
-            rep = "factors"
-        else:
-            rep = "factors" if factor_bytes <= full_bytes else "full"
-        self.representation = rep
-        self.arrays = factors if rep == "factors" else full
-        if dedup and rep == "factors":
+        self.input_shape = tuple(uses[0][0].shape[1:])
+        a0 = _stack([u[0][:1] for u in uses], self.uses)
+        d0 = _stack([u[1][:1] for u in uses], self.uses).float()
+        pool = policy.pool_for(self.name, type(self.module).__name__) if self.extractor.kind == "conv" else 1
+        cands = choice.candidates(
+            self.extractor,
+            self.hyper,
+            self.params,
+            self.param_shapes,
+            a0,
+            d0,
+            policy.precision,
+            pool,
+            policy.projection_seed,
+        )
+        chosen, reason = choice.pick(cands, policy.representation, policy.budget, policy.projection_dim)
+        self.representation, self.arrays = chosen.representation, chosen.arrays
+        self.projection, self.summary = chosen.projection, chosen.summary
+        if self.projection is not None:
+            self.projection["predicted_error"] = chosen.error
+            self._matrices = projection.projection_matrices(
+                self.projection, self.name, self.projection["dim_in"], self.projection["dim_out"]
+            )
+        if policy.dedup and self.representation == "factors" and not self.summary:
             self.arrays["a"]["dedup"] = True
-        self.choice = {"full_bytes": int(full_bytes)}
-        if factor_bytes is not None:
-            self.choice["factor_bytes"] = int(factor_bytes)
+        self.choice = {
+            "kept": chosen.describe(),
+            "bytes_per_sample": chosen.nbytes,
+            "reason": reason,
+            "considered": {c.describe(): {"bytes": c.nbytes, "error": round(c.error, 4)} for c in cands},
+        }
 
     def dedup_arrays(self) -> list[str]:
         """Arrays whose rows are deduplicated."""
@@ -94,17 +107,25 @@ class LayerPlan:
                 f"Layer {self.name!r} was called {len(uses)} times in one forward, but {self.uses} times "
                 "in the first captured batch; capture needs the same number of calls in every batch."
             )
-        expect_a = tuple(self.arrays["a"]["row_shape"][1:]) if self.representation == "factors" else None
         for a, _ in uses:
-            if expect_a is not None and tuple(a.shape[1:]) != expect_a:
+            if tuple(a.shape[1:]) != self.input_shape:
                 raise RuntimeError(
                     f"Layer {self.name!r} got per-sample inputs of shape {tuple(a.shape[1:])}, but "
-                    f"{expect_a} in the first captured batch; capture needs fixed per-sample shapes "
+                    f"{self.input_shape} in the first captured batch; capture needs fixed per-sample shapes "
                     "(pad sequences to one length)."
                 )
         a = _stack([u[0] for u in uses], self.uses)
         d = _stack([u[1] for u in uses], self.uses).float() * multiplier
+        if self.representation == "projection":
+            a_m, d_m = self.extractor.matrices(self.hyper, a, d)
+            p_in, p_out = self._matrices
+            return projection.project(a_m, d_m, p_in, p_out, self.projection["form"], self.params)
         if self.representation == "factors":
+            if self.summary:
+                return {
+                    "a": pooling.pool(a.float(), self.summary["pool"]),
+                    "d": pooling.pool(d, self.summary["pool"]),
+                }
             return self.extractor.factor_rows(self.hyper, a, d)
         return self.extractor.full_rows(self.hyper, self.params, a, d)
 

@@ -22,7 +22,10 @@ import numpy as np
 import torch
 import zarr
 import zarr.storage
+from typing_extensions import Self
 
+from mstore_lightning.capture import pooling
+from mstore_lightning.capture.kron import kron_gram, kron_sqnorm
 from mstore_lightning.capture.registry import Extractor, extractor_for_kind, flat_gram
 from mstore_lightning.store import layout, quant
 
@@ -49,6 +52,48 @@ class _Layer:
     @property
     def factored(self) -> bool:
         return self.spec["representation"] == "factors"
+
+    @property
+    def approximate(self) -> str | None:
+        """Why results from this layer are estimates, or ``None`` when they are exact up to precision."""
+        if self.spec["representation"] == "projection":
+            p = self.spec["projection"]
+            return (
+                f"Kronecker projection {p['k_out']}x{p['k_in']} (seed {p['seed']}): unbiased, relative "
+                f"error std <= {p['predicted_error']:.3g}"
+            )
+        if self.spec.get("summary", {}).get("pool"):
+            return f"pooled {self.spec['summary']['pool']}x: block means of the convolution maps"
+        return None
+
+    def unpacked(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rows as the extractor reads them: pooled maps repeated over their blocks."""
+        summary = self.spec.get("summary")
+        if not summary:
+            return rows
+        return {
+            "a": pooling.unpool(rows["a"], summary["a_shape"], summary["pool"]),
+            "d": pooling.unpool(rows["d"], summary["d_shape"], summary["pool"]),
+        }
+
+
+class QueryResult(np.ndarray):
+    """A float array of query results that says which layers made it an estimate.
+
+    Attributes:
+        approximate: ``{layer: why}`` for each layer stored pooled or projected; empty when every
+            value is exact up to the storage precision.
+    """
+
+    approximate: dict[str, str]
+
+    def __new__(cls, values: np.ndarray, approximate: dict[str, str]) -> Self:
+        out = np.asarray(values).view(cls)
+        out.approximate = dict(approximate)
+        return out
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.approximate = dict(getattr(obj, "approximate", {}) or {})
 
 
 def open_store(uri: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> GradientStore:
@@ -145,8 +190,16 @@ class GradientStore:
             ``{param name: tensor of shape (len(ids), *param.shape)}``.
         """
         lay = self._layer(layer)
+        if lay.spec["representation"] == "projection":
+            raise StoreReadError(
+                f"Layer {layer!r} is stored as a {lay.approximate}; its gradients cannot be restored. "
+                "norms, dot and the analytics work on it; capture it with representation='factors' or a "
+                "larger budget to restore it."
+            )
         rows = self._gather(epoch, lay, self._rows_of(epoch, ids))
-        return rows if not lay.factored else lay.extractor.restore(lay.spec["hyper"], lay.params, rows)
+        if not lay.factored:
+            return rows
+        return lay.extractor.restore(lay.spec["hyper"], lay.params, lay.unpacked(rows))
 
     def factors(self, epoch: int, layer: str, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The stored arrays of ``layer`` for samples ``ids``, decoded: ``{"a": ..., "d": ...}`` for a
@@ -177,7 +230,7 @@ class GradientStore:
         for lay in self._select(layers):
             for lo, rows in self._stream(epoch, lay):
                 total[lo : lo + _nrows(rows)] += _sqnorm(lay, rows).double().numpy()
-        return np.sqrt(total)
+        return QueryResult(np.sqrt(total), self._approximate(layers))
 
     def dot(
         self,
@@ -197,7 +250,7 @@ class GradientStore:
             for lo in range(0, len(rows_b), _BLOCK_ROWS):
                 xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS])
                 out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).double().numpy()
-        return out
+        return QueryResult(out, self._approximate(layers))
 
     def describe(self) -> str:
         """A human-readable summary: epochs, layers, representation, bytes, and what is not captured."""
@@ -218,14 +271,16 @@ class GradientStore:
         for lay in self._layers.values():
             s = lay.spec
             choice = s.get("choice", {})
-            full, fac = choice.get("full_bytes"), choice.get("factor_bytes")
-            why = ""
-            if full and fac:
-                kept, other = (fac, full) if lay.factored else (full, fac)
-                other_name = "full gradient" if lay.factored else "factors"
-                why = f", {kept:,} B/sample raw ({other / kept:.1f}x less than the {other_name})"
-            head = f"    {lay.name} ({s['module_type']}): {s['representation']}, params {s['params']}"
-            lines.append(head + why)
+            encodings = sorted({a["encoding"] for a in s["arrays"].values()})
+            head = f"    {lay.name} ({s['module_type']}): {choice.get('kept', s['representation'])}"
+            lines.append(
+                f"{head}, params {s['params']}, {choice.get('bytes_per_sample', 0):,} B/sample raw "
+                f"({'/'.join(encodings)})"
+            )
+            if choice.get("reason"):
+                lines.append(f"      why: {choice['reason']}")
+            if lay.approximate:
+                lines.append(f"      approximate: {lay.approximate}")
         if self.uncovered:
             lines.append("  not captured:")
             for u in self.uncovered:
@@ -265,6 +320,9 @@ class GradientStore:
             raise StoreReadError(
                 f"Layer {layer!r} is not in this store; its layers are {self.layers}."
             ) from None
+
+    def _approximate(self, layers: Sequence[str] | None) -> dict[str, str]:
+        return {lay.name: lay.approximate for lay in self._select(layers) if lay.approximate}
 
     def _select(self, layers: Sequence[str] | None) -> list[_Layer]:
         if isinstance(layers, str):
@@ -426,11 +484,20 @@ def _nrows(rows: dict[str, torch.Tensor]) -> int:
 
 def _sqnorm(lay: _Layer, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     if lay.factored:
-        return lay.extractor.sqnorm(lay.spec["hyper"], lay.params, rows)
-    return sum(rows[p].reshape(rows[p].shape[0], -1).double().pow(2).sum(1) for p in lay.params)
+        return lay.extractor.sqnorm(lay.spec["hyper"], lay.params, lay.unpacked(rows))
+    if _projected_factors(lay):
+        return kron_sqnorm(rows["a"], rows["d"], "weight" in lay.params, "bias" in lay.params)
+    return sum(rows[p].reshape(rows[p].shape[0], -1).double().pow(2).sum(1) for p in rows)
 
 
 def _gram(lay: _Layer, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
     if lay.factored:
-        return lay.extractor.gram(lay.spec["hyper"], lay.params, x, y)
-    return sum(flat_gram(x[p], y[p]) for p in lay.params)
+        return lay.extractor.gram(lay.spec["hyper"], lay.params, lay.unpacked(x), lay.unpacked(y))
+    if _projected_factors(lay):
+        return kron_gram(x["a"], x["d"], y["a"], y["d"], "weight" in lay.params, "bias" in lay.params)
+    return sum(flat_gram(x[p], y[p]) for p in x)
+
+
+def _projected_factors(lay: _Layer) -> bool:
+    # Projected factors are A (G, T, k_in) and D (G, T, k_out): a linear layer's kernels apply.
+    return lay.spec["representation"] == "projection" and lay.spec["projection"]["form"] == "factors"
