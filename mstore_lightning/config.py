@@ -64,6 +64,9 @@ class CapturePolicy:
         projection_seed: seed of the projection matrices (recorded; the matrices are not stored).
         pool: average-pool convolution inputs and output gradients over ``pool``-sized blocks
             (MISTIQUE's POOL; approximate): an int for every convolution, or ``{pattern: int}``.
+        recompute: store-or-recompute (see :mod:`mstore_lightning.store.recompute`):
+            ``{"threshold_s_per_gb": s, "expected_queries": q}`` decides per layer after the first
+            captured epoch by measured costs; ``{"layers": [patterns]}`` always recomputes those layers.
         dedup: store a layer input row identical to one already stored (in this run) once, and
             reference it: the first layer's input when data is not augmented, inputs after frozen
             layers. Output gradients depend on the current weights and are never deduplicated.
@@ -83,6 +86,7 @@ class CapturePolicy:
     projection_dim: int = 64
     projection_seed: int = 0
     pool: Any = 1
+    recompute: Any = None
     _id_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +106,7 @@ class CapturePolicy:
         object.__setattr__(self, "projection_dim", _parse_positive_int("projection_dim", self.projection_dim))
         object.__setattr__(self, "projection_seed", _parse_int("projection_seed", self.projection_seed))
         object.__setattr__(self, "pool", _parse_pool(self.pool))
+        object.__setattr__(self, "recompute", _parse_recompute(self.recompute))
         if not isinstance(self.dedup, (bool, np.bool_)):
             raise PolicyError(f"`dedup` must be true or false, got {self.dedup!r}.")
         object.__setattr__(self, "dedup", bool(self.dedup))
@@ -163,6 +168,11 @@ class CapturePolicy:
         if isinstance(self.pool, int):
             return self.pool
         return next((f for p, f in self.pool.items() if match_pattern(name, type_name, p)), 1)
+
+    def always_recomputed(self, name: str, type_name: str) -> bool:
+        """Whether the policy names a layer to recompute rather than store."""
+        patterns = (self.recompute or {}).get("layers", ())
+        return any(match_pattern(name, type_name, p) for p in patterns)
 
     def captures_epoch(self, epoch: int, max_epochs: int | None) -> bool:
         """Whether training epoch ``epoch`` (0-based) is captured."""
@@ -277,6 +287,36 @@ def _parse_budget(value: Any) -> dict[str, Any] | None:
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < float(e) < 1:
             raise PolicyError(f"`budget.max_error` must be a number in (0, 1), got {e!r}.")
         out["max_error"] = float(e)
+    return out
+
+
+def _parse_recompute(value: Any) -> dict[str, Any] | None:
+    allowed = (
+        "None or a mapping with 'threshold_s_per_gb' (> 0) and optional 'expected_queries' (int >= 1), "
+        "and/or 'layers' (patterns always recomputed)"
+    )
+    if value is None:
+        return None
+    keys = {"threshold_s_per_gb", "expected_queries", "layers"}
+    if (
+        not isinstance(value, Mapping)
+        or set(value) - keys
+        or not set(value) & {"threshold_s_per_gb", "layers"}
+    ):
+        raise PolicyError(f"`recompute` can be {allowed}; got {value!r}.")
+    out: dict[str, Any] = {}
+    if "threshold_s_per_gb" in value:
+        t = value["threshold_s_per_gb"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not float(t) > 0:
+            raise PolicyError(f"`recompute.threshold_s_per_gb` must be a number > 0, got {t!r}.")
+        out["threshold_s_per_gb"] = float(t)
+        out["expected_queries"] = _parse_positive_int(
+            "recompute.expected_queries", value.get("expected_queries", 10)
+        )
+    elif "expected_queries" in value:
+        raise PolicyError("`recompute.expected_queries` needs `recompute.threshold_s_per_gb`.")
+    if "layers" in value:
+        out["layers"] = _parse_patterns("recompute.layers", value["layers"], allow_empty=False)
     return out
 
 

@@ -26,6 +26,7 @@ from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
 from mstore_lightning.store import layout, quant
 from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, RowIndex
+from mstore_lightning.store.recompute import Recomputer, gamma, layer_nbytes, read_seconds_per_sample
 from mstore_lightning.store.session import MODES, RunWriter
 from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES
 
@@ -65,6 +66,8 @@ class GradientCapture(Callback):
         storage_options: fsspec options for URL stores.
         dedup_bytes: most bytes of stored input rows kept in memory to find later duplicates
             (``policy.dedup``); rows beyond it are stored in full.
+        loss_fn: ``callable(pl_module, batch) -> loss`` for passes outside training (measuring the
+            recompute cost); by default ``training_step``'s loss.
 
     Example:
         >>> capture = GradientCapture("runs/demo.zarr", policy={"layers": ["*"], "precision": "fp16"})
@@ -87,6 +90,7 @@ class GradientCapture(Callback):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         storage_options: dict[str, Any] | None = None,
         dedup_bytes: int = DEFAULT_DEDUP_BYTES,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
             raise ValueError(f"`store` must be a non-empty path or URL, got {store!r}.")
@@ -99,7 +103,7 @@ class GradientCapture(Callback):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive number of bytes, got {value!r}.")
-        for name, fn in (("sample_ids", sample_ids), ("labels", labels)):
+        for name, fn in (("sample_ids", sample_ids), ("labels", labels), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"`{name}` must be a callable taking a batch, got {type(fn).__name__}.")
         self.store = os.fspath(store)
@@ -122,7 +126,11 @@ class GradientCapture(Callback):
         self._batch_idx = 0
         self._chunk_rows: dict[str, int] = {}
         self.dedup_bytes = dedup_bytes
+        self.loss_fn = loss_fn
         self._dedup: RowIndex | None = None
+        self._recompute: dict[str, dict[str, Any]] = {}  # store-or-recompute decisions by layer
+        self._epoch_recomputed: set[str] = set()
+        self._probe: Any = None
         self._rank = 0
 
     @property
@@ -161,6 +169,11 @@ class GradientCapture(Callback):
             )
         self._hooks.detach()  # a second fit with the same callback attaches afresh
         self._hooks.attach(self._plans)
+        self._recompute = {
+            n: {"decision": "recompute", "why": "policy recompute.layers"}
+            for n, p in self._plans.items()
+            if self.policy.always_recomputed(n, type(p.module).__name__)
+        }
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -181,6 +194,7 @@ class GradientCapture(Callback):
         if trainer.global_rank != 0:
             self._run.open(self._run_meta(trainer, pl_module), resume=True)
         if resume:
+            self._recompute.update(self._run.meta().get("recompute", {}))
             self._committed = sorted(self._resume.get("committed", []))
             keep = set(self._committed)
             if self._resume.get("open_epoch") is not None:
@@ -206,9 +220,9 @@ class GradientCapture(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A run resumed from a mid-epoch checkpoint continues that epoch without on_train_epoch_start.
-        if self._resume is not None and self._resume.get("open_epoch") == trainer.current_epoch:
-            if trainer.fit_loop.epoch_loop.batch_progress.current.ready > 0:
-                self._start_epoch(trainer, trainer.current_epoch)
+        resumes_here = self._resume is not None and self._resume.get("open_epoch") == trainer.current_epoch
+        if resumes_here and trainer.fit_loop.epoch_loop.batch_progress.current.ready > 0:
+            self._start_epoch(trainer, trainer.current_epoch)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -230,6 +244,7 @@ class GradientCapture(Callback):
         if trainer.global_rank != 0:
             self._run.begin_epoch(epoch, resume_rows if resume_rows is not None else 0)
         self._epoch = epoch
+        self._epoch_recomputed = {n for n, d in self._recompute.items() if d["decision"] == "recompute"}
         self._epoch_lr = _learning_rates(trainer)
         loader = trainer.train_dataloader
         self._positional_bs = positional_batch_size(loader)
@@ -244,9 +259,15 @@ class GradientCapture(Callback):
         if self._dedup is not None:
             self._run.set_rank_attrs(epoch, dedup=self._dedup.take_stats())
         trainer.strategy.barrier("mstore_epoch_flushed")
+        recomputed = sorted(self._epoch_recomputed)
+        if recomputed and trainer.global_rank == 0:
+            self._run.save_weights(epoch, pl_module)
+        if self._probe is not None or self._wants_decision():
+            self._decide_store_or_recompute(trainer, pl_module, epoch)
         self._run.commit_epoch(
             epoch,
             {
+                "recomputed": recomputed,
                 "lr": self._epoch_lr[0][0] if self._epoch_lr and self._epoch_lr[0] else None,
                 "lr_groups": self._epoch_lr,
                 "rows": rows.get(f"{layout.ROWS}/ids", 0),
@@ -334,6 +355,8 @@ class GradientCapture(Callback):
         if isinstance(per_sample, torch.Tensor) and per_sample.numel() == n:
             losses = per_sample.detach().float().reshape(-1).cpu().numpy()
         self._append_row_field("loss", self._select(torch.from_numpy(losses), step.keep))
+        if self._wants_decision():
+            self._probe = batch  # measures the recompute cost at the epoch's end, then is dropped
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -361,6 +384,46 @@ class GradientCapture(Callback):
                 "committed keep the old policy's data."
             )
 
+    # ------------------------------------------------------------------ store or recompute
+    def _wants_decision(self) -> bool:
+        rule = self.policy.recompute or {}
+        return "threshold_s_per_gb" in rule and not any(
+            d.get("gamma_s_per_gb") is not None for d in self._recompute.values()
+        )
+
+    def _decide_store_or_recompute(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
+    ) -> None:
+        """Measures read and recompute costs of each stored layer and decides per layer (rank 0)."""
+        probe, self._probe = self._probe, None
+        decisions: dict[str, dict[str, Any]] = {}
+        if trainer.global_rank == 0 and probe is not None:
+            rule = self.policy.recompute
+            ready = {n: p for n, p in self._plans.items() if p.ready}
+            recomputer = Recomputer(pl_module, None, ready, self.policy.loss_reduction, loss_fn=self.loss_fn)
+            t_recompute = recomputer.seconds_per_sample(probe)
+            rows = self._run.rows_in_epoch(epoch)
+            for name, plan in ready.items():
+                if name in self._recompute:
+                    continue
+                group = self._run.layer_group(epoch, name)
+                nbytes = layer_nbytes(group) / max(1, rows)
+                t_read = read_seconds_per_sample(group, plan.spec())
+                g = gamma(t_recompute, t_read, rule["expected_queries"], nbytes)
+                decisions[name] = {
+                    "decision": "store" if g >= rule["threshold_s_per_gb"] else "recompute",
+                    "gamma_s_per_gb": g,
+                    "t_read_s": t_read,
+                    "t_recompute_s": t_recompute,
+                    "bytes_per_sample": nbytes,
+                    "threshold_s_per_gb": rule["threshold_s_per_gb"],
+                    "expected_queries": rule["expected_queries"],
+                    "decided_after_epoch": epoch,
+                }
+        decisions = trainer.strategy.broadcast(decisions, src=0)
+        self._recompute.update(decisions)
+        self._run.update_meta(recompute=self._recompute)
+
     # ------------------------------------------------------------------ internals
     def _run_meta(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         import lightning
@@ -375,6 +438,7 @@ class GradientCapture(Callback):
             "model_layers": {n: type(p.module).__name__ for n, p in self._plans.items()},
             "layers": {n: p.spec() for n, p in self._plans.items() if p.ready},
             "uncovered": self._uncovered,
+            "recompute": self._recompute,
             "world_size": trainer.world_size,
             "versions": {
                 "mstore_lightning": _version(),
@@ -396,6 +460,8 @@ class GradientCapture(Callback):
                     continue
                 plan.finalize(layer_uses, self.policy)
                 newly_ready.append(plan)
+            if name in self._epoch_recomputed:
+                continue  # its rows are recomputed from the epoch's weights when read
             if rows_before and not self._run.writer.has_array(group, _array_path(plan)):
                 # rows before it first ran
                 self._append_layer(plan, _zero_rows(plan, rows_before), None, first_row=0)
@@ -482,6 +548,7 @@ class GradientCapture(Callback):
             self._run.abandon_epoch(self._epoch)
         self._epoch = None
         self._dedup = None
+        self._probe = None
         self._run.close()
         self._run = None
 

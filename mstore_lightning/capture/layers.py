@@ -47,6 +47,7 @@ class LayerPlan:
             "param_shapes": self.param_shapes,
             "representation": self.representation,
             "uses": self.uses,
+            "input_shape": list(self.input_shape),
             "arrays": self.arrays,
             "choice": self.choice,
         }
@@ -55,6 +56,29 @@ class LayerPlan:
         if self.summary:
             out["summary"] = self.summary
         return out
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], module: nn.Module, extractor: type[Extractor]) -> LayerPlan:
+        """The plan a store recorded, bound to ``module`` (to recompute its rows)."""
+        plan = cls(
+            name=spec["name"],
+            module=module,
+            extractor=extractor,
+            hyper=spec["hyper"],
+            params=spec["params"],
+            param_shapes=spec["param_shapes"],
+            representation=spec["representation"],
+            uses=spec["uses"],
+            arrays=spec["arrays"],
+            choice=spec.get("choice", {}),
+            projection=spec.get("projection"),
+            summary=spec.get("summary", {}),
+            input_shape=tuple(spec["input_shape"]),
+        )
+        if plan.projection is not None:
+            p = plan.projection
+            plan._matrices = projection.projection_matrices(p, plan.name, p["dim_in"], p["dim_out"])
+        return plan
 
     def finalize(self, uses: list[tuple[Tensor, Tensor]], policy: CapturePolicy) -> None:
         """Chooses what to store from the first captured batch's shapes (see :mod:`.choice`).

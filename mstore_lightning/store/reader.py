@@ -230,7 +230,7 @@ class GradientStore:
         for lay in self._select(layers):
             for lo, rows in self._stream(epoch, lay):
                 total[lo : lo + _nrows(rows)] += _sqnorm(lay, rows).double().numpy()
-        return QueryResult(np.sqrt(total), self._approximate(layers))
+        return QueryResult(np.sqrt(total), self._approximate(layers, epoch))
 
     def dot(
         self,
@@ -250,7 +250,7 @@ class GradientStore:
             for lo in range(0, len(rows_b), _BLOCK_ROWS):
                 xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS])
                 out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).double().numpy()
-        return QueryResult(out, self._approximate(layers))
+        return QueryResult(out, self._approximate(layers, epoch))
 
     def describe(self) -> str:
         """A human-readable summary: epochs, layers, representation, bytes, and what is not captured."""
@@ -281,6 +281,9 @@ class GradientStore:
                 lines.append(f"      why: {choice['reason']}")
             if lay.approximate:
                 lines.append(f"      approximate: {lay.approximate}")
+            decision = self.meta.get("recompute", {}).get(lay.name)
+            if decision:
+                lines.append(f"      store or recompute: {_explain_decision(decision)}")
         if self.uncovered:
             lines.append("  not captured:")
             for u in self.uncovered:
@@ -321,8 +324,80 @@ class GradientStore:
                 f"Layer {layer!r} is not in this store; its layers are {self.layers}."
             ) from None
 
-    def _approximate(self, layers: Sequence[str] | None) -> dict[str, str]:
-        return {lay.name: lay.approximate for lay in self._select(layers) if lay.approximate}
+    def _approximate(self, layers: Sequence[str] | None, epoch: int) -> dict[str, str]:
+        out = {lay.name: lay.approximate for lay in self._select(layers) if lay.approximate}
+        for lay in self._select(layers):
+            if self._is_recomputed(epoch, lay):
+                why = "recomputed from the end-of-epoch weights in eval mode (captured rows use their step's)"
+                out[lay.name] = f"{out[lay.name]}; {why}" if lay.name in out else why
+        return out
+
+    # ---------------------------------------------------------------- recompute
+    def attach_recompute(
+        self,
+        model: torch.nn.Module,
+        dataset: Any,
+        *,
+        collate_fn: Any = None,
+        loss_fn: Any = None,
+        batch_size: int = 64,
+    ) -> None:
+        """Gives the store what it needs to recompute layers that an epoch did not store.
+
+        Args:
+            model: a model of the trained architecture; it is copied, and the copy gets each epoch's
+                stored weights, so ``model`` itself is never changed.
+            dataset: the training data, indexable by sample id.
+            collate_fn: builds a batch from items (``default_collate`` by default).
+            loss_fn: ``callable(model, batch) -> loss``; by default ``training_step(batch, 0)``.
+            batch_size: samples per recompute pass.
+        """
+        import copy
+
+        self._recompute_with = {
+            "model": copy.deepcopy(model),
+            "dataset": dataset,
+            "collate_fn": collate_fn,
+            "loss_fn": loss_fn,
+            "batch_size": batch_size,
+            "loaded": None,
+        }
+
+    def _is_recomputed(self, epoch: int, lay: _Layer) -> bool:
+        return lay.name in self._epoch(epoch)["attrs"].get("recomputed", [])
+
+    def _recompute_rows(self, epoch: int, lay: _Layer, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        from mstore_lightning.capture.layers import LayerPlan
+        from mstore_lightning.store.recompute import Recomputer
+        from mstore_lightning.store.weights import WEIGHTS, load_weights
+
+        ctx = getattr(self, "_recompute_with", None)
+        if ctx is None:
+            why = self.meta.get("recompute", {}).get(lay.name, {})
+            raise StoreReadError(
+                f"Epoch {epoch} did not store layer {lay.name!r} (store-or-recompute: {why or 'recompute'}); "
+                "call store.attach_recompute(model, dataset) to recompute it from the epoch's weights."
+            )
+        model = ctx["model"]
+        if ctx["loaded"] != epoch:
+            load_weights(self._root[f"{layout.EPOCHS}/{layout.epoch_key(epoch)}/{WEIGHTS}"], model)
+            ctx["loaded"] = epoch
+        modules = dict(model.named_modules())
+        if lay.name not in modules:
+            raise StoreReadError(
+                f"The attached model has no module {lay.name!r}; attach the trained architecture."
+            )
+        plan = LayerPlan.from_spec(lay.spec, modules[lay.name], lay.extractor)
+        recomputer = Recomputer(
+            model,
+            ctx["dataset"],
+            {lay.name: plan},
+            self.meta.get("loss_reduction", "mean"),
+            collate_fn=ctx["collate_fn"],
+            loss_fn=ctx["loss_fn"],
+            batch_size=ctx["batch_size"],
+        )
+        return recomputer.rows(ids)[lay.name]
 
     def _select(self, layers: Sequence[str] | None) -> list[_Layer]:
         if isinstance(layers, str):
@@ -424,6 +499,8 @@ class GradientStore:
 
     def _gather(self, epoch: int, lay: _Layer, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Decoded arrays of ``lay`` at global row positions ``rows`` (in the given order)."""
+        if self._is_recomputed(epoch, lay):
+            return self._recompute_rows(epoch, lay, self.sample_ids(epoch)[rows])
         ep = self._epoch(epoch)
         offsets = ep["offsets"]
         which = np.searchsorted(offsets, rows, side="right") - 1
@@ -443,6 +520,11 @@ class GradientStore:
 
     def _stream(self, epoch: int, lay: _Layer) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yields ``(first global row, decoded rows)`` one chunk of the layer at a time."""
+        if self._is_recomputed(epoch, lay):
+            ids = self.sample_ids(epoch)
+            for lo in range(0, len(ids), _BLOCK_ROWS):
+                yield lo, self._recompute_rows(epoch, lay, ids[lo : lo + _BLOCK_ROWS])
+            return
         ep = self._epoch(epoch)
         names = self._array_names(lay)
         for r, g in enumerate(ep["ranks"]):
@@ -455,6 +537,17 @@ class GradientStore:
                     for n in names
                 }
                 yield int(ep["offsets"][r]) + lo, rows
+
+
+def _explain_decision(d: dict[str, Any]) -> str:
+    if "gamma_s_per_gb" not in d:
+        return f"{d['decision']} ({d.get('why', '')})"
+    return (
+        f"{d['decision']} after epoch {d['decided_after_epoch']}: gamma = (t_recompute "
+        f"{d['t_recompute_s']:.3g} s - t_read {d['t_read_s']:.3g} s) x {d['expected_queries']} queries / "
+        f"{d['bytes_per_sample']:,.0f} B = {d['gamma_s_per_gb']:.4g} s/GB vs threshold "
+        f"{d['threshold_s_per_gb']:g} s/GB"
+    )
 
 
 def _empty_parts(spec: dict[str, Any], name: str, n: int) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import zarr.storage
 
 from mstore_lightning.store import layout
 from mstore_lightning.store.quant import TABLE, ChunkCodec
+from mstore_lightning.store.weights import WEIGHTS, save_weights
 from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES, BackgroundWriter
 
 MODES = ("error", "overwrite", "append")
@@ -60,12 +61,11 @@ class RunWriter:
     def open(self, meta: dict[str, Any], resume: bool) -> None:
         """Opens the store for writing; ``resume`` continues a run from a checkpoint."""
         existing = _existing_meta(self.uri, self.storage_options)
-        if existing is not None and not resume:
-            if self.mode == "error":
-                raise StoreExistsError(
-                    f"{self.uri} already holds a gradient store. Pass GradientCapture(mode='overwrite') to "
-                    "replace it, mode='append' to add epochs to it, or choose another path."
-                )
+        if existing is not None and not resume and self.mode == "error":
+            raise StoreExistsError(
+                f"{self.uri} already holds a gradient store. Pass GradientCapture(mode='overwrite') to "
+                "replace it, mode='append' to add epochs to it, or choose another path."
+            )
         if existing is not None and (resume or self.mode == "append"):
             _check_compatible(self.uri, existing, meta)
             self.root = zarr.open_group(self._store(), mode="r+")
@@ -151,6 +151,23 @@ class RunWriter:
     def finish_epoch(self, epoch: int) -> dict[str, int]:
         """Writes every buffered row of ``epoch`` and trims its arrays; returns rows per array."""
         return self.writer.finish_arrays(self.rank_group(epoch))
+
+    def meta(self) -> dict[str, Any]:
+        """The run metadata as stored."""
+        return dict(self.root.attrs[layout.META_KEY])
+
+    def layer_group(self, epoch: int, layer: str) -> zarr.Group:
+        """This rank's group of ``layer`` in ``epoch`` (after :meth:`finish_epoch`)."""
+        return self.rank_group(epoch)[f"{layout.LAYERS}/{layer}"]
+
+    def rows_in_epoch(self, epoch: int) -> int:
+        """Rows of this rank's finished ``epoch``."""
+        return int(self.rank_group(epoch)[f"{layout.ROWS}/ids"].shape[0])
+
+    def save_weights(self, epoch: int, module: Any) -> None:
+        """Rank 0 stores ``module``'s state in ``epoch``, for the layers recomputed from it."""
+        group = self._epoch_groups[epoch]
+        save_weights(group.require_group(WEIGHTS), module)
 
     def set_rank_attrs(self, epoch: int, **attrs: Any) -> None:
         """Records JSON attributes on this rank's group of ``epoch`` (per-rank statistics)."""

@@ -1,0 +1,165 @@
+"""Store or recompute (MISTIQUE's cost model): keep a layer's rows, or the weights to recompute them.
+
+For each layer, after the first captured epoch, the capture measures on this machine
+
+- ``t_read``: seconds to read and decode one sample's stored rows of the layer;
+- ``t_recompute``: seconds of one sample's forward and backward pass (eval mode), which recomputes
+  every layer's rows at once;
+- ``bytes``: the layer's bytes on disk per sample,
+
+and keeps storing the layer while ``γ = (t_recompute − t_read) · expected_queries / GB`` is at least
+the policy's ``threshold_s_per_gb``: the seconds that storing saves the expected queries, per GB it
+costs. Otherwise later epochs store the model's weights (as Zarr arrays, no pickle) instead of the
+layer's rows, and reads recompute the rows from those weights and the training data
+(:meth:`GradientStore.attach_recompute`).
+
+Recomputed rows are exact for the *end-of-epoch* weights, in eval mode. Captured rows use the
+weights of their own step, in train mode, so the two agree only where the weights did not move.
+
+Example:
+    >>> round(gamma(t_recompute=2e-3, t_read=1e-4, queries=10, nbytes=2048), 1)
+    9277.3
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+from torch.utils.data import default_collate
+
+from mstore_lightning.capture.hooks import HookManager
+from mstore_lightning.capture.layers import LayerPlan
+from mstore_lightning.capture.scaling import grad_multiplier
+from mstore_lightning.store import quant
+
+
+def gamma(t_recompute: float, t_read: float, queries: int, nbytes: float) -> float:
+    """Seconds saved per GB stored: ``(t_recompute − t_read) · queries / (bytes / 1e9)``."""
+    return (t_recompute - t_read) * queries / max(nbytes / 1e9, 1e-12)
+
+
+def batch_loss(
+    module: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], Any] | None
+) -> torch.Tensor:
+    """The batch loss: ``loss_fn(module, batch)``, else ``training_step``'s tensor or its ``"loss"``."""
+    out = loss_fn(module, batch) if loss_fn is not None else module.training_step(batch, 0)
+    loss = out["loss"] if isinstance(out, dict) else out
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(
+            "Recomputing needs the batch loss as a scalar tensor: training_step must return it (or a dict "
+            "with 'loss'), or pass loss_fn=callable(module, batch) -> loss."
+        )
+    return loss
+
+
+class Recomputer:
+    """Recomputes per-sample rows of planned layers from a model's current weights and the data.
+
+    Args:
+        module: the model (a LightningModule or any module whose ``loss_fn`` gives the batch loss).
+        dataset: indexable by sample id; items are collated with ``collate_fn``.
+        plans: the layers to recompute, by name, as the store describes them.
+        loss_reduction: how the loss reduces per-sample losses (``"mean"`` or ``"sum"``).
+        collate_fn: builds a batch from items; ``torch.utils.data.default_collate`` by default.
+        loss_fn: ``callable(module, batch) -> loss``; by default ``training_step(batch, 0)``.
+        batch_size: samples per recompute pass.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        dataset: Any,
+        plans: dict[str, LayerPlan],
+        loss_reduction: str,
+        collate_fn: Callable[[list], Any] | None = None,
+        loss_fn: Callable[[nn.Module, Any], Any] | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        self.module, self.dataset, self.plans = module, dataset, plans
+        self.loss_reduction = loss_reduction
+        self.collate_fn = collate_fn or default_collate
+        self.loss_fn = loss_fn
+        self.batch_size = batch_size
+
+    def rows(self, ids: Sequence[int]) -> dict[str, dict[str, torch.Tensor]]:
+        """Rows of every planned layer for samples ``ids``, in the stored representation (float)."""
+        ids = [int(i) for i in ids]
+        parts: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in self.plans}
+        for lo in range(0, len(ids), self.batch_size):
+            batch = self.collate_fn([self.dataset[i] for i in ids[lo : lo + self.batch_size]])
+            for name, rows in self._batch_rows(batch).items():
+                parts[name].append(rows)
+        return {n: {k: torch.cat([p[k] for p in ps]) for k in ps[0]} for n, ps in parts.items() if ps}
+
+    def _batch_rows(self, batch: Any) -> dict[str, dict[str, torch.Tensor]]:
+        hooks = HookManager()
+        hooks.attach(self.plans)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            hooks.active = True
+            with torch.enable_grad():
+                loss = batch_loss(self.module, batch, self.loss_fn)
+                params = [
+                    p for plan in self.plans.values() for p in plan.module.parameters() if p.requires_grad
+                ]
+                torch.autograd.grad(loss, params, allow_unused=True)  # fires the hooks; no .grad is touched
+            uses = hooks.take()
+        finally:
+            hooks.detach()
+            self.module.train(was_training)
+        out = {}
+        for name, plan in self.plans.items():
+            if not uses[name]:
+                raise RuntimeError(f"Recomputing {name!r}: the layer got no output gradient from this loss.")
+            n = uses[name][0][1].shape[0]
+            out[name] = {
+                k: v.detach().cpu()
+                for k, v in plan.rows(uses[name], grad_multiplier(self.loss_reduction, n)).items()
+            }
+        return out
+
+    def seconds_per_sample(self, batch: Any, repeats: int = 2) -> float:
+        """Measured seconds of one sample's recompute pass on ``batch`` (the last of ``repeats``)."""
+        n = None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            rows = self._batch_rows(batch)
+            elapsed = time.perf_counter() - t0
+            n = next(iter(next(iter(rows.values())).values())).shape[0]
+        return elapsed / max(1, n)
+
+
+def read_seconds_per_sample(group: zarr.Group, spec: dict[str, Any], max_rows: int = 4096) -> float:
+    """Measured seconds to read and decode one sample's rows of a layer from ``group``."""
+    names = list(spec["arrays"])
+    first = group[f"{names[0]}"]
+    rows = min(first.shape[0], max_rows)
+    if rows == 0:
+        return 0.0
+    t0 = time.perf_counter()
+    for name in names:
+        arr_spec = spec["arrays"][name]
+        parts = {}
+        for part, info in arr_spec["parts"].items():
+            if info.get("per", "row") != "row":
+                continue
+            values = group[part][:rows]
+            codec = quant.chunk_codec(arr_spec, name, part)
+            if codec is not None:
+                tables = group[part + quant.TABLE][:]
+                values = codec.decode(values, tables[np.arange(rows) // int(group[part].chunks[0])])
+            parts[part] = values
+        quant.decode(arr_spec, name, parts)
+    return (time.perf_counter() - t0) / rows
+
+
+def layer_nbytes(group: zarr.Group) -> int:
+    """Bytes on disk of every array in a layer's group."""
+    return int(sum(arr.nbytes_stored() for _, arr in group.arrays()))
