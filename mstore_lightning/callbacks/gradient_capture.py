@@ -458,7 +458,7 @@ class GradientCapture(Callback):
             if not plan.ready:
                 if not layer_uses:
                     continue
-                plan.finalize(layer_uses, self.policy)
+                plan.finalize(layer_uses, self.policy, not self._hooks.input_requires_grad.get(name, True))
                 newly_ready.append(plan)
             if name in self._epoch_recomputed:
                 continue  # its rows are recomputed from the epoch's weights when read

@@ -41,6 +41,9 @@ class HookManager:
         self._handles: list[RemovableHandle] = []
         self._pending: dict[str, list[_Use]] = {}
         self._order = 0
+        # Whether a layer's input depends on a trained parameter; an input that does not is a
+        # function of the data alone, so its rows can repeat (deduplication looks only at those).
+        self.input_requires_grad: dict[str, bool] = {}
 
     @property
     def attached(self) -> bool:
@@ -83,6 +86,7 @@ class HookManager:
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return
+            self.input_requires_grad[name] = any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
             use = _Use(extractor.prefix(hyper, inputs), self._order)
             self._order += 1
             pending.append(use)

@@ -80,12 +80,15 @@ class LayerPlan:
             plan._matrices = projection.projection_matrices(p, plan.name, p["dim_in"], p["dim_out"])
         return plan
 
-    def finalize(self, uses: list[tuple[Tensor, Tensor]], policy: CapturePolicy) -> None:
+    def finalize(
+        self, uses: list[tuple[Tensor, Tensor]], policy: CapturePolicy, input_from_data: bool = False
+    ) -> None:
         """Chooses what to store from the first captured batch's shapes (see :mod:`.choice`).
 
-        With ``policy.dedup`` the layer input is marked for deduplication: it is a function of the
-        data alone when every layer before it is frozen (or there is none), so its rows can repeat;
-        output gradients depend on the current weights and never do.
+        With ``policy.dedup`` and ``input_from_data`` (no trained parameter feeds the layer input: the
+        first layer, or one after frozen layers) the input is marked for deduplication, since its rows
+        repeat when the data does. Other inputs and output gradients depend on the current weights and
+        never repeat, so hashing them would cost time for nothing.
         """
         self.uses = len(uses)
         self.input_shape = tuple(uses[0][0].shape[1:])
@@ -111,7 +114,7 @@ class LayerPlan:
             self._matrices = projection.projection_matrices(
                 self.projection, self.name, self.projection["dim_in"], self.projection["dim_out"]
             )
-        if policy.dedup and self.representation == "factors" and not self.summary:
+        if policy.dedup and input_from_data and self.representation == "factors" and not self.summary:
             self.arrays["a"]["dedup"] = True
         self.choice = {
             "kept": chosen.describe(),
