@@ -53,6 +53,8 @@ class CapturePolicy:
             ``"fp32"`` (lossless), ``"kbit:N"`` (N-bit codes on quantile bins fitted per chunk) or
             ``"threshold[:q]"`` (one bit: above or below the chunk's q-quantile). See
             :mod:`mstore_lightning.store.quant` for the error of each.
+        layer_precision: ``{pattern: precision}`` overriding ``precision`` for the layers a pattern
+            matches (the first matching pattern wins).
         loss_reduction: how ``training_step`` reduces per-sample losses: ``"mean"`` or ``"sum"``.
         representation: ``"auto"`` stores, per layer, the factors or the full per-sample gradient,
             whichever is smaller (or what ``budget`` asks); ``"factors"``, ``"full"`` or
@@ -79,6 +81,7 @@ class CapturePolicy:
     samples: Any = "all"
     sample_seed: int = 0
     precision: str = "int8"
+    layer_precision: Any = None
     loss_reduction: str = "mean"
     representation: str = "auto"
     dedup: bool = True
@@ -96,6 +99,7 @@ class CapturePolicy:
         object.__setattr__(self, "every_n_steps", _parse_positive_int("every_n_steps", self.every_n_steps))
         object.__setattr__(self, "samples", _parse_samples(self.samples))
         object.__setattr__(self, "sample_seed", _parse_int("sample_seed", self.sample_seed))
+        object.__setattr__(self, "layer_precision", _parse_layer_precision(self.layer_precision))
         try:
             check_precision(self.precision)
         except ValueError as exc:
@@ -162,6 +166,13 @@ class CapturePolicy:
         """Whether a module, by name or type name, is selected."""
         hit = any(match_pattern(name, type_name, p) for p in self.layers)
         return hit and not any(match_pattern(name, type_name, p) for p in self.exclude)
+
+    def precision_for(self, name: str, type_name: str) -> str:
+        """The storage precision of one layer."""
+        for pattern, precision in (self.layer_precision or {}).items():
+            if match_pattern(name, type_name, pattern):
+                return precision
+        return self.precision
 
     def pool_for(self, name: str, type_name: str) -> int:
         """The pooling factor of a convolution (1: none)."""
@@ -271,6 +282,19 @@ def _parse_samples(value: Any) -> Any:
             raise PolicyError(f"`samples.ids` must be a non-empty list of sample ids >= 0, got {ids!r}.")
         return {"ids": tuple(sorted({int(i) for i in ids}))}
     raise PolicyError(f"`samples` can be {allowed}; got {value!r}.")
+
+
+def _parse_layer_precision(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value or not all(isinstance(k, str) and k for k in value):
+        raise PolicyError(f"`layer_precision` must map layer patterns to precisions, got {value!r}.")
+    for pattern, precision in value.items():
+        try:
+            check_precision(precision)
+        except ValueError as exc:
+            raise PolicyError(f"`layer_precision[{pattern!r}]`: {exc}") from None
+    return dict(value)
 
 
 def _parse_budget(value: Any) -> dict[str, Any] | None:

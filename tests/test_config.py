@@ -40,6 +40,8 @@ def test_yaml_may_nest_under_policy_and_is_safe_loaded(tmp_path):
         ({"precision": "threshold:x"}, r"got 'threshold:x'"),
         ({"precision": 8}, r"got 8"),
         ({"dedup": "yes"}, r"`dedup` must be true or false, got 'yes'"),
+        ({"layer_precision": {"fc*": "int3"}}, r"`layer_precision\['fc\*'\]`: `precision` can be .*got 'int3'"),
+        ({"layer_precision": ["fc*"]}, r"`layer_precision` must map layer patterns to precisions"),
         ({"loss_reduction": "none"}, r"`loss_reduction` can be 'mean', 'sum'; got 'none'"),
         ({"representation": "sparse"}, r"`representation` can be 'auto', 'factors', 'full', 'projection'; got 'sparse'"),
         ({"budget": {"bytes": 10}}, r"`budget` can be None or a mapping with 'bytes_per_sample'.*got \{'bytes': 10\}"),
@@ -116,3 +118,11 @@ def test_explicit_id_set():
     p = CapturePolicy(samples={"ids": [3, 1, 3]})
     assert p.samples == {"ids": (1, 3)}
     np.testing.assert_array_equal(p.sample_mask(np.array([0, 1, 2, 3])), [False, True, False, True])
+
+
+def test_layer_precision_overrides_by_first_matching_pattern():
+    policy = CapturePolicy(precision="int8", layer_precision={"head": "fp32", "Linear": "kbit:4"})
+    assert policy.precision_for("head", "Linear") == "fp32"
+    assert policy.precision_for("body.0", "Linear") == "kbit:4"
+    assert policy.precision_for("conv", "Conv2d") == "int8"
+    assert CapturePolicy.from_dict(policy.to_dict()) == policy

@@ -211,3 +211,26 @@ def test_int8_store_is_smaller_than_fp32(int8_run):
     exact, store, _ = int8_run
     for layer in ("net.conv", "net.seq", "net.fc1"):  # net.fc2's few bytes are mostly array metadata
         assert store.nbytes_stored(layer=layer) < 0.5 * exact.nbytes_stored(layer=layer)
+
+
+def test_layer_precision_overrides_the_policy_precision_per_layer(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 16, 8, 8), torch.randint(0, 5, (16,))
+    policy = {"precision": "int8", "layer_precision": {"net.fc2": "fp32", "*seq": "kbit:4"}}
+    trainer([GradientCapture(tmp_path / "s.zarr", policy=policy)]).fit(Task(ConvSeqNet()), loader(x, y))
+    store = open_store(tmp_path / "s.zarr")
+    encodings = {layer: store.layer_spec(layer)["arrays"]["d"]["encoding"] for layer in store.layers}
+    assert encodings == {"net.conv": "int8", "net.seq": "kbit:4", "net.fc1": "int8", "net.fc2": "float32"}
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_a_value_repeated_across_quantiles_keeps_a_bin_of_its_own(bits):
+    # Every row's largest number is exactly -1 after scaling: 10% of the chunk sits on one value.
+    rng = np.random.default_rng(0)
+    unit = rng.random((512, 10)).astype(np.float32) * 0.2
+    unit[np.arange(512), rng.integers(0, 10, 512)] = -1.0
+    codec = quant.ChunkCodec.for_precision(f"kbit:{bits}", [10])
+    packed, table = codec.encode(unit)
+    got = codec.decode(packed, np.broadcast_to(table, (512, 2**bits)))
+    np.testing.assert_array_equal(got[unit == -1], -1.0)
+    assert (got[unit > 0] >= 0).all()

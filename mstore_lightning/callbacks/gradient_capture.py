@@ -131,6 +131,7 @@ class GradientCapture(Callback):
         self._recompute: dict[str, dict[str, Any]] = {}  # store-or-recompute decisions by layer
         self._epoch_recomputed: set[str] = set()
         self._probe: Any = None
+        self._decided = False  # whether the measured store-or-recompute decision was made
         self._rank = 0
 
     @property
@@ -195,6 +196,7 @@ class GradientCapture(Callback):
             self._run.open(self._run_meta(trainer, pl_module), resume=True)
         if resume:
             self._recompute.update(self._run.meta().get("recompute", {}))
+            self._decided = any("gamma_s_per_gb" in d for d in self._recompute.values())
             self._committed = sorted(self._resume.get("committed", []))
             keep = set(self._committed)
             if self._resume.get("open_epoch") is not None:
@@ -387,9 +389,7 @@ class GradientCapture(Callback):
     # ------------------------------------------------------------------ store or recompute
     def _wants_decision(self) -> bool:
         rule = self.policy.recompute or {}
-        return "threshold_s_per_gb" in rule and not any(
-            d.get("gamma_s_per_gb") is not None for d in self._recompute.values()
-        )
+        return "threshold_s_per_gb" in rule and not self._decided
 
     def _decide_store_or_recompute(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
@@ -422,6 +422,7 @@ class GradientCapture(Callback):
                 }
         decisions = trainer.strategy.broadcast(decisions, src=0)
         self._recompute.update(decisions)
+        self._decided = True
         self._run.update_meta(recompute=self._recompute)
 
     # ------------------------------------------------------------------ internals

@@ -102,7 +102,7 @@ class LayerPlan:
             self.param_shapes,
             a0,
             d0,
-            policy.precision,
+            policy.precision_for(self.name, type(self.module).__name__),
             pool,
             policy.projection_seed,
         )

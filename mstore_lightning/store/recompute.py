@@ -47,8 +47,19 @@ def gamma(t_recompute: float, t_read: float, queries: int, nbytes: float) -> flo
 def batch_loss(
     module: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], Any] | None
 ) -> torch.Tensor:
-    """The batch loss: ``loss_fn(module, batch)``, else ``training_step``'s tensor or its ``"loss"``."""
-    out = loss_fn(module, batch) if loss_fn is not None else module.training_step(batch, 0)
+    """The batch loss: ``loss_fn(module, batch)``, else ``training_step``'s tensor or its ``"loss"``.
+
+    ``training_step`` runs with ``self.log`` silenced: this pass is not a training step, and Lightning
+    refuses step-level logging outside one.
+    """
+    if loss_fn is not None:
+        out = loss_fn(module, batch)
+    else:
+        module.log = module.log_dict = _no_log  # instance attributes shadow the methods ...
+        try:
+            out = module.training_step(batch, 0)
+        finally:
+            del module.log, module.log_dict  # ... and are removed, leaving the module as it was
     loss = out["loss"] if isinstance(out, dict) else out
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError(
@@ -56,6 +67,10 @@ def batch_loss(
             "with 'loss'), or pass loss_fn=callable(module, batch) -> loss."
         )
     return loss
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 class Recomputer:
