@@ -24,11 +24,18 @@ def weak_hash(data: bytes) -> bytes:
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.lists(st.binary(min_size=3, max_size=3), min_size=1, max_size=30), weak=st.booleans())
-def test_references_point_to_the_first_identical_row(rows, weak):
+@given(
+    rows=st.lists(st.binary(min_size=3, max_size=3), min_size=1, max_size=30),
+    weak=st.booleans(),
+    cuts=st.lists(st.integers(1, 29), max_size=3),
+)
+def test_references_point_to_the_first_identical_row(rows, weak, cuts):
     index = RowIndex(hash_fn=weak_hash) if weak else RowIndex()
     arr = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), 3)
-    refs = index.deduplicate("layer/a", arr, epoch=2, rank=1, first_row=100)
+    bounds = sorted({0, len(rows), *[c for c in cuts if c < len(rows)]})  # rows arrive in several batches
+    refs = np.concatenate(
+        [index.deduplicate("layer/a", arr[a:b], epoch=2, rank=1, first_row=100 + a) for a, b in zip(bounds, bounds[1:])]
+    )
     for i, row in enumerate(rows):
         first = rows.index(row)
         expected = [-1, -1, -1] if first == i else [2, 1, 100 + first]
@@ -49,9 +56,10 @@ def test_budget_bounds_the_index_and_later_rows_are_stored_in_full():
     arr = np.arange(6, dtype=np.uint8).reshape(3, 2).repeat(2, axis=0)  # rows 0,0,1,1,2,2 of 2 bytes
     refs = index.deduplicate("k", arr[:4], epoch=0, rank=0, first_row=0)
     assert refs[:, 2].tolist() == [-1, 0, -1, 2]
-    index.budget_bytes = 4  # full: the index holds two rows
+    index.budget_bytes = 4  # full: the index holds two rows; a batch still finds its own repeats
     refs = index.deduplicate("k", arr[4:], epoch=0, rank=0, first_row=4)
-    assert refs[:, 2].tolist() == [-1, -1] and index.held_bytes == 4
+    assert refs[:, 2].tolist() == [-1, 4] and index.held_bytes == 4
+    assert index.deduplicate("k", arr[4:5], epoch=1, rank=0, first_row=0)[:, 2].tolist() == [-1]
     assert index.deduplicate("k", arr[:1], epoch=1, rank=0, first_row=0)[:, 2].tolist() == [0]
 
 

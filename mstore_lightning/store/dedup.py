@@ -3,7 +3,7 @@
 Rows are compared by a 64-bit content hash of their stored bytes (codes and scales together), and every hash
 hit is confirmed byte for byte before a row becomes a reference, so a hash collision can never alias
 two different rows. The index keeps the bytes of the rows it knows, up to a byte budget; rows that
-arrive after it is full are still checked against it but not added.
+arrive after it is full are still checked against it (and against their own batch) but not added.
 
 A duplicate row is stored as zeros (its chunk compresses to almost nothing, and a chunk of nothing but
 duplicates is not written at all) and its ``<name>_ref`` row names where the bytes live:
@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +64,44 @@ class DedupStats:
         return dict(self.__dict__)
 
 
+class _Table:
+    """One array's index: hashes kept sorted, pointing at row contents held in one growing buffer."""
+
+    def __init__(self, width: int) -> None:
+        self.hashes = np.empty(0, dtype=np.uint64)  # sorted
+        self.slots = np.empty(0, dtype=np.int64)  # buffer row of each hash
+        self.rows = np.empty((0, width), dtype=np.uint8)
+        self.where = np.empty((0, 3), dtype=np.int32)
+        self.count = 0
+
+    def run(self, h: int) -> range:
+        """Positions in :attr:`hashes` equal to ``h``."""
+        lo = int(np.searchsorted(self.hashes, np.uint64(h), side="left"))
+        hi = int(np.searchsorted(self.hashes, np.uint64(h), side="right"))
+        return range(lo, hi)
+
+    def add(self, hashes: np.ndarray, rows: np.ndarray, where: np.ndarray) -> None:
+        n = len(hashes)
+        if self.count + n > len(self.rows):
+            grow = max(self.count + n, 2 * len(self.rows), 1024)
+            self.rows = _grown(self.rows, grow, self.count)
+            self.where = _grown(self.where, grow, self.count)
+        self.rows[self.count : self.count + n] = rows
+        self.where[self.count : self.count + n] = where
+        order = np.argsort(hashes, kind="stable")
+        at = np.searchsorted(
+            self.hashes, hashes[order], side="right"
+        )  # after equal hashes: first stays first
+        self.hashes = np.insert(self.hashes, at, hashes[order])
+        self.slots = np.insert(self.slots, at, self.count + order)
+        self.count += n
+
+
 class RowIndex:
     """Content index of stored rows, one namespace per logical array.
+
+    Rows whose hash is unique in their batch and matches at most one known row are looked up all at
+    once; the rare others (hash collisions, repeats within a batch) one by one, in order.
 
     Args:
         budget_bytes: most bytes of row contents the index holds for byte checks.
@@ -74,12 +110,12 @@ class RowIndex:
     """
 
     def __init__(
-        self, budget_bytes: int = DEFAULT_DEDUP_BYTES, hash_fn: Callable[[bytes], Hashable] | None = None
+        self, budget_bytes: int = DEFAULT_DEDUP_BYTES, hash_fn: Callable[[bytes], bytes] | None = None
     ) -> None:
         self.budget_bytes = int(budget_bytes)
         self.hash_fn = hash_fn
         self.held_bytes = 0
-        self._index: dict[tuple[str, Hashable], list[tuple[bytes, tuple[int, int, int]]]] = {}
+        self._tables: dict[str, _Table] = {}
         self.stats: dict[str, DedupStats] = {}
         self.sources: set[int] = set()  # epochs that references point into
 
@@ -90,31 +126,94 @@ class RowIndex:
             ``(n, 3)`` int32: ``(epoch, rank, row)`` of an identical stored row, or ``-1`` s for rows
             to be stored in place. Rows stored in place join the index while the budget allows.
         """
-        refs = np.full((rows.shape[0], 3), NO_REF, dtype=np.int32)
+        n, width = rows.shape
+        table = self._tables.setdefault(key, _Table(width))
         stats = self.stats.setdefault(key, DedupStats())
-        stats.rows += rows.shape[0]
-        digests = row_hashes(rows) if self.hash_fn is None else [self.hash_fn(r.tobytes()) for r in rows]
-        for i, digest in enumerate(digests):
-            bucket = self._index.get((key, digest), ())
-            data = memoryview(rows[i])
-            for checked, (stored, where) in enumerate(bucket):
-                if stored == data:
-                    refs[i] = where
-                    self.sources.add(where[0])
-                    stats.duplicates += 1
-                    stats.bytes_saved += len(data)
-                    stats.collisions += checked
+        stats.rows += n
+        refs = np.full((n, 3), NO_REF, dtype=np.int32)
+        if self.hash_fn is None:
+            h = np.asarray(row_hashes(rows), dtype=np.uint64)
+        else:
+            h = np.array(
+                [int.from_bytes(self.hash_fn(r.tobytes())[:8].ljust(8, b"\0"), "little") for r in rows],
+                dtype=np.uint64,
+            )
+        lo = np.searchsorted(table.hashes, h, side="left")
+        known = np.searchsorted(table.hashes, h, side="right") - lo
+        _, first, counts = np.unique(h, return_index=True, return_counts=True)
+        alone = np.zeros(n, dtype=bool)
+        alone[first[counts == 1]] = True
+        simple = alone & (known <= 1)
+        stored = np.zeros(n, dtype=bool)  # rows stored in place
+
+        # The common path: one byte check per candidate, all at once.
+        idx = np.nonzero(simple & (known == 1))[0]
+        if idx.size:
+            slots = table.slots[lo[idx]]
+            equal = (table.rows[slots] == rows[idx]).all(axis=1)
+            hit = idx[equal]
+            refs[hit] = table.where[slots[equal]]
+            stats.collisions += int((~equal).sum())
+            stored[idx[~equal]] = True
+        stored[simple & (known == 0)] = True
+
+        # The rest, in order: a collision run in the table, or rows repeated within this batch.
+        pending: dict[int, list[int]] = {}  # hash -> rows of this batch stored in place so far
+        for i in np.nonzero(~simple)[0].tolist():
+            hi = int(h[i])
+            match = None
+            for checked, pos in enumerate(table.run(hi)):
+                if np.array_equal(table.rows[table.slots[pos]], rows[i]):
+                    match, stats.collisions = table.where[table.slots[pos]], stats.collisions + checked
                     break
             else:
-                stats.collisions += len(bucket)
-                if self.held_bytes + len(data) <= self.budget_bytes:
-                    entry = (rows[i].tobytes(), (epoch, rank, first_row + i))
-                    self._index.setdefault((key, digest), []).append(entry)
-                    self.held_bytes += len(data)
+                stats.collisions += len(table.run(hi))
+                for checked, j in enumerate(pending.get(hi, [])):
+                    if np.array_equal(rows[j], rows[i]):
+                        match = (epoch, rank, first_row + j)
+                        stats.collisions += checked
+                        break
+                else:
+                    stats.collisions += len(pending.get(hi, []))
+            if match is None:
+                stored[i] = True
+                pending.setdefault(hi, []).append(i)
+            else:
+                refs[i] = match
+
+        dup = refs[:, 2] >= 0
+        stats.duplicates += int(dup.sum())
+        stats.bytes_saved += int(dup.sum()) * width
+        self.sources.update(int(e) for e in np.unique(refs[dup, 0]))
+        self._remember(table, h, rows, np.nonzero(stored)[0], epoch, rank, first_row)
         return refs
+
+    def _remember(
+        self,
+        table: _Table,
+        h: np.ndarray,
+        rows: np.ndarray,
+        stored: np.ndarray,
+        epoch: int,
+        rank: int,
+        first_row: int,
+    ) -> None:
+        """Adds the rows stored in place to the index, in row order, while the budget lasts."""
+        width = rows.shape[1]
+        keep = stored[: max(0, (self.budget_bytes - self.held_bytes) // max(1, width))]
+        if keep.size:
+            where = np.stack([np.full(keep.size, epoch), np.full(keep.size, rank), first_row + keep], 1)
+            table.add(h[keep], rows[keep], where.astype(np.int32))
+            self.held_bytes += keep.size * width
 
     def take_stats(self) -> dict[str, object]:
         """Statistics since the last call, by array, and the epochs referenced; resets both."""
         out = {"arrays": {k: s.to_dict() for k, s in self.stats.items()}, "sources": sorted(self.sources)}
         self.stats, self.sources = {}, set()
         return out
+
+
+def _grown(a: np.ndarray, rows: int, used: int) -> np.ndarray:
+    out = np.empty((rows, *a.shape[1:]), dtype=a.dtype)
+    out[:used] = a[:used]
+    return out
