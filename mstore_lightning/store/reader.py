@@ -252,6 +252,36 @@ class GradientStore:
                 out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).double().numpy()
         return QueryResult(out, self._approximate(layers, epoch))
 
+    def self_influence(self, epochs: Sequence[int] | None = None, layers: Sequence[str] | None = None) -> Any:
+        """``(ids, scores)``: ``Σ_e lr_e ‖g_i(e)‖²`` per sample; see :mod:`mstore_lightning.analytics`."""
+        from mstore_lightning.analytics import self_influence
+
+        return self_influence(self, epochs, layers)
+
+    def tracin(
+        self,
+        query_ids: Sequence[int] | np.ndarray,
+        epochs: Sequence[int] | None = None,
+        layers: Sequence[str] | None = None,
+    ) -> Any:
+        """``(ids, scores)`` with scores ``(len(query_ids), len(ids))``: ``Σ_e lr_e ⟨g_train, g_query⟩``."""
+        from mstore_lightning.analytics import tracin
+
+        return tracin(self, query_ids, epochs, layers)
+
+    def topk(
+        self,
+        query_ids: Sequence[int] | np.ndarray,
+        k: int,
+        epoch: int | None = None,
+        metric: str = "cosine",
+        layers: Sequence[str] | None = None,
+    ) -> Any:
+        """Per query, ``k`` training ids and scores, best first (``metric`` ``"cosine"`` or ``"dot"``)."""
+        from mstore_lightning.analytics import topk
+
+        return topk(self, query_ids, k, epoch, metric, layers)
+
     def describe(self) -> str:
         """A human-readable summary: epochs, layers, representation, bytes, and what is not captured."""
         lines = [f"gradient store {self.uri}", f"  epochs committed: {self.epochs}"]

@@ -1,0 +1,118 @@
+"""Self-influence, TracIn and top-k on the factors, summed over captured epochs.
+
+With ``g_i(e)`` the per-sample gradient of training row ``i`` in epoch ``e`` and ``lr_e`` the epoch's
+learning rate (recorded in the store):
+
+- self-influence of a sample: ``Σ_e lr_e ‖g_i(e)‖²`` (high for mislabeled or atypical samples);
+- TracIn of a query on a training sample: ``Σ_e lr_e ⟨g_train(e), g_query(e)⟩``;
+- top-k: the training samples with the largest cosine (or inner product) to a query in one epoch.
+
+Every norm and inner product comes from the store's streaming kernels on the factors; no gradient is
+restored. Captured rows use the weights of their own step, so these are TracIn's "during training"
+form. A sample seen several times in an epoch (a sampler with replacement) adds every row. Use them
+through the store: ``ids, scores = open_store(path).self_influence()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from mstore_lightning.store.reader import GradientStore
+
+
+class Influence(NamedTuple):
+    """Scores keyed by sample id: ``ids`` (N,) ascending, ``scores`` (N,) or (queries, N)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class Neighbours(NamedTuple):
+    """Per query, ``k`` training sample ids and their scores, best first: both ``(queries, k)``."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+def self_influence(
+    store: GradientStore, epochs: Sequence[int] | None = None, layers: Sequence[str] | None = None
+) -> Influence:
+    """``Σ_e lr_e ‖g_i(e)‖²`` for every sample captured in ``epochs`` (all committed by default)."""
+    epochs = _epochs(store, epochs)
+    ids = _union_ids(store, epochs)
+    scores = np.zeros(len(ids), dtype=np.float64)
+    for e in epochs:
+        rows = np.searchsorted(ids, store.sample_ids(e))
+        np.add.at(scores, rows, store.lr(e) * np.asarray(store.norms(e, layers)) ** 2)
+    return Influence(ids, scores)
+
+
+def tracin(
+    store: GradientStore,
+    query_ids: Sequence[int] | np.ndarray,
+    epochs: Sequence[int] | None = None,
+    layers: Sequence[str] | None = None,
+) -> Influence:
+    """``Σ_e lr_e ⟨g_train(e), g_query(e)⟩``: scores ``(len(query_ids), N)`` over every training id.
+
+    The queries' gradients are their own training rows in each epoch, so each query must be captured
+    in every epoch asked for.
+    """
+    epochs = _epochs(store, epochs)
+    query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+    ids = _union_ids(store, epochs)
+    scores = np.zeros((len(query_ids), len(ids)), dtype=np.float64)
+    for e in epochs:
+        train = store.sample_ids(e)
+        np.add.at(
+            scores.T,
+            np.searchsorted(ids, train),
+            store.lr(e) * np.asarray(store.dot(e, query_ids, train, layers)).T,
+        )
+    return Influence(ids, scores)
+
+
+def topk(
+    store: GradientStore,
+    query_ids: Sequence[int] | np.ndarray,
+    k: int,
+    epoch: int | None = None,
+    metric: str = "cosine",
+    layers: Sequence[str] | None = None,
+) -> Neighbours:
+    """The ``k`` training samples of ``epoch`` (the last by default) closest to each query.
+
+    Args:
+        metric: ``"cosine"`` or ``"dot"`` (the gradient inner product).
+    """
+    if metric not in ("cosine", "dot"):
+        raise ValueError(f"`metric` can be 'cosine' or 'dot'; got {metric!r}.")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
+    epoch = store.epochs[-1] if epoch is None else epoch
+    query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+    train = store.sample_ids(epoch)
+    scores = np.asarray(store.dot(epoch, query_ids, train, layers))
+    if metric == "cosine":
+        norms = np.asarray(store.norms(epoch, layers))
+        by_id = dict(zip(train.tolist(), norms.tolist()))
+        q_norms = np.array([by_id[int(q)] for q in query_ids])
+        scores = scores / np.maximum(np.outer(q_norms, norms), np.finfo(np.float64).tiny)
+    k = min(int(k), len(train))
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
+    best = np.take_along_axis(top, order, 1)
+    return Neighbours(train[best], np.take_along_axis(scores, best, 1))
+
+
+def _epochs(store: GradientStore, epochs: Sequence[int] | None) -> list[int]:
+    return list(store.epochs) if epochs is None else [int(e) for e in epochs]
+
+
+def _union_ids(store: GradientStore, epochs: list[int]) -> np.ndarray:
+    parts = [store.sample_ids(e) for e in epochs]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,89 @@
+"""Self-influence, TracIn and top-k against brute force on torch.func per-sample gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import EXACT, Reference, Task, loader, trainer
+from mstore_lightning import GradientCapture, open_store
+from test_capture_fit import data, mlp
+
+
+class DecayingTask(Task):
+    """Halves the learning rate every epoch, so each epoch's lr weight differs."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("influence")
+    torch.manual_seed(0)
+    x, y = data(n=30)
+    ref = Reference()
+    caps = [GradientCapture(path / "fp32.zarr", policy=EXACT), GradientCapture(path / "int8.zarr")]
+    trainer([ref, *caps], max_epochs=3).fit(DecayingTask(mlp()), loader(x, y, batch_size=8))
+    return open_store(path / "fp32.zarr"), open_store(path / "int8.zarr"), ref
+
+
+def flat(ref: Reference, epoch: int, ids: list[int]) -> torch.Tensor:
+    names = sorted(ref.grads[epoch][ids[0]])
+    return torch.cat([ref.stacked(epoch, ids, n).flatten(1) for n in names], 1).double()
+
+
+def test_lr_is_recorded_per_epoch(run):
+    store, _, _ = run
+    assert [store.lr(e) for e in store.epochs] == pytest.approx([0.1, 0.05, 0.025])
+
+
+def test_self_influence_and_tracin_equal_brute_force(run):
+    store, _, ref = run
+    ids = list(range(30))
+    want_self = sum(store.lr(e) * flat(ref, e, ids).pow(2).sum(1) for e in store.epochs)
+    got = store.self_influence()
+    np.testing.assert_array_equal(got.ids, ids)
+    np.testing.assert_allclose(got.scores, want_self.numpy(), rtol=1e-4)
+    queries = [3, 17, 29]
+    want = sum(store.lr(e) * flat(ref, e, queries) @ flat(ref, e, ids).T for e in store.epochs)
+    got = store.tracin(queries)
+    assert got.scores.shape == (3, 30)
+    np.testing.assert_allclose(got.scores, want.numpy(), rtol=1e-4, atol=1e-9)
+    one = store.tracin(queries, epochs=[1], layers=["net.2"])
+    w = store.lr(1) * ref.stacked(1, queries, "net.2.weight").flatten(1).double() @ ref.stacked(1, ids, "net.2.weight").flatten(1).double().T
+    w += store.lr(1) * ref.stacked(1, queries, "net.2.bias").double() @ ref.stacked(1, ids, "net.2.bias").double().T
+    np.testing.assert_allclose(one.scores, w.numpy(), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_topk_equals_a_full_sort(run, metric):
+    store, _, ref = run
+    ids = list(range(30))
+    g = flat(ref, 2, ids)
+    scores = g[[4, 9]] @ g.T
+    if metric == "cosine":
+        scores = scores / torch.outer(g[[4, 9]].norm(dim=1), g.norm(dim=1))
+    got = store.topk([4, 9], k=5, metric=metric)
+    want = torch.argsort(scores, dim=1, descending=True)[:, :5]
+    np.testing.assert_array_equal(got.ids, want.numpy())
+    np.testing.assert_allclose(got.scores, torch.gather(scores, 1, want).numpy(), rtol=1e-4)
+    if metric == "cosine":
+        assert got.ids[0, 0] == 4 and got.scores[0, 0] == pytest.approx(1.0)
+
+
+def test_int8_self_influence_stays_close(run):
+    exact, store, _ = run
+    a, b = exact.self_influence().scores, store.self_influence().scores
+    assert np.max(np.abs(b - a) / a) < 0.02
+    assert np.corrcoef(a, b)[0, 1] > 0.9999
+
+
+def test_topk_rejects_bad_arguments(run):
+    store, _, _ = run
+    with pytest.raises(ValueError, match="`metric` can be 'cosine' or 'dot'; got 'l2'"):
+        store.topk([1], 3, metric="l2")
+    with pytest.raises(ValueError, match="`k` must be an integer >= 1, got 0"):
+        store.topk([1], 0)
