@@ -252,6 +252,30 @@ class GradientStore:
                 out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).double().numpy()
         return QueryResult(out, self._approximate(layers, epoch))
 
+    def blocks(self, epoch: int, layer: str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Streams ``layer``'s decoded rows of ``epoch`` one chunk at a time, for operators on factors.
+
+        Yields:
+            ``(first, rows)``: the position of the block's first row in :meth:`sample_ids`, and the
+            arrays as the layer's extractor reads them (``{"a", "d"}`` or per-parameter gradients).
+        """
+        lay = self._layer(layer)
+        for lo, rows in self._stream(epoch, lay):
+            yield lo, lay.unpacked(rows) if lay.factored else rows
+
+    def class_gradients(self, epoch: int, layers: Sequence[str] | None = None) -> Any:
+        """Per-class sums of per-sample gradients; see :func:`mstore_lightning.analytics.class_gradients`."""
+        from mstore_lightning.analytics import class_gradients
+
+        return class_gradients(self, epoch, layers)
+
+    def class_conflicts(self, epoch: int, layers: Sequence[str] | None = None) -> Any:
+        """Cosines between class gradients and the samples opposing their class's; see
+        :func:`mstore_lightning.analytics.class_conflicts`."""
+        from mstore_lightning.analytics import class_conflicts
+
+        return class_conflicts(self, epoch, layers)
+
     def self_influence(self, epochs: Sequence[int] | None = None, layers: Sequence[str] | None = None) -> Any:
         """``(ids, scores)``: ``Σ_e lr_e ‖g_i(e)‖²`` per sample; see :mod:`mstore_lightning.analytics`."""
         from mstore_lightning.analytics import self_influence
