@@ -9,6 +9,7 @@
         r<rank>/layers/<module name>/{weight,bias}  or full per-sample gradients, whichever is smaller
         r<rank>/layers/<module name>/<x>_scale      int8 scales of array <x> (see ``quant``)
         r<rank>/layers/<module name>/a_ref          (epoch, rank, row) of each deduplicated input row
+        q<rank>/{rows,layers}/...                   query samples, captured at the epoch's end
 
 Every array is chunked along the row axis and stored with zstd and a crc32c checksum per chunk. An
 epoch is visible to readers only once its group says ``state: committed``; that attribute is written
@@ -31,14 +32,15 @@ EPOCHS = "epochs"
 ROWS = "rows"
 LAYERS = "layers"
 OPEN, COMMITTED = "open", "committed"
+SPLITS = {"train": "r", "query": "q"}  # rank group prefix of each kind of row: r0, r1, ... and q0, ...
 
 
 def epoch_key(epoch: int) -> str:
     return f"{epoch:05d}"
 
 
-def rank_key(rank: int) -> str:
-    return f"r{rank}"
+def rank_key(rank: int, split: str = "train") -> str:
+    return f"{SPLITS[split]}{rank}"
 
 
 def create_row_array(

@@ -171,19 +171,26 @@ class GradientStore:
         """The learning rate in force at the start of ``epoch`` (first optimizer, first group)."""
         return float(self._epoch(epoch)["attrs"]["lr"])
 
-    def sample_ids(self, epoch: int) -> np.ndarray:
-        """Global dataset index of each captured training row of ``epoch``."""
-        return self.row_field(epoch, "ids")
+    def sample_ids(self, epoch: int, split: str = "train") -> np.ndarray:
+        """Global dataset index of each captured row of ``epoch``: training rows, or with
+        ``split="query"`` the query samples captured at the epoch's end (``GradientCapture(query=)``)."""
+        return self.row_field(epoch, "ids", split)
 
-    def row_field(self, epoch: int, field: str) -> np.ndarray:
+    def has_queries(self, epoch: int) -> bool:
+        """Whether ``epoch`` holds query rows."""
+        return bool(self._epoch(epoch, "query")["ranks"])
+
+    def row_field(self, epoch: int, field: str, split: str = "train") -> np.ndarray:
         """One per-row record of ``epoch``: ``ids``, ``step``, ``loss``, ``label`` or ``lr``."""
-        parts = [g[f"{layout.ROWS}/{field}"][:] for g in self._epoch(epoch)["ranks"]]
+        parts = [g[f"{layout.ROWS}/{field}"][:] for g in self._epoch(epoch, split)["ranks"]]
         if not parts:
             return np.zeros(0, dtype=np.float64 if field in ("loss", "lr") else np.int64)
         return np.concatenate(parts)
 
     # ---------------------------------------------------------------- gradients
-    def restore(self, epoch: int, layer: str, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+    def restore(
+        self, epoch: int, layer: str, ids: Sequence[int] | np.ndarray, split: str = "train"
+    ) -> dict[str, torch.Tensor]:
         """Per-sample gradients of ``layer``'s captured parameters for samples ``ids``.
 
         Returns:
@@ -196,15 +203,17 @@ class GradientStore:
                 "norms, dot and the analytics work on it; capture it with representation='factors' or a "
                 "larger budget to restore it."
             )
-        rows = self._gather(epoch, lay, self._rows_of(epoch, ids))
+        rows = self._gather(epoch, lay, self._rows_of(epoch, ids, split), split)
         if not lay.factored:
             return rows
         return lay.extractor.restore(lay.spec["hyper"], lay.params, lay.unpacked(rows))
 
-    def factors(self, epoch: int, layer: str, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+    def factors(
+        self, epoch: int, layer: str, ids: Sequence[int] | np.ndarray, split: str = "train"
+    ) -> dict[str, torch.Tensor]:
         """The stored arrays of ``layer`` for samples ``ids``, decoded: ``{"a": ..., "d": ...}`` for a
         factored layer (rows ``(len(ids), uses, ...)``), per-parameter gradients for a full one."""
-        return self._gather(epoch, self._layer(layer), self._rows_of(epoch, ids))
+        return self._gather(epoch, self._layer(layer), self._rows_of(epoch, ids, split), split)
 
     def dedup_stats(self, epoch: int | None = None) -> dict[str, dict[str, int]]:
         """What deduplication saved, by ``"<layer>/<array>"``, summed over ranks (and epochs).
@@ -221,14 +230,14 @@ class GradientStore:
                         into[k] = into.get(k, 0) + int(v)
         return total
 
-    def norms(self, epoch: int, layers: Sequence[str] | None = None) -> np.ndarray:
+    def norms(self, epoch: int, layers: Sequence[str] | None = None, *, split: str = "train") -> np.ndarray:
         """Per-sample gradient L2 norm over ``layers``, aligned with :meth:`sample_ids`.
 
         Computed on the stored factors, chunk by chunk, without restoring gradients.
         """
-        total = np.zeros(len(self.sample_ids(epoch)), dtype=np.float64)
+        total = np.zeros(len(self.sample_ids(epoch, split)), dtype=np.float64)
         for lay in self._select(layers):
-            for lo, rows in self._stream(epoch, lay):
+            for lo, rows in self._stream(epoch, lay, split):
                 total[lo : lo + _nrows(rows)] += _sqnorm(lay, rows).double().numpy()
         return QueryResult(np.sqrt(total), self._approximate(layers, epoch))
 
@@ -238,17 +247,21 @@ class GradientStore:
         ids_a: Sequence[int] | np.ndarray,
         ids_b: Sequence[int] | np.ndarray,
         layers: Sequence[str] | None = None,
+        *,
+        split_a: str = "train",
+        split_b: str = "train",
     ) -> np.ndarray:
         """``(len(ids_a), len(ids_b))`` per-sample gradient inner products over ``layers``.
 
         Computed on the factors as ``Σ_{t,s} (a_t·a'_s)(d_t·d'_s)``; ``ids_b`` streams in blocks.
+        ``split_a="query"`` takes the first ids among the epoch's query rows.
         """
-        rows_a, rows_b = self._rows_of(epoch, ids_a), self._rows_of(epoch, ids_b)
+        rows_a, rows_b = self._rows_of(epoch, ids_a, split_a), self._rows_of(epoch, ids_b, split_b)
         out = np.zeros((len(rows_a), len(rows_b)), dtype=np.float64)
         for lay in self._select(layers):
-            xa = self._gather(epoch, lay, rows_a)
+            xa = self._gather(epoch, lay, rows_a, split_a)
             for lo in range(0, len(rows_b), _BLOCK_ROWS):
-                xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS])
+                xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS], split_b)
                 out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).double().numpy()
         return QueryResult(out, self._approximate(layers, epoch))
 
@@ -417,6 +430,13 @@ class GradientStore:
             "loaded": None,
         }
 
+    @staticmethod
+    def _train_only(split: str, lay: _Layer) -> None:
+        if split != "train":
+            raise StoreReadError(
+                f"Layer {lay.name!r} is recomputed, which covers training rows only, not queries."
+            )
+
     def _is_recomputed(self, epoch: int, lay: _Layer) -> bool:
         return lay.name in self._epoch(epoch)["attrs"].get("recomputed", [])
 
@@ -458,40 +478,45 @@ class GradientStore:
             layers = [layers]
         return [self._layer(n) for n in (layers if layers is not None else self.layers)]
 
-    def _epoch(self, epoch: int) -> dict[str, Any]:
-        if epoch not in self._epoch_cache:
+    def _epoch(self, epoch: int, split: str = "train") -> dict[str, Any]:
+        if split not in layout.SPLITS:
+            raise StoreReadError(f"`split` can be {', '.join(map(repr, layout.SPLITS))}; got {split!r}.")
+        key = (epoch, split)
+        if key not in self._epoch_cache:
             if epoch not in self.epochs:
                 raise StoreReadError(
                     f"Epoch {epoch} is not committed in this store; committed: {self.epochs}."
                 )
             group = self._root[f"{layout.EPOCHS}/{layout.epoch_key(epoch)}"]
+            prefix = layout.SPLITS[split]
             ranks = [
                 g
                 for _, g in sorted(
-                    (int(k[1:]), g) for k, g in group.groups() if k[:1] == "r" and k[1:].isdigit()
+                    (int(k[1:]), g) for k, g in group.groups() if k[:1] == prefix and k[1:].isdigit()
                 )
             ]
             ranks = [g for g in ranks if layout.ROWS in g]
             sizes = [g[f"{layout.ROWS}/ids"].shape[0] for g in ranks]
-            self._epoch_cache[epoch] = {
+            self._epoch_cache[key] = {
                 "attrs": dict(group.attrs),
                 "ranks": ranks,
                 "by_rank": {int(g.basename[1:]): g for g in ranks},
                 "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
             }
-        return self._epoch_cache[epoch]
+        return self._epoch_cache[key]
 
-    def _rows_of(self, epoch: int, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    def _rows_of(self, epoch: int, ids: Sequence[int] | np.ndarray, split: str = "train") -> np.ndarray:
         """Row positions of sample ``ids`` in ``epoch``."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        have = self.sample_ids(epoch)
+        have = self.sample_ids(epoch, split)
         order = np.argsort(have, kind="stable")
         sorted_ids = have[order]
         pos = np.searchsorted(sorted_ids, ids)
         found = (pos < len(sorted_ids)) & (sorted_ids[np.minimum(pos, len(sorted_ids) - 1)] == ids)
         if not found.all():
             missing = ids[~found][:10].tolist()
-            raise StoreReadError(f"Sample id(s) {missing} were not captured in epoch {epoch}.")
+            what = "as queries" if split == "query" else "in"
+            raise StoreReadError(f"Sample id(s) {missing} were not captured {what} epoch {epoch}.")
         dup = (pos + 1 < len(sorted_ids)) & (sorted_ids[np.minimum(pos + 1, len(sorted_ids) - 1)] == ids)
         if dup.any():
             raise StoreReadError(
@@ -551,11 +576,14 @@ class GradientStore:
             )
         return ep["by_rank"][rank]
 
-    def _gather(self, epoch: int, lay: _Layer, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def _gather(
+        self, epoch: int, lay: _Layer, rows: np.ndarray, split: str = "train"
+    ) -> dict[str, torch.Tensor]:
         """Decoded arrays of ``lay`` at global row positions ``rows`` (in the given order)."""
         if self._is_recomputed(epoch, lay):
+            self._train_only(split, lay)
             return self._recompute_rows(epoch, lay, self.sample_ids(epoch)[rows])
-        ep = self._epoch(epoch)
+        ep = self._epoch(epoch, split)
         offsets = ep["offsets"]
         which = np.searchsorted(offsets, rows, side="right") - 1
         out: dict[str, torch.Tensor] = {}
@@ -572,14 +600,17 @@ class GradientStore:
             out[name] = quant.decode(spec, name, parts)
         return out
 
-    def _stream(self, epoch: int, lay: _Layer) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def _stream(
+        self, epoch: int, lay: _Layer, split: str = "train"
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yields ``(first global row, decoded rows)`` one chunk of the layer at a time."""
         if self._is_recomputed(epoch, lay):
+            self._train_only(split, lay)
             ids = self.sample_ids(epoch)
             for lo in range(0, len(ids), _BLOCK_ROWS):
                 yield lo, self._recompute_rows(epoch, lay, ids[lo : lo + _BLOCK_ROWS])
             return
-        ep = self._epoch(epoch)
+        ep = self._epoch(epoch, split)
         names = self._array_names(lay)
         for r, g in enumerate(ep["ranks"]):
             first = self._array(g, lay, names[0])

@@ -55,7 +55,7 @@ class RunWriter:
         self.writer = BackgroundWriter(queue_bytes=queue_bytes, chunk_bytes=chunk_bytes)
         self.root: zarr.Group | None = None
         self._epoch_groups: dict[int, zarr.Group] = {}
-        self._rank_groups: dict[int, zarr.Group] = {}
+        self._rank_groups: dict[tuple[int, str], zarr.Group] = {}
 
     # ---------------------------------------------------------------- run metadata
     def open(self, meta: dict[str, Any], resume: bool) -> None:
@@ -107,12 +107,12 @@ class RunWriter:
             group = self.root[path]
         self._epoch_groups[epoch] = group
 
-    def rank_group(self, epoch: int) -> zarr.Group:
-        """This rank's group in ``epoch``, created at its first use."""
-        if epoch not in self._rank_groups:
-            group, key = self._epoch_groups[epoch], layout.rank_key(self.rank)
-            self._rank_groups[epoch] = group[key] if key in group else group.create_group(key)
-        return self._rank_groups[epoch]
+    def rank_group(self, epoch: int, split: str = "train") -> zarr.Group:
+        """This rank's group of ``split`` rows in ``epoch``, created at its first use."""
+        if (epoch, split) not in self._rank_groups:
+            group, key = self._epoch_groups[epoch], layout.rank_key(self.rank, split)
+            self._rank_groups[(epoch, split)] = group[key] if key in group else group.create_group(key)
+        return self._rank_groups[(epoch, split)]
 
     def append(
         self,
@@ -123,9 +123,10 @@ class RunWriter:
         chunk_rows: int | None = None,
         skip_empty: bool = False,
         codec: ChunkCodec | None = None,
+        split: str = "train",
     ) -> None:
-        """Appends rows to array ``name`` (a path under this rank's epoch group)."""
-        group = self.rank_group(epoch)
+        """Appends rows to array ``name`` (a path under this rank's group of ``split`` rows)."""
+        group = self.rank_group(epoch, split)
         if not self.writer.has_array(group, name):
             self.writer.open_array(group, name, tuple(values.shape[1:]), dtype, chunk_rows, skip_empty, codec)
         self.writer.append(group, name, values)
@@ -139,9 +140,9 @@ class RunWriter:
             if int(group.attrs.get("epoch", int(key))) not in keep:
                 del epochs[key]
 
-    def rows_written(self, epoch: int) -> int:
-        """Rows appended to this rank's row records in ``epoch``."""
-        group = self.rank_group(epoch)
+    def rows_written(self, epoch: int, split: str = "train") -> int:
+        """Rows appended to this rank's row records of ``split`` in ``epoch``."""
+        group = self.rank_group(epoch, split)
         name = f"{layout.ROWS}/ids"
         return self.writer.rows(group, name) if self.writer.has_array(group, name) else 0
 
@@ -149,7 +150,9 @@ class RunWriter:
         self.writer.flush()
 
     def finish_epoch(self, epoch: int) -> dict[str, int]:
-        """Writes every buffered row of ``epoch`` and trims its arrays; returns rows per array."""
+        """Writes every buffered row of ``epoch`` and trims its arrays; returns rows per training array."""
+        if (epoch, "query") in self._rank_groups:
+            self.writer.finish_arrays(self._rank_groups[(epoch, "query")])
         return self.writer.finish_arrays(self.rank_group(epoch))
 
     def meta(self) -> dict[str, Any]:
@@ -176,16 +179,18 @@ class RunWriter:
     def commit_epoch(self, epoch: int, attrs: dict[str, Any]) -> None:
         """Rank 0 marks ``epoch`` committed; call only after every rank finished it."""
         group = self._epoch_groups.pop(epoch)
-        self._rank_groups.pop(epoch, None)
+        for split in layout.SPLITS:
+            self._rank_groups.pop((epoch, split), None)
         if self.rank == 0:
             group.attrs.update(layout.to_json({**attrs, "state": layout.COMMITTED, "epoch": epoch}))
 
     def abandon_epoch(self, epoch: int) -> None:
         """Stops writing ``epoch`` without committing it."""
-        rank_group = self._rank_groups.pop(epoch, None)
         self._epoch_groups.pop(epoch, None)
-        if rank_group is not None:
-            self.writer.discard_arrays(rank_group)
+        for split in layout.SPLITS:
+            rank_group = self._rank_groups.pop((epoch, split), None)
+            if rank_group is not None:
+                self.writer.discard_arrays(rank_group)
 
     def close(self) -> None:
         self.writer.close()
@@ -198,10 +203,13 @@ class RunWriter:
 
     def _resume_arrays(self, group: zarr.Group, rank_key: str, rows: int) -> None:
         """Trims this rank's arrays to the ``rows`` a checkpoint recorded and refills the last chunk."""
+        query_key = layout.rank_key(self.rank, "query")
+        if query_key in group:  # queries are captured at the epoch's end: a partial pass restarts
+            del group[query_key]
         if rank_key not in group:
             return
         rank_group = group[rank_key]
-        self._rank_groups[group.attrs["epoch"]] = rank_group
+        self._rank_groups[(group.attrs["epoch"], "train")] = rank_group
         arrays = dict(_arrays_under(rank_group))
         for path, arr in arrays.items():
             owner = arrays.get(path[: -len(TABLE)]) if path.endswith(TABLE) else None
