@@ -59,20 +59,19 @@ def tracin(
 ) -> Influence:
     """``Σ_e lr_e ⟨g_train(e), g_query(e)⟩``: scores ``(len(query_ids), N)`` over every training id.
 
-    The queries' gradients are their own training rows in each epoch, so each query must be captured
-    in every epoch asked for.
+    The queries' gradients are the query rows captured at each epoch's end
+    (``GradientCapture(query=...)``, end-of-epoch weights) when every epoch asked for has them, else
+    the queries' own training rows of each epoch.
     """
     epochs = _epochs(store, epochs)
+    split = _query_split(store, epochs)
     query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
     ids = _union_ids(store, epochs)
     scores = np.zeros((len(query_ids), len(ids)), dtype=np.float64)
     for e in epochs:
         train = store.sample_ids(e)
-        np.add.at(
-            scores.T,
-            np.searchsorted(ids, train),
-            store.lr(e) * np.asarray(store.dot(e, query_ids, train, layers)).T,
-        )
+        dots = store.dot(e, query_ids, train, layers, split_a=split)
+        np.add.at(scores.T, np.searchsorted(ids, train), store.lr(e) * np.asarray(dots).T)
     return Influence(ids, scores)
 
 
@@ -84,7 +83,8 @@ def topk(
     metric: str = "cosine",
     layers: Sequence[str] | None = None,
 ) -> Neighbours:
-    """The ``k`` training samples of ``epoch`` (the last by default) closest to each query.
+    """The ``k`` training samples of ``epoch`` (the last by default) closest to each query (its query
+    row when the epoch captured queries, else its training row).
 
     Args:
         metric: ``"cosine"`` or ``"dot"`` (the gradient inner product).
@@ -96,10 +96,12 @@ def topk(
     epoch = store.epochs[-1] if epoch is None else epoch
     query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
     train = store.sample_ids(epoch)
-    scores = np.asarray(store.dot(epoch, query_ids, train, layers))
+    split = _query_split(store, [epoch])
+    scores = np.asarray(store.dot(epoch, query_ids, train, layers, split_a=split))
     if metric == "cosine":
         norms = np.asarray(store.norms(epoch, layers))
-        by_id = dict(zip(train.tolist(), norms.tolist()))
+        q_all = norms if split == "train" else np.asarray(store.norms(epoch, layers, split=split))
+        by_id = dict(zip(store.sample_ids(epoch, split).tolist(), q_all.tolist()))
         q_norms = np.array([by_id[int(q)] for q in query_ids])
         scores = scores / np.maximum(np.outer(q_norms, norms), np.finfo(np.float64).tiny)
     k = min(int(k), len(train))
@@ -107,6 +109,10 @@ def topk(
     order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
     best = np.take_along_axis(top, order, 1)
     return Neighbours(train[best], np.take_along_axis(scores, best, 1))
+
+
+def _query_split(store: GradientStore, epochs: list[int]) -> str:
+    return "query" if epochs and all(store.has_queries(e) for e in epochs) else "train"
 
 
 def _epochs(store: GradientStore, epochs: Sequence[int] | None) -> list[int]:

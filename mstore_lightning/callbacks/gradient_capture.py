@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,13 @@ from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
 from mstore_lightning.store import layout, quant
 from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, RowIndex
-from mstore_lightning.store.recompute import Recomputer, gamma, layer_nbytes, read_seconds_per_sample
+from mstore_lightning.store.recompute import (
+    Recomputer,
+    batch_loss,
+    gamma,
+    layer_nbytes,
+    read_seconds_per_sample,
+)
 from mstore_lightning.store.session import MODES, RunWriter
 from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES
 
@@ -66,8 +72,11 @@ class GradientCapture(Callback):
         storage_options: fsspec options for URL stores.
         dedup_bytes: most bytes of stored input rows kept in memory to find later duplicates
             (``policy.dedup``); rows beyond it are stored in full.
-        loss_fn: ``callable(pl_module, batch) -> loss`` for passes outside training (measuring the
-            recompute cost); by default ``training_step``'s loss.
+        loss_fn: ``callable(pl_module, batch) -> loss`` for passes outside training (queries, measuring
+            the recompute cost); by default ``training_step``'s loss.
+        query: a loader of query samples (for TracIn): at each captured epoch's end their rows are
+            captured with the end-of-epoch weights, in eval mode, and read with ``split="query"``.
+            Batches carry ids like training batches do.
 
     Example:
         >>> capture = GradientCapture("runs/demo.zarr", policy={"layers": ["*"], "precision": "fp16"})
@@ -91,6 +100,7 @@ class GradientCapture(Callback):
         storage_options: dict[str, Any] | None = None,
         dedup_bytes: int = DEFAULT_DEDUP_BYTES,
         loss_fn: Callable[[Any, Any], Any] | None = None,
+        query: Iterable[Any] | None = None,
     ) -> None:
         if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
             raise ValueError(f"`store` must be a non-empty path or URL, got {store!r}.")
@@ -103,6 +113,10 @@ class GradientCapture(Callback):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive number of bytes, got {value!r}.")
+        if query is not None and not hasattr(query, "__iter__"):
+            raise ValueError(
+                f"`query` must be a DataLoader (or an iterable of batches), got {type(query).__name__}."
+            )
         for name, fn in (("sample_ids", sample_ids), ("labels", labels), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"`{name}` must be a callable taking a batch, got {type(fn).__name__}.")
@@ -127,6 +141,7 @@ class GradientCapture(Callback):
         self._chunk_rows: dict[str, int] = {}
         self.dedup_bytes = dedup_bytes
         self.loss_fn = loss_fn
+        self.query = query
         self._dedup: RowIndex | None = None
         self._recompute: dict[str, dict[str, Any]] = {}  # store-or-recompute decisions by layer
         self._epoch_recomputed: set[str] = set()
@@ -256,6 +271,8 @@ class GradientCapture(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epoch is None:
             return
+        if self.query is not None and trainer.global_rank == 0:
+            self._capture_queries(trainer, pl_module)
         epoch, self._epoch = self._epoch, None
         rows = self._run.finish_epoch(epoch)
         if self._dedup is not None:
@@ -386,6 +403,40 @@ class GradientCapture(Callback):
                 "committed keep the old policy's data."
             )
 
+    # ------------------------------------------------------------------ queries
+    def _capture_queries(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Captures the query samples' rows with the end-of-epoch weights, in eval mode."""
+        positional = positional_batch_size(self.query)
+        params = [p for plan in self._plans.values() for p in plan.module.parameters() if p.requires_grad]
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for batch_idx, batch in enumerate(self.query):
+                batch = trainer.strategy.batch_to_device(batch)
+                ids = batch_ids(batch, self._sample_ids_fn)
+                if ids is None and positional is None:
+                    raise RuntimeError(MISSING_IDS.format(why=" (in the query loader, which shuffles)"))
+                self._hooks.active = True
+                with torch.enable_grad():
+                    loss = batch_loss(pl_module, batch, self.loss_fn)
+                    torch.autograd.grad(loss, params, allow_unused=True)  # fires the hooks; .grad untouched
+                self._hooks.active = False
+                uses = self._hooks.take()
+                fired = [u for u in uses.values() if u]
+                if not fired:
+                    continue
+                n = fired[0][0][1].shape[0]
+                if ids is None:
+                    ids = batch_idx * positional + np.arange(n, dtype=np.int64)
+                labels = batch_labels(batch, n, self._labels_fn)
+                step = _Step(ids=ids, labels=labels, keep=None, backward_done=True)
+                self._write_layers(uses, grad_multiplier(self.policy.loss_reduction, n), step, "query")
+                self._write_rows(trainer, step, "query")
+        finally:
+            self._hooks.active = False
+            self._hooks.discard()
+            pl_module.train(was_training)
+
     # ------------------------------------------------------------------ store or recompute
     def _wants_decision(self) -> bool:
         rule = self.policy.recompute or {}
@@ -450,10 +501,10 @@ class GradientCapture(Callback):
             },
         }
 
-    def _write_layers(self, uses: dict[str, list], mult: float, step: _Step) -> None:
+    def _write_layers(self, uses: dict[str, list], mult: float, step: _Step, split: str = "train") -> None:
         newly_ready = []
-        rows_before = self._run.rows_written(self._epoch)
-        group = self._run.rank_group(self._epoch)
+        rows_before = self._run.rows_written(self._epoch, split)
+        group = self._run.rank_group(self._epoch, split)
         for name, plan in self._plans.items():
             layer_uses = uses.get(name, [])
             if not plan.ready:
@@ -465,9 +516,9 @@ class GradientCapture(Callback):
                 continue  # its rows are recomputed from the epoch's weights when read
             if rows_before and not self._run.writer.has_array(group, _array_path(plan)):
                 # rows before it first ran
-                self._append_layer(plan, _zero_rows(plan, rows_before), None, first_row=0)
+                self._append_layer(plan, _zero_rows(plan, rows_before), None, 0, split)
             rows = plan.rows(layer_uses, mult) if layer_uses else _zero_rows(plan, len(step.ids))
-            self._append_layer(plan, rows, step.keep, first_row=rows_before)
+            self._append_layer(plan, rows, step.keep, rows_before, split)
         if newly_ready:
             never = [n for n, p in self._plans.items() if not p.ready]
             self._run.update_meta(layers={n: p.spec() for n, p in self._plans.items() if p.ready})
@@ -479,15 +530,23 @@ class GradientCapture(Callback):
                 )
 
     def _append_layer(
-        self, plan: LayerPlan, rows: dict[str, torch.Tensor], keep: torch.Tensor | None, first_row: int
+        self,
+        plan: LayerPlan,
+        rows: dict[str, torch.Tensor],
+        keep: torch.Tensor | None,
+        first_row: int,
+        split: str = "train",
     ) -> None:
         chunk_rows = self._layer_chunk_rows(plan)
         dedup = plan.dedup_arrays()
         for array, values in rows.items():
             spec = plan.arrays[array]
             parts = quant.encode(spec, array, self._select(values, keep))
-            if array in dedup:
+            if array in dedup and split == "train":
                 parts = self._deduplicate(f"{plan.name}/{array}", array, parts, first_row)
+            elif array in dedup:  # query rows are stored in full: references point at training rows
+                n = next(iter(parts.values())).shape[0]
+                parts[f"{array}_ref"] = torch.full((n, 3), -1, dtype=torch.int32)
             for part, part_values in parts.items():
                 codec = quant.chunk_codec(spec, array, part)
                 dtype = spec["parts"][part]["dtype"] if part in spec["parts"] else np.int32  # refs
@@ -499,6 +558,7 @@ class GradientCapture(Callback):
                     chunk_rows,
                     skip_empty=array in dedup,
                     codec=codec,
+                    split=split,
                 )
 
     def _deduplicate(
@@ -521,7 +581,7 @@ class GradientCapture(Callback):
             self._chunk_rows[plan.name] = self._run.writer.chunk_rows_for(row_bytes)
         return self._chunk_rows[plan.name]
 
-    def _write_rows(self, trainer: pl.Trainer, step: _Step) -> None:
+    def _write_rows(self, trainer: pl.Trainer, step: _Step, split: str = "train") -> None:
         n = len(step.ids)
         lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else float("nan")
         fields = {
@@ -530,12 +590,16 @@ class GradientCapture(Callback):
             "label": torch.from_numpy(step.labels) if step.labels is not None else torch.full((n,), -1),
             "lr": torch.full((n,), lr, dtype=torch.float64),
         }
+        if split == "query":  # no per-sample loss comes back from the query pass
+            fields["loss"] = torch.full((n,), float("nan"), dtype=torch.float32)
         for name, values in fields.items():
-            self._append_row_field(name, self._select(values, step.keep))
+            self._append_row_field(name, self._select(values, step.keep), split)
 
-    def _append_row_field(self, name: str, values: torch.Tensor) -> None:
+    def _append_row_field(self, name: str, values: torch.Tensor, split: str = "train") -> None:
         chunk_rows = self._run.writer.chunk_rows_for(8 * len(_ROW_FIELDS))
-        self._run.append(self._epoch, f"{layout.ROWS}/{name}", values, _ROW_FIELDS[name], chunk_rows)
+        self._run.append(
+            self._epoch, f"{layout.ROWS}/{name}", values, _ROW_FIELDS[name], chunk_rows, split=split
+        )
 
     @staticmethod
     def _select(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -515,7 +515,7 @@ class GradientStore:
         found = (pos < len(sorted_ids)) & (sorted_ids[np.minimum(pos, len(sorted_ids) - 1)] == ids)
         if not found.all():
             missing = ids[~found][:10].tolist()
-            what = "as queries" if split == "query" else "in"
+            what = "as queries in" if split == "query" else "in"
             raise StoreReadError(f"Sample id(s) {missing} were not captured {what} epoch {epoch}.")
         dup = (pos + 1 < len(sorted_ids)) & (sorted_ids[np.minimum(pos + 1, len(sorted_ids) - 1)] == ids)
         if dup.any():

@@ -1,0 +1,78 @@
+"""Query capture at epoch end (GradientCapture(query=...)) and TracIn against torch.func."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from helpers import EXACT, Reference, Task, loader, per_sample_grads, trainer
+from mstore_lightning import GradientCapture, StoreReadError, open_store
+from test_capture_fit import data, mlp
+
+
+class QueryReference(L.Callback):
+    """torch.func gradients of the query samples with the end-of-epoch weights."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.grads: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Task) -> None:
+        self.grads[trainer.current_epoch] = per_sample_grads(pl_module, self.x, self.y)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("query")
+    torch.manual_seed(0)
+    x, y = data(n=24)
+    qx, qy = data(n=10, seed=5)
+    ref, qref = Reference(), QueryReference(qx, qy)
+    cap = GradientCapture(path / "s.zarr", policy=EXACT, query=loader(qx, qy, batch_size=4, shuffle=False))
+    trainer([ref, cap, qref], max_epochs=2).fit(Task(mlp()), loader(x, y))
+    return open_store(path / "s.zarr"), ref, qref
+
+
+def test_query_rows_hold_end_of_epoch_gradients(run):
+    store, _, qref = run
+    for e in store.epochs:
+        assert store.has_queries(e)
+        qids = store.sample_ids(e, split="query")
+        np.testing.assert_array_equal(qids, np.arange(10))
+        for layer in store.layers:
+            got = store.restore(e, layer, qids, split="query")
+            for p, g in got.items():
+                torch.testing.assert_close(g, qref.grads[e][f"{layer}.{p}"], rtol=1e-4, atol=1e-6)
+        assert np.isnan(store.row_field(e, "loss", split="query")).all()
+
+
+def test_tracin_uses_the_query_rows(run):
+    store, ref, qref = run
+    ids = list(range(24))
+    names = sorted(ref.grads[0][0])
+    want = 0
+    for e in store.epochs:
+        train = torch.cat([ref.stacked(e, ids, n).flatten(1) for n in names], 1).double()
+        query = torch.cat([qref.grads[e][n].flatten(1) for n in names], 1).double()
+        want = want + store.lr(e) * query @ train.T
+    got = store.tracin(np.arange(10))
+    np.testing.assert_allclose(got.scores, want.numpy(), rtol=1e-4, atol=1e-9)
+    top = store.topk([0, 1], k=3, metric="dot")
+    last = torch.cat([ref.stacked(1, ids, n).flatten(1) for n in names], 1).double()
+    q = torch.cat([qref.grads[1][n].flatten(1) for n in names], 1).double()[[0, 1]]
+    np.testing.assert_array_equal(top.ids, torch.argsort(q @ last.T, dim=1, descending=True)[:, :3].numpy())
+
+
+def test_query_ids_outside_the_query_set_are_named(run):
+    store, _, _ = run
+    with pytest.raises(StoreReadError, match=r"Sample id\(s\) \[99\] were not captured as queries in epoch 0"):
+        store.dot(0, [99], [0], split_a="query")
+
+
+def test_query_must_be_iterable():
+    with pytest.raises(ValueError, match="`query` must be a DataLoader"):
+        GradientCapture("unused.zarr", query=3)
