@@ -25,6 +25,7 @@ from mstore_lightning.store.quant import check_precision
 
 LOSS_REDUCTIONS = ("mean", "sum")
 REPRESENTATIONS = ("auto", "factors", "full", "projection")
+TIMINGS = ("during", "checkpoint")
 _EPOCH_WORDS = ("all", "last")
 
 PolicyLike = Union["CapturePolicy", Mapping[str, Any], str, os.PathLike, None]
@@ -69,6 +70,10 @@ class CapturePolicy:
         recompute: store-or-recompute (see :mod:`mstore_lightning.store.recompute`):
             ``{"threshold_s_per_gb": s, "expected_queries": q}`` decides per layer after the first
             captured epoch by measured costs; ``{"layers": [patterns]}`` always recomputes those layers.
+        timing: ``"during"`` captures each training row at its own step, with that step's weights
+            (TracIn's "during training" form); ``"checkpoint"`` captures nothing during the epoch and
+            passes over the training set again at its end, with the end-of-epoch weights in eval mode
+            (TracInCP's exact definition), at the cost of that extra pass.
         dedup: store a layer input row identical to one already stored (in this run) once, and
             reference it: the first layer's input when data is not augmented, inputs after frozen
             layers. Output gradients depend on the current weights and are never deduplicated.
@@ -90,6 +95,7 @@ class CapturePolicy:
     projection_seed: int = 0
     pool: Any = 1
     recompute: Any = None
+    timing: str = "during"
     _id_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +112,7 @@ class CapturePolicy:
             raise PolicyError(str(exc)) from None
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _check_choice("representation", self.representation, REPRESENTATIONS)
+        _check_choice("timing", self.timing, TIMINGS)
         object.__setattr__(self, "budget", _parse_budget(self.budget))
         object.__setattr__(self, "projection_dim", _parse_positive_int("projection_dim", self.projection_dim))
         object.__setattr__(self, "projection_seed", _parse_int("projection_seed", self.projection_seed))

@@ -40,6 +40,7 @@ def test_yaml_may_nest_under_policy_and_is_safe_loaded(tmp_path):
         ({"precision": "threshold:x"}, r"got 'threshold:x'"),
         ({"precision": 8}, r"got 8"),
         ({"dedup": "yes"}, r"`dedup` must be true or false, got 'yes'"),
+        ({"timing": "after"}, r"`timing` can be 'during', 'checkpoint'; got 'after'"),
         ({"layer_precision": {"fc*": "int3"}}, r"`layer_precision\['fc\*'\]`: `precision` can be .*got 'int3'"),
         ({"layer_precision": ["fc*"]}, r"`layer_precision` must map layer patterns to precisions"),
         ({"loss_reduction": "none"}, r"`loss_reduction` can be 'mean', 'sum'; got 'none'"),

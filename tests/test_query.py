@@ -76,3 +76,22 @@ def test_query_ids_outside_the_query_set_are_named(run):
 def test_query_must_be_iterable():
     with pytest.raises(ValueError, match="`query` must be a DataLoader"):
         GradientCapture("unused.zarr", query=3)
+
+
+def test_checkpoint_timing_captures_the_training_set_with_end_of_epoch_weights(tmp_path):
+    torch.manual_seed(0)
+    x, y = data(n=20)
+    ref = QueryReference(x, y)
+    policy = {**EXACT, "timing": "checkpoint", "samples": {"ids": list(range(0, 20, 2))}}
+    trainer([GradientCapture(tmp_path / "s.zarr", policy=policy), ref], max_epochs=2).fit(
+        Task(mlp()), loader(x, y, batch_size=6, shuffle=True)
+    )
+    store = open_store(tmp_path / "s.zarr")
+    for e in store.epochs:
+        ids = store.sample_ids(e)
+        assert sorted(ids.tolist()) == list(range(0, 20, 2)) and not store.has_queries(e)
+        for layer in store.layers:
+            for p, g in store.restore(e, layer, ids).items():
+                torch.testing.assert_close(g, ref.grads[e][f"{layer}.{p}"][ids], rtol=1e-4, atol=1e-6)
+        assert np.isnan(store.row_field(e, "loss")).all()
+    assert store.policy["timing"] == "checkpoint"

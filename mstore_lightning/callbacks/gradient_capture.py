@@ -271,8 +271,10 @@ class GradientCapture(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epoch is None:
             return
+        if self.policy.timing == "checkpoint":
+            self._capture_pass(trainer, pl_module, trainer.train_dataloader, "train", self._positional_bs)
         if self.query is not None and trainer.global_rank == 0:
-            self._capture_queries(trainer, pl_module)
+            self._capture_pass(trainer, pl_module, self.query, "query", positional_batch_size(self.query))
         epoch, self._epoch = self._epoch, None
         rows = self._run.finish_epoch(epoch)
         if self._dedup is not None:
@@ -302,7 +304,11 @@ class GradientCapture(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._step = None
-        if self._epoch is None or not self.policy.captures_step(batch_idx):
+        if (
+            self._epoch is None
+            or not self.policy.captures_step(batch_idx)
+            or self.policy.timing == "checkpoint"
+        ):
             return
         ids = batch_ids(batch, self._sample_ids_fn)  # None: numbered by position once the batch size is seen
         if ids is None and self._positional_bs is None:
@@ -404,18 +410,26 @@ class GradientCapture(Callback):
             )
 
     # ------------------------------------------------------------------ queries
-    def _capture_queries(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Captures the query samples' rows with the end-of-epoch weights, in eval mode."""
-        positional = positional_batch_size(self.query)
+    def _capture_pass(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loader: Any,
+        split: str,
+        positional: int | None,
+    ) -> None:
+        """Captures the rows of ``loader``'s samples with the end-of-epoch weights, in eval mode."""
         params = [p for plan in self._plans.values() for p in plan.module.parameters() if p.requires_grad]
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for batch_idx, batch in enumerate(self.query):
+            for batch_idx, batch in enumerate(loader):
                 batch = trainer.strategy.batch_to_device(batch)
                 ids = batch_ids(batch, self._sample_ids_fn)
                 if ids is None and positional is None:
-                    raise RuntimeError(MISSING_IDS.format(why=" (in the query loader, which shuffles)"))
+                    raise RuntimeError(
+                        MISSING_IDS.format(why=f" (in the {split} loader of the end-of-epoch pass)")
+                    )
                 self._hooks.active = True
                 with torch.enable_grad():
                     loss = batch_loss(pl_module, batch, self.loss_fn)
@@ -429,9 +443,15 @@ class GradientCapture(Callback):
                 if ids is None:
                     ids = batch_idx * positional + np.arange(n, dtype=np.int64)
                 labels = batch_labels(batch, n, self._labels_fn)
-                step = _Step(ids=ids, labels=labels, keep=None, backward_done=True)
-                self._write_layers(uses, grad_multiplier(self.policy.loss_reduction, n), step, "query")
-                self._write_rows(trainer, step, "query")
+                keep = None
+                if split == "train":  # the policy's sample selection holds in this pass too
+                    mask = self.policy.sample_mask(ids)
+                    if not mask.any():
+                        continue
+                    keep = None if mask.all() else torch.from_numpy(np.nonzero(mask)[0])
+                step = _Step(ids=ids, labels=labels, keep=keep, backward_done=True)
+                self._write_layers(uses, grad_multiplier(self.policy.loss_reduction, n), step, split)
+                self._write_rows(trainer, step, split)
         finally:
             self._hooks.active = False
             self._hooks.discard()
@@ -590,7 +610,7 @@ class GradientCapture(Callback):
             "label": torch.from_numpy(step.labels) if step.labels is not None else torch.full((n,), -1),
             "lr": torch.full((n,), lr, dtype=torch.float64),
         }
-        if split == "query":  # no per-sample loss comes back from the query pass
+        if split == "query" or self.policy.timing == "checkpoint":  # no per-sample loss from this pass
             fields["loss"] = torch.full((n,), float("nan"), dtype=torch.float32)
         for name, values in fields.items():
             self._append_row_field(name, self._select(values, step.keep), split)
