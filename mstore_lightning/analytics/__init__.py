@@ -1,4 +1,4 @@
-"""Operators on the stored factors: influence (self-influence, TracIn), top-k and class aggregates."""
+"""Operators on the stored factors: influence, top-k, class aggregates, cosine, outliers, clustering."""
 
 from mstore_lightning.analytics.classes import (
     ClassConflicts,
@@ -6,16 +6,23 @@ from mstore_lightning.analytics.classes import (
     class_conflicts,
     class_gradients,
 )
+from mstore_lightning.analytics.geometry import Clusters, Outliers, cluster, cosine, outliers, sketches
 from mstore_lightning.analytics.influence import Influence, Neighbours, self_influence, topk, tracin
 
 __all__ = [
     "ClassConflicts",
     "ClassGradients",
+    "Clusters",
     "Influence",
     "Neighbours",
+    "Outliers",
     "class_conflicts",
     "class_gradients",
+    "cluster",
+    "cosine",
+    "outliers",
     "self_influence",
+    "sketches",
     "topk",
     "tracin",
 ]

@@ -289,6 +289,32 @@ class GradientStore:
 
         return class_conflicts(self, epoch, layers)
 
+    def cosine(
+        self,
+        epoch: int,
+        ids_a: Sequence[int] | np.ndarray,
+        ids_b: Sequence[int] | np.ndarray,
+        layers: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """``(len(ids_a), len(ids_b))`` cosines between per-sample gradients."""
+        from mstore_lightning.analytics import cosine
+
+        return cosine(self, epoch, ids_a, ids_b, layers)
+
+    def outliers(self, epoch: int, threshold: float = 3.5, layers: Sequence[str] | None = None) -> Any:
+        """Samples with unusually large gradients; see :func:`mstore_lightning.analytics.outliers`."""
+        from mstore_lightning.analytics import outliers
+
+        return outliers(self, epoch, threshold, layers)
+
+    def cluster(
+        self, epoch: int, k: int, dim: int = 16, layers: Sequence[str] | None = None, seed: int = 0
+    ) -> Any:
+        """k-means on seeded gradient sketches; see :func:`mstore_lightning.analytics.cluster`."""
+        from mstore_lightning.analytics import cluster
+
+        return cluster(self, epoch, k, dim, layers, seed)
+
     def self_influence(self, epochs: Sequence[int] | None = None, layers: Sequence[str] | None = None) -> Any:
         """``(ids, scores)``: ``Σ_e lr_e ‖g_i(e)‖²`` per sample; see :mod:`mstore_lightning.analytics`."""
         from mstore_lightning.analytics import self_influence

@@ -1,0 +1,163 @@
+"""Cosine similarity, outliers and clustering in per-sample gradient space, on the factors.
+
+``cluster`` runs k-means on a seeded sketch of each sample's gradient rather than on the gradient:
+per layer, the Kronecker sketch ``P_outᵀ G P_in`` (``dim × dim``, computed from the factors as
+``Σ_t (P_outᵀ d_t)(P_inᵀ a_t)ᵀ``) plus ``P_outᵀ b`` for the bias; layers kept as full gradients get
+a Gaussian sketch of the flattened gradient instead. Sketches preserve inner products in expectation
+(:mod:`mstore_lightning.capture.projection`), so distances between samples are kept approximately.
+The result reports the predicted error and the error measured on a sample of pairs against the
+exact inner products.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mstore_lightning.capture import projection
+from mstore_lightning.capture.kron import KroneckerExtractor
+from mstore_lightning.capture.registry import extractor_for_kind
+
+if TYPE_CHECKING:
+    from mstore_lightning.store.reader import GradientStore
+
+_TINY = np.finfo(np.float64).tiny
+
+
+def cosine(
+    store: GradientStore,
+    epoch: int,
+    ids_a: Sequence[int] | np.ndarray,
+    ids_b: Sequence[int] | np.ndarray,
+    layers: Sequence[str] | None = None,
+) -> np.ndarray:
+    """``(len(ids_a), len(ids_b))`` cosines between per-sample gradients of ``epoch``."""
+    dots = np.asarray(store.dot(epoch, ids_a, ids_b, layers))
+    by_id = dict(zip(store.sample_ids(epoch).tolist(), np.asarray(store.norms(epoch, layers)).tolist()))
+    na = np.array([by_id[int(i)] for i in np.asarray(ids_a).reshape(-1)])
+    nb = np.array([by_id[int(i)] for i in np.asarray(ids_b).reshape(-1)])
+    return dots / np.maximum(np.outer(na, nb), _TINY)
+
+
+@dataclass
+class Outliers:
+    """Samples whose gradient norm is far from the epoch's typical norm.
+
+    ``scores`` is the robust z-score ``0.6745 · (log n − median) / MAD`` of each sample's log gradient
+    norm (aligned with ``ids``); ``flagged`` the ids above ``threshold``, largest first.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    threshold: float
+    flagged: np.ndarray
+
+
+def outliers(
+    store: GradientStore, epoch: int, threshold: float = 3.5, layers: Sequence[str] | None = None
+) -> Outliers:
+    """Samples with unusually large gradients (robust z-score of the log norm above ``threshold``)."""
+    ids = store.sample_ids(epoch)
+    log_norm = np.log(np.maximum(np.asarray(store.norms(epoch, layers)), _TINY))
+    median = np.median(log_norm)
+    mad = np.median(np.abs(log_norm - median))
+    scores = 0.6745 * (log_norm - median) / max(mad, _TINY)
+    order = np.argsort(-scores, kind="stable")
+    flagged = ids[order[scores[order] > threshold]]
+    return Outliers(ids, scores, float(threshold), flagged)
+
+
+@dataclass
+class Clusters:
+    """k-means in sketched gradient space.
+
+    Attributes:
+        ids: the epoch's sample ids; ``labels`` their clusters (aligned).
+        sizes: samples per cluster.
+        inertia: k-means' sum of squared distances, in sketch space.
+        sketch_dim: numbers in one sample's sketch.
+        predicted_error: bound on the relative std of a sketched inner product (rank-one layers).
+        measured_error: ``‖S − X‖_F / ‖X‖_F`` of sketched against exact inner products on a sample.
+    """
+
+    ids: np.ndarray
+    labels: np.ndarray
+    sizes: np.ndarray
+    inertia: float
+    sketch_dim: int
+    predicted_error: float
+    measured_error: float
+
+
+def sketches(
+    store: GradientStore, epoch: int, dim: int = 16, layers: Sequence[str] | None = None, seed: int = 0
+) -> np.ndarray:
+    """``(samples, sketch_dim)`` seeded sketches of each sample's gradient, aligned with ``sample_ids``."""
+    names = list(layers) if layers is not None else store.layers
+    parts = []
+    for layer in names:
+        spec = store.layer_spec(layer)
+        ext = extractor_for_kind(spec["kind"])
+        blocks = [_sketch_block(spec, ext, rows, dim, seed) for _, rows in store.blocks(epoch, layer)]
+        parts.append(torch.cat(blocks) if blocks else torch.zeros(0, 0))
+    return torch.cat(parts, 1).numpy()
+
+
+def cluster(
+    store: GradientStore,
+    epoch: int,
+    k: int,
+    dim: int = 16,
+    layers: Sequence[str] | None = None,
+    seed: int = 0,
+    check_samples: int = 128,
+) -> Clusters:
+    """k-means (scikit-learn) with ``k`` clusters on :func:`sketches` of ``epoch``'s gradients."""
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError as exc:  # pragma: no cover - the analytics extra installs it
+        raise ImportError("cluster() needs scikit-learn: pip install 'mstore-lightning[analytics]'.") from exc
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
+    ids = store.sample_ids(epoch)
+    x = sketches(store, epoch, dim, layers, seed)
+    km = KMeans(n_clusters=min(int(k), len(ids)), n_init=4, random_state=seed).fit(x)
+    pick = np.linspace(0, len(ids) - 1, min(check_samples, len(ids))).astype(np.int64)
+    exact = np.asarray(store.dot(epoch, ids[pick], ids[pick], layers))
+    approx = x[pick] @ x[pick].T
+    measured = float(np.linalg.norm(approx - exact) / max(np.linalg.norm(exact), _TINY))
+    return Clusters(
+        ids=ids,
+        labels=km.labels_.astype(np.int64),
+        sizes=np.bincount(km.labels_, minlength=km.n_clusters),
+        inertia=float(km.inertia_),
+        sketch_dim=int(x.shape[1]),
+        predicted_error=projection.predicted_error(dim, dim),
+        measured_error=measured,
+    )
+
+
+def _sketch_block(spec: dict, ext: type, rows: dict[str, Tensor], dim: int, seed: int) -> Tensor:
+    params, hyper = spec["params"], spec["hyper"]
+    n = next(iter(rows.values())).shape[0]
+    if spec["representation"] == "factors" and issubclass(ext, KroneckerExtractor):
+        a_m, d_m = ext.matrices(hyper, rows["a"], rows["d"])
+        k_in, k_out = min(dim, a_m.shape[-1]), min(dim, d_m.shape[-1])
+        proj = {"seed": seed, "k_in": k_in, "k_out": k_out}
+        p_in, p_out = projection.projection_matrices(proj, spec["name"], a_m.shape[-1], d_m.shape[-1])
+        out = projection.project(a_m.double(), d_m.double(), p_in.double(), p_out.double(), "full", params)
+        return torch.cat([v.reshape(n, -1) for v in out.values()], 1)
+    if spec["representation"] == "projection":
+        raise ValueError(f"Layer {spec['name']!r} is stored as a projection already; cluster the others.")
+    grads = rows if spec["representation"] == "full" else ext.restore(hyper, params, rows)
+    flat = torch.cat([grads[p].reshape(n, -1).double() for p in params], 1)
+    width = min(dim * dim, flat.shape[1])
+    g = torch.Generator().manual_seed(seed * 1_000_003 + len(spec["name"]))
+    jl = torch.randn(flat.shape[1], width, generator=g, dtype=torch.float64) / math.sqrt(width)
+    return flat @ jl
