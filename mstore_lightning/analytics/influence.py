@@ -9,14 +9,15 @@ learning rate (recorded in the store):
 
 Every norm and inner product comes from the store's streaming kernels on the factors; no gradient is
 restored. Captured rows use the weights of their own step, so these are TracIn's "during training"
-form. A sample seen several times in an epoch (a sampler with replacement) adds every row. Use them
+form. Every operator takes ``client=`` (a ``distributed.Client``) to run its chunk kernels on Dask.
+A sample seen several times in an epoch (a sampler with replacement) adds every row. Use them
 through the store: ``ids, scores = open_store(path).self_influence()``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -39,7 +40,10 @@ class Neighbours(NamedTuple):
 
 
 def self_influence(
-    store: GradientStore, epochs: Sequence[int] | None = None, layers: Sequence[str] | None = None
+    store: GradientStore,
+    epochs: Sequence[int] | None = None,
+    layers: Sequence[str] | None = None,
+    client: Any = None,
 ) -> Influence:
     """``Σ_e lr_e ‖g_i(e)‖²`` for every sample captured in ``epochs`` (all committed by default)."""
     epochs = _epochs(store, epochs)
@@ -47,7 +51,7 @@ def self_influence(
     scores = np.zeros(len(ids), dtype=np.float64)
     for e in epochs:
         rows = np.searchsorted(ids, store.sample_ids(e))
-        np.add.at(scores, rows, store.lr(e) * np.asarray(store.norms(e, layers)) ** 2)
+        np.add.at(scores, rows, store.lr(e) * np.asarray(store.norms(e, layers, client=client)) ** 2)
     return Influence(ids, scores)
 
 
@@ -56,6 +60,7 @@ def tracin(
     query_ids: Sequence[int] | np.ndarray,
     epochs: Sequence[int] | None = None,
     layers: Sequence[str] | None = None,
+    client: Any = None,
 ) -> Influence:
     """``Σ_e lr_e ⟨g_train(e), g_query(e)⟩``: scores ``(len(query_ids), N)`` over every training id.
 
@@ -70,7 +75,7 @@ def tracin(
     scores = np.zeros((len(query_ids), len(ids)), dtype=np.float64)
     for e in epochs:
         train = store.sample_ids(e)
-        dots = store.dot(e, query_ids, train, layers, split_a=split)
+        dots = store.dot(e, query_ids, train, layers, split_a=split, client=client)
         np.add.at(scores.T, np.searchsorted(ids, train), store.lr(e) * np.asarray(dots).T)
     return Influence(ids, scores)
 
@@ -82,6 +87,7 @@ def topk(
     epoch: int | None = None,
     metric: str = "cosine",
     layers: Sequence[str] | None = None,
+    client: Any = None,
 ) -> Neighbours:
     """The ``k`` training samples of ``epoch`` (the last by default) closest to each query (its query
     row when the epoch captured queries, else its training row).
@@ -97,10 +103,12 @@ def topk(
     query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
     train = store.sample_ids(epoch)
     split = _query_split(store, [epoch])
-    scores = np.asarray(store.dot(epoch, query_ids, train, layers, split_a=split))
+    scores = np.asarray(store.dot(epoch, query_ids, train, layers, split_a=split, client=client))
     if metric == "cosine":
-        norms = np.asarray(store.norms(epoch, layers))
-        q_all = norms if split == "train" else np.asarray(store.norms(epoch, layers, split=split))
+        norms = np.asarray(store.norms(epoch, layers, client=client))
+        q_all = (
+            norms if split == "train" else np.asarray(store.norms(epoch, layers, split=split, client=client))
+        )
         by_id = dict(zip(store.sample_ids(epoch, split).tolist(), q_all.tolist()))
         q_norms = np.array([by_id[int(q)] for q in query_ids])
         scores = scores / np.maximum(np.outer(q_norms, norms), np.finfo(np.float64).tiny)

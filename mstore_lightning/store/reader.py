@@ -114,14 +114,17 @@ def open_store(uri: str | os.PathLike, storage_options: dict[str, Any] | None = 
         root = zarr.open_group(store, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreReadError(f"{uri!r} is not a Zarr group, so not a gradient store.") from exc
-    return GradientStore(root, uri)
+    return GradientStore(root, uri, storage_options)
 
 
 class GradientStore:
     """A read-only view of a gradient store. Use :func:`open_store` to get one."""
 
-    def __init__(self, root: zarr.Group, uri: str = "") -> None:
+    def __init__(
+        self, root: zarr.Group, uri: str = "", storage_options: dict[str, Any] | None = None
+    ) -> None:
         self.uri = uri
+        self.storage_options = storage_options
         self._root = root
         if layout.META_KEY not in root.attrs:
             raise StoreReadError(f"{uri!r} is a Zarr group without gradient-store metadata.")
@@ -230,11 +233,21 @@ class GradientStore:
                         into[k] = into.get(k, 0) + int(v)
         return total
 
-    def norms(self, epoch: int, layers: Sequence[str] | None = None, *, split: str = "train") -> np.ndarray:
+    def norms(
+        self, epoch: int, layers: Sequence[str] | None = None, *, split: str = "train", client: Any = None
+    ) -> np.ndarray:
         """Per-sample gradient L2 norm over ``layers``, aligned with :meth:`sample_ids`.
 
-        Computed on the stored factors, chunk by chunk, without restoring gradients.
+        Computed on the stored factors, chunk by chunk, without restoring gradients; with a
+        ``distributed.Client``, one Dask task per chunk on its workers.
         """
+        if client is not None:
+            from mstore_lightning.analytics import dask_engine
+
+            total = dask_engine.sqnorms(
+                self, epoch, [lay.name for lay in self._select(layers)], split, client
+            )
+            return QueryResult(np.sqrt(total), self._approximate(layers, epoch))
         total = np.zeros(len(self.sample_ids(epoch, split)), dtype=np.float64)
         for lay in self._select(layers):
             for lo, rows in self._stream(epoch, lay, split):
@@ -250,6 +263,7 @@ class GradientStore:
         *,
         split_a: str = "train",
         split_b: str = "train",
+        client: Any = None,
     ) -> np.ndarray:
         """``(len(ids_a), len(ids_b))`` per-sample gradient inner products over ``layers``.
 
@@ -257,6 +271,12 @@ class GradientStore:
         ``split_a="query"`` takes the first ids among the epoch's query rows.
         """
         rows_a, rows_b = self._rows_of(epoch, ids_a, split_a), self._rows_of(epoch, ids_b, split_b)
+        if client is not None:
+            from mstore_lightning.analytics import dask_engine
+
+            names = [lay.name for lay in self._select(layers)]
+            full = dask_engine.dots(self, epoch, rows_a, names, split_a, split_b, client)
+            return QueryResult(full[:, rows_b], self._approximate(layers, epoch))
         out = np.zeros((len(rows_a), len(rows_b)), dtype=np.float64)
         for lay in self._select(layers):
             xa = self._gather(epoch, lay, rows_a, split_a)
@@ -315,22 +335,25 @@ class GradientStore:
 
         return cluster(self, epoch, k, dim, layers, seed)
 
-    def self_influence(self, epochs: Sequence[int] | None = None, layers: Sequence[str] | None = None) -> Any:
+    def self_influence(
+        self, epochs: Sequence[int] | None = None, layers: Sequence[str] | None = None, client: Any = None
+    ) -> Any:
         """``(ids, scores)``: ``Σ_e lr_e ‖g_i(e)‖²`` per sample; see :mod:`mstore_lightning.analytics`."""
         from mstore_lightning.analytics import self_influence
 
-        return self_influence(self, epochs, layers)
+        return self_influence(self, epochs, layers, client)
 
     def tracin(
         self,
         query_ids: Sequence[int] | np.ndarray,
         epochs: Sequence[int] | None = None,
         layers: Sequence[str] | None = None,
+        client: Any = None,
     ) -> Any:
         """``(ids, scores)`` with scores ``(len(query_ids), len(ids))``: ``Σ_e lr_e ⟨g_train, g_query⟩``."""
         from mstore_lightning.analytics import tracin
 
-        return tracin(self, query_ids, epochs, layers)
+        return tracin(self, query_ids, epochs, layers, client)
 
     def topk(
         self,
@@ -339,11 +362,12 @@ class GradientStore:
         epoch: int | None = None,
         metric: str = "cosine",
         layers: Sequence[str] | None = None,
+        client: Any = None,
     ) -> Any:
         """Per query, ``k`` training ids and scores, best first (``metric`` ``"cosine"`` or ``"dot"``)."""
         from mstore_lightning.analytics import topk
 
-        return topk(self, query_ids, k, epoch, metric, layers)
+        return topk(self, query_ids, k, epoch, metric, layers, client)
 
     def describe(self) -> str:
         """A human-readable summary: epochs, layers, representation, bytes, and what is not captured."""
@@ -636,18 +660,29 @@ class GradientStore:
             for lo in range(0, len(ids), _BLOCK_ROWS):
                 yield lo, self._recompute_rows(epoch, lay, ids[lo : lo + _BLOCK_ROWS])
             return
+        for r, lo, hi, first in self._chunks(epoch, lay, split):
+            yield first, self._chunk(epoch, lay, split, r, lo, hi)
+
+    def _chunks(self, epoch: int, lay: _Layer, split: str = "train") -> list[tuple[int, int, int, int]]:
+        """``(rank index, lo, hi, first global row)`` of every stored chunk of ``lay``."""
         ep = self._epoch(epoch, split)
-        names = self._array_names(lay)
+        out = []
         for r, g in enumerate(ep["ranks"]):
-            first = self._array(g, lay, names[0])
-            n_rows = first.shape[0]
+            first = self._array(g, lay, self._array_names(lay)[0])
             step = int(first.chunks[0])  # a layer's arrays share their chunk rows
-            for lo in range(0, n_rows, step):
-                rows = {
-                    n: quant.decode(lay.spec["arrays"][n], n, self._read(g, lay, n, slice(lo, lo + step)))
-                    for n in names
-                }
-                yield int(ep["offsets"][r]) + lo, rows
+            for lo in range(0, first.shape[0], step):
+                out.append((r, lo, min(lo + step, first.shape[0]), int(ep["offsets"][r]) + lo))
+        return out
+
+    def _chunk(
+        self, epoch: int, lay: _Layer, split: str, r: int, lo: int, hi: int
+    ) -> dict[str, torch.Tensor]:
+        """Decoded rows ``lo:hi`` of rank index ``r``'s arrays of ``lay``."""
+        g = self._epoch(epoch, split)["ranks"][r]
+        return {
+            n: quant.decode(lay.spec["arrays"][n], n, self._read(g, lay, n, slice(lo, hi)))
+            for n in self._array_names(lay)
+        }
 
 
 def _explain_decision(d: dict[str, Any]) -> str:
