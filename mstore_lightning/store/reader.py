@@ -278,11 +278,25 @@ class GradientStore:
             full = dask_engine.dots(self, epoch, rows_a, names, split_a, split_b, client)
             return QueryResult(full[:, rows_b], self._approximate(layers, epoch))
         out = np.zeros((len(rows_a), len(rows_b)), dtype=np.float64)
+        # Many ids: stream whole chunks (memory of one chunk); few: gather just their rows.
+        by_chunk = len(rows_b) > _BLOCK_ROWS
+        if by_chunk:
+            order = np.argsort(rows_b, kind="stable")
+            sorted_rows = rows_b[order]
         for lay in self._select(layers):
             xa = self._gather(epoch, lay, rows_a, split_a)
-            for lo in range(0, len(rows_b), _BLOCK_ROWS):
-                xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS], split_b)
-                out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).double().numpy()
+            if not by_chunk:
+                for lo in range(0, len(rows_b), _BLOCK_ROWS):
+                    xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS], split_b)
+                    out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).double().numpy()
+                continue
+            for first, rows in self._stream(epoch, lay, split_b):
+                a, b = np.searchsorted(sorted_rows, [first, first + _nrows(rows)])
+                if a == b:
+                    continue
+                local = torch.from_numpy(sorted_rows[a:b] - first)
+                xb = {k: v.index_select(0, local) for k, v in rows.items()}
+                out[:, order[a:b]] += _gram(lay, xa, xb).double().numpy()
         return QueryResult(out, self._approximate(layers, epoch))
 
     def blocks(self, epoch: int, layer: str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
