@@ -70,3 +70,11 @@ def test_class_conflicts_match_brute_force(run, which):
     share = [(align[labels == c] < 0).double().mean().item() for c in range(3)]
     np.testing.assert_allclose(got.opposing_share, share)
     assert got.cosine.diagonal() == pytest.approx(1.0)
+
+
+def test_class_results_convert_to_pandas(run):
+    store, y = run[0], run[3]
+    cg = store.class_gradients(0).to_pandas()
+    assert cg["class"].tolist() == [0, 1, 2] and cg["count"].tolist() == np.bincount(y.numpy(), minlength=3).tolist()
+    conflicts = store.class_conflicts(0).to_pandas()
+    assert list(conflicts.columns) == ["id", "alignment"] and len(conflicts) == 36

@@ -64,3 +64,11 @@ def test_cluster_recovers_the_groups_and_reports_its_sketch_error(run):
     coarse = store.cluster(0, k=4, dim=2)
     assert coarse.predicted_error > got.predicted_error
     assert 0 <= got.measured_error < coarse.measured_error
+
+
+def test_geometry_results_convert_to_pandas(run):
+    store, _, _ = run
+    out = store.outliers(0).to_pandas()
+    assert out.loc[out["id"] == 35, "flagged"].item() and out["flagged"].sum() == len(store.outliers(0).flagged)
+    clusters = store.cluster(0, k=4).to_pandas()
+    assert list(clusters.columns) == ["id", "cluster"] and clusters["cluster"].nunique() == 4

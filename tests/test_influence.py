@@ -87,3 +87,15 @@ def test_topk_rejects_bad_arguments(run):
         store.topk([1], 3, metric="l2")
     with pytest.raises(ValueError, match="`k` must be an integer >= 1, got 0"):
         store.topk([1], 0)
+
+
+def test_results_convert_to_pandas_keyed_by_sample_id(run):
+    store, _, _ = run
+    si = store.self_influence()
+    df = si.to_pandas()
+    assert list(df.columns) == ["id", "score"] and df["id"].tolist() == si.ids.tolist()
+    tr = store.tracin([3, 17]).to_pandas()
+    assert list(tr.columns) == ["id", "query_0", "query_1"] and len(tr) == 30
+    nb = store.topk([3, 17], k=4)
+    long = nb.to_pandas()
+    assert len(long) == 8 and long[long["query"] == 1]["id"].tolist() == nb.ids[1].tolist()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mstore_lightning.analytics.frames import frame
 from mstore_lightning.capture.kron import KroneckerExtractor
 from mstore_lightning.capture.registry import extractor_for_kind
 
@@ -35,6 +36,10 @@ class ClassGradients:
     grads: dict[str, dict[str, Tensor]]
     counts: np.ndarray  # samples of each class
     matrices: dict[str, Tensor] = field(default_factory=dict, repr=False)  # (C, G, O, I) weight sums
+
+    def to_pandas(self) -> Any:
+        """One row per class: its sample count and the norm of its gradient sum."""
+        return frame({"class": self.classes, "count": self.counts, "norm": self.flat().norm(dim=1).numpy()})
 
     def flat(self) -> Tensor:
         """``(classes, parameters)``: every layer's parameters concatenated."""
@@ -52,6 +57,10 @@ class ClassConflicts:
     opposing_share: np.ndarray  # (classes,) share of each class's samples with <g_i, G_y> < 0
     ids: np.ndarray  # sample ids of the epoch, with
     alignment: np.ndarray  # <g_i, G_{y_i}> / (|g_i| |G_{y_i}|), NaN where the label is unknown
+
+    def to_pandas(self) -> Any:
+        """One row per sample: its id and its alignment with its class's gradient."""
+        return frame({"id": self.ids, "alignment": self.alignment})
 
 
 def class_gradients(store: GradientStore, epoch: int, layers: Sequence[str] | None = None) -> ClassGradients:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mstore_lightning.analytics.frames import frame
 from mstore_lightning.capture import projection
 from mstore_lightning.capture.kron import KroneckerExtractor
 from mstore_lightning.capture.registry import extractor_for_kind
@@ -58,6 +59,10 @@ class Outliers:
     threshold: float
     flagged: np.ndarray
 
+    def to_pandas(self) -> Any:
+        """One row per sample: id, robust z-score and whether it is flagged."""
+        return frame({"id": self.ids, "score": self.scores, "flagged": self.scores > self.threshold})
+
 
 def outliers(
     store: GradientStore, epoch: int, threshold: float = 3.5, layers: Sequence[str] | None = None
@@ -93,6 +98,10 @@ class Clusters:
     sketch_dim: int
     predicted_error: float
     measured_error: float
+
+    def to_pandas(self) -> Any:
+        """One row per sample: id and cluster."""
+        return frame({"id": self.ids, "cluster": self.labels})
 
 
 def sketches(

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from mstore_lightning.analytics.frames import frame
+
 if TYPE_CHECKING:
     from mstore_lightning.store.reader import GradientStore
 
@@ -31,12 +33,30 @@ class Influence(NamedTuple):
     ids: np.ndarray
     scores: np.ndarray
 
+    def to_pandas(self) -> Any:
+        """One row per sample id; TracIn scores get one column per query (``query_0``, ...)."""
+        if self.scores.ndim == 1:
+            return frame({"id": self.ids, "score": self.scores})
+        return frame({"id": self.ids, **{f"query_{q}": s for q, s in enumerate(self.scores)}})
+
 
 class Neighbours(NamedTuple):
     """Per query, ``k`` training sample ids and their scores, best first: both ``(queries, k)``."""
 
     ids: np.ndarray
     scores: np.ndarray
+
+    def to_pandas(self) -> Any:
+        """Long form: one row per (query position, rank) with the neighbour's id and score."""
+        q, k = self.ids.shape
+        return frame(
+            {
+                "query": np.repeat(np.arange(q), k),
+                "rank": np.tile(np.arange(k), q),
+                "id": self.ids.reshape(-1),
+                "score": self.scores.reshape(-1),
+            }
+        )
 
 
 def self_influence(
