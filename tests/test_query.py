@@ -95,3 +95,22 @@ def test_checkpoint_timing_captures_the_training_set_with_end_of_epoch_weights(t
                 torch.testing.assert_close(g, ref.grads[e][f"{layer}.{p}"][ids], rtol=1e-4, atol=1e-6)
         assert np.isnan(store.row_field(e, "loss")).all()
     assert store.policy["timing"] == "checkpoint"
+
+
+@pytest.mark.parametrize("policy", [{"timing": "checkpoint"}, {"recompute": {"threshold_s_per_gb": 1.0}}])
+def test_end_of_epoch_passes_leave_training_unchanged(tmp_path, policy):
+    """Shuffling, dropout and the extra passes: the trained weights equal a run without capture."""
+    x, y = data(n=40)
+    qx, qy = data(n=8, seed=5)
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        task = Task(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.3), torch.nn.ReLU(), torch.nn.Linear(8, 3)))
+        trainer(callbacks, max_epochs=3).fit(task, loader(x, y, batch_size=8, shuffle=True))
+        return [p.detach().clone() for p in task.parameters()]
+
+    plain = fit([])
+    cap = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, **policy}, query=loader(qx, qy, batch_size=4, shuffle=False))
+    captured = fit([cap])
+    for a, b in zip(plain, captured):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable
+import random
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -418,7 +420,23 @@ class GradientCapture(Callback):
         split: str,
         positional: int | None,
     ) -> None:
-        """Captures the rows of ``loader``'s samples with the end-of-epoch weights, in eval mode."""
+        """Captures the rows of ``loader``'s samples with the end-of-epoch weights, in eval mode.
+
+        Iterating a loader draws from the global random generators (a shuffling sampler's seed, every
+        DataLoader's base seed), so they are saved and restored: training goes on exactly as it would
+        without this pass.
+        """
+        with _random_state_kept(pl_module.device):
+            self._capture_pass_inner(trainer, pl_module, loader, split, positional)
+
+    def _capture_pass_inner(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loader: Any,
+        split: str,
+        positional: int | None,
+    ) -> None:
         params = [p for plan in self._plans.values() for p in plan.module.parameters() if p.requires_grad]
         was_training = pl_module.training
         pl_module.eval()
@@ -472,7 +490,8 @@ class GradientCapture(Callback):
             rule = self.policy.recompute
             ready = {n: p for n, p in self._plans.items() if p.ready}
             recomputer = Recomputer(pl_module, None, ready, self.policy.loss_reduction, loss_fn=self.loss_fn)
-            t_recompute = recomputer.seconds_per_sample(probe)
+            with _random_state_kept(pl_module.device):
+                t_recompute = recomputer.seconds_per_sample(probe)
             rows = self._run.rows_in_epoch(epoch)
             for name, plan in ready.items():
                 if name in self._recompute:
@@ -636,6 +655,18 @@ class GradientCapture(Callback):
         self._probe = None
         self._run.close()
         self._run = None
+
+
+@contextlib.contextmanager
+def _random_state_kept(device: torch.device) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def _array_path(plan: LayerPlan) -> str:
