@@ -139,7 +139,9 @@ class GradientStore:
             for name, spec in self.meta.get("layers", {}).items()
             if spec.get("representation")
         }
-        self._epoch_cache: dict[int, dict[str, Any]] = {}
+        self._epoch_cache: dict[tuple[int, str], dict[str, Any]] = {}
+        self._arrays: dict[tuple[str, str, str], zarr.Array] = {}
+        self._fields: dict[tuple[int, str, str], np.ndarray] = {}
 
     # ---------------------------------------------------------------- what is there
     @property
@@ -185,10 +187,13 @@ class GradientStore:
 
     def row_field(self, epoch: int, field: str, split: str = "train") -> np.ndarray:
         """One per-row record of ``epoch``: ``ids``, ``step``, ``loss``, ``label`` or ``lr``."""
-        parts = [g[f"{layout.ROWS}/{field}"][:] for g in self._epoch(epoch, split)["ranks"]]
-        if not parts:
-            return np.zeros(0, dtype=np.float64 if field in ("loss", "lr") else np.int64)
-        return np.concatenate(parts)
+        key = (epoch, field, split)
+        if key not in self._fields:  # committed epochs never change: read each field once
+            parts = [g[f"{layout.ROWS}/{field}"][:] for g in self._epoch(epoch, split)["ranks"]]
+            empty = np.zeros(0, dtype=np.float64 if field in ("loss", "lr") else np.int64)
+            self._fields[key] = np.concatenate(parts) if parts else empty
+            self._fields[key].flags.writeable = False
+        return self._fields[key]
 
     # ---------------------------------------------------------------- gradients
     def restore(
@@ -590,7 +595,11 @@ class GradientStore:
         return order[pos]
 
     def _array(self, rank_group: zarr.Group, lay: _Layer, name: str) -> zarr.Array:
-        return rank_group[f"{layout.LAYERS}/{lay.name}/{name}"]
+        # Opening an array reads its metadata; committed epochs never change, so each is opened once.
+        key = (rank_group.path, lay.name, name)
+        if key not in self._arrays:
+            self._arrays[key] = rank_group[f"{layout.LAYERS}/{lay.name}/{name}"]
+        return self._arrays[key]
 
     def _array_names(self, lay: _Layer) -> list[str]:
         return list(lay.spec["arrays"])
