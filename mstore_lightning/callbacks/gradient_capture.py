@@ -420,27 +420,9 @@ class GradientCapture(Callback):
         split: str,
         positional: int | None,
     ) -> None:
-        """Captures the rows of ``loader``'s samples with the end-of-epoch weights, in eval mode.
-
-        Iterating a loader draws from the global random generators (a shuffling sampler's seed, every
-        DataLoader's base seed), so they are saved and restored: training goes on exactly as it would
-        without this pass.
-        """
-        with _random_state_kept(pl_module.device):
-            self._capture_pass_inner(trainer, pl_module, loader, split, positional)
-
-    def _capture_pass_inner(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        loader: Any,
-        split: str,
-        positional: int | None,
-    ) -> None:
+        """Captures the rows of ``loader``'s samples with the end-of-epoch weights, in eval mode."""
         params = [p for plan in self._plans.values() for p in plan.module.parameters() if p.requires_grad]
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with self._outside_training(pl_module):
             for batch_idx, batch in enumerate(loader):
                 batch = trainer.strategy.batch_to_device(batch)
                 ids = batch_ids(batch, self._sample_ids_fn)
@@ -460,16 +442,31 @@ class GradientCapture(Callback):
                 n = fired[0][0][1].shape[0]
                 if ids is None:
                     ids = batch_idx * positional + np.arange(n, dtype=np.int64)
-                labels = batch_labels(batch, n, self._labels_fn)
                 keep = None
                 if split == "train":  # the policy's sample selection holds in this pass too
                     mask = self.policy.sample_mask(ids)
                     if not mask.any():
                         continue
                     keep = None if mask.all() else torch.from_numpy(np.nonzero(mask)[0])
-                step = _Step(ids=ids, labels=labels, keep=keep, backward_done=True)
+                step = _Step(
+                    ids=ids, labels=batch_labels(batch, n, self._labels_fn), keep=keep, backward_done=True
+                )
                 self._write_layers(uses, grad_multiplier(self.policy.loss_reduction, n), step, split)
                 self._write_rows(trainer, step, split)
+
+    @contextlib.contextmanager
+    def _outside_training(self, pl_module: pl.LightningModule) -> Iterator[None]:
+        """Eval mode and the global random state kept, for a pass that is not a training step.
+
+        Iterating a loader draws from the global random generators (a shuffling sampler's seed, every
+        DataLoader's base seed), so they are saved and restored: training goes on exactly as it would
+        without this pass.
+        """
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with _random_state_kept(pl_module.device):
+                yield
         finally:
             self._hooks.active = False
             self._hooks.discard()
