@@ -40,9 +40,8 @@ def cosine(
 ) -> np.ndarray:
     """``(len(ids_a), len(ids_b))`` cosines between per-sample gradients of ``epoch``."""
     dots = np.asarray(store.dot(epoch, ids_a, ids_b, layers))
-    by_id = dict(zip(store.sample_ids(epoch).tolist(), np.asarray(store.norms(epoch, layers)).tolist()))
-    na = np.array([by_id[int(i)] for i in np.asarray(ids_a).reshape(-1)])
-    nb = np.array([by_id[int(i)] for i in np.asarray(ids_b).reshape(-1)])
+    norms = np.asarray(store.norms(epoch, layers))
+    na, nb = norms[store._rows_of(epoch, ids_a)], norms[store._rows_of(epoch, ids_b)]
     return dots / np.maximum(np.outer(na, nb), _TINY)
 
 

@@ -129,8 +129,7 @@ def topk(
         q_all = (
             norms if split == "train" else np.asarray(store.norms(epoch, layers, split=split, client=client))
         )
-        by_id = dict(zip(store.sample_ids(epoch, split).tolist(), q_all.tolist()))
-        q_norms = np.array([by_id[int(q)] for q in query_ids])
+        q_norms = q_all[store._rows_of(epoch, query_ids, split)]
         scores = scores / np.maximum(np.outer(q_norms, norms), np.finfo(np.float64).tiny)
     k = min(int(k), len(train))
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]

@@ -577,9 +577,12 @@ class GradientStore:
     def _rows_of(self, epoch: int, ids: Sequence[int] | np.ndarray, split: str = "train") -> np.ndarray:
         """Row positions of sample ``ids`` in ``epoch``."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        have = self.sample_ids(epoch, split)
-        order = np.argsort(have, kind="stable")
-        sorted_ids = have[order]
+        key = (epoch, "sorted ids", split)
+        if key not in self._fields:  # each query resolves ids; sort the epoch's ids once
+            have = self.sample_ids(epoch, split)
+            order = np.argsort(have, kind="stable")
+            self._fields[key] = np.stack([order, have[order]])
+        order, sorted_ids = self._fields[key]
         pos = np.searchsorted(sorted_ids, ids)
         found = (pos < len(sorted_ids)) & (sorted_ids[np.minimum(pos, len(sorted_ids) - 1)] == ids)
         if not found.all():
