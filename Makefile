@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,examples,analytics,dask]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,examples,analytics,dask,cli,parquet]'
 	touch $(STAMP)
 
 demo: $(STAMP)
