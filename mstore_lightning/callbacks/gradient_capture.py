@@ -26,6 +26,7 @@ from mstore_lightning.capture.identity import (
 from mstore_lightning.capture.layers import LayerPlan, select_layers
 from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
+from mstore_lightning.reports.spec import AnalyticsLike, parse_analytics
 from mstore_lightning.store import layout, quant
 from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, RowIndex
 from mstore_lightning.store.recompute import (
@@ -79,6 +80,13 @@ class GradientCapture(Callback):
         query: a loader of query samples (for TracIn): at each captured epoch's end their rows are
             captured with the end-of-epoch weights, in eval mode, and read with ``split="query"``.
             Batches carry ids like training batches do.
+        analytics: operators run after each captured epoch is committed, on rank 0, whose results go
+            to ``trainer.loggers``, to PNG/CSV files and to an HTML report beside the store: a list of
+            names and ``{name: params}`` mappings, or a YAML path (see
+            :mod:`mstore_lightning.reports.spec`), e.g. ``["norms", {"self_influence": {"k": 20}}]``.
+        analytics_budget_s: seconds the analytics of one epoch may take; operators that would start
+            after it are skipped, with a note in the logs and the report.
+        report_dir: where the report files go instead of beside the store.
 
     Example:
         >>> capture = GradientCapture("runs/demo.zarr", policy={"layers": ["*"], "precision": "fp16"})
@@ -103,6 +111,9 @@ class GradientCapture(Callback):
         dedup_bytes: int = DEFAULT_DEDUP_BYTES,
         loss_fn: Callable[[Any, Any], Any] | None = None,
         query: Iterable[Any] | None = None,
+        analytics: AnalyticsLike = None,
+        analytics_budget_s: float | None = None,
+        report_dir: str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
             raise ValueError(f"`store` must be a non-empty path or URL, got {store!r}.")
@@ -122,8 +133,19 @@ class GradientCapture(Callback):
         for name, fn in (("sample_ids", sample_ids), ("labels", labels), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"`{name}` must be a callable taking a batch, got {type(fn).__name__}.")
+        if analytics_budget_s is not None and (
+            isinstance(analytics_budget_s, bool)
+            or not isinstance(analytics_budget_s, (int, float))
+            or analytics_budget_s <= 0
+        ):
+            raise ValueError(
+                f"`analytics_budget_s` must be a positive number of seconds, got {analytics_budget_s!r}."
+            )
         self.store = os.fspath(store)
         self.policy = CapturePolicy.coerce(policy)
+        self.analytics = parse_analytics(analytics)
+        self.analytics_budget_s = analytics_budget_s
+        self.report_dir = None if report_dir is None else os.fspath(report_dir)
         self.mode = mode
         self.queue_bytes, self.chunk_bytes = queue_bytes, chunk_bytes
         self.storage_options = storage_options

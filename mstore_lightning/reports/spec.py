@@ -1,0 +1,154 @@
+"""Which analytics run at each captured epoch's end, and with what parameters.
+
+``GradientCapture(analytics=...)`` takes a list whose items are an operator name, or a one-key
+mapping ``{name: {param: value}}``, or a mapping with a ``name`` key; or a path to a YAML file
+holding such a list (under an optional top-level ``analytics`` key). Everything is validated when
+the callback is built, so a typo fails before training starts.
+
+Example:
+    >>> [s.name for s in parse_analytics(["norms", {"self_influence": {"k": 5}}])]
+    ['norms', 'self_influence']
+    >>> parse_analytics([{"self_influence": {"k": 5}}])[0].params["k"]
+    5
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+# Operator -> its parameters and their defaults. ``None`` means "decided from the data".
+OPERATORS: dict[str, dict[str, Any]] = {
+    "norms": {"layers": None},
+    "self_influence": {"k": 20, "epochs": "all", "threshold": 3.5, "image_shape": None, "input_key": None},
+    "tracin": {"k": 5, "epochs": "all"},
+    "class_conflicts": {},
+    "outliers": {"threshold": 3.5},
+    "cluster": {"k": 10, "dim": 16, "seed": 0},
+    "storage": {},
+}
+_EPOCH_CHOICES = ("all", "current")
+
+AnalyticsLike = Sequence[str | Mapping[str, Any]] | str | os.PathLike | None
+
+
+class AnalyticsError(ValueError):
+    """An ``analytics`` entry names an unknown operator or gives it a parameter it cannot use."""
+
+
+@dataclass(frozen=True)
+class AnalyticSpec:
+    """One configured epoch-end analytic.
+
+    Attributes:
+        name: an operator in :data:`OPERATORS`.
+        params: its parameters, defaults filled in.
+    """
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.name: dict(self.params)}
+
+
+def parse_analytics(analytics: AnalyticsLike) -> list[AnalyticSpec]:
+    """Validates ``analytics`` and fills in defaults.
+
+    Args:
+        analytics: a list of names and ``{name: params}`` mappings, a YAML path, or ``None``.
+
+    Returns:
+        The specs, in the order given.
+
+    Raises:
+        AnalyticsError: naming the entry, the allowed values and what was given.
+    """
+    if analytics is None:
+        return []
+    if isinstance(analytics, (str, os.PathLike)):
+        analytics = _from_yaml(analytics)
+    if isinstance(analytics, Mapping) or not isinstance(analytics, Sequence):
+        raise AnalyticsError(
+            "`analytics` must be a list of operator names or {name: params} mappings, or a YAML path; "
+            f"got {type(analytics).__name__}."
+        )
+    specs = [_entry(item, i) for i, item in enumerate(analytics)]
+    names = [s.name for s in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise AnalyticsError(
+            f"`analytics` lists {', '.join(repeated)} more than once; give each operator once."
+        )
+    return specs
+
+
+def _from_yaml(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise AnalyticsError(
+            f"`analytics` names a file that does not exist: {os.fspath(path)!r}. Give a list of "
+            "operator names, or the path of a YAML file holding one."
+        ) from None
+    if isinstance(data, Mapping) and set(data) == {"analytics"}:
+        data = data["analytics"]
+    return [] if data is None else data
+
+
+def _entry(item: Any, i: int) -> AnalyticSpec:
+    if isinstance(item, str):
+        name, params = item, {}
+    elif isinstance(item, Mapping) and "name" in item:
+        name, params = item["name"], {k: v for k, v in item.items() if k != "name"}
+    elif isinstance(item, Mapping) and len(item) == 1:
+        ((name, params),) = item.items()
+        params = {} if params is None else params
+    else:
+        raise AnalyticsError(
+            f"`analytics[{i}]` must be an operator name or a one-key mapping {{name: params}}; got {item!r}."
+        )
+    if name not in OPERATORS:
+        raise AnalyticsError(
+            f"`analytics[{i}]` names an unknown operator {name!r}; the operators are {', '.join(OPERATORS)}."
+        )
+    if not isinstance(params, Mapping):
+        raise AnalyticsError(f"`analytics[{i}]` ({name}): parameters must be a mapping, got {params!r}.")
+    allowed = OPERATORS[name]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        hint = ", ".join(allowed) if allowed else "none"
+        raise AnalyticsError(
+            f"`analytics[{i}]` ({name}) has unknown parameter(s) {', '.join(unknown)}; it takes: {hint}."
+        )
+    merged = {**allowed, **params}
+    _check_params(name, merged, i)
+    return AnalyticSpec(name, merged)
+
+
+def _check_params(name: str, p: dict[str, Any], i: int) -> None:
+    where = f"`analytics[{i}]` ({name})"
+    for key in ("k", "dim"):
+        if key in p and (isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 1):
+            raise AnalyticsError(f"{where}: `{key}` must be a positive integer, got {p[key]!r}.")
+    if "threshold" in p and (
+        isinstance(p["threshold"], bool) or not isinstance(p["threshold"], (int, float))
+    ):
+        raise AnalyticsError(f"{where}: `threshold` must be a number, got {p['threshold']!r}.")
+    if "epochs" in p and p["epochs"] not in _EPOCH_CHOICES:
+        raise AnalyticsError(f"{where}: `epochs` can be {' or '.join(_EPOCH_CHOICES)}, got {p['epochs']!r}.")
+    shape = p.get("image_shape")
+    if shape is not None and (
+        not isinstance(shape, Sequence)
+        or len(shape) not in (2, 3)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
+        raise AnalyticsError(f"{where}: `image_shape` must be [H, W] or [C, H, W], got {shape!r}.")
+    layers = p.get("layers")
+    if layers is not None and (isinstance(layers, str) or not all(isinstance(x, str) for x in layers)):
+        raise AnalyticsError(f"{where}: `layers` must be a list of layer names, got {layers!r}.")
