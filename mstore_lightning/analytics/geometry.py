@@ -68,13 +68,20 @@ def outliers(
 ) -> Outliers:
     """Samples with unusually large gradients (robust z-score of the log norm above ``threshold``)."""
     ids = store.sample_ids(epoch)
-    log_norm = np.log(np.maximum(np.asarray(store.norms(epoch, layers)), _TINY))
-    median = np.median(log_norm)
-    mad = np.median(np.abs(log_norm - median))
-    scores = 0.6745 * (log_norm - median) / max(mad, _TINY)
+    scores = robust_z(np.log(np.maximum(np.asarray(store.norms(epoch, layers)), _TINY)))
     order = np.argsort(-scores, kind="stable")
     flagged = ids[order[scores[order] > threshold]]
     return Outliers(ids, scores, float(threshold), flagged)
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """``0.6745 · (x − median) / MAD``: a z-score that a few extreme values cannot inflate."""
+    values = np.asarray(values, dtype=np.float64)
+    if not len(values):
+        return values
+    median = np.median(values)
+    mad = np.median(np.abs(values - median))
+    return 0.6745 * (values - median) / max(mad, _TINY)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,9 +27,12 @@ from mstore_lightning.capture.identity import (
 from mstore_lightning.capture.layers import LayerPlan, select_layers
 from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
+from mstore_lightning.reports.artifacts import report_paths
+from mstore_lightning.reports.runner import EpochReporter
 from mstore_lightning.reports.spec import AnalyticsLike, parse_analytics
 from mstore_lightning.store import layout, quant
 from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, RowIndex
+from mstore_lightning.store.reader import open_store
 from mstore_lightning.store.recompute import (
     Recomputer,
     batch_loss,
@@ -172,6 +176,9 @@ class GradientCapture(Callback):
         self._probe: Any = None
         self._decided = False  # whether the measured store-or-recompute decision was made
         self._rank = 0
+        self._epoch_started = 0.0
+        self._reporter: EpochReporter | None = None
+        self._reader: Any = None
 
     @property
     @override
@@ -285,6 +292,7 @@ class GradientCapture(Callback):
         if trainer.global_rank != 0:
             self._run.begin_epoch(epoch, resume_rows if resume_rows is not None else 0)
         self._epoch = epoch
+        self._epoch_started = time.perf_counter()
         self._epoch_recomputed = {n for n, d in self._recompute.items() if d["decision"] == "recompute"}
         self._epoch_lr = _learning_rates(trainer)
         loader = trainer.train_dataloader
@@ -321,6 +329,8 @@ class GradientCapture(Callback):
             },
         )
         self._committed.append(epoch)
+        if self.analytics and trainer.global_rank == 0:
+            self._report(trainer, epoch, time.perf_counter() - self._epoch_started)
 
     # ------------------------------------------------------------------ batches
     @override
@@ -663,6 +673,25 @@ class GradientCapture(Callback):
     def _select(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         return values if keep is None else values.index_select(0, keep.to(values.device))
 
+    def _report(self, trainer: pl.Trainer, epoch: int, epoch_seconds: float) -> None:
+        """Runs the configured analytics on the just-committed epoch; see :mod:`mstore_lightning.reports`."""
+        if self._reporter is None:
+            self._reporter = EpochReporter(
+                self.analytics,
+                report_paths(self.store, self.report_dir),
+                self.analytics_budget_s,
+                write_html=_write_html,
+            )
+            self._reader = open_store(self.store, self.storage_options)  # kept: its caches serve later epochs
+        self._reporter.report(
+            self._reader,
+            epoch,
+            loggers=trainer.loggers,
+            step=trainer.global_step,
+            sample_input=_sample_input(trainer.train_dataloader),
+            epoch_seconds=epoch_seconds,
+        )
+
     def _close(self) -> None:
         """Stops the writer; an epoch still open is left uncommitted, so readers never see it."""
         if self._run is None:
@@ -672,6 +701,7 @@ class GradientCapture(Callback):
         self._epoch = None
         self._dedup = None
         self._probe = None
+        self._reporter = self._reader = None
         self._run.close()
         self._run = None
 
@@ -686,6 +716,18 @@ def _random_state_kept(device: torch.device) -> Iterator[None]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def _write_html(store: Any, paths: Any) -> None:
+    from mstore_lightning.reports.html import write_report
+
+    write_report(store, report_dir=paths.root.parent, out=paths.html)
+
+
+def _sample_input(loader: Any) -> Callable[[int], Any] | None:
+    """``id -> dataset[id]`` when the training loader's dataset is indexable, for image grids."""
+    dataset = getattr(loader, "dataset", None)
+    return dataset.__getitem__ if dataset is not None and hasattr(dataset, "__getitem__") else None
 
 
 def _array_path(plan: LayerPlan) -> str:

@@ -1,0 +1,126 @@
+"""Matplotlib figures of the epoch-end analytics.
+
+Figures are built on :class:`matplotlib.figure.Figure` directly, not ``pyplot``: no global figure
+registry to leak into, no GUI backend, safe inside any training script. Each function returns the
+figure; :func:`to_png` renders it once, and every logger and the HTML report reuse those bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+DPI = 80  # small PNGs: they are embedded in the HTML report and sent to every logger each epoch
+
+
+def to_png(fig: Figure) -> bytes:
+    """Renders ``fig`` to PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def norms_by_class(norms: np.ndarray, labels: np.ndarray | None, epoch: int) -> Figure:
+    """Distribution of per-sample gradient norms, one box per class (or one histogram)."""
+    fig = Figure(figsize=(6, 3.2), layout="constrained")
+    ax = fig.subplots()
+    finite = np.isfinite(norms)
+    if labels is not None and (labels >= 0).any():
+        classes = np.unique(labels[labels >= 0])
+        groups = [norms[(labels == c) & finite] for c in classes]
+        ax.boxplot(
+            groups, tick_labels=[str(c) for c in classes], showfliers=True, flierprops={"markersize": 2}
+        )
+        ax.set_xlabel("given label")
+        ax.set_ylabel("per-sample gradient norm")
+        ax.set_yscale("log")  # norms span orders of magnitude; the suspicious ones sit far above
+    else:
+        ax.hist(norms[finite], bins=40)
+        ax.set_xlabel("per-sample gradient norm")
+        ax.set_ylabel("samples")
+    ax.set_title(f"Gradient norm by class, epoch {epoch}")
+    return fig
+
+
+def conflict_heatmap(cosine: np.ndarray, classes: Sequence[int], epoch: int) -> Figure:
+    """Cosine between class gradients: negative cells are classes pulling the weights apart."""
+    fig = Figure(figsize=(4.6, 3.8), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1)
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, [str(c) for c in classes])
+    ax.set_yticks(ticks, [str(c) for c in classes])
+    ax.set_xlabel("class")
+    ax.set_ylabel("class")
+    ax.set_title(f"Class-gradient cosine, epoch {epoch}")
+    fig.colorbar(image, ax=ax, shrink=0.85)
+    return fig
+
+
+def sample_grid(
+    images: Sequence[np.ndarray], ids: Sequence[int], labels: Sequence[int], title: str, columns: int = 8
+) -> Figure:
+    """The given samples as one mosaic, each captioned with its id and given label.
+
+    One ``imshow`` of a mosaic instead of a subplot per sample: a grid of 32 axes takes ten times
+    longer to draw, and this runs every epoch.
+    """
+    tiles = [_tile(img) for img in images]
+    h = max(t.shape[0] for t in tiles)
+    w = max(t.shape[1] for t in tiles)
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    pad = max(1, h // 8)
+    mosaic = np.ones(((h + pad) * rows, (w + pad) * cols, 3))
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        mosaic[r * (h + pad) : r * (h + pad) + t.shape[0], c * (w + pad) : c * (w + pad) + t.shape[1]] = t
+    fig = Figure(figsize=(1.0 * cols + 0.4, 1.15 * rows + 0.5), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(mosaic, interpolation="nearest")
+    for i, (sid, lab) in enumerate(zip(ids, labels)):
+        r, c = divmod(i, cols)
+        ax.text(
+            c * (w + pad) + w / 2,
+            r * (h + pad) - 0.5,
+            f"#{sid} y={lab}",
+            ha="center",
+            va="bottom",
+            fontsize=6,
+        )
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def cluster_labels(clusters: np.ndarray, labels: np.ndarray, epoch: int) -> Figure:
+    """How the given labels spread over gradient clusters (share of each cluster per label)."""
+    ks = np.unique(clusters)
+    classes = np.unique(labels[labels >= 0])
+    counts = np.array([[np.sum((clusters == k) & (labels == c)) for c in classes] for k in ks], dtype=float)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig = Figure(figsize=(5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(np.arange(len(classes)), [str(c) for c in classes])
+    ax.set_yticks(np.arange(len(ks)), [f"{k} (n={int(n)})" for k, n in zip(ks, counts.sum(axis=1))])
+    ax.set_xlabel("given label")
+    ax.set_ylabel("gradient cluster")
+    ax.set_title(f"Labels within gradient clusters, epoch {epoch}")
+    fig.colorbar(image, ax=ax, shrink=0.85)
+    return fig
+
+
+def _tile(img: np.ndarray) -> np.ndarray:
+    """An image as ``(H, W, 3)`` floats in ``[0, 1]``, scaled by its own range."""
+    x = np.asarray(img, dtype=np.float64)
+    if x.ndim == 3 and x.shape[0] in (1, 3) and x.shape[-1] not in (1, 3):
+        x = np.moveaxis(x, 0, -1)  # CHW -> HWC
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    lo, hi = np.nanmin(x), np.nanmax(x)
+    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    return np.repeat(x[..., None], 3, axis=-1) if x.ndim == 2 else x

@@ -1,0 +1,391 @@
+"""Epoch-end analytics: each operator turns one committed epoch into scalars, histograms, figures
+and tables.
+
+Operators read the store through a per-epoch :class:`Context`, which computes each layer's
+per-sample squared norms once for every operator that needs them. Influence sums over epochs
+(``Σ_e lr_e …``) are kept running across epochs in :class:`RunningSum`, so epoch ``e`` reads only
+epoch ``e``'s rows; an epoch not yet in the sum (after a resume, say) is read once and added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mstore_lightning.analytics.geometry import robust_z
+from mstore_lightning.reports import figures
+
+_TINY = np.finfo(np.float64).tiny
+MAX_TRACIN_CELLS = 1 << 25  # queries x training ids kept in a running TracIn sum (256 MB of float64)
+
+
+@dataclass
+class Output:
+    """What one operator produced for one epoch.
+
+    Attributes:
+        scalars: ``name -> value``, logged through ``log_metrics``.
+        histograms: ``name -> values``, for loggers that draw histograms.
+        figures: ``(name, title, figure)``.
+        tables: ``(name, title, pandas.DataFrame)``.
+        note: why something was left out.
+    """
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, np.ndarray] = field(default_factory=dict)
+    figures: list[tuple[str, str, Any]] = field(default_factory=list)
+    tables: list[tuple[str, str, Any]] = field(default_factory=list)
+    note: str | None = None
+
+
+class Skipped(Exception):
+    """An operator has nothing to compute on this epoch; the message says why."""
+
+
+class RunningSum:
+    """``Σ_e`` of per-epoch arrays whose last axis is indexed by sample id, over a growing id set."""
+
+    def __init__(self) -> None:
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.values: np.ndarray | None = None
+        self.epochs: set[int] = set()
+
+    def add(self, epoch: int, ids: np.ndarray, values: np.ndarray) -> None:
+        union = np.union1d(self.ids, ids)
+        grown = np.zeros((*values.shape[:-1], len(union)), dtype=np.float64)
+        if self.values is not None:
+            grown[..., np.searchsorted(union, self.ids)] = self.values
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        if np.any(sorted_ids[1:] == sorted_ids[:-1]):
+            raise ValueError(f"epoch {epoch} holds a sample id twice; its influence cannot be summed by id.")
+        grown[..., np.searchsorted(union, sorted_ids)] += values[..., order]
+        self.ids, self.values = union, grown
+        self.epochs.add(epoch)
+
+
+@dataclass
+class Context:
+    """One epoch's view for the operators.
+
+    Attributes:
+        store: the opened store.
+        epoch: the committed epoch being reported.
+        sums: running influence sums by name, kept across epochs by the caller.
+        sample_input: ``id -> training sample input`` for image grids, when the dataset is at hand.
+        epoch_seconds: wall time of the epoch's training, for throughput.
+    """
+
+    store: Any
+    epoch: int
+    sums: dict[str, RunningSum]
+    sample_input: Callable[[int], Any] | None = None
+    epoch_seconds: float | None = None
+    _sq: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+
+    def sqnorms(self, layer: str, epoch: int | None = None) -> np.ndarray:
+        """Squared per-sample gradient norms of one layer, aligned with ``sample_ids(epoch)``."""
+        key = (self.epoch if epoch is None else epoch, layer)
+        if key not in self._sq:
+            self._sq[key] = np.asarray(self.store.norms(key[0], [layer]), dtype=np.float64) ** 2
+        return self._sq[key]
+
+    def total_sqnorms(self, epoch: int | None = None, layers: list[str] | None = None) -> np.ndarray:
+        layers = self.store.layers if layers is None else layers
+        return np.sum([self.sqnorms(name, epoch) for name in layers], axis=0)
+
+    def epochs_upto(self, which: str) -> list[int]:
+        return [self.epoch] if which == "current" else [e for e in self.store.epochs if e <= self.epoch]
+
+
+def norms(ctx: Context, layers: list[str] | None) -> Output:
+    """Per-layer gradient-norm statistics, histograms, and the norm distribution per class."""
+    store, out = ctx.store, Output()
+    chosen = store.layers if layers is None else layers
+    unknown = sorted(set(chosen) - set(store.layers))
+    if unknown:
+        raise ValueError(f"norms: unknown layer(s) {', '.join(unknown)}; the store has {store.layers}.")
+    for layer in chosen:
+        values = np.sqrt(ctx.sqnorms(layer))
+        out.scalars.update(_stats(f"grad_norm/{layer}", values))
+        out.histograms[f"grad_norm/{layer}"] = values[np.isfinite(values)]
+    total = np.sqrt(ctx.total_sqnorms(layers=chosen))
+    out.scalars.update(_stats("grad_norm/total", total))
+    out.scalars["grad_norm/nonfinite_share"] = float(np.mean(~np.isfinite(total))) if len(total) else 0.0
+    labels = store.row_field(ctx.epoch, "label")
+    out.figures.append(
+        ("by_class", "Per-sample gradient norm by class", figures.norms_by_class(total, labels, ctx.epoch))
+    )
+    return out
+
+
+def self_influence(
+    ctx: Context, k: int, epochs: str, threshold: float, image_shape: Any, input_key: str | None
+) -> Output:
+    """``Σ_e lr_e ‖g_i(e)‖²``: the top-``k`` table, the flagged share and, for images, a grid."""
+    store, out = ctx.store, Output()
+    run = ctx.sums.setdefault(f"self_influence/{epochs}", RunningSum())
+    wanted = ctx.epochs_upto(epochs)
+    if epochs == "current":
+        run.__init__()
+    for e in wanted:
+        if e not in run.epochs:
+            run.add(e, store.sample_ids(e), store.lr(e) * ctx.total_sqnorms(e))
+    ids, scores = run.ids, run.values
+    z = robust_z(np.log(np.maximum(scores, _TINY)))
+    out.scalars["self_influence/flagged_share"] = float(np.mean(z > threshold)) if len(z) else 0.0
+    out.scalars["self_influence/max"] = float(scores.max()) if len(scores) else 0.0
+    out.histograms["self_influence/log10"] = np.log10(np.maximum(scores, _TINY))
+    top = np.argsort(-scores, kind="stable")[:k]
+    table = _frame(
+        rank=np.arange(1, len(top) + 1),
+        id=ids[top],
+        label=_known(ctx, "label", ids[top]),
+        loss=_known(ctx, "loss", ids[top]),
+        score=scores[top],
+        robust_z=z[top],
+    )
+    span = f"epochs {wanted[0]}-{wanted[-1]}" if len(wanted) > 1 else f"epoch {wanted[0]}"
+    out.tables.append(
+        ("topk", f"Top {len(top)} self-influence ({span}): likely mislabeled or atypical", table)
+    )
+    grid = _images(ctx, ids[top], image_shape, input_key)
+    if grid is None:
+        out.note = "no image grid: the training samples are not images (set image_shape=[H, W] if they are)"
+    else:
+        fig = figures.sample_grid(grid, ids[top], table["label"], f"Most self-influential samples ({span})")
+        out.figures.append(("grid", "Most suspicious samples, with their given labels", fig))
+    return out
+
+
+def tracin(ctx: Context, k: int, epochs: str) -> Output:
+    """TracIn of every query sample: its ``k`` strongest training proponents."""
+    store, out = ctx.store, Output()
+    if not store.has_queries(ctx.epoch):
+        raise Skipped("no query rows in this epoch: pass GradientCapture(query=loader) to capture them")
+    queries = store.sample_ids(ctx.epoch, "query")
+    cells = len(queries) * len(store.sample_ids(ctx.epoch))
+    if epochs == "all" and cells > MAX_TRACIN_CELLS:
+        epochs, out.note = "current", f"{cells:,} query x training scores: summed over this epoch only"
+    run = ctx.sums.setdefault(f"tracin/{epochs}", RunningSum())
+    if epochs == "current":
+        run.__init__()
+    for e in ctx.epochs_upto(epochs):
+        if e not in run.epochs:
+            if not store.has_queries(e) or not np.array_equal(store.sample_ids(e, "query"), queries):
+                continue  # an epoch captured with other (or no) queries cannot join the sum
+            train = store.sample_ids(e)
+            run.add(e, train, store.lr(e) * np.asarray(store.dot(e, queries, train, split_a="query")))
+    ids, scores = run.ids, run.values
+    k = min(k, len(ids))
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    q_labels = _known(ctx, "label", queries, split="query")
+    top_labels = _known(ctx, "label", ids[best].reshape(-1)).reshape(best.shape)
+    known = q_labels >= 0
+    if known.any():
+        out.scalars["tracin/top1_same_label"] = float(np.mean(top_labels[known, 0] == q_labels[known]))
+    out.scalars["tracin/epochs_summed"] = float(len(run.epochs))
+    table = _frame(
+        query=np.repeat(queries, k),
+        query_label=np.repeat(q_labels, k),
+        rank=np.tile(np.arange(1, k + 1), len(queries)),
+        id=ids[best].reshape(-1),
+        label=top_labels.reshape(-1),
+        score=np.take_along_axis(scores, best, 1).reshape(-1),
+    )
+    out.tables.append(("proponents", f"Top {k} TracIn proponents of each query", table))
+    return out
+
+
+def class_conflicts(ctx: Context) -> Output:
+    """Cosines between class gradients, and the share of samples opposing their class."""
+    out = Output()
+    if not (ctx.store.row_field(ctx.epoch, "label") >= 0).any():
+        raise Skipped("no labels recorded: pass GradientCapture(labels=...) to record them")
+    cc = ctx.store.class_conflicts(ctx.epoch)
+    known = np.isfinite(cc.alignment)
+    out.scalars["class_conflicts/opposing_share"] = (
+        float(np.mean(cc.alignment[known] < 0)) if known.any() else 0.0
+    )
+    off = ~np.eye(len(cc.classes), dtype=bool)
+    if off.any():
+        out.scalars["class_conflicts/mean_offdiag_cosine"] = float(np.nanmean(cc.cosine[off]))
+        out.scalars["class_conflicts/min_cosine"] = float(np.nanmin(cc.cosine[off]))
+    out.figures.append(
+        (
+            "heatmap",
+            "Cosine between class gradients",
+            figures.conflict_heatmap(cc.cosine, cc.classes, ctx.epoch),
+        )
+    )
+    out.tables.append(
+        (
+            "classes",
+            "Share of each class's samples whose gradient opposes their class's",
+            _frame(label=cc.classes, opposing_share=cc.opposing_share),
+        )
+    )
+    return out
+
+
+def outliers(ctx: Context, threshold: float) -> Output:
+    """Samples whose gradient norm is far above the epoch's typical norm."""
+    out = Output()
+    ids = ctx.store.sample_ids(ctx.epoch)
+    z = robust_z(np.log(np.maximum(np.sqrt(ctx.total_sqnorms()), _TINY)))
+    flagged = np.argsort(-z, kind="stable")
+    flagged = flagged[z[flagged] > threshold]
+    out.scalars["outliers/flagged_share"] = float(len(flagged) / max(len(ids), 1))
+    out.tables.append(
+        (
+            "flagged",
+            f"Samples with a robust z-score of the log gradient norm above {threshold}",
+            _frame(id=ids[flagged], label=_known(ctx, "label", ids[flagged]), robust_z=z[flagged]),
+        )
+    )
+    return out
+
+
+def cluster(ctx: Context, k: int, dim: int, seed: int) -> Output:
+    """k-means in gradient space, with the sketch's measured error and each cluster's labels."""
+    out = Output()
+    c = ctx.store.cluster(ctx.epoch, k, dim=dim, seed=seed)
+    out.scalars["cluster/inertia"] = float(c.inertia)
+    out.scalars["cluster/sketch_error"] = float(c.measured_error)
+    labels = _known(ctx, "label", c.ids)
+    rows = {"cluster": np.arange(len(c.sizes)), "size": c.sizes}
+    if (labels >= 0).any():
+        majority, purity = [], []
+        for j in range(len(c.sizes)):
+            lab = labels[(c.labels == j) & (labels >= 0)]
+            counts = np.bincount(lab) if len(lab) else np.zeros(1, dtype=int)
+            majority.append(int(counts.argmax()) if len(lab) else -1)
+            purity.append(float(counts.max() / len(lab)) if len(lab) else float("nan"))
+        rows.update(majority_label=np.array(majority), purity=np.array(purity))
+        out.figures.append(
+            (
+                "labels",
+                "Given labels within gradient clusters",
+                figures.cluster_labels(c.labels, labels, ctx.epoch),
+            )
+        )
+    out.tables.append(
+        ("sizes", f"{len(c.sizes)} gradient clusters (sketch dim {c.sketch_dim})", _frame(**rows))
+    )
+    return out
+
+
+def storage(ctx: Context) -> Output:
+    """Bytes on disk, what deduplication saved, the ratio to full fp32 gradients, and throughput."""
+    store, out = ctx.store, Output()
+    stored = store.nbytes_stored(ctx.epoch)
+    rows = len(store.sample_ids(ctx.epoch))
+    full = rows * sum(4 * _param_numel(store.layer_spec(name)) for name in store.layers)
+    saved = sum(s.get("bytes_saved", 0) for s in store.dedup_stats(ctx.epoch).values())
+    out.scalars.update(
+        {
+            "storage/epoch_bytes": float(stored),
+            "storage/total_bytes": float(store.nbytes_stored()),
+            "storage/dedup_saved_bytes": float(saved),
+            "storage/ratio_vs_fp32": float(full / stored) if stored else 0.0,
+            "storage/rows": float(rows),
+        }
+    )
+    if ctx.epoch_seconds:
+        out.scalars["capture/rows_per_s"] = rows / ctx.epoch_seconds
+    return out
+
+
+OPERATORS: dict[str, Callable[..., Output]] = {
+    "norms": norms,
+    "self_influence": self_influence,
+    "tracin": tracin,
+    "class_conflicts": class_conflicts,
+    "outliers": outliers,
+    "cluster": cluster,
+    "storage": storage,
+}
+
+
+def _stats(prefix: str, values: np.ndarray) -> dict[str, float]:
+    v = values[np.isfinite(values)]
+    if not len(v):
+        return {}
+    q50, q95 = np.percentile(v, [50, 95])
+    return {
+        f"{prefix}/mean": float(v.mean()),
+        f"{prefix}/median": float(q50),
+        f"{prefix}/p95": float(q95),
+        f"{prefix}/max": float(v.max()),
+    }
+
+
+def _known(ctx: Context, name: str, ids: np.ndarray, split: str = "train") -> np.ndarray:
+    """A row field for ``ids`` of this epoch; ids this epoch did not capture get -1 (or NaN)."""
+    own = ctx.store.sample_ids(ctx.epoch, split)
+    values = ctx.store.row_field(ctx.epoch, name, split)
+    order = np.argsort(own, kind="stable")
+    pos = np.minimum(np.searchsorted(own, ids, sorter=order), max(len(own) - 1, 0))
+    hit = (len(own) > 0) & (own[order[pos]] == ids) if len(own) else np.zeros(len(ids), dtype=bool)
+    missing = np.nan if values.dtype.kind == "f" else -1
+    result = np.full(len(ids), missing, dtype=values.dtype)
+    result[hit] = values[order[pos[hit]]]
+    return result
+
+
+def _images(ctx: Context, ids: np.ndarray, shape: Any, key: str | None) -> list[np.ndarray] | None:
+    """The inputs of ``ids`` as images, or ``None`` when they are not images."""
+    if ctx.sample_input is None or not len(ids):
+        return None
+    images = []
+    for sid in ids:
+        item = ctx.sample_input(int(sid))
+        if isinstance(item, dict) and "index" in item and int(item["index"]) != int(sid):
+            return None  # the loader's dataset is not indexed by sample id: no picture beats a wrong one
+        x = _input_array(item, key)
+        if x is None:
+            return None
+        if shape is not None:
+            if x.size != int(np.prod(shape)):
+                raise ValueError(f"image_shape {list(shape)} does not fit a sample input of {x.size} values.")
+            x = x.reshape(shape)
+        elif not (x.ndim == 2 or (x.ndim == 3 and (x.shape[0] in (1, 3) or x.shape[-1] in (1, 3)))):
+            return None
+        images.append(x)
+    return images
+
+
+def _input_array(item: Any, key: str | None) -> np.ndarray | None:
+    if isinstance(item, dict):
+        if key is not None:
+            return _as_array(item.get(key))
+        for value in item.values():
+            arr = _as_array(value)
+            if arr is not None and arr.dtype.kind == "f":
+                return arr
+        return None
+    if isinstance(item, (tuple, list)) and item:
+        return _as_array(item[0])
+    return _as_array(item)
+
+
+def _as_array(value: Any) -> np.ndarray | None:
+    if value is None:
+        return None
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    return arr if arr.dtype.kind in "fiu" and arr.ndim >= 1 else None
+
+
+def _param_numel(spec: dict[str, Any]) -> int:
+    return sum(int(np.prod(shape)) for shape in spec.get("param_shapes", {}).values())
+
+
+def _frame(**columns: Any) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(columns)

@@ -1,0 +1,286 @@
+"""Epoch-end analytics (GradientCapture(analytics=...)) reported to real loggers and files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+
+from helpers import EXACT, Reference, Task, loader, trainer
+from mstore_lightning import GradientCapture, open_store
+from mstore_lightning.reports import report_paths
+from mstore_lightning.reports.spec import AnalyticsError, parse_analytics
+from test_capture_fit import data
+from test_query import QueryReference
+
+ANALYTICS = [
+    "norms",
+    {"self_influence": {"k": 5, "image_shape": [4, 4]}},
+    {"tracin": {"k": 3}},
+    "class_conflicts",
+    "outliers",
+    {"cluster": {"k": 3}},
+    "storage",
+]
+EPOCHS = 2
+
+
+def net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reports")
+    torch.manual_seed(0)
+    x, y = data(n=40, d=16)
+    qx, qy = data(n=6, d=16, seed=3)
+    ref, qref = Reference(), QueryReference(qx, qy)
+    with mock.patch.dict("os.environ", {"MLFLOW_ALLOW_FILE_STORE": "true"}):
+        loggers = [
+            TensorBoardLogger(path / "tb", name="run"),
+            CSVLogger(path / "csv", name="run"),
+            MLFlowLogger("reports", tracking_uri=f"file:{path / 'mlruns'}"),
+        ]
+        metrics_calls = mock.Mock(wraps=loggers[1].log_metrics)
+        loggers[1].log_metrics = metrics_calls
+        cap = GradientCapture(
+            path / "s.zarr",
+            policy=EXACT,
+            query=loader(qx, qy, batch_size=3, shuffle=False),
+            analytics=ANALYTICS,
+        )
+        steps = []
+        tr = trainer([ref, cap, qref], max_epochs=EPOCHS, logger=loggers)
+        tr.fit(Task(net()), loader(x, y))
+    steps = [(e + 1) * 5 for e in range(EPOCHS)]  # 40 samples, batches of 8: 5 steps an epoch
+    return {
+        "path": path,
+        "store": open_store(path / "s.zarr"),
+        "ref": ref,
+        "loggers": loggers,
+        "calls": metrics_calls,
+        "steps": steps,
+        "mlflow_run": loggers[2].run_id,
+    }
+
+
+def reference_self_influence(run, upto: int) -> dict[int, float]:
+    store, ref = run["store"], run["ref"]
+    out: dict[int, float] = {}
+    for e in range(upto + 1):
+        for sid, grads in ref.grads[e].items():
+            sq = sum(float((g.double() ** 2).sum()) for g in grads.values())
+            out[sid] = out.get(sid, 0.0) + store.lr(e) * sq
+    return out
+
+
+def test_every_analytic_ran_each_epoch_and_left_its_files(run):
+    paths = report_paths(run["path"] / "s.zarr")
+    assert paths.epochs() == list(range(EPOCHS))
+    assert paths.html.is_file()
+    for e in range(EPOCHS):
+        summary = paths.read_summary(e)
+        assert summary["global_step"] == run["steps"][e]
+        status = {r["name"]: r["status"] for r in summary["analytics"]}
+        assert status == {name if isinstance(name, str) else next(iter(name)): "ok" for name in ANALYTICS}
+        for record in summary["analytics"]:
+            for item in record["figures"] + record["tables"]:
+                assert (paths.epoch_dir(e) / item["file"]).stat().st_size > 0
+
+
+def test_self_influence_table_matches_torch_func(run):
+    paths = report_paths(run["path"] / "s.zarr")
+    for e in range(EPOCHS):
+        table = pd.read_csv(paths.epoch_dir(e) / "self_influence_topk.csv")
+        expected = reference_self_influence(run, e)
+        best = sorted(expected, key=expected.get, reverse=True)[:5]
+        assert table["id"].tolist() == best
+        np.testing.assert_allclose(table["score"], [expected[i] for i in best], rtol=1e-4)
+        labels = dict(zip(run["store"].sample_ids(e), run["store"].row_field(e, "label")))
+        assert table["label"].tolist() == [labels[i] for i in best]
+        # The running sum equals the store's own self-influence over the same epochs.
+        api = run["store"].self_influence(epochs=list(range(e + 1)))
+        np.testing.assert_allclose(
+            table["score"], api.scores[np.searchsorted(api.ids, table["id"])], rtol=1e-9
+        )
+
+
+def test_tracin_table_matches_the_store_api(run):
+    store = run["store"]
+    table = pd.read_csv(report_paths(run["path"] / "s.zarr").epoch_dir(EPOCHS - 1) / "tracin_proponents.csv")
+    queries = store.sample_ids(EPOCHS - 1, "query")
+    api = store.tracin(queries)
+    for q, rows in table.groupby("query", sort=False):
+        scores = api.scores[list(queries).index(q)]
+        best = np.argsort(-scores, kind="stable")[:3]
+        assert rows["id"].tolist() == api.ids[best].tolist()
+        np.testing.assert_allclose(rows["score"], scores[best], rtol=1e-9)
+
+
+def test_csv_logger_holds_the_scalars_at_each_epoch_end(run):
+    path = run["loggers"][1].log_dir + "/metrics.csv"
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("mstore/grad_norm/total/max")]
+    assert [int(r["step"]) for r in rows] == run["steps"]
+    for e, row in enumerate(rows):
+        norms = [
+            sum(float((g.double() ** 2).sum()) for g in grads.values()) ** 0.5
+            for grads in run["ref"].grads[e].values()
+        ]
+        assert float(row["mstore/grad_norm/total/max"]) == pytest.approx(max(norms), rel=1e-4)
+        assert float(row["mstore/grad_norm/total/median"]) == pytest.approx(np.median(norms), rel=1e-4)
+        assert float(row["mstore/storage/rows"]) == 40
+        assert 0 <= float(row["mstore/class_conflicts/opposing_share"]) <= 1
+
+
+def test_log_metrics_calls_are_exact(run):
+    calls = [
+        c for c in run["calls"].call_args_list if any(k.startswith("mstore/storage/") for k in c.args[0])
+    ]
+    assert [c.kwargs["step"] for c in calls] == run["steps"]
+    store = run["store"]
+    for e, c in enumerate(calls):
+        metrics = c.args[0]  # one call an epoch carries every operator's scalars
+        assert {k for k in metrics if k.startswith(("mstore/storage/", "mstore/capture/"))} == {
+            "mstore/storage/epoch_bytes",
+            "mstore/storage/total_bytes",
+            "mstore/storage/dedup_saved_bytes",
+            "mstore/storage/ratio_vs_fp32",
+            "mstore/storage/rows",
+            "mstore/capture/rows_per_s",
+        }
+        assert {
+            "mstore/analytics/seconds",
+            "mstore/self_influence/flagged_share",
+            "mstore/cluster/sketch_error",
+        } <= set(metrics)
+        assert metrics["mstore/storage/epoch_bytes"] == store.nbytes_stored(e)
+        assert metrics["mstore/capture/rows_per_s"] > 0
+
+
+def test_tensorboard_has_scalars_histograms_images_and_text(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(
+        run["loggers"][0].log_dir, size_guidance={"images": 0, "histograms": 0, "tensors": 0}
+    )
+    acc.Reload()
+    tags = acc.Tags()
+    events = acc.Scalars("mstore/self_influence/max")
+    assert [ev.step for ev in events] == run["steps"]
+    assert events[-1].value == pytest.approx(
+        max(reference_self_influence(run, EPOCHS - 1).values()), rel=1e-4
+    )
+    hist = acc.Histograms("mstore/grad_norm/net.0")
+    assert [h.step for h in hist] == run["steps"]
+    assert hist[0].histogram_value.num == 40
+    for tag in ("mstore/norms/by_class", "mstore/class_conflicts/heatmap", "mstore/self_influence/grid"):
+        images = acc.Images(tag)
+        assert [im.step for im in images] == run["steps"]
+        assert images[0].width > 100 and images[0].encoded_image_string[:4] == b"\x89PNG"
+    assert "mstore/self_influence/topk/text_summary" in tags["tensors"]
+
+
+def test_mlflow_has_metrics_figures_and_tables(run):
+    from mlflow.tracking import MlflowClient
+
+    with mock.patch.dict("os.environ", {"MLFLOW_ALLOW_FILE_STORE": "true"}):
+        client = MlflowClient(f"file:{run['path'] / 'mlruns'}")
+        history = client.get_metric_history(run["mlflow_run"], "mstore/grad_norm/total/max")
+        assert [m.step for m in history] == run["steps"]
+        files = [a.path for a in client.list_artifacts(run["mlflow_run"], "mstore/epoch_00001")]
+    names = {f.rsplit("/", 1)[-1] for f in files}
+    assert {"norms_by_class.png", "class_conflicts_heatmap.png", "self_influence_topk.json"} <= names
+
+
+def test_bad_analytics_fail_before_training(tmp_path):
+    with pytest.raises(AnalyticsError, match="unknown operator 'nrms'.*norms"):
+        GradientCapture(tmp_path / "s.zarr", analytics=["nrms"])
+    with pytest.raises(AnalyticsError, match=r"self_influence\) has unknown parameter\(s\) top; it takes: k"):
+        GradientCapture(tmp_path / "s.zarr", analytics=[{"self_influence": {"top": 3}}])
+    with pytest.raises(AnalyticsError, match="`k` must be a positive integer"):
+        parse_analytics([{"tracin": {"k": 0}}])
+    with pytest.raises(ValueError, match="analytics_budget_s"):
+        GradientCapture(tmp_path / "s.zarr", analytics=["norms"], analytics_budget_s=-1)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_analytics_from_yaml(tmp_path):
+    spec = tmp_path / "analytics.yaml"
+    spec.write_text("analytics:\n  - norms\n  - self_influence: {k: 7}\n  - {name: cluster, k: 4}\n")
+    parsed = parse_analytics(spec)
+    assert [(s.name, s.params.get("k")) for s in parsed] == [
+        ("norms", None),
+        ("self_influence", 7),
+        ("cluster", 4),
+    ]
+
+
+def test_a_failing_analytic_does_not_stop_the_others_or_training(tmp_path, caplog):
+    torch.manual_seed(0)
+    x, y = data(n=16, d=16)
+    cap = GradientCapture(
+        tmp_path / "s.zarr", policy=EXACT, analytics=[{"norms": {"layers": ["nope"]}}, "storage"]
+    )
+    with caplog.at_level(logging.WARNING, logger="mstore_lightning"):
+        trainer([cap], max_epochs=2).fit(Task(net()), loader(x, y))
+    assert open_store(tmp_path / "s.zarr").epochs == [0, 1]
+    summary = report_paths(tmp_path / "s.zarr").read_summary(1)
+    assert [(r["name"], r["status"]) for r in summary["analytics"]] == [
+        ("norms", "failed"),
+        ("storage", "ok"),
+    ]
+    assert "unknown layer(s) nope" in summary["analytics"][0]["note"]
+    assert any("analytic norms failed" in r.message for r in caplog.records)
+
+
+def test_work_beyond_the_budget_is_skipped_with_a_note(tmp_path, caplog):
+    torch.manual_seed(0)
+    x, y = data(n=16, d=16)
+    cap = GradientCapture(
+        tmp_path / "s.zarr", policy=EXACT, analytics=["storage", "outliers"], analytics_budget_s=1e-9
+    )
+    with caplog.at_level(logging.WARNING, logger="mstore_lightning"):
+        trainer([cap], max_epochs=1).fit(Task(net()), loader(x, y))
+    summary = report_paths(tmp_path / "s.zarr").read_summary(0)
+    assert [(r["name"], r["status"]) for r in summary["analytics"]] == [
+        ("storage", "skipped"),
+        ("outliers", "skipped"),
+    ]
+    assert all("budget of 1e-09 s was spent" in r["note"] for r in summary["analytics"])
+    assert sum("budget" in r.message for r in caplog.records) == 2
+    json.dumps(summary)
+
+
+def test_wandb_offline_gets_images_and_tables(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    x, y = data(n=16, d=16)
+    logger = WandbLogger(project="mstore-test", save_dir=str(tmp_path), offline=True)
+    cap = GradientCapture(
+        tmp_path / "s.zarr", policy=EXACT, analytics=[{"self_influence": {"k": 3, "image_shape": [4, 4]}}]
+    )
+    try:
+        trainer([cap], max_epochs=2, logger=logger).fit(Task(net()), loader(x, y))
+    finally:
+        logger.experiment.finish()
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    assert len(list((media / "images" / "mstore" / "self_influence").glob("grid_*.png"))) == 2
+    tables = sorted((media / "table" / "mstore" / "self_influence").glob("topk_*.table.json"))
+    assert len(tables) == 2
+    csv_rows = pd.read_csv(report_paths(tmp_path / "s.zarr").epoch_dir(1) / "self_influence_topk.csv")
+    logged = [json.loads(t.read_text()) for t in tables]
+    assert any([row[1] for row in t["data"]] == csv_rows["id"].tolist() for t in logged)
