@@ -27,12 +27,10 @@ from mstore_lightning.capture.identity import (
 from mstore_lightning.capture.layers import LayerPlan, select_layers
 from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
-from mstore_lightning.reports.artifacts import report_paths
-from mstore_lightning.reports.runner import EpochReporter
+from mstore_lightning.reports.session import ReportSession
 from mstore_lightning.reports.spec import AnalyticsLike, parse_analytics
 from mstore_lightning.store import layout, quant
 from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, RowIndex
-from mstore_lightning.store.reader import open_store
 from mstore_lightning.store.recompute import (
     Recomputer,
     batch_loss,
@@ -91,6 +89,10 @@ class GradientCapture(Callback):
         analytics_budget_s: seconds the analytics of one epoch may take; operators that would start
             after it are skipped, with a note in the logs and the report.
         report_dir: where the report files go instead of beside the store.
+        analytics_background: run the analytics in a worker process while the next epoch trains;
+            their results reach the loggers, at the step their epoch ended on, as they finish, and
+            the last ones before ``fit`` returns. ``False`` runs them in the training process, which
+            waits for them.
 
     Example:
         >>> capture = GradientCapture("runs/demo.zarr", policy={"layers": ["*"], "precision": "fp16"})
@@ -118,6 +120,7 @@ class GradientCapture(Callback):
         analytics: AnalyticsLike = None,
         analytics_budget_s: float | None = None,
         report_dir: str | os.PathLike | None = None,
+        analytics_background: bool = True,
     ) -> None:
         if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
             raise ValueError(f"`store` must be a non-empty path or URL, got {store!r}.")
@@ -150,6 +153,7 @@ class GradientCapture(Callback):
         self.analytics = parse_analytics(analytics)
         self.analytics_budget_s = analytics_budget_s
         self.report_dir = None if report_dir is None else os.fspath(report_dir)
+        self.analytics_background = bool(analytics_background)
         self.mode = mode
         self.queue_bytes, self.chunk_bytes = queue_bytes, chunk_bytes
         self.storage_options = storage_options
@@ -177,8 +181,7 @@ class GradientCapture(Callback):
         self._decided = False  # whether the measured store-or-recompute decision was made
         self._rank = 0
         self._epoch_started = 0.0
-        self._reporter: EpochReporter | None = None
-        self._reader: Any = None
+        self._reports: ReportSession | None = None
 
     @property
     @override
@@ -253,6 +256,12 @@ class GradientCapture(Callback):
         trainer.strategy.barrier("mstore_pruned")
 
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._reports is not None:  # the last epochs' reports, while the loggers still take them
+            self._reports.close(trainer.loggers, wait=True)
+            self._reports = None
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.detach()
         self._close()
@@ -267,6 +276,16 @@ class GradientCapture(Callback):
     # ------------------------------------------------------------------ epochs
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.analytics and trainer.global_rank == 0 and self._reports is None:
+            self._reports = ReportSession(
+                self.analytics,
+                self.store,
+                self.storage_options,
+                self.report_dir,
+                self.analytics_budget_s,
+                background=self.analytics_background,
+                dataset=getattr(trainer.train_dataloader, "dataset", None),
+            )
         # A run resumed from a mid-epoch checkpoint continues that epoch without on_train_epoch_start.
         resumes_here = self._resume is not None and self._resume.get("open_epoch") == trainer.current_epoch
         if resumes_here and trainer.fit_loop.epoch_loop.batch_progress.current.ready > 0:
@@ -329,8 +348,10 @@ class GradientCapture(Callback):
             },
         )
         self._committed.append(epoch)
-        if self.analytics and trainer.global_rank == 0:
-            self._report(trainer, epoch, time.perf_counter() - self._epoch_started)
+        if self._reports is not None:
+            self._reports.epoch_done(
+                epoch, trainer.global_step, time.perf_counter() - self._epoch_started, trainer.loggers
+            )
 
     # ------------------------------------------------------------------ batches
     @override
@@ -403,6 +424,8 @@ class GradientCapture(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._reports is not None:
+            self._reports.poll(trainer.loggers)
         step, self._step = self._step, None
         self._hooks.active = False
         if step is None or not step.backward_done or self._epoch is None:
@@ -673,25 +696,6 @@ class GradientCapture(Callback):
     def _select(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         return values if keep is None else values.index_select(0, keep.to(values.device))
 
-    def _report(self, trainer: pl.Trainer, epoch: int, epoch_seconds: float) -> None:
-        """Runs the configured analytics on the just-committed epoch; see :mod:`mstore_lightning.reports`."""
-        if self._reporter is None:
-            self._reporter = EpochReporter(
-                self.analytics,
-                report_paths(self.store, self.report_dir),
-                self.analytics_budget_s,
-                write_html=_write_html,
-            )
-            self._reader = open_store(self.store, self.storage_options)  # kept: its caches serve later epochs
-        self._reporter.report(
-            self._reader,
-            epoch,
-            loggers=trainer.loggers,
-            step=trainer.global_step,
-            sample_input=_sample_input(trainer.train_dataloader),
-            epoch_seconds=epoch_seconds,
-        )
-
     def _close(self) -> None:
         """Stops the writer; an epoch still open is left uncommitted, so readers never see it."""
         if self._run is None:
@@ -701,7 +705,9 @@ class GradientCapture(Callback):
         self._epoch = None
         self._dedup = None
         self._probe = None
-        self._reporter = self._reader = None
+        if self._reports is not None:  # an exception: pending reports are abandoned, not awaited
+            self._reports.close(wait=False)
+            self._reports = None
         self._run.close()
         self._run = None
 
@@ -716,18 +722,6 @@ def _random_state_kept(device: torch.device) -> Iterator[None]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-
-
-def _write_html(store: Any, paths: Any) -> None:
-    from mstore_lightning.reports.html import write_report
-
-    write_report(store, report_dir=paths.root.parent, out=paths.html)
-
-
-def _sample_input(loader: Any) -> Callable[[int], Any] | None:
-    """``id -> dataset[id]`` when the training loader's dataset is indexable, for image grids."""
-    dataset = getattr(loader, "dataset", None)
-    return dataset.__getitem__ if dataset is not None and hasattr(dataset, "__getitem__") else None
 
 
 def _array_path(plan: LayerPlan) -> str:

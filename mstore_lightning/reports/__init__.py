@@ -1,5 +1,6 @@
 """Epoch-end reports: analytics results as logger metrics, figures, tables and an HTML report."""
 
 from mstore_lightning.reports.artifacts import ReportPaths, report_paths
+from mstore_lightning.reports.html import write_report
 
-__all__ = ["ReportPaths", "report_paths"]
+__all__ = ["ReportPaths", "report_paths", "write_report"]

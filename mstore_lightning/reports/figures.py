@@ -14,6 +14,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 DPI = 80  # small PNGs: they are embedded in the HTML report and sent to every logger each epoch
+# Fixed margins: a layout engine measures every text box and would triple the drawing time.
+_MARGINS = {"left": 0.13, "right": 0.97, "bottom": 0.15, "top": 0.9}
 
 
 def to_png(fig: Figure) -> bytes:
@@ -25,8 +27,8 @@ def to_png(fig: Figure) -> bytes:
 
 def norms_by_class(norms: np.ndarray, labels: np.ndarray | None, epoch: int) -> Figure:
     """Distribution of per-sample gradient norms, one box per class (or one histogram)."""
-    fig = Figure(figsize=(6, 3.2), layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots(gridspec_kw=_MARGINS)
     finite = np.isfinite(norms)
     if labels is not None and (labels >= 0).any():
         classes = np.unique(labels[labels >= 0])
@@ -47,8 +49,8 @@ def norms_by_class(norms: np.ndarray, labels: np.ndarray | None, epoch: int) -> 
 
 def conflict_heatmap(cosine: np.ndarray, classes: Sequence[int], epoch: int) -> Figure:
     """Cosine between class gradients: negative cells are classes pulling the weights apart."""
-    fig = Figure(figsize=(4.6, 3.8), layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(4.6, 3.8))
+    ax = fig.subplots(gridspec_kw=_MARGINS)
     image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1)
     ticks = np.arange(len(classes))
     ax.set_xticks(ticks, [str(c) for c in classes])
@@ -78,8 +80,8 @@ def sample_grid(
     for i, t in enumerate(tiles):
         r, c = divmod(i, cols)
         mosaic[r * (h + pad) : r * (h + pad) + t.shape[0], c * (w + pad) : c * (w + pad) + t.shape[1]] = t
-    fig = Figure(figsize=(1.0 * cols + 0.4, 1.15 * rows + 0.5), layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(1.0 * cols + 0.4, 1.15 * rows + 0.5))
+    ax = fig.subplots(gridspec_kw={"left": 0.02, "right": 0.98, "bottom": 0.02, "top": 0.88})
     ax.imshow(mosaic, interpolation="nearest")
     for i, (sid, lab) in enumerate(zip(ids, labels)):
         r, c = divmod(i, cols)
@@ -102,8 +104,8 @@ def cluster_labels(clusters: np.ndarray, labels: np.ndarray, epoch: int) -> Figu
     classes = np.unique(labels[labels >= 0])
     counts = np.array([[np.sum((clusters == k) & (labels == c)) for c in classes] for k in ks], dtype=float)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig = Figure(figsize=(5, 3.6), layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.subplots(gridspec_kw={**_MARGINS, "left": 0.2})
     image = ax.imshow(share, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(np.arange(len(classes)), [str(c) for c in classes])
     ax.set_yticks(np.arange(len(ks)), [f"{k} (n={int(n)})" for k, n in zip(ks, counts.sum(axis=1))])

@@ -105,6 +105,36 @@ class LoggerSink:
             )
 
 
+class RecordingSink:
+    """Keeps what would go to a :class:`LoggerSink`, to replay it later or in another process.
+
+    Every argument it keeps (dicts, arrays, bytes, paths, data frames) pickles, so a report
+    computed in a worker process reaches the trainer's loggers in the training process.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def scalars(self, metrics: dict[str, float]) -> None:
+        self.calls.append(("scalars", (dict(metrics),)))
+
+    def histograms(self, values: dict[str, np.ndarray]) -> None:
+        self.calls.append(("histograms", (dict(values),)))
+
+    def figure(self, name: str, png: bytes, path: Path) -> None:
+        self.calls.append(("figure", (name, png, path)))
+
+    def table(self, name: str, frame: Any) -> None:
+        self.calls.append(("table", (name, frame)))
+
+    def flush(self) -> None:
+        self.calls.append(("flush", ()))
+
+    def replay(self, sink: LoggerSink) -> None:
+        for method, args in self.calls:
+            getattr(sink, method)(*args)
+
+
 def _kind(lg: Any) -> str:
     """The logger family, by class name, so that no logger library is imported to ask."""
     for cls in type(lg).__mro__:

@@ -17,7 +17,7 @@ from typing import Any
 from mstore_lightning.reports import operators
 from mstore_lightning.reports.artifacts import ReportPaths
 from mstore_lightning.reports.figures import to_png
-from mstore_lightning.reports.loggers import LoggerSink
+from mstore_lightning.reports.loggers import LoggerSink, RecordingSink
 from mstore_lightning.reports.spec import AnalyticSpec
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class EpochReporter:
         paths: where the report files go.
         budget_s: seconds one epoch's analytics may take; operators that would start later are
             skipped. An operator already running is not interrupted.
-        write_html: ``(store, paths) -> None`` rewriting the HTML report, or ``None`` for none.
+        html: whether to rewrite the HTML report after each epoch.
     """
 
     def __init__(
@@ -39,34 +39,32 @@ class EpochReporter:
         specs: Sequence[AnalyticSpec],
         paths: ReportPaths,
         budget_s: float | None = None,
-        write_html: Callable[[Any, ReportPaths], Any] | None = None,
+        html: bool = True,
     ) -> None:
-        self.specs, self.paths, self.budget_s = list(specs), paths, budget_s
-        self.write_html = write_html
+        self.specs, self.paths, self.budget_s, self.html = list(specs), paths, budget_s, html
         self.sums: dict[str, operators.RunningSum] = {}
 
     def report(
         self,
         store: Any,
         epoch: int,
+        sink: LoggerSink | RecordingSink,
         *,
-        loggers: Sequence[Any] = (),
         step: int = 0,
         sample_input: Callable[[int], Any] | None = None,
         epoch_seconds: float | None = None,
     ) -> dict[str, Any]:
-        """Runs every analytic on ``epoch`` of ``store``; returns the epoch's summary."""
+        """Runs every analytic on ``epoch`` of ``store``, sending results to ``sink``; returns the
+        epoch's summary. Call :func:`warn_about` on it where warnings reach the user."""
         start = time.perf_counter()
         folder = self.paths.epoch_dir(epoch)
         folder.mkdir(parents=True, exist_ok=True)
-        sink = LoggerSink(loggers, step, epoch)
         ctx = operators.Context(store, epoch, self.sums, sample_input, epoch_seconds)
         records = []
         for spec in self.specs:
             spent = time.perf_counter() - start
             if self.budget_s is not None and spent >= self.budget_s:
-                note = f"skipped: the analytics budget of {self.budget_s:g} s was spent ({spent:.2f} s)"
-                log.warning("mstore epoch %d: %s %s", epoch, spec.name, note)
+                note = f"the analytics budget of {self.budget_s:g} s was spent ({spent:.2f} s)"
                 records.append(_record(spec, "skipped", 0.0, note))
                 continue
             records.append(self._run_one(spec, ctx, sink, folder))
@@ -87,23 +85,24 @@ class EpochReporter:
             "analytics": records,
         }
         self.paths.write_summary(epoch, summary)
-        if self.write_html is not None:
+        if self.html:
             try:
-                self.write_html(store, self.paths)
+                from mstore_lightning.reports.html import write_report
+
+                write_report(store, report_dir=self.paths.root.parent, out=self.paths.html)
             except Exception as exc:  # noqa: BLE001 - the report is a view; the store and training matter more
-                log.warning("mstore epoch %d: the HTML report could not be written: %s", epoch, exc)
+                summary["html_error"] = f"{type(exc).__name__}: {exc}"
         return summary
 
-    def _run_one(self, spec: AnalyticSpec, ctx: operators.Context, sink: LoggerSink, folder: Any) -> dict:
+    def _run_one(
+        self, spec: AnalyticSpec, ctx: operators.Context, sink: LoggerSink | RecordingSink, folder: Any
+    ) -> dict:
         t0 = time.perf_counter()
         try:
             out = operators.OPERATORS[spec.name](ctx, **spec.params)
         except operators.Skipped as why:
             return _record(spec, "skipped", time.perf_counter() - t0, str(why))
         except Exception as exc:  # noqa: BLE001 - one failing analytic must not stop the others, or training
-            log.warning(
-                "mstore epoch %d: analytic %s failed: %s: %s", ctx.epoch, spec.name, type(exc).__name__, exc
-            )
             return _record(spec, "failed", time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
         record = _record(spec, "ok", 0.0, out.note)
         record["scalars"] = {k: float(v) for k, v in out.scalars.items()}
@@ -122,6 +121,21 @@ class EpochReporter:
             record["tables"].append({"file": file, "title": title, "rows": len(frame)})
         record["seconds"] = time.perf_counter() - t0
         return record
+
+
+def warn_about(summary: dict[str, Any]) -> None:
+    """Logs a warning for each analytic of ``summary`` that was skipped or failed."""
+    for r in summary["analytics"]:
+        if r["status"] == "failed":
+            log.warning("mstore epoch %d: analytic %s failed: %s", summary["epoch"], r["name"], r["note"])
+        elif r["status"] == "skipped":
+            log.warning("mstore epoch %d: analytic %s skipped: %s", summary["epoch"], r["name"], r["note"])
+    if "html_error" in summary:
+        log.warning(
+            "mstore epoch %d: the HTML report could not be written: %s",
+            summary["epoch"],
+            summary["html_error"],
+        )
 
 
 def _record(spec: AnalyticSpec, status: str, seconds: float, note: str | None) -> dict[str, Any]:

@@ -172,6 +172,14 @@ class GradientStore:
     def layer_spec(self, layer: str) -> dict[str, Any]:
         return dict(self._layer(layer).spec)
 
+    def approximate(self, layer: str) -> str | None:
+        """Why ``layer``'s results are estimates (pooled or projected), or ``None`` when exact."""
+        return self._layer(layer).approximate
+
+    def recomputed(self, epoch: int) -> list[str]:
+        """Layers of ``epoch`` stored as weights to recompute from, not as rows."""
+        return [str(x) for x in self._epoch(epoch)["attrs"].get("recomputed", [])]
+
     def lr(self, epoch: int) -> float:
         """The learning rate in force at the start of ``epoch`` (first optimizer, first group)."""
         return float(self._epoch(epoch)["attrs"]["lr"])
@@ -419,7 +427,7 @@ class GradientStore:
                 lines.append(f"      approximate: {lay.approximate}")
             decision = self.meta.get("recompute", {}).get(lay.name)
             if decision:
-                lines.append(f"      store or recompute: {_explain_decision(decision)}")
+                lines.append(f"      store or recompute: {explain_decision(decision)}")
         if self.uncovered:
             lines.append("  not captured:")
             for u in self.uncovered:
@@ -711,7 +719,7 @@ class GradientStore:
         }
 
 
-def _explain_decision(d: dict[str, Any]) -> str:
+def explain_decision(d: dict[str, Any]) -> str:
     if "gamma_s_per_gb" not in d:
         return f"{d['decision']} ({d.get('why', '')})"
     return (

@@ -1,0 +1,108 @@
+"""Epoch-end reports in a worker process, so training does not wait for them.
+
+Rendering figures and reading the store are CPU work in Python; in a thread they would hold the
+GIL that the training loop needs. One spawned worker process (spawned, not forked: the trainer
+has threads, and a forked copy of a held lock never comes free) opens the store read-only, runs
+the analytics on each committed epoch in order, and writes the report files. What goes to the
+loggers comes back as a :class:`~mstore_lightning.reports.loggers.RecordingSink` and is replayed
+in the training process, at the step the epoch ended on, the next time the callback looks.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+from mstore_lightning.reports.loggers import LoggerSink, RecordingSink
+from mstore_lightning.reports.runner import EpochReporter, warn_about
+
+log = logging.getLogger(__name__)
+
+_WORKER: dict[str, Any] = {}  # the worker process's reporter, store and dataset
+
+
+class BackgroundReports:
+    """Runs an :class:`EpochReporter` in a worker process.
+
+    Args:
+        reporter: the reporter to run there (it travels once, at start).
+        store: the store's URL or path.
+        storage_options: fsspec options of a URL store.
+        dataset: the training dataset, for image grids; left behind if it does not pickle.
+    """
+
+    def __init__(
+        self, reporter: EpochReporter, store: str, storage_options: dict | None, dataset: Any = None
+    ) -> None:
+        try:
+            sent = pickle.dumps(dataset) if dataset is not None else None
+        except Exception:  # noqa: BLE001 - any unpicklable dataset just means no image grid
+            sent = None
+        self._pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start,
+            initargs=(reporter, store, storage_options, sent),
+        )
+        self._pending: deque[tuple[int, int, Future]] = deque()
+        self._pool.submit(_warm_up)  # start the worker now, while the first epoch trains
+
+    def submit(self, epoch: int, step: int, epoch_seconds: float) -> None:
+        self._pending.append((epoch, step, self._pool.submit(_report, epoch, step, epoch_seconds)))
+
+    def drain(self, loggers: Any, wait: bool = False) -> list[dict[str, Any]]:
+        """Sends finished reports to ``loggers``, oldest first; with ``wait``, all of them."""
+        done = []
+        while self._pending and (wait or self._pending[0][2].done()):
+            epoch, step, future = self._pending.popleft()
+            try:
+                summary, recording = future.result()
+            except Exception as exc:  # noqa: BLE001 - a lost report must not stop training
+                log.warning(
+                    "mstore epoch %d: the report process failed: %s: %s", epoch, type(exc).__name__, exc
+                )
+                continue
+            recording.replay(LoggerSink(loggers, step, epoch))
+            warn_about(summary)
+            done.append(summary)
+        return done
+
+    def close(self, loggers: Any = None, wait: bool = True) -> list[dict[str, Any]]:
+        """Finishes (``wait``) or abandons the pending reports and stops the worker."""
+        done = self.drain(loggers or [], wait=True) if wait else []
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        return done
+
+
+def _start(reporter: EpochReporter, store: str, storage_options: dict | None, dataset: bytes | None) -> None:
+    _WORKER.update(reporter=reporter, uri=store, options=storage_options, store=None)
+    _WORKER["dataset"] = pickle.loads(dataset) if dataset is not None else None
+
+
+def _warm_up() -> None:
+    # Imports and the font cache cost seconds once; pay them before the first epoch ends.
+    from mstore_lightning.reports import figures, html  # noqa: F401
+
+    figures.to_png(figures.conflict_heatmap([[1.0]], [0], 0))
+
+
+def _report(epoch: int, step: int, epoch_seconds: float) -> tuple[dict[str, Any], RecordingSink]:
+    from mstore_lightning.store.reader import open_store
+
+    if _WORKER["store"] is None:  # one reader for the whole run: its caches serve later epochs
+        _WORKER["store"] = open_store(_WORKER["uri"], _WORKER["options"])
+    dataset = _WORKER["dataset"]
+    sink = RecordingSink()
+    summary = _WORKER["reporter"].report(
+        _WORKER["store"],
+        epoch,
+        sink,
+        step=step,
+        sample_input=dataset.__getitem__ if dataset is not None and hasattr(dataset, "__getitem__") else None,
+        epoch_seconds=epoch_seconds,
+    )
+    return summary, sink
