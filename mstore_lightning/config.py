@@ -28,7 +28,9 @@ REPRESENTATIONS = ("auto", "factors", "full", "projection")
 TIMINGS = ("during", "checkpoint")
 _EPOCH_WORDS = ("all", "last")
 
-PolicyLike = Union["CapturePolicy", Mapping[str, Any], str, os.PathLike, None]
+# Mapping first: jsonargparse (LightningCLI) tries union members in order and keeps a mapping a dict,
+# which CapturePolicy.coerce then validates with its own messages.
+PolicyLike = Union[Mapping[str, Any], "CapturePolicy", str, os.PathLike, None]
 
 
 class PolicyError(ValueError):
