@@ -10,6 +10,7 @@ in the training process, at the step the epoch ended on, the next time the callb
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import pickle
@@ -79,8 +80,14 @@ class BackgroundReports:
 
 
 def _start(reporter: EpochReporter, store: str, storage_options: dict | None, dataset: bytes | None) -> None:
-    _WORKER.update(reporter=reporter, uri=store, options=storage_options, store=None)
-    _WORKER["dataset"] = pickle.loads(dataset) if dataset is not None else None
+    import torch
+
+    # One thread: the trainer's threads already fill the cores, and OpenMP threads spinning against
+    # them make each small operation here tens of times slower.
+    torch.set_num_threads(1)
+    _WORKER.update(reporter=reporter, uri=store, options=storage_options, store=None, dataset=None)
+    with contextlib.suppress(Exception):  # e.g. its class lives in a module the worker cannot import
+        _WORKER["dataset"] = pickle.loads(dataset) if dataset is not None else None  # else no image grids
 
 
 def _warm_up() -> None:
@@ -91,10 +98,11 @@ def _warm_up() -> None:
 
 
 def _report(epoch: int, step: int, epoch_seconds: float) -> tuple[dict[str, Any], RecordingSink]:
+    from mstore_lightning.reports.session import CACHE_BYTES
     from mstore_lightning.store.reader import open_store
 
     if _WORKER["store"] is None:  # one reader for the whole run: its caches serve later epochs
-        _WORKER["store"] = open_store(_WORKER["uri"], _WORKER["options"])
+        _WORKER["store"] = open_store(_WORKER["uri"], _WORKER["options"], cache_bytes=CACHE_BYTES)
     dataset = _WORKER["dataset"]
     sink = RecordingSink()
     summary = _WORKER["reporter"].report(

@@ -153,7 +153,11 @@ def self_influence(
         ("topk", f"Top {len(top)} self-influence ({span}): likely mislabeled or atypical", table)
     )
     grid = _images(ctx, ids[top], image_shape, input_key)
-    if grid is None:
+    if grid is None and ctx.sample_input is None:
+        out.note = (
+            "no image grid: the training dataset is not at hand (it must pickle for the report process)"
+        )
+    elif grid is None:
         out.note = "no image grid: the training samples are not images (set image_shape=[H, W] if they are)"
     else:
         fig = figures.sample_grid(grid, ids[top], table["label"], f"Most self-influential samples ({span})")

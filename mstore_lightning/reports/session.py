@@ -11,6 +11,10 @@ from mstore_lightning.reports.loggers import LoggerSink
 from mstore_lightning.reports.runner import EpochReporter, warn_about
 from mstore_lightning.reports.spec import AnalyticSpec
 
+# Decoded chunks the report's reader keeps: the operators of one epoch read the same rows several
+# times (norms, class sums, TracIn), and a chunk read costs far more than its bytes on small stores.
+CACHE_BYTES = 64 << 20
+
 
 class ReportSession:
     """Reports each committed epoch of a run to the trainer's loggers and beside the store.
@@ -56,7 +60,7 @@ class ReportSession:
         if self._reader is None:  # one reader for the whole run: its caches serve later epochs
             from mstore_lightning.store.reader import open_store
 
-            self._reader = open_store(*self._store_args)
+            self._reader = open_store(*self._store_args, cache_bytes=CACHE_BYTES)
         dataset = self._dataset
         summary = self._reporter.report(
             self._reader,

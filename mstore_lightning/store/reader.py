@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,12 +97,17 @@ class QueryResult(np.ndarray):
         self.approximate = dict(getattr(obj, "approximate", {}) or {})
 
 
-def open_store(uri: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> GradientStore:
+def open_store(
+    uri: str | os.PathLike, storage_options: dict[str, Any] | None = None, *, cache_bytes: int = 0
+) -> GradientStore:
     """Opens a gradient store read-only.
 
     Args:
         uri: local path or fsspec URL (``s3://...``) of the store.
         storage_options: passed to fsspec for URLs.
+        cache_bytes: keep up to this many bytes of decoded chunks, least recently used first out,
+            so that several queries on the same epochs read each chunk once. ``0`` (the default)
+            keeps none: memory then follows one chunk, whatever the queries.
     """
     uri = os.fspath(uri)
     if "://" in uri:
@@ -114,16 +120,23 @@ def open_store(uri: str | os.PathLike, storage_options: dict[str, Any] | None = 
         root = zarr.open_group(store, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreReadError(f"{uri!r} is not a Zarr group, so not a gradient store.") from exc
-    return GradientStore(root, uri, storage_options)
+    return GradientStore(root, uri, storage_options, cache_bytes=cache_bytes)
 
 
 class GradientStore:
     """A read-only view of a gradient store. Use :func:`open_store` to get one."""
 
     def __init__(
-        self, root: zarr.Group, uri: str = "", storage_options: dict[str, Any] | None = None
+        self,
+        root: zarr.Group,
+        uri: str = "",
+        storage_options: dict[str, Any] | None = None,
+        cache_bytes: int = 0,
     ) -> None:
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise ValueError(f"`cache_bytes` must be a number of bytes >= 0, got {cache_bytes!r}.")
         self.uri = uri
+        self._cache = _ChunkCache(cache_bytes)
         self.storage_options = storage_options
         self._root = root
         if layout.META_KEY not in root.attrs:
@@ -712,11 +725,44 @@ class GradientStore:
         self, epoch: int, lay: _Layer, split: str, r: int, lo: int, hi: int
     ) -> dict[str, torch.Tensor]:
         """Decoded rows ``lo:hi`` of rank index ``r``'s arrays of ``lay``."""
-        g = self._epoch(epoch, split)["ranks"][r]
-        return {
-            n: quant.decode(lay.spec["arrays"][n], n, self._read(g, lay, n, slice(lo, hi)))
-            for n in self._array_names(lay)
-        }
+        key = (epoch, split, r, lo, hi, lay.name)
+        rows = self._cache.get(key)
+        if rows is None:
+            g = self._epoch(epoch, split)["ranks"][r]
+            rows = {
+                n: quant.decode(lay.spec["arrays"][n], n, self._read(g, lay, n, slice(lo, hi)))
+                for n in self._array_names(lay)
+            }
+            self._cache.put(key, rows)
+        return rows
+
+
+class _ChunkCache:
+    """Decoded chunks, least recently used out first, up to ``limit`` bytes (0: none kept).
+
+    Committed epochs never change, so a cached chunk never goes stale.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size = limit, 0
+        self._items: OrderedDict[tuple, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+
+    def get(self, key: tuple) -> dict[str, torch.Tensor] | None:
+        hit = self._items.get(key)
+        if hit is None:
+            return None
+        self._items.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: tuple, rows: dict[str, torch.Tensor]) -> None:
+        nbytes = sum(t.element_size() * t.nelement() for t in rows.values())
+        if nbytes > self.limit:
+            return
+        self._items[key] = (rows, nbytes)
+        self.size += nbytes
+        while self.size > self.limit:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.size -= dropped
 
 
 def explain_decision(d: dict[str, Any]) -> str:
