@@ -122,7 +122,8 @@ def test_tracin_table_matches_the_store_api(run):
         scores = api.scores[list(queries).index(q)]
         best = np.argsort(-scores, kind="stable")[:3]
         assert rows["id"].tolist() == api.ids[best].tolist()
-        np.testing.assert_allclose(rows["score"], scores[best], rtol=1e-9)
+        # float32 sums, ordered by the report process's one thread: equal to float32 rounding
+        np.testing.assert_allclose(rows["score"], scores[best], rtol=1e-6)
 
 
 def test_csv_logger_holds_the_scalars_at_each_epoch_end(run):

@@ -19,6 +19,7 @@ import os
 import warnings
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,12 +31,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mstore_lightning import GradientCapture, open_store
+from mstore_lightning.reports import report_paths
 
 SEED = 0
 NOISE_FRACTION = 0.10
 TOP_K = 20
 BATCH_SIZE = 64
 NUM_CLASSES = 10
+# What runs after each epoch; the results go to TensorBoard and to an HTML report beside the store.
+ANALYTICS = [
+    "norms",
+    {"self_influence": {"k": 16, "image_shape": [8, 8]}},
+    {"tracin": {"k": 3}},
+    "class_conflicts",
+    "storage",
+]
 
 
 class DigitsDataset(Dataset):
@@ -210,11 +220,15 @@ def main() -> None:
         store=args.store,
         policy={"layers": ["*"], "precision": "fp32", "loss_reduction": "mean"},
         mode="overwrite",
+        # The test digits are the queries: TracIn names the training samples behind each prediction.
+        query=DataLoader(DigitsDataset(x_test, y_test), batch_size=256),
+        analytics=ANALYTICS,
     )
+    logger = TensorBoardLogger(save_dir=os.path.dirname(args.store) or ".", name="tensorboard")
     trainer = L.Trainer(
         max_epochs=args.epochs,
         callbacks=[capture],
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -257,6 +271,8 @@ def main() -> None:
         raise SystemExit(f"error: dot/restore disagree with norms (relative error {err:.2e})")
     print(f"dot() and restore() agree with norms() on the top {TOP_K} (max relative error {err:.1e})")
     print(f"test accuracy: {accuracy(model, x_test, y_test):.3f}")
+    print(f"report: {report_paths(args.store).html}  (open it in a browser)")
+    print(f"TensorBoard logs: {logger.log_dir}  (tensorboard --logdir {logger.save_dir})")
 
 
 if __name__ == "__main__":

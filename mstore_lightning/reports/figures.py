@@ -75,24 +75,21 @@ def sample_grid(
     w = max(t.shape[1] for t in tiles)
     cols = min(columns, len(tiles))
     rows = -(-len(tiles) // cols)
-    pad = max(1, h // 8)
-    mosaic = np.ones(((h + pad) * rows, (w + pad) * cols, 3))
+    gap, caption = max(1, w // 6), max(2, h // 3)  # pixels between tiles, and above each for its caption
+    mosaic = np.ones(((h + caption) * rows, (w + gap) * cols, 3))
     for i, t in enumerate(tiles):
         r, c = divmod(i, cols)
-        mosaic[r * (h + pad) : r * (h + pad) + t.shape[0], c * (w + pad) : c * (w + pad) + t.shape[1]] = t
-    fig = Figure(figsize=(1.0 * cols + 0.4, 1.15 * rows + 0.5))
-    ax = fig.subplots(gridspec_kw={"left": 0.02, "right": 0.98, "bottom": 0.02, "top": 0.88})
+        top, left = r * (h + caption) + caption, c * (w + gap)
+        mosaic[top : top + t.shape[0], left : left + t.shape[1]] = t
+    fig = Figure(figsize=(1.1 * cols, 1.45 * rows + 0.4))
+    ax = fig.subplots(
+        gridspec_kw={"left": 0.01, "right": 0.99, "bottom": 0.01, "top": 1 - 0.35 / (1.45 * rows + 0.4)}
+    )
     ax.imshow(mosaic, interpolation="nearest")
     for i, (sid, lab) in enumerate(zip(ids, labels)):
         r, c = divmod(i, cols)
-        ax.text(
-            c * (w + pad) + w / 2,
-            r * (h + pad) - 0.5,
-            f"#{sid} y={lab}",
-            ha="center",
-            va="bottom",
-            fontsize=6,
-        )
+        x, y = c * (w + gap) + w / 2, r * (h + caption) + caption * 0.9
+        ax.text(x, y, f"#{sid}  y={lab}", ha="center", va="bottom", fontsize=7)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
     return fig

@@ -380,10 +380,21 @@ def _csv_table(folder: Path, entry: dict[str, Any]) -> str:
     if width > MAX_TABLE_COLUMNS:
         header, rows = header[:MAX_TABLE_COLUMNS], [r[:MAX_TABLE_COLUMNS] for r in rows]
         out.append(_note(f"Only the first {MAX_TABLE_COLUMNS} of {width} columns of {name!r} are shown."))
+    rows = [[_short(cell) for cell in row] for row in rows]
     out.append(f'<div class="tall">{_table_html(header, rows, css="data")}</div>')
     if left_out:
         out.append(_note(f"{left_out:,} more rows of {name!r} are not shown (first {MAX_TABLE_ROWS} above)."))
     return "\n".join(out)
+
+
+def _short(cell: str) -> str:
+    """A CSV float at 6 significant digits (the file keeps them all); anything else as it is."""
+    if ("." in cell or "e" in cell.lower()) and _looks_numeric(cell):
+        try:
+            return f"{float(cell):.6g}"
+        except ValueError:
+            return cell
+    return cell
 
 
 def _resolve(folder: Path, name: Any) -> tuple[Path | None, str]:

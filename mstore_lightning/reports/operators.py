@@ -390,6 +390,9 @@ def _param_numel(spec: dict[str, Any]) -> int:
 
 
 def _frame(**columns: Any) -> Any:
+    """A table of ``columns``, less any float column with no value at all (e.g. losses not recorded)."""
     import pandas as pd
 
-    return pd.DataFrame(columns)
+    frame = pd.DataFrame(columns)
+    empty = [c for c in frame.columns if frame[c].dtype.kind == "f" and len(frame) and frame[c].isna().all()]
+    return frame.drop(columns=empty)
