@@ -5,8 +5,11 @@ Example:
     >>> capture = GradientCapture("runs/demo.zarr", policy={"precision": "fp16"})
 """
 
-from mstore_lightning.callbacks import GradientCapture
-from mstore_lightning.capture import IndexedDataset
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from mstore_lightning.config import CapturePolicy, PolicyError
 from mstore_lightning.store import (
     GradientStore,
@@ -15,6 +18,12 @@ from mstore_lightning.store import (
     StoreReadError,
     open_store,
 )
+
+# Loaded on first use: reading a store (and the `mstore` command) need not import Lightning.
+_LAZY = {
+    "GradientCapture": "mstore_lightning.callbacks",
+    "IndexedDataset": "mstore_lightning.capture",
+}
 
 __all__ = [
     "CapturePolicy",
@@ -27,3 +36,11 @@ __all__ = [
     "StoreReadError",
     "open_store",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mstore_lightning' has no attribute {name!r}")

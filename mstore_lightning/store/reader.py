@@ -787,7 +787,16 @@ def _empty_parts(spec: dict[str, Any], name: str, n: int) -> dict[str, np.ndarra
 
 
 def _take(arr: zarr.Array, where: slice | np.ndarray) -> np.ndarray:
-    return arr[where] if isinstance(where, slice) else arr.get_orthogonal_selection((where,))
+    try:
+        return arr[where] if isinstance(where, slice) else arr.get_orthogonal_selection((where,))
+    except ValueError as exc:  # zarr's crc32c and decompression failures are ValueErrors
+        rows = np.arange(arr.shape[0])[where]
+        chunks = sorted({int(r) // int(arr.chunks[0]) for r in np.atleast_1d(rows)})
+        shown = ", ".join(map(str, chunks[:5])) + (", ..." if len(chunks) > 5 else "")
+        raise StoreReadError(
+            f"Array {arr.path!r} cannot be read: chunk {shown} (counted along rows) is damaged ({exc}). "
+            "Run `mstore verify` on the store to list every damaged chunk."
+        ) from exc
 
 
 def _dir_bytes(path: str) -> int:
