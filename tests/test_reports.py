@@ -285,3 +285,32 @@ def test_wandb_offline_gets_images_and_tables(tmp_path, monkeypatch):
     csv_rows = pd.read_csv(report_paths(tmp_path / "s.zarr").epoch_dir(1) / "self_influence_topk.csv")
     logged = [json.loads(t.read_text()) for t in tables]
     assert any([row[1] for row in t["data"]] == csv_rows["id"].tolist() for t in logged)
+
+
+def test_max_overhead_skips_epochs_but_always_reports_the_last(tmp_path):
+    torch.manual_seed(0)
+    x, y = data(n=16, d=16)
+    cap = GradientCapture(
+        tmp_path / "s.zarr",
+        policy=EXACT,
+        analytics=[{"self_influence": {"k": 3}}, "storage"],
+        analytics_background=False,
+        analytics_max_overhead=1e-6,  # far less than any report costs
+    )
+    trainer([cap], max_epochs=4).fit(Task(net()), loader(x, y))
+    paths = report_paths(tmp_path / "s.zarr")
+    summaries = [paths.read_summary(e) for e in paths.epochs()]
+    # Epoch 0 runs (no cost is known yet) and shows what a report costs; 1 and 2 cannot afford it;
+    # the last is reported when fit ends.
+    assert [("skipped" in s, len(s["analytics"])) for s in summaries] == [
+        (False, 2),
+        (True, 0),
+        (True, 0),
+        (False, 2),
+    ]
+    assert "analytics_max_overhead" in summaries[1]["skipped"]
+    # The last report's running sum still covers every epoch, skipped ones included.
+    table = pd.read_csv(paths.epoch_dir(3) / "self_influence_topk.csv")
+    api = open_store(tmp_path / "s.zarr").self_influence()
+    np.testing.assert_allclose(table["score"], api.scores[np.searchsorted(api.ids, table["id"])], rtol=1e-6)
+    assert "analytics_max_overhead" in paths.html.read_text()

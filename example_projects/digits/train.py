@@ -46,6 +46,8 @@ ANALYTICS = [
     "class_conflicts",
     "storage",
 ]
+# The reports may take 10% of training time: epochs are reported as often as that allows, the last always.
+MAX_OVERHEAD = 0.1
 
 
 class DigitsDataset(Dataset):
@@ -223,6 +225,7 @@ def main() -> None:
         # The test digits are the queries: TracIn names the training samples behind each prediction.
         query=DataLoader(DigitsDataset(x_test, y_test), batch_size=256),
         analytics=ANALYTICS,
+        analytics_max_overhead=MAX_OVERHEAD,
     )
     logger = TensorBoardLogger(save_dir=os.path.dirname(args.store) or ".", name="tensorboard")
     trainer = L.Trainer(

@@ -93,6 +93,9 @@ class GradientCapture(Callback):
             their results reach the loggers, at the step their epoch ended on, as they finish, and
             the last ones before ``fit`` returns. ``False`` runs them in the training process, which
             waits for them.
+        analytics_max_overhead: the share of training time the reports may take (``0.1``: 10%).
+            Epochs are then reported as often as that allows, the last one always; the others are
+            skipped with a note. ``None`` reports every captured epoch.
 
     Example:
         >>> capture = GradientCapture("runs/demo.zarr", policy={"layers": ["*"], "precision": "fp16"})
@@ -121,6 +124,7 @@ class GradientCapture(Callback):
         analytics_budget_s: float | None = None,
         report_dir: str | os.PathLike | None = None,
         analytics_background: bool = True,
+        analytics_max_overhead: float | None = None,
     ) -> None:
         if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
             raise ValueError(f"`store` must be a non-empty path or URL, got {store!r}.")
@@ -154,6 +158,16 @@ class GradientCapture(Callback):
         self.analytics_budget_s = analytics_budget_s
         self.report_dir = None if report_dir is None else os.fspath(report_dir)
         self.analytics_background = bool(analytics_background)
+        if analytics_max_overhead is not None and (
+            isinstance(analytics_max_overhead, bool)
+            or not isinstance(analytics_max_overhead, (int, float))
+            or analytics_max_overhead <= 0
+        ):
+            raise ValueError(
+                "`analytics_max_overhead` must be a positive share of training time (0.1 for 10%), "
+                f"got {analytics_max_overhead!r}."
+            )
+        self.analytics_max_overhead = analytics_max_overhead
         self.mode = mode
         self.queue_bytes, self.chunk_bytes = queue_bytes, chunk_bytes
         self.storage_options = storage_options
@@ -285,6 +299,7 @@ class GradientCapture(Callback):
                 self.analytics_budget_s,
                 background=self.analytics_background,
                 dataset=getattr(trainer.train_dataloader, "dataset", None),
+                max_overhead=self.analytics_max_overhead,
             )
         # A run resumed from a mid-epoch checkpoint continues that epoch without on_train_epoch_start.
         resumes_here = self._resume is not None and self._resume.get("open_epoch") == trainer.current_epoch

@@ -56,7 +56,9 @@ class BackgroundReports:
         self._pending.append((epoch, step, self._pool.submit(_report, epoch, step, epoch_seconds)))
 
     def drain(self, loggers: Any, wait: bool = False) -> list[dict[str, Any]]:
-        """Sends finished reports to ``loggers``, oldest first; with ``wait``, all of them."""
+        """Sends finished reports to ``loggers``, oldest first; with ``wait``, all of them.
+
+        Returns one summary per finished report, a lost one included (with a ``failed`` entry)."""
         done = []
         while self._pending and (wait or self._pending[0][2].done()):
             epoch, step, future = self._pending.popleft()
@@ -66,6 +68,7 @@ class BackgroundReports:
                 log.warning(
                     "mstore epoch %d: the report process failed: %s: %s", epoch, type(exc).__name__, exc
                 )
+                done.append({"epoch": epoch, "seconds": 0.0, "analytics": [], "failed": str(exc)})
                 continue
             recording.replay(LoggerSink(loggers, step, epoch))
             warn_about(summary)

@@ -26,24 +26,26 @@ def to_png(fig: Figure) -> bytes:
 
 
 def norms_by_class(norms: np.ndarray, labels: np.ndarray | None, epoch: int) -> Figure:
-    """Distribution of per-sample gradient norms, one box per class (or one histogram)."""
+    """Per-sample gradient norms, one jittered column of points per class (or one histogram).
+
+    A strip of points rather than box plots: it shows every outlier, and it draws in half the time.
+    """
     fig = Figure(figsize=(6, 3.2))
     ax = fig.subplots(gridspec_kw=_MARGINS)
-    finite = np.isfinite(norms)
-    if labels is not None and (labels >= 0).any():
-        classes = np.unique(labels[labels >= 0])
-        groups = [norms[(labels == c) & finite] for c in classes]
-        ax.boxplot(
-            groups, tick_labels=[str(c) for c in classes], showfliers=True, flierprops={"markersize": 2}
-        )
+    finite = np.isfinite(norms) & (norms > 0)
+    if labels is not None and (labels[finite] >= 0).any():
+        keep = finite & (labels >= 0)
+        jitter = np.random.default_rng(0).uniform(-0.3, 0.3, int(keep.sum()))
+        ax.scatter(labels[keep] + jitter, np.log10(norms[keep]), s=4, alpha=0.35, linewidths=0)
+        classes = np.unique(labels[keep])
+        ax.set_xticks(classes, [str(c) for c in classes])
         ax.set_xlabel("given label")
-        ax.set_ylabel("per-sample gradient norm")
-        ax.set_yscale("log")  # norms span orders of magnitude; the suspicious ones sit far above
+        ax.set_ylabel("log10 gradient norm")
     else:
-        ax.hist(norms[finite], bins=40)
-        ax.set_xlabel("per-sample gradient norm")
+        ax.hist(np.log10(norms[finite]), bins=40)
+        ax.set_xlabel("log10 gradient norm")
         ax.set_ylabel("samples")
-    ax.set_title(f"Gradient norm by class, epoch {epoch}")
+    ax.set_title(f"Per-sample gradient norm by class, epoch {epoch}")
     return fig
 
 
@@ -51,14 +53,16 @@ def conflict_heatmap(cosine: np.ndarray, classes: Sequence[int], epoch: int) -> 
     """Cosine between class gradients: negative cells are classes pulling the weights apart."""
     fig = Figure(figsize=(4.6, 3.8))
     ax = fig.subplots(gridspec_kw=_MARGINS)
-    image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1)
     ticks = np.arange(len(classes))
     ax.set_xticks(ticks, [str(c) for c in classes])
     ax.set_yticks(ticks, [str(c) for c in classes])
     ax.set_xlabel("class")
     ax.set_ylabel("class")
-    ax.set_title(f"Class-gradient cosine, epoch {epoch}")
-    fig.colorbar(image, ax=ax, shrink=0.85)
+    # The scale in words, not a colour bar: a colour bar is a second axes and doubles the drawing time.
+    ax.set_title(
+        f"Class-gradient cosine, epoch {epoch}\nred +1 (aligned) · white 0 · blue -1 (opposed)", fontsize=9
+    )
     return fig
 
 
@@ -103,13 +107,14 @@ def cluster_labels(clusters: np.ndarray, labels: np.ndarray, epoch: int) -> Figu
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     fig = Figure(figsize=(5, 3.6))
     ax = fig.subplots(gridspec_kw={**_MARGINS, "left": 0.2})
-    image = ax.imshow(share, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.imshow(share, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(np.arange(len(classes)), [str(c) for c in classes])
     ax.set_yticks(np.arange(len(ks)), [f"{k} (n={int(n)})" for k, n in zip(ks, counts.sum(axis=1))])
     ax.set_xlabel("given label")
     ax.set_ylabel("gradient cluster")
-    ax.set_title(f"Labels within gradient clusters, epoch {epoch}")
-    fig.colorbar(image, ax=ax, shrink=0.85)
+    ax.set_title(
+        f"Labels within gradient clusters, epoch {epoch}\nshare of the cluster: dark 0 · yellow 1", fontsize=9
+    )
     return fig
 
 

@@ -300,7 +300,10 @@ def _epoch_block(paths: ReportPaths, epoch: int, unfold: bool) -> str:
     if summary.get("written"):
         parts.append(f'<p class="muted">Written {_e(summary["written"])}</p>')
     if not records:
-        parts.append(_note("This epoch's summary lists no analytics."))
+        skipped = summary.get("skipped")
+        parts.append(
+            _note(skipped if isinstance(skipped, str) else "This epoch's summary lists no analytics.")
+        )
     folder = paths.epoch_dir(epoch)
     for i, rec in enumerate(records):
         parts.append(

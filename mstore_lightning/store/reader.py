@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -163,7 +164,12 @@ class GradientStore:
         if layout.EPOCHS not in self._root:
             return []
         out = []
-        for key, group in self._root[layout.EPOCHS].groups():
+        with warnings.catch_warnings():
+            # A capture still running replaces metadata through temporary files; listing the folder
+            # meanwhile shows them, and zarr warns about each.
+            warnings.filterwarnings("ignore", "Object at .* is not recognized", category=UserWarning)
+            groups = list(self._root[layout.EPOCHS].groups())
+        for _, group in groups:
             if group.attrs.get("state") == layout.COMMITTED:
                 out.append(int(group.attrs["epoch"]))
         return sorted(out)
