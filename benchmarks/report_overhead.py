@@ -5,13 +5,13 @@ layer, the test digits as TracIn queries, TensorBoard logging) is trained three 
 A B C A B C ... so that machine noise hits all three alike:
 
 - ``none``: capture only, ``analytics=None``;
-- ``background``: the demo's analytics in a worker process (the default), at most 10% of training
-  time (``analytics_max_overhead=0.1``: epochs are reported as often as that allows, the last always);
-- ``inline``: the same in the training process (``analytics_background=False``).
+- ``inline``: the demo's analytics in the training process (the default), governed by the demo's
+  ``analytics_max_overhead`` (epochs are reported as often as that allows, the last always);
+- ``background``: the same in a worker process (``analytics_background=True``).
 
 Each arm's time is the wall time from the first epoch's start to the end of ``fit`` (so the
 background arm includes waiting for the last epoch's report), divided by the epochs. The overhead
-of an arm is its median against the median of ``none``. Target: background <= 1.10.
+of an arm is its median against the median of ``none``. Target: inline <= 1.10.
 
 Run from the repository root::
 
@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capture_overhead import library_digest, machine_info
 
 TARGET = 1.10
-ARMS = ("none", "background", "inline")
+ARMS = ("none", "inline", "background")
 
 
 class FitClock(L.Callback):
@@ -84,7 +84,10 @@ def fit_once(arm: str, epochs: int, workdir: Path, data: tuple) -> dict[str, Any
         store=store,
         policy={"layers": ["*"], "precision": "fp32", "loss_reduction": "mean"},
         mode="overwrite",
-        query=DataLoader(digits.DigitsDataset(x_test, y_test), batch_size=256),
+        query=DataLoader(
+            digits.DigitsDataset(x_test[: digits.QUERIES], y_test[: digits.QUERIES]),
+            batch_size=digits.QUERIES,
+        ),
         analytics=None if arm == "none" else digits.ANALYTICS,
         analytics_background=arm == "background",
         analytics_max_overhead=digits.MAX_OVERHEAD,
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mstore-report-bench-") as tmp:
-        fit_once("background", 1, Path(tmp), data)  # warm-up: imports, caches, the worker's first start
+        fit_once("inline", 1, Path(tmp), data)  # warm-up: imports, caches
         for i in range(args.pairs):
             for arm in ARMS:
                 runs[arm].append(fit_once(arm, args.epochs, Path(tmp), data))
@@ -148,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": args.pairs,
         "median_epoch_s": med,
         "ratio_vs_none": ratios,
-        "target_background_ratio": TARGET,
-        "meets_target": ratios["background"] <= TARGET,
+        "target_inline_ratio": TARGET,
+        "meets_target": ratios["inline"] <= TARGET,
         "runs": runs,
     }
     print()
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     for arm in ARMS:
         ratio = "" if arm == "none" else f"{ratios[arm]:.3f}x"
         print(f"{arm:>10} | {med[arm] * 1e3:>15.1f} | {ratio:>8}")
-    print(f"\ntarget: background <= {TARGET:.2f}x: {'ok' if result['meets_target'] else 'MISS'}")
+    print(f"\ntarget: inline (the default) <= {TARGET:.2f}x: {'ok' if result['meets_target'] else 'MISS'}")
     print(f"machine: {result['machine']['cpu_model']}, {result['machine']['cpu_count']} cores")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -56,6 +56,7 @@ def run(tmp_path_factory):
             policy=EXACT,
             query=loader(qx, qy, batch_size=3, shuffle=False),
             analytics=ANALYTICS,
+            analytics_background=True,  # the worker-process path, replayed to these loggers
         )
         steps = []
         tr = trainer([ref, cap, qref], max_epochs=EPOCHS, logger=loggers)

@@ -91,8 +91,9 @@ class GradientCapture(Callback):
         report_dir: where the report files go instead of beside the store.
         analytics_background: run the analytics in a worker process while the next epoch trains;
             their results reach the loggers, at the step their epoch ended on, as they finish, and
-            the last ones before ``fit`` returns. ``False`` runs them in the training process, which
-            waits for them.
+            the last ones before ``fit`` returns. Worth it where cores sit idle (GPU training); with
+            every core busy the worker only competes for them, and its start costs seconds. By
+            default they run in the training process, which waits for them.
         analytics_max_overhead: the share of training time the reports may take (``0.1``: 10%).
             Epochs are then reported as often as that allows, the last one always; the others are
             skipped with a note. ``None`` reports every captured epoch.
@@ -123,7 +124,7 @@ class GradientCapture(Callback):
         analytics: AnalyticsLike = None,
         analytics_budget_s: float | None = None,
         report_dir: str | os.PathLike | None = None,
-        analytics_background: bool = True,
+        analytics_background: bool = False,
         analytics_max_overhead: float | None = None,
     ) -> None:
         if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
