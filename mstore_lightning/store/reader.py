@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import os
 import warnings
 from collections import OrderedDict
@@ -25,6 +26,7 @@ import torch
 import zarr
 import zarr.storage
 from typing_extensions import Self
+from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.capture import pooling
 from mstore_lightning.capture.kron import kron_gram, kron_sqnorm
@@ -627,8 +629,16 @@ class GradientStore:
     def _array(self, rank_group: zarr.Group, lay: _Layer, name: str) -> zarr.Array:
         # Opening an array reads its metadata; committed epochs never change, so each is opened once.
         key = (rank_group.path, lay.name, name)
-        if key not in self._arrays:
-            self._arrays[key] = rank_group[f"{layout.LAYERS}/{lay.name}/{name}"]
+        if key not in self._arrays:  # open every array of the layer at once: one trip to zarr's loop
+            names = [n for n in _stored_names(lay) if (rank_group.path, lay.name, n) not in self._arrays]
+            if name not in names:
+                names.append(name)
+            prefix = f"{layout.LAYERS}/{lay.name}"
+            for n, arr in zip(names, _open_many(rank_group, [f"{prefix}/{n}" for n in names])):
+                if arr is not None:
+                    self._arrays[(rank_group.path, lay.name, n)] = arr
+            if key not in self._arrays:
+                raise StoreReadError(f"Array {rank_group.path}/{prefix}/{name} is missing from the store.")
         return self._arrays[key]
 
     def _array_names(self, lay: _Layer) -> list[str]:
@@ -637,39 +647,62 @@ class GradientStore:
     def _read(self, group: zarr.Group, lay: _Layer, name: str, where: slice | np.ndarray) -> np.ndarray:
         """Stored parts of array ``name`` at local rows ``where`` (a slice or sorted positions),
         with deduplicated rows filled in from where they are stored."""
-        spec = lay.spec["arrays"][name]
-        row_parts = [p for p, info in spec["parts"].items() if info.get("per", "row") == "row"]
-        parts = {p: self._read_part(group, lay, name, p, where) for p in row_parts}
-        if not spec.get("dedup"):
-            return parts
-        refs = _take(self._array(group, lay, f"{name}_ref"), where)
-        dup = np.nonzero(refs[:, 2] >= 0)[0]
-        if dup.size:
-            targets = refs[dup]
-            for e, r in {(int(e), int(r)) for e, r in targets[:, :2]}:
-                sel = np.nonzero((targets[:, 0] == e) & (targets[:, 1] == r))[0]
-                rows = targets[sel, 2].astype(np.int64)
-                order = np.argsort(rows, kind="stable")
-                source = self._rank_group(e, r)
-                for p in row_parts:
-                    parts[p][dup[sel[order]]] = self._read_part(source, lay, name, p, rows[order])
-        return parts
+        return self._read_arrays(group, lay, [name], where)[name]
 
-    def _read_part(
-        self, group: zarr.Group, lay: _Layer, name: str, part: str, where: slice | np.ndarray
-    ) -> np.ndarray:
-        """One part's rows; codes fitted per chunk come back decoded with their chunk's table."""
-        arr = self._array(group, lay, part)
-        got = _take(arr, where)
-        codec = quant.chunk_codec(lay.spec["arrays"][name], name, part)
-        if codec is None:
-            return got
-        rows = np.arange(arr.shape[0])[where] if isinstance(where, slice) else where
-        chunk = rows // int(arr.chunks[0])
-        tables = self._array(group, lay, part + quant.TABLE)
-        lo = int(chunk.min()) if chunk.size else 0
-        block = tables[lo : int(chunk.max()) + 1] if chunk.size else np.zeros((0, codec.levels), np.float32)
-        return codec.decode(got, block[chunk - lo])
+    def _read_arrays(
+        self, group: zarr.Group, lay: _Layer, names: list[str], where: slice | np.ndarray
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """:meth:`_read` of several arrays, their parts, references and code tables fetched together.
+
+        Each zarr read is a round trip to zarr's event loop thread; on small chunks that trip, not
+        the bytes, is the cost, so every part of every array goes in one batch.
+        """
+        jobs: list[tuple[tuple[str, str], zarr.Array, slice | np.ndarray]] = []
+        for name in names:
+            spec = lay.spec["arrays"][name]
+            for p in _row_parts(spec):
+                arr = self._array(group, lay, p)
+                jobs.append(((name, p), arr, where))
+                if quant.chunk_codec(spec, name, p) is not None:
+                    jobs.append(
+                        ((name, p + quant.TABLE), self._array(group, lay, p + quant.TABLE), slice(None))
+                    )
+            if spec.get("dedup"):
+                jobs.append(((name, "ref"), self._array(group, lay, f"{name}_ref"), where))
+        got = dict(zip([key for key, _, _ in jobs], _take_many([(a, w) for _, a, w in jobs])))
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for name in names:
+            spec = lay.spec["arrays"][name]
+            parts = {}
+            for p in _row_parts(spec):
+                codec = quant.chunk_codec(spec, name, p)
+                if codec is None:
+                    parts[p] = got[(name, p)]
+                else:
+                    arr = self._array(group, lay, p)
+                    rows = np.arange(arr.shape[0])[where] if isinstance(where, slice) else where
+                    table = got[(name, p + quant.TABLE)]
+                    parts[p] = codec.decode(got[(name, p)], table[rows // int(arr.chunks[0])])
+            if spec.get("dedup"):
+                self._fill_references(lay, name, parts, got[(name, "ref")])
+            out[name] = parts
+        return out
+
+    def _fill_references(
+        self, lay: _Layer, name: str, parts: dict[str, np.ndarray], refs: np.ndarray
+    ) -> None:
+        """Replaces deduplicated rows of ``parts`` by the rows their references point at."""
+        dup = np.nonzero(refs[:, 2] >= 0)[0]
+        if not dup.size:
+            return
+        targets = refs[dup]
+        for e, r in {(int(e), int(r)) for e, r in targets[:, :2]}:
+            sel = np.nonzero((targets[:, 0] == e) & (targets[:, 1] == r))[0]
+            rows = targets[sel, 2].astype(np.int64)
+            order = np.argsort(rows, kind="stable")
+            source = self._read_arrays(self._rank_group(e, r), _without_dedup(lay, name), [name], rows[order])
+            for p, values in source[name].items():
+                parts[p][dup[sel[order]]] = values
 
     def _rank_group(self, epoch: int, rank: int) -> zarr.Group:
         ep = self._epoch(epoch)
@@ -735,10 +768,9 @@ class GradientStore:
         rows = self._cache.get(key)
         if rows is None:
             g = self._epoch(epoch, split)["ranks"][r]
-            rows = {
-                n: quant.decode(lay.spec["arrays"][n], n, self._read(g, lay, n, slice(lo, hi)))
-                for n in self._array_names(lay)
-            }
+            names = self._array_names(lay)
+            parts = self._read_arrays(g, lay, names, slice(lo, hi))
+            rows = {n: quant.decode(lay.spec["arrays"][n], n, parts[n]) for n in names}
             self._cache.put(key, rows)
         return rows
 
@@ -792,17 +824,79 @@ def _empty_parts(spec: dict[str, Any], name: str, n: int) -> dict[str, np.ndarra
     return out
 
 
+def _row_parts(spec: dict[str, Any]) -> list[str]:
+    return [p for p, info in spec["parts"].items() if info.get("per", "row") == "row"]
+
+
+def _without_dedup(lay: _Layer, name: str) -> _Layer:
+    """``lay`` with array ``name`` read as stored: a reference's target is never itself a reference."""
+    arrays = dict(lay.spec["arrays"])
+    arrays[name] = {**arrays[name], "dedup": False}
+    return _Layer({**lay.spec, "arrays": arrays}, lay.extractor)
+
+
+def _stored_names(lay: _Layer) -> list[str]:
+    """Every array a layer may store: row parts, code tables and dedup references."""
+    out = []
+    for name, spec in lay.spec["arrays"].items():
+        for p in _row_parts(spec):
+            out.append(p)
+            if quant.chunk_codec(spec, name, p) is not None:
+                out.append(p + quant.TABLE)
+        if spec.get("dedup"):
+            out.append(f"{name}_ref")
+    return out
+
+
+def _open_many(group: zarr.Group, paths: list[str]) -> list[zarr.Array | None]:
+    """Opens arrays below ``group`` together (``None`` for any that is not there)."""
+
+    async def one(path: str) -> zarr.Array | None:
+        try:
+            return zarr.Array(await group._async_group.getitem(path))
+        except KeyError:
+            return None
+
+    async def all_of() -> list[zarr.Array | None]:
+        return list(await asyncio.gather(*(one(p) for p in paths)))
+
+    return zarr_sync(all_of())
+
+
+def _take_many(items: list[tuple[zarr.Array, slice | np.ndarray]]) -> list[np.ndarray]:
+    """``[_take(arr, where) ...]`` in one round trip to zarr's event loop, reads overlapping."""
+    if len(items) == 1:
+        return [_take(*items[0])]
+
+    async def one(arr: zarr.Array, where: slice | np.ndarray) -> np.ndarray:
+        try:
+            if isinstance(where, slice):
+                return np.asarray(await arr._async_array.getitem(where))
+            return np.asarray(await arr._async_array.get_orthogonal_selection((where,)))
+        except ValueError as exc:
+            raise _damaged(arr, where, exc) from exc
+
+    async def all_of() -> list[np.ndarray]:
+        return list(await asyncio.gather(*(one(a, w) for a, w in items)))
+
+    return zarr_sync(all_of())
+
+
 def _take(arr: zarr.Array, where: slice | np.ndarray) -> np.ndarray:
     try:
         return arr[where] if isinstance(where, slice) else arr.get_orthogonal_selection((where,))
     except ValueError as exc:  # zarr's crc32c and decompression failures are ValueErrors
-        rows = np.arange(arr.shape[0])[where]
-        chunks = sorted({int(r) // int(arr.chunks[0]) for r in np.atleast_1d(rows)})
-        shown = ", ".join(map(str, chunks[:5])) + (", ..." if len(chunks) > 5 else "")
-        raise StoreReadError(
-            f"Array {arr.path!r} cannot be read: chunk {shown} (counted along rows) is damaged ({exc}). "
-            "Run `mstore verify` on the store to list every damaged chunk."
-        ) from exc
+        raise _damaged(arr, where, exc) from exc
+
+
+def _damaged(arr: zarr.Array, where: slice | np.ndarray, exc: Exception) -> StoreReadError:
+    rows = np.arange(arr.shape[0])[where]
+    chunks = sorted({int(r) // int(arr.chunks[0]) for r in np.atleast_1d(rows)})
+    shown = ", ".join(map(str, chunks[:5])) + (", ..." if len(chunks) > 5 else "")
+    return StoreReadError(
+        f"Array {arr.path!r} cannot be read: chunk {shown} (counted along rows) is damaged ({exc}). "
+        "Run `mstore verify` on the store to list every damaged chunk."
+    )
 
 
 def _dir_bytes(path: str) -> int:
