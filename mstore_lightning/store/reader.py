@@ -328,8 +328,12 @@ class GradientStore:
                 a, b = np.searchsorted(sorted_rows, [first, first + _nrows(rows)])
                 if a == b:
                     continue
-                local = torch.from_numpy(sorted_rows[a:b] - first)
-                xb = {k: v.index_select(0, local) for k, v in rows.items()}
+                local = sorted_rows[a:b] - first
+                if b - a == _nrows(rows) and local[-1] == b - a - 1:  # the whole chunk, in order
+                    xb = rows
+                else:
+                    index = torch.from_numpy(local)
+                    xb = {k: v.index_select(0, index) for k, v in rows.items()}
                 out[:, order[a:b]] += _gram(lay, xa, xb).double().numpy()
         return QueryResult(out, self._approximate(layers, epoch))
 
@@ -581,11 +585,14 @@ class GradientStore:
             raise StoreReadError(f"`split` can be {', '.join(map(repr, layout.SPLITS))}; got {split!r}.")
         key = (epoch, split)
         if key not in self._epoch_cache:
-            if epoch not in self.epochs:
+            try:  # the epoch's own group says whether it is committed: no need to list them all
+                group = self._root[f"{layout.EPOCHS}/{layout.epoch_key(int(epoch))}"]
+            except (KeyError, ValueError, TypeError):
+                group = None
+            if group is None or group.attrs.get("state") != layout.COMMITTED:
                 raise StoreReadError(
                     f"Epoch {epoch} is not committed in this store; committed: {self.epochs}."
                 )
-            group = self._root[f"{layout.EPOCHS}/{layout.epoch_key(epoch)}"]
             prefix = layout.SPLITS[split]
             ranks = [
                 g
@@ -722,19 +729,17 @@ class GradientStore:
         ep = self._epoch(epoch, split)
         offsets = ep["offsets"]
         which = np.searchsorted(offsets, rows, side="right") - 1
-        out: dict[str, torch.Tensor] = {}
-        for name in self._array_names(lay):
-            spec = lay.spec["arrays"][name]
-            parts = _empty_parts(spec, name, len(rows))
-            for r, g in enumerate(ep["ranks"]):
-                sel = np.nonzero(which == r)[0]
-                if sel.size:
-                    local = rows[sel] - offsets[r]
-                    order = np.argsort(local)
-                    for p, got in self._read(g, lay, name, local[order]).items():
-                        parts[p][sel[order]] = got
-            out[name] = quant.decode(spec, name, parts)
-        return out
+        names = self._array_names(lay)
+        parts = {n: _empty_parts(lay.spec["arrays"][n], n, len(rows)) for n in names}
+        for r, g in enumerate(ep["ranks"]):
+            sel = np.nonzero(which == r)[0]
+            if sel.size:
+                local = rows[sel] - offsets[r]
+                order = np.argsort(local)
+                for name, got in self._read_arrays(g, lay, names, local[order]).items():
+                    for p, values in got.items():
+                        parts[name][p][sel[order]] = values
+        return {n: quant.decode(lay.spec["arrays"][n], n, parts[n]) for n in names}
 
     def _stream(
         self, epoch: int, lay: _Layer, split: str = "train"
