@@ -22,6 +22,7 @@ from mstore_lightning.store import (
 # Loaded on first use: reading a store (and the `mstore` command) need not import Lightning.
 _LAZY = {
     "GradientCapture": "mstore_lightning.callbacks",
+    "StoreWriteError": "mstore_lightning.callbacks",
     "IndexedDataset": "mstore_lightning.capture",
 }
 
@@ -34,6 +35,7 @@ __all__ = [
     "PolicyError",
     "StoreExistsError",
     "StoreReadError",
+    "StoreWriteError",
     "open_store",
 ]
 

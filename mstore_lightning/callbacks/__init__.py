@@ -1,5 +1,5 @@
 """Lightning callbacks."""
 
-from mstore_lightning.callbacks.gradient_capture import GradientCapture
+from mstore_lightning.callbacks.gradient_capture import GradientCapture, StoreWriteError
 
-__all__ = ["GradientCapture"]
+__all__ = ["GradientCapture", "StoreWriteError"]

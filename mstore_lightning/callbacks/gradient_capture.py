@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,10 +41,36 @@ from mstore_lightning.store.recompute import (
     read_seconds_per_sample,
 )
 from mstore_lightning.store.session import MODES, RunWriter
-from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES
+from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES, WriterError
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+ON_ERROR = ("warn", "raise")
+
+
+class StoreWriteError(RuntimeError):
+    """Writing the gradient store failed (``GradientCapture(on_error="raise")``)."""
+
+
+def _store_io(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs a hook that writes the store; a write failure is handled by ``on_error``.
+
+    After one failure, capture is over for this run and the hook does nothing.
+    """
+
+    @functools.wraps(hook)
+    def run(self: GradientCapture, *args: Any, **kwargs: Any) -> Any:
+        if self._failed is not None:
+            return None
+        try:
+            return hook(self, *args, **kwargs)
+        except (WriterError, OSError) as exc:
+            self._store_failed(exc)
+            return None
+
+    return run
+
 
 _ROW_FIELDS = {"ids": np.int64, "step": np.int64, "label": np.int64, "lr": np.float64, "loss": np.float32}
 
@@ -97,6 +125,10 @@ class GradientCapture(Callback):
         analytics_max_overhead: the share of training time the reports may take (``0.1``: 10%).
             Epochs are then reported as often as that allows, the last one always; the others are
             skipped with a note. ``None`` reports every captured epoch.
+        on_error: what a failed store write (a full disk, an I/O error) does. ``"warn"``: capture
+            stops with one warning and training goes on; ``"raise"``: training stops with a
+            :class:`StoreWriteError`. Either way the epochs committed before stay whole and readable,
+            and the epoch being written is left uncommitted, so readers never see it.
 
     Example:
         >>> capture = GradientCapture("runs/demo.zarr", policy={"layers": ["*"], "precision": "fp16"})
@@ -126,9 +158,12 @@ class GradientCapture(Callback):
         report_dir: str | os.PathLike | None = None,
         analytics_background: bool = False,
         analytics_max_overhead: float | None = None,
+        on_error: str = "warn",
     ) -> None:
         if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
             raise ValueError(f"`store` must be a non-empty path or URL, got {store!r}.")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"`on_error` can be {', '.join(repr(m) for m in ON_ERROR)}; got {on_error!r}.")
         if mode not in MODES:
             raise ValueError(f"`mode` can be {', '.join(repr(m) for m in MODES)}; got {mode!r}.")
         for name, value in (
@@ -169,6 +204,9 @@ class GradientCapture(Callback):
                 f"got {analytics_max_overhead!r}."
             )
         self.analytics_max_overhead = analytics_max_overhead
+        self.on_error = on_error
+        self._failed: str | None = None  # why capture stopped, after a store write failed
+        self._in_progress: int | None = None  # the epoch being written, from its start to its commit
         self.mode = mode
         self.queue_bytes, self.chunk_bytes = queue_bytes, chunk_bytes
         self.storage_options = storage_options
@@ -308,6 +346,7 @@ class GradientCapture(Callback):
             self._start_epoch(trainer, trainer.current_epoch)
 
     @override
+    @_store_io
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epoch == trainer.current_epoch:
             return  # already continued from a mid-epoch checkpoint
@@ -321,6 +360,7 @@ class GradientCapture(Callback):
         self._resume = None
         if not self.policy.captures_epoch(epoch, trainer.max_epochs):
             return
+        self._in_progress = epoch
         if trainer.global_rank == 0:
             self._run.begin_epoch(epoch, resume_rows)
         trainer.strategy.barrier("mstore_epoch_start")
@@ -335,6 +375,7 @@ class GradientCapture(Callback):
         self._loader_note = describe_sampler(loader)
 
     @override
+    @_store_io
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epoch is None:
             return
@@ -364,6 +405,7 @@ class GradientCapture(Callback):
             },
         )
         self._committed.append(epoch)
+        self._in_progress = None
         if self._reports is not None:
             self._reports.epoch_done(
                 epoch, trainer.global_step, time.perf_counter() - self._epoch_started, trainer.loggers
@@ -407,6 +449,7 @@ class GradientCapture(Callback):
             self._step.amp_scale = float(scaler.get_scale())
 
     @override
+    @_store_io
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = self._step
         if step is None or step.backward_done:
@@ -437,6 +480,7 @@ class GradientCapture(Callback):
         self._write_rows(trainer, step)
 
     @override
+    @_store_io
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -468,9 +512,12 @@ class GradientCapture(Callback):
         }
         if self._run is not None and self._epoch is not None:
             # Rows flushed now survive a crash; a resume keeps exactly these and redoes the rest.
-            self._run.flush()
-            state["open_epoch"] = self._epoch
-            state["open_rows"] = self._run.rows_written(self._epoch)
+            epoch = self._epoch
+            try:
+                self._run.flush()
+                state["open_epoch"], state["open_rows"] = epoch, self._run.rows_written(epoch)
+            except (WriterError, OSError) as exc:
+                self._store_failed(exc)
         return state
 
     @override
@@ -711,6 +758,35 @@ class GradientCapture(Callback):
     @staticmethod
     def _select(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         return values if keep is None else values.index_select(0, keep.to(values.device))
+
+    def _store_failed(self, exc: BaseException) -> None:
+        """Stops capture after a failed store write, as ``on_error`` asks."""
+        epoch = self._in_progress
+        committed = ", ".join(map(str, self._committed)) or "none"
+        what = (
+            f"Writing the gradient store {self.store!r} failed: {type(exc).__name__}: {exc}. "
+            f"Epochs committed before it ({committed}) are whole and readable"
+            + (
+                f"; epoch {epoch} is left uncommitted, so readers do not see it."
+                if epoch is not None
+                else "."
+            )
+        )
+        self._failed = what
+        self._hooks.detach()
+        self._step = None
+        run, open_epoch = self._run, self._epoch
+        self._run = self._epoch = self._in_progress = None
+        if run is not None:
+            with contextlib.suppress(Exception):  # the writer re-raises what broke it; it is reported here
+                if open_epoch is not None:
+                    run.abandon_epoch(open_epoch)
+                run.close()
+        if self.on_error == "raise":
+            raise StoreWriteError(what) from exc
+        warnings.warn(
+            f"{what} Capture stopped; training goes on (GradientCapture(on_error='warn')).", stacklevel=2
+        )
 
     def _close(self) -> None:
         """Stops the writer; an epoch still open is left uncommitted, so readers never see it."""
