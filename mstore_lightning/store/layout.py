@@ -68,6 +68,23 @@ def create_row_array(
     )
 
 
+CRC_KEY = "crc32c"  # checksum of a group's other attributes, so that edited metadata is found
+
+
+def attrs_crc(attrs: dict[str, Any]) -> int:
+    """crc32c of ``attrs`` (less any checksum) as canonical JSON."""
+    import crc32c
+
+    body = {k: v for k, v in attrs.items() if k != CRC_KEY}
+    return crc32c.crc32c(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def with_crc(attrs: dict[str, Any]) -> dict[str, Any]:
+    """``attrs`` with their checksum."""
+    attrs = to_json(attrs)
+    return {**attrs, CRC_KEY: attrs_crc(attrs)}
+
+
 def to_json(value: Any) -> Any:
     """Round-trips ``value`` through JSON so that nothing but JSON types reach the store."""
     return json.loads(json.dumps(value))

@@ -119,10 +119,13 @@ def open_store(
         if not os.path.isdir(uri):
             raise StoreReadError(f"No gradient store at {uri!r}: the directory does not exist.")
         store = zarr.storage.LocalStore(uri, read_only=True)
+    store = _ReadStore(store)
     try:
         root = zarr.open_group(store, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreReadError(f"{uri!r} is not a Zarr group, so not a gradient store.") from exc
+    except _DAMAGE as exc:
+        raise StoreReadError(f"{uri!r}: the store's root metadata (zarr.json) is damaged: {exc}") from exc
     return GradientStore(root, uri, storage_options, cache_bytes=cache_bytes)
 
 
@@ -144,6 +147,7 @@ class GradientStore:
         self._root = root
         if layout.META_KEY not in root.attrs:
             raise StoreReadError(f"{uri!r} is a Zarr group without gradient-store metadata.")
+        _check_crc(dict(root.attrs), f"{uri!r} root metadata")
         self.meta: dict[str, Any] = dict(root.attrs[layout.META_KEY])
         version = self.meta.get("schema_version")
         if version != layout.SCHEMA_VERSION:
@@ -170,7 +174,13 @@ class GradientStore:
             # A capture still running replaces metadata through temporary files; listing the folder
             # meanwhile shows them, and zarr warns about each.
             warnings.filterwarnings("ignore", "Object at .* is not recognized", category=UserWarning)
-            groups = list(self._root[layout.EPOCHS].groups())
+            try:
+                groups = list(self._root[layout.EPOCHS].groups())
+            except _DAMAGE as exc:
+                raise StoreReadError(
+                    f"{self.uri!r}: the metadata of an epoch group under {layout.EPOCHS}/ is damaged ({exc}); "
+                    "run `mstore verify` on the store to name it."
+                ) from exc
         for _, group in groups:
             if group.attrs.get("state") == layout.COMMITTED:
                 out.append(int(group.attrs["epoch"]))
@@ -218,7 +228,12 @@ class GradientStore:
         """One per-row record of ``epoch``: ``ids``, ``step``, ``loss``, ``label`` or ``lr``."""
         key = (epoch, field, split)
         if key not in self._fields:  # committed epochs never change: read each field once
-            parts = [g[f"{layout.ROWS}/{field}"][:] for g in self._epoch(epoch, split)["ranks"]]
+            ep = self._epoch(epoch, split)
+            parts = []
+            for r, g in enumerate(ep["ranks"]):
+                arr = _node(g, f"{layout.ROWS}/{field}")
+                _check_rows(arr, int(ep["offsets"][r + 1] - ep["offsets"][r]))
+                parts.append(_take(arr, slice(None)))
             empty = np.zeros(0, dtype=np.float64 if field in ("loss", "lr") else np.int64)
             self._fields[key] = np.concatenate(parts) if parts else empty
             self._fields[key].flags.writeable = False
@@ -586,22 +601,39 @@ class GradientStore:
         key = (epoch, split)
         if key not in self._epoch_cache:
             try:  # the epoch's own group says whether it is committed: no need to list them all
-                group = self._root[f"{layout.EPOCHS}/{layout.epoch_key(int(epoch))}"]
-            except (KeyError, ValueError, TypeError):
-                group = None
+                key_ = layout.epoch_key(int(epoch))
+            except (ValueError, TypeError):
+                key_ = None
+            group = (
+                _node(self._root, f"{layout.EPOCHS}/{key_}", missing_ok=True) if key_ is not None else None
+            )
             if group is None or group.attrs.get("state") != layout.COMMITTED:
                 raise StoreReadError(
                     f"Epoch {epoch} is not committed in this store; committed: {self.epochs}."
                 )
+            _check_crc(dict(group.attrs), f"epoch group {group.path}")
             prefix = layout.SPLITS[split]
-            ranks = [
-                g
-                for _, g in sorted(
+            try:
+                members = sorted(
                     (int(k[1:]), g) for k, g in group.groups() if k[:1] == prefix and k[1:].isdigit()
                 )
-            ]
-            ranks = [g for g in ranks if layout.ROWS in g]
-            sizes = [g[f"{layout.ROWS}/ids"].shape[0] for g in ranks]
+                ranks = [g for _, g in members if layout.ROWS in g]
+            except _DAMAGE as exc:
+                raise StoreReadError(
+                    f"The metadata of a group under {group.path}/ is damaged: {exc}"
+                ) from exc
+            sizes = [_node(g, f"{layout.ROWS}/ids").shape[0] for g in ranks]
+            rows = group.attrs.get("rows")
+            if (
+                split == "train"
+                and group.attrs.get("world_size") == 1
+                and rows is not None
+                and sizes != [rows]
+            ):
+                raise StoreReadError(
+                    f"{group.path}: the row records hold {sum(sizes)} rows but the epoch was committed with "
+                    f"{rows}; the store's metadata is damaged."
+                )
             self._epoch_cache[key] = {
                 "attrs": dict(group.attrs),
                 "ranks": ranks,
@@ -646,7 +678,15 @@ class GradientStore:
                     self._arrays[(rank_group.path, lay.name, n)] = arr
             if key not in self._arrays:
                 raise StoreReadError(f"Array {rank_group.path}/{prefix}/{name} is missing from the store.")
+            _check_part(self._arrays[key], lay, name, self._rank_rows(rank_group))
         return self._arrays[key]
+
+    def _rank_rows(self, rank_group: zarr.Group) -> int:
+        """Rows of a rank group: the length of its ``ids``, which every per-row array must share."""
+        key = (rank_group.path, "", "ids")
+        if key not in self._arrays:
+            self._arrays[key] = _node(rank_group, f"{layout.ROWS}/ids")
+        return int(self._arrays[key].shape[0])
 
     def _array_names(self, lay: _Layer) -> list[str]:
         return list(lay.spec["arrays"])
@@ -677,6 +717,15 @@ class GradientStore:
             if spec.get("dedup"):
                 jobs.append(((name, "ref"), self._array(group, lay, f"{name}_ref"), where))
         got = dict(zip([key for key, _, _ in jobs], _take_many([(a, w) for _, a, w in jobs])))
+        for (name, p), arr, w in jobs:
+            if not lay.spec["arrays"][name].get("dedup") or p.endswith(quant.TABLE):
+                _require_chunks(arr)
+            elif p != "ref":  # chunks may be absent where every row is a reference, nowhere else
+                rows = np.arange(arr.shape[0])[w] if isinstance(w, slice) else w
+                in_place = rows[got[(name, "ref")][:, 2] < 0]
+                _require_chunks(arr, in_place // int(arr.chunks[0]))
+            else:  # rows without a reference hold -1, so a reference chunk is only absent when lost
+                _require_chunks(arr)
         out: dict[str, dict[str, np.ndarray]] = {}
         for name in names:
             spec = lay.spec["arrays"][name]
@@ -840,6 +889,97 @@ def _without_dedup(lay: _Layer, name: str) -> _Layer:
     return _Layer({**lay.spec, "arrays": arrays}, lay.extractor)
 
 
+class _ReadStore(zarr.storage.WrapperStore):
+    """The store, noting each chunk that a read asked for and did not find.
+
+    zarr reads a missing chunk as fill values. Some of our chunks are absent on purpose (all their
+    rows deduplicated); any other missing chunk is damage, and the reader checks for it.
+    """
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.missing: set[str] = set()
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        got = await super().get(key, prototype, byte_range)
+        if got is None and "/c/" in key:
+            self.missing.add(key)
+        return got
+
+
+def _missing_chunks(arr: zarr.Array) -> list[str]:
+    """Chunk keys of ``arr`` that reads found absent (and forgets them)."""
+    store = arr.store
+    if not isinstance(store, _ReadStore) or not store.missing:
+        return []
+    prefix = f"{arr.path}/c/"
+    found = [k for k in store.missing if k.startswith(prefix)]
+    store.missing.difference_update(found)
+    return found
+
+
+def _require_chunks(arr: zarr.Array, needed: np.ndarray | None = None) -> None:
+    """Raises when a chunk of ``arr`` that holds data (``needed`` chunk indices, default: any) is missing."""
+    missing = _missing_chunks(arr)
+    if not missing:
+        return
+    indices = sorted(int(k[len(arr.path) + 3 :].split("/")[0]) for k in missing)
+    if needed is not None:
+        indices = sorted(set(indices) & {int(i) for i in np.atleast_1d(needed)})
+    if indices:
+        raise StoreReadError(
+            f"Array {arr.path!r} cannot be read: chunk {indices[0]} (counted along rows) is missing from "
+            "the store. Run `mstore verify` on the store to list every damaged chunk."
+        )
+
+
+# What zarr raises for metadata it cannot parse, or that names unknown codecs, types or grids.
+_DAMAGE = (ValueError, TypeError, KeyError, AttributeError)
+
+
+def _node(group: zarr.Group, path: str, missing_ok: bool = False) -> Any:
+    """``group[path]``, a damaged ``zarr.json`` reported by name (and a missing one, unless ``missing_ok``)."""
+    try:
+        return group[path]
+    except KeyError:
+        if missing_ok:
+            return None
+        raise StoreReadError(f"{group.path}/{path} is missing from the store.") from None
+    except _DAMAGE as exc:
+        raise StoreReadError(f"The metadata (zarr.json) of {group.path}/{path} is damaged: {exc}") from exc
+
+
+def _check_crc(attrs: dict[str, Any], what: str) -> None:
+    if layout.CRC_KEY in attrs and attrs[layout.CRC_KEY] != layout.attrs_crc(attrs):
+        raise StoreReadError(
+            f"The attributes of {what} fail their crc32c checksum: its zarr.json was altered."
+        )
+
+
+def _check_rows(arr: zarr.Array, rows: int) -> None:
+    if arr.shape[0] != rows:
+        raise StoreReadError(
+            f"Array {arr.path!r} claims {arr.shape[0]} rows where its epoch holds {rows}: its metadata is damaged."
+        )
+
+
+def _check_part(arr: zarr.Array, lay: _Layer, name: str, rows: int) -> None:
+    """An array's metadata agrees with the layer spec: dtype, row shape and row count."""
+    for spec in lay.spec["arrays"].values():
+        part = spec["parts"].get(name)
+        if part is None:
+            continue
+        want_shape, want_dtype = tuple(part.get("row_shape", arr.shape[1:])), part.get("dtype")
+        if tuple(arr.shape[1:]) != want_shape or (want_dtype and str(arr.dtype) != str(np.dtype(want_dtype))):
+            raise StoreReadError(
+                f"Array {arr.path!r} is {arr.dtype} rows of {list(arr.shape[1:])}, but its layer stores "
+                f"{want_dtype} rows of {list(want_shape)}: its metadata is damaged."
+            )
+    if name.endswith(quant.TABLE):
+        return
+    _check_rows(arr, rows)
+
+
 def _stored_names(lay: _Layer) -> list[str]:
     """Every array a layer may store: row parts, code tables and dedup references."""
     out = []
@@ -861,6 +1001,10 @@ def _open_many(group: zarr.Group, paths: list[str]) -> list[zarr.Array | None]:
             return zarr.Array(await group._async_group.getitem(path))
         except KeyError:
             return None
+        except _DAMAGE as exc:
+            raise StoreReadError(
+                f"The metadata (zarr.json) of {group.path}/{path} is damaged: {exc}"
+            ) from exc
 
     async def all_of() -> list[zarr.Array | None]:
         return list(await asyncio.gather(*(one(p) for p in paths)))
@@ -869,9 +1013,10 @@ def _open_many(group: zarr.Group, paths: list[str]) -> list[zarr.Array | None]:
 
 
 def _take_many(items: list[tuple[zarr.Array, slice | np.ndarray]]) -> list[np.ndarray]:
-    """``[_take(arr, where) ...]`` in one round trip to zarr's event loop, reads overlapping."""
+    """``[_take(arr, where, complete=False) ...]`` in one round trip to zarr's event loop, reads
+    overlapping; the caller checks missing chunks with :func:`_require_chunks`."""
     if len(items) == 1:
-        return [_take(*items[0])]
+        return [_take(*items[0], complete=False)]
 
     async def one(arr: zarr.Array, where: slice | np.ndarray) -> np.ndarray:
         try:
@@ -887,11 +1032,15 @@ def _take_many(items: list[tuple[zarr.Array, slice | np.ndarray]]) -> list[np.nd
     return zarr_sync(all_of())
 
 
-def _take(arr: zarr.Array, where: slice | np.ndarray) -> np.ndarray:
+def _take(arr: zarr.Array, where: slice | np.ndarray, complete: bool = True) -> np.ndarray:
+    """Rows ``where`` of ``arr``; with ``complete``, every chunk read must exist."""
     try:
-        return arr[where] if isinstance(where, slice) else arr.get_orthogonal_selection((where,))
+        got = arr[where] if isinstance(where, slice) else arr.get_orthogonal_selection((where,))
     except ValueError as exc:  # zarr's crc32c and decompression failures are ValueErrors
         raise _damaged(arr, where, exc) from exc
+    if complete:
+        _require_chunks(arr)
+    return got
 
 
 def _damaged(arr: zarr.Array, where: slice | np.ndarray, exc: Exception) -> StoreReadError:

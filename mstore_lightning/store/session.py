@@ -73,7 +73,7 @@ class RunWriter:
         if self.rank == 0:
             self.root = zarr.open_group(self._store(), mode="w")
             meta = dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat())
-            self.root.attrs[layout.META_KEY] = layout.to_json(meta)
+            self.root.attrs.update(layout.with_crc({layout.META_KEY: meta}))
             self.root.create_group(layout.EPOCHS)
         else:
             self.root = zarr.open_group(self._store(), mode="r+")
@@ -84,7 +84,7 @@ class RunWriter:
             return
         meta = dict(self.root.attrs[layout.META_KEY])
         meta.update(layout.to_json(fields))
-        self.root.attrs[layout.META_KEY] = meta
+        self.root.attrs.update(layout.with_crc({layout.META_KEY: meta}))
 
     # ---------------------------------------------------------------- epochs
     def begin_epoch(self, epoch: int, resume_rows: int | None = None) -> None:
@@ -182,7 +182,11 @@ class RunWriter:
         for split in layout.SPLITS:
             self._rank_groups.pop((epoch, split), None)
         if self.rank == 0:
-            group.attrs.update(layout.to_json({**attrs, "state": layout.COMMITTED, "epoch": epoch}))
+            # One write: the commit marker and the checksum of everything the epoch's attributes say.
+            current = {k: v for k, v in group.attrs.items() if k != layout.CRC_KEY}
+            group.attrs.update(
+                layout.with_crc({**current, **attrs, "state": layout.COMMITTED, "epoch": epoch})
+            )
 
     def abandon_epoch(self, epoch: int) -> None:
         """Stops writing ``epoch`` without committing it."""
