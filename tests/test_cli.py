@@ -224,7 +224,8 @@ def _lie_about_shape(root: Path) -> None:
 
 
 def _drop_commit(root: Path) -> None:
-    edit_json(root / "epochs/00001/zarr.json", lambda m: m["attributes"].pop("state"))
+    # What a crash between an epoch's data and its commit leaves: the attributes the epoch began with.
+    edit_json(root / "epochs/00001/zarr.json", lambda m: m.update(attributes={"state": "open", "epoch": 1}))
 
 
 def _break_reference(root: Path) -> None:
@@ -282,7 +283,9 @@ def test_queries_on_a_damaged_chunk_fail_in_one_line(capsys, copy):
     _flip(copy)
     code, _, err = call(capsys, "self-influence", copy)
     assert code == 1
-    assert_one_line_error(err, "epochs/00000/r0/layers/net.0/d", "chunk 2 (counted along rows) is damaged", "checksum")
+    assert_one_line_error(
+        err, "epochs/00000/r0/layers/net.0/d", "chunk 2 (counted along rows) is damaged", "checksum"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -451,3 +454,13 @@ def test_report_writes_the_html_report(capsys, store_path, tmp_path):
     code, printed, _ = call(capsys, "report", store_path, "--output", out)
     assert code == 0 and printed.strip() == str(out)
     assert "<html" in out.read_text().lower() and "net.0" in out.read_text()
+
+
+def test_verify_names_altered_attributes(copy):
+    meta_path = copy / "epochs/00001/zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["lr"] = meta["attributes"]["lr"] * 10
+    meta_path.write_text(json.dumps(meta))
+    report = verify(str(copy))
+    assert not report.ok
+    assert any(p.array == "epochs/00001" and "crc32c" in p.what for p in report.problems), report.summary()

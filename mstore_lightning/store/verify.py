@@ -206,12 +206,17 @@ class _Check:
         if layout.META_KEY not in root.attrs:
             raise StoreReadError(f"{self.uri!r} is a Zarr group without gradient-store metadata.")
         meta = dict(root.attrs[layout.META_KEY])
+        self._check_crc("", root.attrs.asdict())
         if meta.get("schema_version") != layout.SCHEMA_VERSION:
             raise StoreReadError(
                 f"{self.uri!r} has store schema version {meta.get('schema_version')}; this library reads "
                 f"version {layout.SCHEMA_VERSION}."
             )
         return meta
+
+    def _check_crc(self, path: str, attrs: dict[str, Any]) -> None:
+        if layout.CRC_KEY in attrs and attrs[layout.CRC_KEY] != layout.attrs_crc(attrs):
+            self._flag(path or "/", None, "its attributes fail their crc32c checksum: zarr.json was altered")
 
     def _node(self, path: str) -> Any:
         """The group or array at ``path``, or None (and a problem) when its zarr.json cannot be read."""
@@ -244,6 +249,7 @@ class _Check:
             if attrs.get("epoch", epoch) != epoch:
                 self._flag(path, None, f"the group says it is epoch {attrs['epoch']} under the name {name}")
             states[epoch], self.attrs[epoch] = str(attrs.get("state", "none")), attrs
+            self._check_crc(path, attrs)
         committed = sorted(e for e, s in states.items() if s == layout.COMMITTED)
         self.report.epochs_committed = committed
         self.report.epochs_open = sorted(set(states) - set(committed))
