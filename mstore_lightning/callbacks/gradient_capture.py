@@ -207,6 +207,7 @@ class GradientCapture(Callback):
         self.on_error = on_error
         self._failed: str | None = None  # why capture stopped, after a store write failed
         self._in_progress: int | None = None  # the epoch being written, from its start to its commit
+        self._nonfinite: list[int] = []  # ids of this epoch's samples with NaN or Inf factors
         self.mode = mode
         self.queue_bytes, self.chunk_bytes = queue_bytes, chunk_bytes
         self.storage_options = storage_options
@@ -367,6 +368,7 @@ class GradientCapture(Callback):
         if trainer.global_rank != 0:
             self._run.begin_epoch(epoch, resume_rows if resume_rows is not None else 0)
         self._epoch = epoch
+        self._nonfinite = []
         self._epoch_started = time.perf_counter()
         self._epoch_recomputed = {n for n, d in self._recompute.items() if d["decision"] == "recompute"}
         self._epoch_lr = _learning_rates(trainer)
@@ -387,6 +389,21 @@ class GradientCapture(Callback):
         rows = self._run.finish_epoch(epoch)
         if self._dedup is not None:
             self._run.set_rank_attrs(epoch, dedup=self._dedup.take_stats())
+        if trainer.global_rank == 0 and not rows.get(f"{layout.ROWS}/ids", 0):
+            warnings.warn(
+                f"GradientCapture: epoch {epoch} captured no rows (the policy's samples or every_n_steps "
+                "selected none, or no batch ran); it is committed empty.",
+                stacklevel=2,
+            )
+        if self._nonfinite:
+            bad = sorted(set(self._nonfinite))
+            self._run.set_rank_attrs(epoch, nonfinite={"rows": len(self._nonfinite), "ids": bad[:1000]})
+            warnings.warn(
+                f"GradientCapture: {len(bad)} sample(s) of epoch {epoch} have NaN or Inf gradients (ids "
+                f"{bad[:10]}{' ...' if len(bad) > 10 else ''}). They are stored as they are: their norms "
+                "and influence read NaN (store.nonfinite(epoch) lists them).",
+                stacklevel=2,
+            )
         trainer.strategy.barrier("mstore_epoch_flushed")
         recomputed = sorted(self._epoch_recomputed)
         if recomputed and trainer.global_rank == 0:
@@ -474,6 +491,7 @@ class GradientCapture(Callback):
                 f"The batch carries {len(step.ids)} sample ids but the model saw {n} samples; "
                 "ids must give one dataset index per sample in the batch."
             )
+        self._note_nonfinite(uses, step)
         accumulation = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         mult = grad_multiplier(self.policy.loss_reduction, n, accumulation, step.amp_scale)
         self._write_layers(uses, mult, step)
@@ -758,6 +776,19 @@ class GradientCapture(Callback):
     @staticmethod
     def _select(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         return values if keep is None else values.index_select(0, keep.to(values.device))
+
+    def _note_nonfinite(self, uses: dict[str, list], step: _Step) -> None:
+        """Remembers the samples whose captured factors hold NaN or Inf; they are stored as they are
+        (their norms and influence read NaN), counted in the store and warned about at the epoch's end."""
+        bad = None
+        for layer_uses in uses.values():
+            for a, d in layer_uses:
+                for t in (a, d):
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0:
+                        rows = ~torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1)
+                        bad = rows if bad is None else bad | rows
+        if bad is not None and bool(bad.any()):
+            self._nonfinite.extend(step.ids[bad.cpu().numpy()].tolist())
 
     def _store_failed(self, exc: BaseException) -> None:
         """Stops capture after a failed store write, as ``on_error`` asks."""

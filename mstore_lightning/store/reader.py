@@ -267,6 +267,14 @@ class GradientStore:
         factored layer (rows ``(len(ids), uses, ...)``), per-parameter gradients for a full one."""
         return self._gather(epoch, self._layer(layer), self._rows_of(epoch, ids, split), split)
 
+    def nonfinite(self, epoch: int) -> np.ndarray:
+        """Ids of ``epoch``'s training samples whose captured gradients hold NaN or Inf (the first
+        1,000 of each process)."""
+        ids = [
+            i for g in self._epoch(epoch)["ranks"] for i in dict(g.attrs).get("nonfinite", {}).get("ids", [])
+        ]
+        return np.asarray(sorted(ids), dtype=np.int64)
+
     def dedup_stats(self, epoch: int | None = None) -> dict[str, dict[str, int]]:
         """What deduplication saved, by ``"<layer>/<array>"``, summed over ranks (and epochs).
 
@@ -628,7 +636,7 @@ class GradientStore:
                 split == "train"
                 and group.attrs.get("world_size") == 1
                 and rows is not None
-                and sizes != [rows]
+                and sum(sizes) != rows
             ):
                 raise StoreReadError(
                     f"{group.path}: the row records hold {sum(sizes)} rows but the epoch was committed with "
