@@ -387,9 +387,13 @@ class GradientCapture(Callback):
             self._capture_pass(trainer, pl_module, self.query, "query", positional_batch_size(self.query))
         epoch, self._epoch = self._epoch, None
         rows = self._run.finish_epoch(epoch)
+        own_rows = int(rows.get(f"{layout.ROWS}/ids", 0))
+        # Every process's count: the commit records the epoch's total, which readers check.
+        total_rows = int(trainer.strategy.reduce(torch.tensor(float(own_rows)), reduce_op="sum").item())
+        self._run.set_rank_attrs(epoch, rows=own_rows)
         if self._dedup is not None:
             self._run.set_rank_attrs(epoch, dedup=self._dedup.take_stats())
-        if trainer.global_rank == 0 and not rows.get(f"{layout.ROWS}/ids", 0):
+        if trainer.global_rank == 0 and not total_rows:
             warnings.warn(
                 f"GradientCapture: epoch {epoch} captured no rows (the policy's samples or every_n_steps "
                 "selected none, or no batch ran); it is committed empty.",
@@ -416,7 +420,7 @@ class GradientCapture(Callback):
                 "recomputed": recomputed,
                 "lr": self._epoch_lr[0][0] if self._epoch_lr and self._epoch_lr[0] else None,
                 "lr_groups": self._epoch_lr,
-                "rows": rows.get(f"{layout.ROWS}/ids", 0),
+                "rows": total_rows,
                 "world_size": trainer.world_size,
                 "global_step_end": trainer.global_step,
             },

@@ -632,12 +632,7 @@ class GradientStore:
                 ) from exc
             sizes = [_node(g, f"{layout.ROWS}/ids").shape[0] for g in ranks]
             rows = group.attrs.get("rows")
-            if (
-                split == "train"
-                and group.attrs.get("world_size") == 1
-                and rows is not None
-                and sum(sizes) != rows
-            ):
+            if split == "train" and rows is not None and sum(sizes) != rows:
                 raise StoreReadError(
                     f"{group.path}: the row records hold {sum(sizes)} rows but the epoch was committed with "
                     f"{rows}; the store's metadata is damaged."
