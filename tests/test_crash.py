@@ -57,16 +57,26 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(store: Path, ckpts: Path, resume: bool, kill_after: float | None) -> int:
-    log = str(store) + ".steps"
-    cmd = [sys.executable, "-c", CHILD, str(store), str(ckpts), "resume" if resume else "fresh", log]
+def run_child(store: Path, ckpts: Path, resume: bool, kill_at: tuple[int, float] | None = None) -> int:
+    """Runs the training child; with ``kill_at=(step, extra_s)``, SIGKILLs it ``extra_s`` after it
+    starts its ``step``-th batch (counted from this run's start), wherever it is then."""
+    log = Path(str(store) + ".steps")
+    start = len(log.read_text().splitlines()) if log.exists() else 0
+    cmd = [sys.executable, "-c", CHILD, str(store), str(ckpts), "resume" if resume else "fresh", str(log)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if kill_after is None:
-        out, err = proc.communicate(timeout=240)
+    if kill_at is None:
+        _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
         return proc.returncode
-    time.sleep(kill_after)
-    os.kill(proc.pid, signal.SIGKILL)
+    step, extra = kill_at
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) - start >= step:
+            break
+        time.sleep(0.005)
+    time.sleep(extra)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     return proc.returncode
 
@@ -101,21 +111,22 @@ def assert_committed_epochs_whole(store_path: Path) -> list[int]:
 def test_sigkill_at_random_moments_then_resume(tmp_path):
     rng = random.Random(1234)
     checked = []
+    steps = EPOCHS * (N // 4)
     for attempt in range(3):
         store, ckpts = tmp_path / f"s{attempt}.zarr", tmp_path / f"ckpt{attempt}"
-        # The child spends about 4 s importing, then about 3 s training; kill somewhere in the training.
-        delay = rng.uniform(4.5, 7.5)
-        code = run_child(store, ckpts, resume=False, kill_after=delay)
+        # A random batch of the run, and a random moment within it (a batch takes about 25 ms).
+        kill_at = (rng.randint(6, steps - 6), rng.uniform(0.0, 0.03))
+        code = run_child(store, ckpts, resume=False, kill_at=kill_at)
         if code == 0:  # finished before the kill: nothing to check for this moment
             continue
         assert code == -signal.SIGKILL
         if not (ckpts / "last.ckpt").exists() or not store.exists():
             continue  # killed before the first checkpoint: a fresh start is the only way on
         before = assert_committed_epochs_whole(store)
-        checked.append((round(delay, 2), before))
-        run_child(store, ckpts, resume=True, kill_after=None)
+        checked.append((kill_at, before))
+        run_child(store, ckpts, resume=True)
         after = assert_committed_epochs_whole(store)
-        assert after == list(range(EPOCHS)), (delay, before, after)
+        assert after == list(range(EPOCHS)), (kill_at, before, after)
         assert set(before) <= set(after)
         # Without a resumable sampler, a mid-epoch resume trains that epoch on another order; the
         # store holds what was trained. Every other epoch holds each sample exactly once.
