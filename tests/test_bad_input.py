@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import EXACT, Reference, Task, loader, trainer
-from mstore_lightning import GradientCapture, open_store
+from mstore_lightning import GradientCapture, StoreWriteError, open_store
 from test_capture_fit import data, mlp
 
 
@@ -46,3 +46,17 @@ def test_an_empty_epoch_is_committed_empty_with_a_warning(tmp_path):
     assert [len(store.sample_ids(e)) for e in store.epochs] == [0, 0]
     assert len(store.self_influence().ids) == 0
     assert np.asarray(store.norms(1)).shape == (0,)
+
+
+def test_an_unwritable_store_path_fails_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    torch.manual_seed(0)
+    task = Task(mlp())
+    before = [p.detach().clone() for p in task.parameters()]
+    fit = trainer([GradientCapture(blocker / "s.zarr")], max_epochs=1)
+    with pytest.raises(
+        StoreWriteError, match=r"Cannot write the gradient store at .*a_file/s.zarr.*writable"
+    ):
+        fit.fit(task, loader(*data(n=8)))
+    assert all(torch.equal(a, b) for a, b in zip(before, task.parameters()))  # not one step trained

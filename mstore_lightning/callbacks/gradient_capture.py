@@ -293,7 +293,13 @@ class GradientCapture(Callback):
         self._rank = trainer.global_rank
         self._dedup = RowIndex(self.dedup_bytes) if self.policy.dedup else None
         if trainer.global_rank == 0:
-            self._run.open(self._run_meta(trainer, pl_module), resume=resume)
+            try:
+                self._run.open(self._run_meta(trainer, pl_module), resume=resume)
+            except OSError as exc:  # before any training: nothing to keep, so always an error
+                raise StoreWriteError(
+                    f"Cannot write the gradient store at {self.store!r}: {exc.strerror or exc}. "
+                    "Choose a path in a writable directory."
+                ) from exc
         trainer.strategy.barrier("mstore_open")
         if trainer.global_rank != 0:
             self._run.open(self._run_meta(trainer, pl_module), resume=True)
