@@ -40,7 +40,7 @@ from mstore_lightning.store.recompute import (
     layer_nbytes,
     read_seconds_per_sample,
 )
-from mstore_lightning.store.session import MODES, RunWriter
+from mstore_lightning.store.session import MODES, RunWriter, StoreExistsError
 from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES, WriterError
 
 if TYPE_CHECKING:
@@ -295,6 +295,8 @@ class GradientCapture(Callback):
         if trainer.global_rank == 0:
             try:
                 self._run.open(self._run_meta(trainer, pl_module), resume=resume)
+            except StoreExistsError:
+                raise  # its own message says what to do
             except OSError as exc:  # before any training: nothing to keep, so always an error
                 raise StoreWriteError(
                     f"Cannot write the gradient store at {self.store!r}: {exc.strerror or exc}. "
