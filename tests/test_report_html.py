@@ -3,6 +3,8 @@ refused file names, atomic rewrites, and a render in headless Chromium."""
 
 from __future__ import annotations
 
+import json
+
 import base64
 import csv
 import html
@@ -23,6 +25,7 @@ from test_capture_fit import data
 from torch import nn
 
 from mstore_lightning import GradientCapture, open_store
+from mstore_lightning.store import layout
 from mstore_lightning.reports import ReportPaths, report_paths
 from mstore_lightning.reports.html import MAX_TABLE_ROWS, write_report
 
@@ -262,6 +265,12 @@ def test_a_store_without_committed_epochs(run, tmp_path):
     for group in (empty / "epochs").iterdir():
         if group.is_dir():
             shutil.rmtree(group)
+    # As a run that has not committed an epoch yet leaves it: no epochs in its committed list either.
+    root_json = empty / "zarr.json"
+    root = json.loads(root_json.read_text())
+    meta = {k: v for k, v in root["attributes"][layout.META_KEY].items() if k != "committed"}
+    root["attributes"] = layout.with_crc({layout.META_KEY: meta})
+    root_json.write_text(json.dumps(root))
     assert open_store(empty).epochs == []
     page = Page(write_report(empty).read_text(encoding="utf-8"))
     assert "No epoch is committed yet" in page.text and "No analytics summary yet" in page.text

@@ -167,23 +167,32 @@ class GradientStore:
     @property
     def epochs(self) -> list[int]:
         """Committed epochs, ascending. An epoch still being written is not listed."""
-        if layout.EPOCHS not in self._root:
-            return []
         out = []
         with warnings.catch_warnings():
             # A capture still running replaces metadata through temporary files; listing the folder
             # meanwhile shows them, and zarr warns about each.
             warnings.filterwarnings("ignore", "Object at .* is not recognized", category=UserWarning)
             try:
-                groups = list(self._root[layout.EPOCHS].groups())
+                groups = list(self._root[layout.EPOCHS].groups()) if layout.EPOCHS in self._root else []
             except _DAMAGE as exc:
                 raise StoreReadError(
-                    f"{self.uri!r}: the metadata of an epoch group under {layout.EPOCHS}/ is damaged ({exc}); "
-                    "run `mstore verify` on the store to name it."
+                    f"{self.uri!r}: the metadata of the {layout.EPOCHS} group or of an epoch group under it is "
+                    f"damaged ({exc}); run `mstore verify` on the store to name it."
                 ) from exc
         for _, group in groups:
             if group.attrs.get("state") == layout.COMMITTED:
-                out.append(int(group.attrs["epoch"]))
+                try:
+                    out.append(int(group.attrs["epoch"]))
+                except _DAMAGE as exc:
+                    raise StoreReadError(
+                        f"The attributes of epoch group {group.path} are damaged ({exc})."
+                    ) from exc
+        lost = sorted(set(self.meta.get("committed", [])) - set(out))
+        if lost:  # the run's metadata vouches for them; their groups are gone or no longer say committed
+            raise StoreReadError(
+                f"{self.uri!r}: epoch(s) {lost} were committed but their groups are missing or damaged; "
+                "run `mstore verify` on the store."
+            )
         return sorted(out)
 
     @property

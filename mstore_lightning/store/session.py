@@ -100,6 +100,7 @@ class RunWriter:
         if self.rank == 0:
             if layout.epoch_key(epoch) in epochs:
                 _check_unreferenced(self.uri, epochs, epoch)
+                self._record_committed(drop={epoch})  # first the record, then the data it vouches for
                 del epochs[layout.epoch_key(epoch)]  # an uncommitted or replaced epoch restarts clean
             group = epochs.create_group(layout.epoch_key(epoch))
             group.attrs.update({"state": layout.OPEN, "epoch": epoch})
@@ -136,9 +137,11 @@ class RunWriter:
         if self.rank != 0:
             return
         epochs = self.root[layout.EPOCHS]
-        for key, group in list(epochs.groups()):
-            if int(group.attrs.get("epoch", int(key))) not in keep:
-                del epochs[key]
+        found = {int(g.attrs.get("epoch", int(k))): k for k, g in list(epochs.groups())}
+        doomed = {e: k for e, k in found.items() if e not in keep}
+        self._record_committed(drop=set(doomed))
+        for key in doomed.values():
+            del epochs[key]
 
     def rows_written(self, epoch: int, split: str = "train") -> int:
         """Rows appended to this rank's row records of ``split`` in ``epoch``."""
@@ -187,6 +190,17 @@ class RunWriter:
             group.attrs.update(
                 layout.with_crc({**current, **attrs, "state": layout.COMMITTED, "epoch": epoch})
             )
+            self._record_committed(add={epoch})
+
+    def _record_committed(self, add: set[int] = frozenset(), drop: set[int] = frozenset()) -> None:
+        """Keeps the run metadata's list of committed epochs, which readers check against the epoch
+        groups they find: a committed epoch whose group went missing is damage, not absence."""
+        if self.rank != 0:
+            return
+        listed = set(self.meta().get("committed", []))
+        updated = (listed | set(add)) - set(drop)
+        if updated != listed:
+            self.update_meta(committed=sorted(updated))
 
     def abandon_epoch(self, epoch: int) -> None:
         """Stops writing ``epoch`` without committing it."""

@@ -179,6 +179,12 @@ class _Check:
         meta = self._root_meta()
         if meta is not None:
             committed = self._epochs()
+            for lost in sorted(set(meta.get("committed", [])) - set(committed)):
+                self._flag(
+                    f"{layout.EPOCHS}/{layout.epoch_key(lost)}",
+                    None,
+                    "the run's metadata lists this epoch as committed, but its group is missing or not committed",
+                )
             plans = [p for e in committed for p in self._plan_epoch(e, meta)]
             for path, chunks in self.chunk_files.items():
                 if path not in self.nodes and _epoch_of(path) in [*committed, None]:
