@@ -19,7 +19,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 from mstore_lightning.reports.loggers import LoggerSink, RecordingSink
-from mstore_lightning.reports.runner import EpochReporter, warn_about
+from mstore_lightning.reports.runner import EpochReporter, item_getter, warn_about
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _report(epoch: int, step: int, epoch_seconds: float) -> tuple[dict[str, Any]
         epoch,
         sink,
         step=step,
-        sample_input=dataset.__getitem__ if dataset is not None and hasattr(dataset, "__getitem__") else None,
+        sample_input=item_getter(dataset),
         epoch_seconds=epoch_seconds,
     )
     return summary, sink

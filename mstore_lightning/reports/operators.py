@@ -97,6 +97,11 @@ class Context:
         layers = self.store.layers if layers is None else layers
         return np.sum([self.sqnorms(name, epoch) for name in layers], axis=0)
 
+    def running(self, name: str, which: str) -> RunningSum:
+        """The sum over ``"all"`` epochs so far, kept from one report to the next, or a fresh one for
+        the ``"current"`` epoch alone."""
+        return self.sums.setdefault(name, RunningSum()) if which == "all" else RunningSum()
+
     def epochs_upto(self, which: str) -> list[int]:
         return [self.epoch] if which == "current" else [e for e in self.store.epochs if e <= self.epoch]
 
@@ -127,10 +132,8 @@ def self_influence(
 ) -> Output:
     """``Σ_e lr_e ‖g_i(e)‖²``: the top-``k`` table, the flagged share and, for images, a grid."""
     store, out = ctx.store, Output()
-    run = ctx.sums.setdefault(f"self_influence/{epochs}", RunningSum())
+    run = ctx.running("self_influence", epochs)
     wanted = ctx.epochs_upto(epochs)
-    if epochs == "current":
-        run.__init__()
     for e in wanted:
         if e not in run.epochs:
             run.add(e, store.sample_ids(e), store.lr(e) * ctx.total_sqnorms(e))
@@ -174,9 +177,7 @@ def tracin(ctx: Context, k: int, epochs: str) -> Output:
     cells = len(queries) * len(store.sample_ids(ctx.epoch))
     if epochs == "all" and cells > MAX_TRACIN_CELLS:
         epochs, out.note = "current", f"{cells:,} query x training scores: summed over this epoch only"
-    run = ctx.sums.setdefault(f"tracin/{epochs}", RunningSum())
-    if epochs == "current":
-        run.__init__()
+    run = ctx.running("tracin", epochs)
     for e in ctx.epochs_upto(epochs):
         if e not in run.epochs:
             if not store.has_queries(e) or not np.array_equal(store.sample_ids(e, "query"), queries):

@@ -123,6 +123,11 @@ class EpochReporter:
         return record
 
 
+def item_getter(dataset: Any) -> Callable[[int], Any] | None:
+    """``id -> dataset[id]`` for image grids, when the dataset is indexable."""
+    return dataset.__getitem__ if dataset is not None and hasattr(dataset, "__getitem__") else None
+
+
 def warn_about(summary: dict[str, Any]) -> None:
     """Logs a warning for each analytic of ``summary`` that was skipped or failed."""
     for r in summary["analytics"]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from mstore_lightning.reports.artifacts import report_paths
 from mstore_lightning.reports.loggers import LoggerSink
-from mstore_lightning.reports.runner import EpochReporter, warn_about
+from mstore_lightning.reports.runner import EpochReporter, item_getter, warn_about
 from mstore_lightning.reports.spec import AnalyticSpec
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class ReportSession:
             epoch,
             LoggerSink(loggers, step, epoch),
             step=step,
-            sample_input=dataset.__getitem__ if hasattr(dataset, "__getitem__") else None,
+            sample_input=item_getter(dataset),
             epoch_seconds=epoch_seconds,
         )
         self._spent(summary["seconds"], 0.0)

@@ -79,6 +79,11 @@ def attrs_crc(attrs: dict[str, Any]) -> int:
     return crc32c.crc32c(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
+def crc_mismatch(attrs: dict[str, Any]) -> bool:
+    """Whether ``attrs`` carry a checksum that they no longer match."""
+    return CRC_KEY in attrs and attrs[CRC_KEY] != attrs_crc(attrs)
+
+
 def with_crc(attrs: dict[str, Any]) -> dict[str, Any]:
     """``attrs`` with their checksum."""
     attrs = to_json(attrs)

@@ -962,7 +962,7 @@ def _node(group: zarr.Group, path: str, missing_ok: bool = False) -> Any:
 
 
 def _check_crc(attrs: dict[str, Any], what: str) -> None:
-    if layout.CRC_KEY in attrs and attrs[layout.CRC_KEY] != layout.attrs_crc(attrs):
+    if layout.crc_mismatch(attrs):
         raise StoreReadError(
             f"The attributes of {what} fail their crc32c checksum: its zarr.json was altered."
         )

@@ -221,7 +221,7 @@ class _Check:
         return meta
 
     def _check_crc(self, path: str, attrs: dict[str, Any]) -> None:
-        if layout.CRC_KEY in attrs and attrs[layout.CRC_KEY] != layout.attrs_crc(attrs):
+        if layout.crc_mismatch(attrs):
             self._flag(path or "/", None, "its attributes fail their crc32c checksum: zarr.json was altered")
 
     def _node(self, path: str) -> Any:
