@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     opts.add_argument(
         "--storage-options", type=_json_object, default=None, metavar="JSON",
-        help="fsspec options for a URL store, as a JSON object, e.g. '{\"anon\": true}'",
+        help="fsspec options for a URL store, as a JSON object, e.g. "
+        "'{\"endpoint_url\": \"http://localhost:9000\"}'; for s3:// URLs, s3fs also reads the "
+        "standard AWS_* environment variables and ~/.aws files",
     )  # fmt: skip
     output = _Parser(add_help=False)
     out = output.add_argument_group("output")

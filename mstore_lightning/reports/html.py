@@ -167,14 +167,13 @@ def _epochs_table(store: GradientStore, epochs: Sequence[int]) -> str:
 
 # -------------------------------------------------------------------- storage
 def _storage_section(store: GradientStore) -> str:
-    local = os.path.isdir(store.uri)  # sizes are counted from files, so only for local stores
     dedup = _dedup_by_layer(store.dedup_stats())
     rows, stored, full, saved = [], 0, 0, 0
     for layer in store.layers:
         spec = store.layer_spec(layer)
         choice = spec.get("choice") or {}
         nrows = _rows_stored(store, layer)
-        layer_stored = store.nbytes_stored(layer=layer) if local else 0
+        layer_stored = store.nbytes_stored(layer=layer)
         layer_full = _full_fp32_bytes(spec) * nrows
         stored, full = stored + layer_stored, full + layer_full
         saved += dedup.get(layer, {}).get("bytes_saved", 0)
@@ -188,29 +187,26 @@ def _storage_section(store: GradientStore) -> str:
                 "/".join(encodings),
                 f"{choice.get('bytes_per_sample', 0):,}",
                 f"{nrows:,}",
-                _bytes(layer_stored) if local else "—",
+                _bytes(layer_stored),
                 _bytes(layer_full),
                 _ratio(layer_full, layer_stored),
                 _dedup_text(dedup.get(layer)),
                 "; ".join(_layer_notes(store, layer, spec)),
             ]
         )
-    total = ["Total", *[""] * 6, _bytes(stored) if local else "—", _bytes(full), _ratio(full, stored)]
+    total = ["Total", *[""] * 6, _bytes(stored), _bytes(full), _ratio(full, stored)]
     total += [_bytes(saved) if saved else "—", ""]
     out = ['<section class="card" id="storage"><h2>Storage</h2>']
     if rows:
         out.append(_table_html(_STORAGE_COLUMNS, rows, table_id="storage-table", foot=total))
     else:
         out.append(_note("No layer is captured."))
-    if local:
-        out.append(
-            f'<p class="muted">Whole store on disk: {_e(_bytes(store.nbytes_stored()))} (row records, '
-            "metadata and recompute weights included). “Full fp32” is what the same rows would take as "
-            "uncompressed float32 per-sample gradients; “Smaller by” is its ratio to the bytes on disk; "
-            "“Dedup saved” counts uncompressed bytes of rows stored as references.</p>"
-        )
-    else:
-        out.append('<p class="muted">Bytes on disk are not counted for a remote store.</p>')
+    out.append(
+        f'<p class="muted">Whole store on disk: {_e(_bytes(store.nbytes_stored()))} (row records, '
+        "metadata and recompute weights included). “Full fp32” is what the same rows would take as "
+        "uncompressed float32 per-sample gradients; “Smaller by” is its ratio to the bytes on disk; "
+        "“Dedup saved” counts uncompressed bytes of rows stored as references.</p>"
+    )
     out.append("</section>")
     return "\n".join(out)
 

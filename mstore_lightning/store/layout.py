@@ -14,25 +14,73 @@
 Every array is chunked along the row axis and stored with zstd and a crc32c checksum per chunk. An
 epoch is visible to readers only once its group says ``state: committed``; that attribute is written
 after every chunk of the epoch, and local writes replace ``zarr.json`` atomically.
+
+A store is a local directory or an fsspec URL (``s3://bucket/run.zarr``); :func:`zarr_store` opens
+either.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import os
 from typing import Any
 
 import numpy as np
 import zarr
+import zarr.storage
 
 from mstore_lightning.store.codecs import compressors
 
 SCHEMA_VERSION = 1
+ZARR_FORMAT = 3  # opened as such: no probing for Zarr v2 metadata, one request per node on object stores
 META_KEY = "mstore"
 EPOCHS = "epochs"
 ROWS = "rows"
 LAYERS = "layers"
 OPEN, COMMITTED = "open", "committed"
 SPLITS = {"train": "r", "query": "q"}  # rank group prefix of each kind of row: r0, r1, ... and q0, ...
+
+
+def is_url(uri: str) -> bool:
+    """Whether ``uri`` names a store through fsspec (``s3://...``, ``file://...``) rather than a path."""
+    return "://" in uri
+
+
+def zarr_store(uri: str, storage_options: dict[str, Any] | None = None, read_only: bool = False) -> Any:
+    """The Zarr store at a local path or an fsspec URL.
+
+    URL stores list afresh every time: fsspec would otherwise keep a listing per process, so a
+    process that listed the store once would not see epochs (or any object) another process wrote
+    since. ``storage_options`` given by the caller win over these defaults.
+
+    Example:
+        >>> zarr_store("s3://bucket/run.zarr", {"endpoint_url": "http://localhost:9000"})  # doctest: +SKIP
+    """
+    if is_url(uri):
+        protocol = uri.split("://", 1)[0].lower()
+        options = {"use_listings_cache": False, **_url_defaults(protocol), **(storage_options or {})}
+        return zarr.storage.FsspecStore.from_url(uri, storage_options=options, read_only=read_only)
+    return zarr.storage.LocalStore(os.fspath(uri), read_only=read_only)
+
+
+@functools.cache
+def _url_defaults(protocol: str) -> dict[str, Any]:
+    if protocol in ("file", "local"):
+        return {"auto_mkdir": True}  # fsspec's local files otherwise need their folders made first
+    if protocol not in ("s3", "s3a"):
+        return {}
+    try:
+        from s3fs import S3FileSystem
+    except ImportError:  # fsspec says what to install when the store is opened
+        return {}
+    # Recent s3fs asks for an object's size (one more request) before each read, to split reads of
+    # objects over its 50 MB block size; chunks are far smaller, so that request only doubles the
+    # latency of every read.
+    if "max_concurrency" in inspect.signature(S3FileSystem.__init__).parameters:
+        return {"max_concurrency": 1}
+    return {}
 
 
 def epoch_key(epoch: int) -> str:

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 import zarr
-import zarr.storage
 from zarr.core.sync import collect_aiterator
 
 from mstore_lightning.store import layout
+from mstore_lightning.store.dedup import ZERO_ROW
 from mstore_lightning.store.reader import StoreReadError
 
 META = "zarr.json"
@@ -228,7 +228,9 @@ class _Check:
         """The group or array at ``path``, or None (and a problem) when its zarr.json cannot be read."""
         if path not in self.opened:
             try:
-                self.opened[path] = zarr.open(store=self.store, path=path, mode="r")
+                self.opened[path] = zarr.open(
+                    store=self.store, path=path, mode="r", zarr_format=layout.ZARR_FORMAT
+                )
             except Exception as exc:  # noqa: BLE001 - whatever fails to parse is the damage reported
                 self._flag(path or "/", None, f"zarr.json cannot be read ({_reason(exc)})")
                 self.opened[path] = None
@@ -442,9 +444,10 @@ class _Check:
         in_place: dict[tuple[int, str, str], np.ndarray] = {}  # (epoch, rank group, "<layer>/<array>")
         for path, ref in refs.items():
             epoch, group = _epoch_group(path)
-            # 1: stored in place, 0: a reference, -1: unknown (its chunk could not be decoded)
+            # 1: stored in place (a row of zeros counts), 0: a reference, -1: unknown (chunk undecodable)
+            stored = (ref == NO_REF).all(axis=1) | (ref == ZERO_ROW).all(axis=1)
             in_place[(epoch, group, by_path[path].dedup)] = np.where(
-                (ref == _UNKNOWN).any(axis=1), -1, (ref == NO_REF).all(axis=1)
+                (ref == _UNKNOWN).any(axis=1), -1, stored
             )
         for path, ref in refs.items():
             plan = by_path[path]
@@ -530,7 +533,9 @@ def epoch_states(uri: str | os.PathLike, storage_options: dict[str, Any] | None 
     Unlike :attr:`GradientStore.epochs`, this lists the epochs a running (or crashed) capture has not
     committed. It reads the epoch groups' metadata only.
     """
-    root = zarr.open_group(_open_raw(os.fspath(uri), storage_options), mode="r")
+    root = zarr.open_group(
+        _open_raw(os.fspath(uri), storage_options), mode="r", zarr_format=layout.ZARR_FORMAT
+    )
     if layout.EPOCHS not in root:
         return {}
     groups = root[layout.EPOCHS].groups()
@@ -591,11 +596,9 @@ def _chunk_owner(key: str) -> tuple[str, str] | None:
 
 
 def _open_raw(uri: str, storage_options: dict[str, Any] | None) -> Any:
-    if "://" in uri:
-        return zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options, read_only=True)
-    if not os.path.isdir(uri):
+    if not layout.is_url(uri) and not os.path.isdir(uri):
         raise StoreReadError(f"No gradient store at {uri!r}: the directory does not exist.")
-    return zarr.storage.LocalStore(uri, read_only=True)
+    return layout.zarr_store(uri, storage_options, read_only=True)
 
 
 def _reason(exc: BaseException) -> str:
