@@ -102,7 +102,7 @@ def candidates(
                 c = Candidate(
                     "projection",
                     arrays,
-                    error=proj.predicted_error(k_in, k_out),
+                    error=proj.predicted_error(k_in, k_out, dim_in, dim_out),
                     projection={
                         "seed": seed,
                         "k_in": k_in,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,6 +220,46 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
                 param_shapes={pn: list(own[pn].shape) for pn in covered},
             )
     return plans, uncovered
+
+
+def samples_seen(uses: Mapping[str, list[tuple[Tensor, Tensor]]]) -> int:
+    """The batch's sample count as its layers saw it: the most common leading size of their gradients.
+
+    A layer fed an input shared by the whole batch sees fewer rows (see :func:`not_per_sample`); the
+    most common size keeps such a layer from deciding the count. ``0`` when no layer fired.
+    """
+    sizes = Counter(d.shape[0] for calls in uses.values() for _, d in calls)
+    return max(sizes, key=lambda s: (sizes[s], s)) if sizes else 0
+
+
+def not_per_sample(uses: Mapping[str, list[tuple[Tensor, Tensor]]], n: int) -> dict[str, int]:
+    """Layers whose calls did not see the batch's ``n`` samples as rows, with the rows they saw.
+
+    Example: BERT's and GPT-2's position embeddings look up position ids of shape ``(1, T)``, and their
+    ``(1, T, H)`` output is broadcast over the batch afterwards, so its gradient sums every sample's.
+    """
+    out = {}
+    for name, calls in uses.items():
+        bad = [t.shape[0] for a, d in calls for t in (a, d) if t.shape[0] != n]
+        if bad:
+            out[name] = bad[0]
+    return out
+
+
+def not_per_sample_record(plan: LayerPlan, rows: int, n: int) -> dict[str, Any]:
+    """The uncovered record of a layer found by :func:`not_per_sample`."""
+    own = dict(plan.module.named_parameters(recurse=False))
+    return {
+        "module": plan.name,
+        "type": type(plan.module).__name__,
+        "params": list(plan.params),
+        "numel": int(sum(own[p].numel() for p in plan.params)),
+        "reason": (
+            f"its calls see {rows} row(s) for a batch of {n} samples: an input shared by the whole batch "
+            "(such as position ids) is broadcast after the layer, so its output gradient sums over the "
+            "samples and cannot be split into per-sample gradients"
+        ),
+    }
 
 
 def _why_not(

@@ -7,7 +7,10 @@ arrive after it is full are still checked against it (and against their own batc
 
 A duplicate row is stored as zeros (its chunk compresses to almost nothing, and a chunk of nothing but
 duplicates is not written at all) and its ``<name>_ref`` row names where the bytes live:
-``(epoch, rank, row)``, or ``(-1, -1, -1)`` for a row stored in place.
+``(epoch, rank, row)``, or ``(-1, -1, -1)`` for a row stored in place. The capture marks a row whose
+stored bytes are all zeros ``(-3, -3, -3)`` (:data:`ZERO_ROW`) whatever the index says: its chunk may
+hold nothing but zeros and go unwritten (zarr's fill value gives the row back), and the mark tells
+that apart from a lost chunk of rows stored in place.
 
 Example:
     >>> import numpy as np
@@ -26,6 +29,7 @@ import numpy as np
 
 DEFAULT_DEDUP_BYTES = 256 << 20
 NO_REF = -1
+ZERO_ROW = -3  # a row of zero bytes: needs no chunk
 
 
 _MIX = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
