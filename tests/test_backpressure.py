@@ -1,15 +1,18 @@
-"""A store slower than training: the writer's queue stays within its byte bound (training waits),
-and no row is dropped."""
+"""A store slower than training: the writer's queue stays within its byte bound, and either training
+waits and no row is dropped, or (``on_pressure="drop"``) training never waits and every dropped row is
+counted."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import lightning as L
+import pytest
 import torch
 import zarr.storage
 
-from helpers import EXACT, Task, loader, trainer
+from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
 from test_capture_fit import data
 
@@ -18,14 +21,16 @@ CHUNK = 4 << 10
 
 
 class PendingProbe(L.Callback):
-    """The writer's queued bytes after every batch."""
+    """The writer's queued bytes after every batch, and how long training has waited for it."""
 
     def __init__(self, capture: GradientCapture) -> None:
         self.capture = capture
         self.seen: list[int] = []
+        self.waited = 0.0
 
     def on_train_batch_end(self, *args) -> None:
         self.seen.append(self.capture._run.writer.pending_bytes)
+        self.waited = self.capture._run.writer.wait_seconds
 
 
 def test_a_slow_store_bounds_the_queue_and_keeps_every_row(tmp_path, monkeypatch):
@@ -53,3 +58,49 @@ def test_a_slow_store_bounds_the_queue_and_keeps_every_row(tmp_path, monkeypatch
     store = open_store(tmp_path / "s.zarr")
     for e in store.epochs:
         assert sorted(store.sample_ids(e).tolist()) == list(range(n))
+
+
+class Release(L.Callback):
+    """Lets a stalled store write again once training is ``after`` batches in."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.gate = after, threading.Event()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.after:
+            self.gate.set()
+
+
+def test_dropping_under_pressure_never_waits_and_counts_every_dropped_row(tmp_path, monkeypatch):
+    real_set = zarr.storage.LocalStore.set
+    release = Release(after=16)
+
+    async def stalled_set(self, key, value):
+        while "/c/" in key and not release.gate.is_set():  # a store that stops answering for a while
+            await asyncio.sleep(0.005)
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", stalled_set)
+    torch.manual_seed(0)
+    n = 96
+    x, y = data(n=n, d=32)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    cap = GradientCapture(
+        tmp_path / "s.zarr", policy=EXACT, queue_bytes=QUEUE, chunk_bytes=CHUNK, on_pressure="drop"
+    )
+    probe, ref = PendingProbe(cap), Reference()
+    with pytest.warns(UserWarning, match=r"dropped \d+ row\(s\) of epoch 0"):
+        trainer([ref, cap, probe, release], max_epochs=2).fit(Task(net), loader(x, y, batch_size=4))
+    # Training went on while nothing could be written: it never waited for the store.
+    assert probe.waited == 0
+    store = open_store(tmp_path / "s.zarr")
+    assert store.dropped(0) > 0
+    # Queued bytes stay within the bound plus what one step adds (each array fills one chunk at most).
+    assert max(probe.seen) <= QUEUE + 6 * CHUNK
+    for e in store.epochs:
+        ids = store.sample_ids(e).tolist()
+        assert len(ids) == len(set(ids)) and len(ids) + store.dropped(e) == n
+        # The rows kept are whole: they restore to each sample's own gradient.
+        got = store.restore(e, "net.0", ids)
+        want = torch.stack([ref.grads[e][i]["net.0.weight"] for i in ids])
+        torch.testing.assert_close(got["weight"], want, atol=1e-6, rtol=1e-5)

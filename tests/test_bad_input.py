@@ -1,14 +1,23 @@
 """Input the capture cannot use as it would like: NaN/Inf gradients and empty epochs are recorded and
-warned about, never a crash, and the store stays readable."""
+warned about, never a crash, and the store stays readable; a path it must not write to is refused
+before training, and what it holds is left as it was."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from helpers import EXACT, Reference, Task, loader, trainer
-from mstore_lightning import GradientCapture, StoreWriteError, open_store
+from mstore_lightning import (
+    GradientCapture,
+    IncompatibleStoreError,
+    StoreExistsError,
+    StoreWriteError,
+    open_store,
+)
+from mstore_lightning.store import layout
 from test_capture_fit import data, mlp
 
 
@@ -60,3 +69,40 @@ def test_an_unwritable_store_path_fails_before_training(tmp_path):
     ):
         fit.fit(task, loader(*data(n=8)))
     assert all(torch.equal(a, b) for a, b in zip(before, task.parameters()))  # not one step trained
+
+
+def _untouched(path) -> dict:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("mode", ["error", "append"])
+def test_a_store_of_another_model_is_refused_before_training_and_kept(tmp_path, mode):
+    path = tmp_path / "s.zarr"
+    x, y = data(n=8)
+    trainer([GradientCapture(path, policy=EXACT)]).fit(Task(mlp()), loader(x, y))
+    before = _untouched(path)
+    other = torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2), torch.nn.Linear(2, 3)
+    )
+    task = Task(other)
+    weights = [p.detach().clone() for p in task.parameters()]
+    error = IncompatibleStoreError if mode == "append" else StoreExistsError
+    with pytest.raises(error, match="other layers" if mode == "append" else "already holds a gradient store"):
+        trainer([GradientCapture(path, policy=EXACT, mode=mode)]).fit(task, loader(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(weights, task.parameters()))  # not one step trained
+    assert _untouched(path) == before
+
+
+def test_a_store_of_another_schema_version_is_refused_and_kept(tmp_path):
+    path = tmp_path / "s.zarr"
+    x, y = data(n=8)
+    trainer([GradientCapture(path, policy=EXACT)]).fit(Task(mlp()), loader(x, y))
+    root = zarr.open_group(path, mode="r+")
+    meta = dict(root.attrs[layout.META_KEY], schema_version=layout.SCHEMA_VERSION + 1)
+    root.attrs.update(layout.with_crc({layout.META_KEY: meta}))  # a newer library's store, intact
+    before = _untouched(path)
+    with pytest.raises(
+        IncompatibleStoreError, match=rf"schema version {layout.SCHEMA_VERSION + 1}.*new path"
+    ):
+        trainer([GradientCapture(path, policy=EXACT, mode="append")]).fit(Task(mlp()), loader(x, y))
+    assert _untouched(path) == before

@@ -396,6 +396,7 @@ def test_existing_store_modes(tmp_path):
         ({"queue_bytes": 0}, r"`queue_bytes` must be a positive number of bytes, got 0"),
         ({"chunk_bytes": -1}, r"`chunk_bytes` must be a positive number of bytes, got -1"),
         ({"sample_ids": 3}, r"`sample_ids` must be a callable taking a batch, got int"),
+        ({"on_pressure": "skip"}, r"`on_pressure` can be 'block', 'drop'; got 'skip'"),
         ({"policy": {"precision": "fp8"}}, r"`precision` can be"),
     ],
 )

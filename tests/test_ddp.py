@@ -3,6 +3,7 @@ and the store holds exactly what a single reader expects."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from mstore_lightning import open_store
-from mstore_lightning.store.verify import verify
+from mstore_lightning.store.verify import epoch_states, verify
 
 N, EPOCHS = 32, 2
 
@@ -105,3 +106,50 @@ def test_rank_zero_commits_once_and_influence_reads_every_rank(ddp_run):
     np.testing.assert_allclose(si.scores, expected, rtol=1e-5)
     tracin = store.tracin([0, 5])
     assert tracin.scores.shape == (2, N)
+
+
+# Rank 1 dies (SIGKILL, no cleanup) partway through the second epoch.
+DYING = textwrap.dedent(
+    f"""
+    import datetime, os, signal, sys
+    import lightning as L
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+    sys.path.insert(0, {str(Path(__file__).parent)!r})
+    from helpers import EXACT, Task, loader, trainer
+    from test_capture_fit import data, mlp
+    from mstore_lightning import GradientCapture
+
+    class Die(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == 1 and trainer.current_epoch == 1 and batch_idx == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        torch.manual_seed(0)
+        x, y = data(n={N})
+        cap = GradientCapture(f"{{out}}/s.zarr", policy=EXACT)
+        # A short collective timeout, so the surviving rank gives up instead of waiting 30 minutes.
+        ddp = DDPStrategy(timeout=datetime.timedelta(seconds=20))
+        fit = trainer([cap, Die()], max_epochs=3, strategy=ddp, devices=2)
+        fit.fit(Task(mlp()), loader(x, y, batch_size=4))
+    """
+)
+
+
+def test_a_rank_that_dies_leaves_its_epoch_uncommitted(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(DYING)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0  # the surviving rank fails instead of hanging
+    assert re.search("Connection (closed|reset) by peer", proc.stderr), proc.stderr[-4000:]
+    path = tmp_path / "s.zarr"
+    assert epoch_states(path) == {0: "committed", 1: "open"}
+    store = open_store(path)
+    assert store.epochs == [0]  # the epoch the rank died in is never visible, not even in part
+    assert sorted(store.sample_ids(0).tolist()) == list(range(N))
+    report = verify(str(path))
+    assert report.ok, report

@@ -158,6 +158,7 @@ def test_log_metrics_calls_are_exact(run):
             "mstore/storage/ratio_vs_fp32",
             "mstore/storage/rows",
             "mstore/capture/rows_per_s",
+            "mstore/capture/dropped_rows",
         }
         assert {
             "mstore/analytics/seconds",
@@ -166,6 +167,7 @@ def test_log_metrics_calls_are_exact(run):
         } <= set(metrics)
         assert metrics["mstore/storage/epoch_bytes"] == store.nbytes_stored(e)
         assert metrics["mstore/capture/rows_per_s"] > 0
+        assert metrics["mstore/capture/dropped_rows"] == store.dropped(e) == 0
 
 
 def test_tensorboard_has_scalars_histograms_images_and_text(run):

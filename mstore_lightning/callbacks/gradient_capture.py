@@ -26,13 +26,19 @@ from mstore_lightning.capture.identity import (
     describe_sampler,
     positional_batch_size,
 )
-from mstore_lightning.capture.layers import LayerPlan, select_layers
+from mstore_lightning.capture.layers import (
+    LayerPlan,
+    not_per_sample,
+    not_per_sample_record,
+    samples_seen,
+    select_layers,
+)
 from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
 from mstore_lightning.reports.session import ReportSession
 from mstore_lightning.reports.spec import AnalyticsLike, parse_analytics
 from mstore_lightning.store import layout, quant
-from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, RowIndex
+from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, ZERO_ROW, RowIndex
 from mstore_lightning.store.recompute import (
     Recomputer,
     batch_loss,
@@ -47,6 +53,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 ON_ERROR = ("warn", "raise")
+ON_PRESSURE = ("block", "drop")
 
 
 class StoreWriteError(RuntimeError):
@@ -84,6 +91,7 @@ class _Step:
     keep: torch.Tensor | None  # positions of kept samples; None keeps all
     amp_scale: float = 1.0
     backward_done: bool = False
+    dropped: bool = False  # not stored: the writer was behind (on_pressure="drop")
 
 
 class GradientCapture(Callback):
@@ -102,7 +110,9 @@ class GradientCapture(Callback):
         mode: what to do when ``store`` already holds a store: ``"error"``, ``"overwrite"`` or ``"append"``.
         queue_bytes: most bytes of captured rows waiting for the writer; training waits beyond it.
         chunk_bytes: target uncompressed size of one stored chunk.
-        storage_options: fsspec options for URL stores.
+        storage_options: fsspec options for URL stores, e.g. ``{"endpoint_url": "http://minio:9000",
+            "key": ..., "secret": ...}`` for an S3-compatible server; without them s3fs reads the
+            standard AWS environment variables and configuration files.
         dedup_bytes: most bytes of stored input rows kept in memory to find later duplicates
             (``policy.dedup``); rows beyond it are stored in full.
         loss_fn: ``callable(pl_module, batch) -> loss`` for passes outside training (queries, measuring
@@ -129,6 +139,11 @@ class GradientCapture(Callback):
             stops with one warning and training goes on; ``"raise"``: training stops with a
             :class:`StoreWriteError`. Either way the epochs committed before stay whole and readable,
             and the epoch being written is left uncommitted, so readers never see it.
+        on_pressure: what a training step does when the writer is ``queue_bytes`` behind.
+            ``"block"``: it waits, and every row is kept. ``"drop"``: that step's rows are not stored,
+            so training never waits on the store; the dropped rows are counted per epoch
+            (``store.dropped(epoch)``), warned about at the epoch's end, and logged by the
+            ``storage`` report as ``mstore/capture/dropped_rows``.
 
     Example:
         >>> capture = GradientCapture("runs/demo.zarr", policy={"layers": ["*"], "precision": "fp16"})
@@ -159,11 +174,16 @@ class GradientCapture(Callback):
         analytics_background: bool = False,
         analytics_max_overhead: float | None = None,
         on_error: str = "warn",
+        on_pressure: str = "block",
     ) -> None:
         if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
             raise ValueError(f"`store` must be a non-empty path or URL, got {store!r}.")
         if on_error not in ON_ERROR:
             raise ValueError(f"`on_error` can be {', '.join(repr(m) for m in ON_ERROR)}; got {on_error!r}.")
+        if on_pressure not in ON_PRESSURE:
+            raise ValueError(
+                f"`on_pressure` can be {', '.join(repr(m) for m in ON_PRESSURE)}; got {on_pressure!r}."
+            )
         if mode not in MODES:
             raise ValueError(f"`mode` can be {', '.join(repr(m) for m in MODES)}; got {mode!r}.")
         for name, value in (
@@ -204,7 +224,8 @@ class GradientCapture(Callback):
                 f"got {analytics_max_overhead!r}."
             )
         self.analytics_max_overhead = analytics_max_overhead
-        self.on_error = on_error
+        self.on_error, self.on_pressure = on_error, on_pressure
+        self._dropped = 0  # rows of this epoch not stored because the writer was behind
         self._failed: str | None = None  # why capture stopped, after a store write failed
         self._in_progress: int | None = None  # the epoch being written, from its start to its commit
         self._nonfinite: list[int] = []  # ids of this epoch's samples with NaN or Inf factors
@@ -290,6 +311,7 @@ class GradientCapture(Callback):
             chunk_bytes=self.chunk_bytes,
             storage_options=self.storage_options,
         )
+        self._run.writer.block = self.on_pressure == "block"
         self._rank = trainer.global_rank
         self._dedup = RowIndex(self.dedup_bytes) if self.policy.dedup else None
         if trainer.global_rank == 0:
@@ -298,9 +320,14 @@ class GradientCapture(Callback):
             except StoreExistsError:
                 raise  # its own message says what to do
             except OSError as exc:  # before any training: nothing to keep, so always an error
+                fix = (
+                    "Check that the bucket (or folder) exists and that `storage_options` (or the "
+                    "environment) give credentials that may write there."
+                    if layout.is_url(self.store)
+                    else "Choose a path in a writable directory."
+                )
                 raise StoreWriteError(
-                    f"Cannot write the gradient store at {self.store!r}: {exc.strerror or exc}. "
-                    "Choose a path in a writable directory."
+                    f"Cannot write the gradient store at {self.store!r}: {exc.strerror or exc}. {fix}"
                 ) from exc
         trainer.strategy.barrier("mstore_open")
         if trainer.global_rank != 0:
@@ -377,6 +404,7 @@ class GradientCapture(Callback):
             self._run.begin_epoch(epoch, resume_rows if resume_rows is not None else 0)
         self._epoch = epoch
         self._nonfinite = []
+        self._dropped = 0
         self._epoch_started = time.perf_counter()
         self._epoch_recomputed = {n for n, d in self._recompute.items() if d["decision"] == "recompute"}
         self._epoch_lr = _learning_rates(trainer)
@@ -414,6 +442,15 @@ class GradientCapture(Callback):
                 f"GradientCapture: {len(bad)} sample(s) of epoch {epoch} have NaN or Inf gradients (ids "
                 f"{bad[:10]}{' ...' if len(bad) > 10 else ''}). They are stored as they are: their norms "
                 "and influence read NaN (store.nonfinite(epoch) lists them).",
+                stacklevel=2,
+            )
+        if self._dropped:
+            self._run.set_rank_attrs(epoch, dropped={"rows": self._dropped})
+            warnings.warn(
+                f"GradientCapture dropped {self._dropped} row(s) of epoch {epoch} on rank "
+                f"{trainer.global_rank}: the store writer was {self.queue_bytes} bytes behind "
+                "(on_pressure='drop'). Those samples are missing from the epoch; store.dropped(epoch) "
+                "counts them. Use on_pressure='block' to keep every row, or a faster store.",
                 stacklevel=2,
             )
         trainer.strategy.barrier("mstore_epoch_flushed")
@@ -490,7 +527,7 @@ class GradientCapture(Callback):
         if not fired:
             self._step = None  # nothing to record for this batch, not even its loss
             return
-        n = fired[0][0][1].shape[0]
+        n = self._per_sample_uses(uses)
         if step.ids is None:
             step.ids = self._batch_idx * self._positional_bs + np.arange(n, dtype=np.int64)
             mask = self.policy.sample_mask(step.ids)
@@ -503,6 +540,10 @@ class GradientCapture(Callback):
                 f"The batch carries {len(step.ids)} sample ids but the model saw {n} samples; "
                 "ids must give one dataset index per sample in the batch."
             )
+        if self.on_pressure == "drop" and self._run.writer.behind:
+            step.dropped = True
+            self._dropped += len(step.ids) if step.keep is None else len(step.keep)
+            return
         self._note_nonfinite(uses, step)
         accumulation = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         mult = grad_multiplier(self.policy.loss_reduction, n, accumulation, step.amp_scale)
@@ -518,7 +559,7 @@ class GradientCapture(Callback):
             self._reports.poll(trainer.loggers)
         step, self._step = self._step, None
         self._hooks.active = False
-        if step is None or not step.backward_done or self._epoch is None:
+        if step is None or not step.backward_done or step.dropped or self._epoch is None:
             self._hooks.discard()  # e.g. training_step returned None and backward never ran
             return
         n = len(step.ids)
@@ -587,7 +628,7 @@ class GradientCapture(Callback):
                 fired = [u for u in uses.values() if u]
                 if not fired:
                     continue
-                n = fired[0][0][1].shape[0]
+                n = self._per_sample_uses(uses)
                 if ids is None:
                     ids = batch_idx * positional + np.arange(n, dtype=np.int64)
                 keep = None
@@ -685,6 +726,35 @@ class GradientCapture(Callback):
             },
         }
 
+    def _per_sample_uses(self, uses: dict[str, list]) -> int:
+        """The batch's sample count; layers that did not see it row by row leave ``uses`` and the plans.
+
+        Such a layer (an input shared by the batch, broadcast after the layer) is reported as uncovered
+        the first time; one that was captured per sample before cannot be dropped without holes.
+        """
+        n = samples_seen(uses)
+        for name, rows in not_per_sample(uses, n).items():
+            del uses[name]
+            plan = self._plans.get(name)
+            if plan is None:
+                continue  # dropped at an earlier batch
+            if plan.ready:
+                raise RuntimeError(
+                    f"Layer {name!r} saw {rows} row(s) in a batch of {n} samples, but one row per sample in "
+                    "earlier batches; capture needs every batch to feed it one row per sample."
+                )
+            del self._plans[name]
+            self._recompute.pop(name, None)
+            record = not_per_sample_record(plan, rows, n)
+            self._uncovered.append(record)
+            rank_zero_warn(
+                f"GradientCapture does not capture {name} ({record['type']}) parameters {record['params']} "
+                f"({record['numel']} numbers): {record['reason']}. They are recorded as uncovered in the "
+                "store."
+            )
+            self._run.update_meta(uncovered=self._uncovered)
+        return n
+
     def _write_layers(self, uses: dict[str, list], mult: float, step: _Step, split: str = "train") -> None:
         newly_ready = []
         rows_before = self._run.rows_written(self._epoch, split)
@@ -740,7 +810,9 @@ class GradientCapture(Callback):
                     part_values,
                     np.dtype(np.float32 if codec is not None else dtype),
                     chunk_rows,
-                    skip_empty=array in dedup,
+                    # Only training rows are references; and a reference to (epoch 0, rank 0, row 0) is
+                    # zeros too, so reference chunks are always written: a missing one is damage.
+                    skip_empty=array in dedup and split == "train" and part != f"{array}_ref",
                     codec=codec,
                     split=split,
                 )
@@ -753,6 +825,7 @@ class GradientCapture(Callback):
         n = next(iter(parts.values())).shape[0]
         raw = np.concatenate([v.numpy().reshape(n, -1).view(np.uint8) for v in parts.values()], axis=1)
         refs = self._dedup.deduplicate(key, raw, self._epoch, self._rank, first_row)
+        refs[~raw.any(axis=1)] = ZERO_ROW  # its chunk may go unwritten: the mark says that is no loss
         dup = torch.from_numpy(refs[:, 2] >= 0)
         if dup.any():
             parts = {k: v.masked_fill(dup.view(-1, *([1] * (v.dim() - 1))), 0) for k, v in parts.items()}

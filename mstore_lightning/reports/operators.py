@@ -298,6 +298,7 @@ def storage(ctx: Context) -> Output:
             "storage/dedup_saved_bytes": float(saved),
             "storage/ratio_vs_fp32": float(full / stored) if stored else 0.0,
             "storage/rows": float(rows),
+            "capture/dropped_rows": float(store.dropped(ctx.epoch)),
         }
     )
     if ctx.epoch_seconds:

@@ -32,6 +32,7 @@ from mstore_lightning.capture import pooling
 from mstore_lightning.capture.kron import kron_gram, kron_sqnorm
 from mstore_lightning.capture.registry import Extractor, extractor_for_kind, flat_gram
 from mstore_lightning.store import layout, quant
+from mstore_lightning.store.dedup import NO_REF
 
 _BLOCK_ROWS = 1024  # rows of ``ids_b`` per block in ``dot``
 
@@ -113,15 +114,11 @@ def open_store(
             keeps none: memory then follows one chunk, whatever the queries.
     """
     uri = os.fspath(uri)
-    if "://" in uri:
-        store = zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options, read_only=True)
-    else:
-        if not os.path.isdir(uri):
-            raise StoreReadError(f"No gradient store at {uri!r}: the directory does not exist.")
-        store = zarr.storage.LocalStore(uri, read_only=True)
-    store = _ReadStore(store)
+    if not layout.is_url(uri) and not os.path.isdir(uri):
+        raise StoreReadError(f"No gradient store at {uri!r}: the directory does not exist.")
+    store = _ReadStore(layout.zarr_store(uri, storage_options, read_only=True))
     try:
-        root = zarr.open_group(store, mode="r")
+        root = zarr.open_group(store, mode="r", zarr_format=layout.ZARR_FORMAT)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreReadError(f"{uri!r} is not a Zarr group, so not a gradient store.") from exc
     except _DAMAGE as exc:
@@ -283,6 +280,10 @@ class GradientStore:
             i for g in self._epoch(epoch)["ranks"] for i in dict(g.attrs).get("nonfinite", {}).get("ids", [])
         ]
         return np.asarray(sorted(ids), dtype=np.int64)
+
+    def dropped(self, epoch: int) -> int:
+        """Rows of ``epoch`` not stored because the writer was behind (``on_pressure="drop"``)."""
+        return sum(int(dict(g.attrs).get("dropped", {}).get("rows", 0)) for g in self._epoch(epoch)["ranks"])
 
     def dedup_stats(self, epoch: int | None = None) -> dict[str, dict[str, int]]:
         """What deduplication saved, by ``"<layer>/<array>"``, summed over ranks (and epochs).
@@ -495,25 +496,26 @@ class GradientStore:
         return "\n".join(lines)
 
     def nbytes_stored(self, epoch: int | None = None, layer: str | None = None) -> int:
-        """Bytes on disk of the whole store, of one committed epoch, or of one layer (in one epoch or all).
+        """Bytes stored for the whole store, one committed epoch, or one layer (in one epoch or all).
 
-        Counts files, so it is exact for local stores and 0 for object stores.
+        Sums the sizes of the store's files, or of its objects for a URL store (one listing each).
         """
-        if not os.path.isdir(self.uri):
-            return 0
         if epoch is None and layer is None:
-            return _dir_bytes(self.uri)
+            return sum(_object_sizes(self._root.store, "").values())
         epochs = [epoch] if epoch is not None else self.epochs
+        if layer is not None:
+            self._layer(layer)
         total = 0
         for ep in epochs:
             self._epoch(ep)  # raises for an epoch that is not committed
-            base = os.path.join(self.uri, layout.EPOCHS, layout.epoch_key(ep))
+            sizes = _object_sizes(self._root.store, f"{layout.EPOCHS}/{layout.epoch_key(ep)}")
             if layer is None:
-                total += _dir_bytes(base)
+                total += sum(sizes.values())
                 continue
-            self._layer(layer)
-            for rank in sorted(os.listdir(base)):
-                total += _dir_bytes(os.path.join(base, rank, layout.LAYERS, *layer.split("/")))
+            for key, size in sizes.items():  # <rank group>/layers/<layer>/...
+                parts = key.split("/", 2)
+                if len(parts) == 3 and parts[1] == layout.LAYERS and parts[2].startswith(f"{layer}/"):
+                    total += size
         return total
 
     # ---------------------------------------------------------------- internals
@@ -732,9 +734,9 @@ class GradientStore:
         for (name, p), arr, w in jobs:
             if not lay.spec["arrays"][name].get("dedup") or p.endswith(quant.TABLE):
                 _require_chunks(arr)
-            elif p != "ref":  # chunks may be absent where every row is a reference, nowhere else
+            elif p != "ref":  # chunks may be absent where every row is a reference or all zeros
                 rows = np.arange(arr.shape[0])[w] if isinstance(w, slice) else w
-                in_place = rows[got[(name, "ref")][:, 2] < 0]
+                in_place = rows[got[(name, "ref")][:, 2] == NO_REF]
                 _require_chunks(arr, in_place // int(arr.chunks[0]))
             else:  # rows without a reference hold -1, so a reference chunk is only absent when lost
                 _require_chunks(arr)
@@ -1065,11 +1067,25 @@ def _damaged(arr: zarr.Array, where: slice | np.ndarray, exc: Exception) -> Stor
     )
 
 
-def _dir_bytes(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-    return total
+def _object_sizes(store: Any, prefix: str) -> dict[str, int]:
+    """``{key below prefix: bytes}`` of every file or object stored under ``prefix`` of ``store``."""
+    while isinstance(store, zarr.storage.WrapperStore):
+        store = store._store
+    if isinstance(store, zarr.storage.LocalStore):
+        base, sizes = os.path.join(store.root, prefix), {}
+        for folder, _, files in os.walk(base):
+            for name in files:
+                path = os.path.join(folder, name)
+                sizes[os.path.relpath(path, base).replace(os.sep, "/")] = os.path.getsize(path)
+        return sizes
+    if isinstance(store, zarr.storage.FsspecStore):
+        base = f"{store.path}/{prefix}".rstrip("/")
+        try:
+            found = zarr_sync(store.fs._find(base, detail=True))
+        except FileNotFoundError:
+            return {}
+        return {k[len(base) + 1 :]: int(v.get("size") or 0) for k, v in found.items()}
+    return {}
 
 
 def _nrows(rows: dict[str, torch.Tensor]) -> int:

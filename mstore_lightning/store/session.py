@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-import zarr.storage
+from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.store import layout
 from mstore_lightning.store.quant import TABLE, ChunkCodec
@@ -71,9 +71,11 @@ class RunWriter:
             self.root = zarr.open_group(self._store(), mode="r+")
             return
         if self.rank == 0:
-            self.root = zarr.open_group(self._store(), mode="w")
             meta = dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat())
-            self.root.attrs.update(layout.with_crc({layout.META_KEY: meta}))
+            # The root and its metadata in one write: a reader never finds a root without metadata.
+            self.root = zarr.create_group(
+                self._store(), overwrite=True, attributes=layout.with_crc({layout.META_KEY: meta})
+            )
             self.root.create_group(layout.EPOCHS)
         else:
             self.root = zarr.open_group(self._store(), mode="r+")
@@ -215,9 +217,7 @@ class RunWriter:
 
     # ---------------------------------------------------------------- internals
     def _store(self) -> Any:
-        if "://" in self.uri:
-            return zarr.storage.FsspecStore.from_url(self.uri, storage_options=self.storage_options)
-        return zarr.storage.LocalStore(os.fspath(self.uri))
+        return layout.zarr_store(self.uri, self.storage_options)
 
     def _resume_arrays(self, group: zarr.Group, rank_key: str, rows: int) -> None:
         """Trims this rank's arrays to the ``rows`` a checkpoint recorded and refills the last chunk."""
@@ -264,15 +264,12 @@ def _check_unreferenced(uri: str, epochs: zarr.Group, epoch: int) -> None:
 
 
 def _existing_meta(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    store = layout.zarr_store(uri, storage_options, read_only=True)
     try:
-        store = (
-            zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options, read_only=True)
-            if "://" in uri
-            else zarr.storage.LocalStore(os.fspath(uri), read_only=True)
-        )
-        root = zarr.open_group(store, mode="r")
+        root = zarr.open_group(store, mode="r", zarr_format=layout.ZARR_FORMAT)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
-        if "://" not in uri and os.path.exists(uri) and os.listdir(uri):
+        # Creating the store clears its path first, so anything already there would be lost.
+        if _holds_data(uri, store):
             raise StoreExistsError(
                 f"{uri} exists and is not a gradient store; choose another path."
             ) from None
@@ -280,6 +277,16 @@ def _existing_meta(uri: str, storage_options: dict[str, Any] | None) -> dict[str
     if layout.META_KEY not in root.attrs:
         raise StoreExistsError(f"{uri} holds a Zarr group that is not a gradient store; choose another path.")
     return dict(root.attrs[layout.META_KEY])
+
+
+def _holds_data(uri: str, store: Any) -> bool:
+    """Whether anything (a file, an object) is stored under ``uri``."""
+    if not layout.is_url(uri):
+        return os.path.exists(uri) and bool(os.listdir(uri))
+    try:
+        return not zarr_sync(store.is_empty(""))
+    except FileNotFoundError:  # no bucket: nothing to lose, and creating the store says why it fails
+        return False
 
 
 def _check_compatible(uri: str, existing: dict[str, Any], meta: dict[str, Any]) -> None:

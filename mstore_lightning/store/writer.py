@@ -106,6 +106,8 @@ class BackgroundWriter:
         self._error: BaseException | None = None
         self.bytes_written = 0
         self.wait_seconds = 0.0
+        # False: ``append`` never waits; the caller drops rows instead (it checks ``behind``).
+        self.block = True
         self._thread = threading.Thread(target=self._run, name="mstore-writer", daemon=True)
         self._thread.start()
 
@@ -246,6 +248,12 @@ class BackgroundWriter:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
+    @property
+    def behind(self) -> bool:
+        """Whether one more chunk would take the bytes waiting for the writer past ``queue_bytes``
+        (where a blocking ``append`` would wait)."""
+        return self._pending_bytes > 0 and self._pending_bytes + self.chunk_bytes > self.queue_bytes
+
     # ---------------------------------------------------------------- internals
     def _submit_current(self, arr: _RowArray, keep: bool = False) -> None:
         start = arr.rows - arr.fill
@@ -264,7 +272,7 @@ class BackgroundWriter:
 
     def _reserve(self, nbytes: int) -> None:
         with self._cond:
-            if self._pending_bytes and self._pending_bytes + nbytes > self.queue_bytes:
+            if self.block and self._pending_bytes and self._pending_bytes + nbytes > self.queue_bytes:
                 t0 = time.perf_counter()
                 while self._pending_bytes and self._pending_bytes + nbytes > self.queue_bytes:
                     if self._error is not None:

@@ -1,0 +1,70 @@
+"""Reading a store while another process trains into it: only committed epochs are seen, each whole,
+and in-flight chunks never cause an error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mstore_lightning import open_store
+from mstore_lightning.store.verify import epoch_states
+
+N, EPOCHS = 48, 5
+
+CHILD = textwrap.dedent(
+    f"""
+    import sys, time
+    sys.path.insert(0, {str(Path(__file__).parent)!r})
+    import torch
+    from lightning.pytorch.callbacks import Callback
+    from helpers import Task, loader, trainer
+    from test_capture_fit import data, mlp
+    from mstore_lightning import GradientCapture
+
+    class Slow(Callback):
+        def on_train_batch_end(self, *args):
+            time.sleep(0.03)
+
+    torch.manual_seed(0)
+    x, y = data(n={N})
+    capture = GradientCapture(sys.argv[1], policy={{"precision": "int8"}}, chunk_bytes=512)
+    trainer([capture, Slow()], max_epochs={EPOCHS}).fit(Task(mlp()), loader(x, y, batch_size=4))
+    """
+)
+
+
+def test_a_reader_beside_a_training_process_sees_only_whole_committed_epochs(tmp_path):
+    path = tmp_path / "s.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stderr=subprocess.PIPE, text=True)
+    seen: list[tuple[int, ...]] = []
+    reads = 0
+    try:
+        while proc.poll() is None:
+            if not (path / "zarr.json").exists():
+                time.sleep(0.01)
+                continue
+            store = open_store(path)
+            epochs = tuple(store.epochs)
+            for e in epochs:
+                # Every epoch a reader lists is complete and its chunks decode.
+                assert sorted(store.sample_ids(e).tolist()) == list(range(N))
+                norms = store.norms(e)
+                assert norms.shape == (N,) and np.isfinite(norms).all()
+                reads += 1
+            if not seen or seen[-1] != epochs:
+                seen.append(epochs)
+            time.sleep(0.05)  # leave the training process most of the CPU
+    finally:
+        _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    # The reader watched epochs appear one after another while training ran, and never an open one.
+    assert len(seen) >= 3 and reads > 0
+    assert all(list(s) == list(range(len(s))) for s in seen)
+    final = open_store(path)
+    assert final.epochs == list(range(EPOCHS))
+    assert set(epoch_states(path).values()) == {"committed"}
