@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mstore_lightning import open_store
 from mstore_lightning.store.verify import epoch_states
+
+pytestmark = pytest.mark.slow
 
 N, EPOCHS = 48, 5
 

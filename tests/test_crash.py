@@ -18,6 +18,8 @@ import pytest
 from mstore_lightning import open_store
 from mstore_lightning.store.verify import verify
 
+pytestmark = pytest.mark.slow
+
 N, EPOCHS = 48, 6
 
 # The training run, in its own process so that it can be killed outright. Each batch sleeps a

@@ -16,6 +16,8 @@ import torch
 from mstore_lightning import open_store
 from mstore_lightning.store.verify import epoch_states, verify
 
+pytestmark = pytest.mark.slow
+
 N, EPOCHS = 32, 2
 
 # Lightning's DDP launcher re-runs the script for each process, so the run lives in a file.
