@@ -74,7 +74,7 @@ DIGITS_LR = 0.1
 DIGITS_MOMENTUM = 0.9
 DIGITS_BATCH = 64
 TARGET_SELF_INFLUENCE_S = 0.05
-# Context quoted in the brief, for this kind of 2-core machine; not measured here.
+# Published context figures for this kind of 2-core machine (issue 4); not measured here.
 CONTEXT_EXACT_TRACIN_S = 3.6  # exact per-sample-gradient TracIn self-influence
 CONTEXT_DATTRI_S = 33.0
 REFERENCE_AUC = 0.998  # exact TracIn on this protocol

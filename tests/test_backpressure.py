@@ -104,3 +104,37 @@ def test_dropping_under_pressure_never_waits_and_counts_every_dropped_row(tmp_pa
         got = store.restore(e, "net.0", ids)
         want = torch.stack([ref.grads[e][i]["net.0.weight"] for i in ids])
         torch.testing.assert_close(got["weight"], want, atol=1e-6, rtol=1e-5)
+
+
+class EpochEndWait(L.Callback):
+    """How long the writer made the capture wait, read after the capture's own epoch end."""
+
+    def __init__(self, capture: GradientCapture) -> None:
+        self.capture, self.waited = capture, 0.0
+
+    def on_train_epoch_end(self, *args) -> None:
+        self.waited = self.capture._run.writer.wait_seconds
+
+
+def test_end_of_epoch_passes_wait_for_the_writer_even_when_steps_may_drop(tmp_path, monkeypatch):
+    real_set = zarr.storage.LocalStore.set
+
+    async def slow_set(self, key, value):
+        if "/c/" in key:
+            await asyncio.sleep(0.02)
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", slow_set)
+    torch.manual_seed(0)
+    n = 96
+    x, y = data(n=n, d=32)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    policy = {**EXACT, "timing": "checkpoint"}  # every row comes from the pass at the epoch's end
+    cap = GradientCapture(
+        tmp_path / "s.zarr", policy=policy, queue_bytes=QUEUE, chunk_bytes=CHUNK, on_pressure="drop"
+    )
+    probe = EpochEndWait(cap)
+    trainer([cap, probe], max_epochs=1).fit(Task(net), loader(x, y, batch_size=4))
+    assert probe.waited > 0  # the pass was held back by the queue bound instead of growing past it
+    store = open_store(tmp_path / "s.zarr")
+    assert store.dropped(0) == 0 and sorted(store.sample_ids(0).tolist()) == list(range(n))

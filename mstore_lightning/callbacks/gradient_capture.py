@@ -143,7 +143,8 @@ class GradientCapture(Callback):
             ``"block"``: it waits, and every row is kept. ``"drop"``: that step's rows are not stored,
             so training never waits on the store; the dropped rows are counted per epoch
             (``store.dropped(epoch)``), warned about at the epoch's end, and logged by the
-            ``storage`` report as ``mstore/capture/dropped_rows``.
+            ``storage`` report as ``mstore/capture/dropped_rows``. The end-of-epoch passes (queries,
+            ``timing="checkpoint"``) always wait, so their rows are never dropped.
 
     Example:
         >>> capture = GradientCapture("runs/demo.zarr", policy={"layers": ["*"], "precision": "fp16"})
@@ -653,10 +654,15 @@ class GradientCapture(Callback):
         """
         was_training = pl_module.training
         pl_module.eval()
+        # Rows of these passes are never dropped (on_pressure="drop" is for training steps): the
+        # writer's queue bounds their memory by making the pass wait.
+        writer = self._run.writer
+        blocking, writer.block = writer.block, True
         try:
             with _random_state_kept(pl_module.device):
                 yield
         finally:
+            writer.block = blocking
             self._hooks.active = False
             self._hooks.discard()
             pl_module.train(was_training)
