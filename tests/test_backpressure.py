@@ -33,21 +33,34 @@ class PendingProbe(L.Callback):
         self.waited = self.capture._run.writer.wait_seconds
 
 
-def test_a_slow_store_bounds_the_queue_and_keeps_every_row(tmp_path, monkeypatch):
+def throttle_chunks(monkeypatch, before_write) -> None:
+    """Makes every chunk write of a local store await ``before_write()`` first: a slow store."""
     real_set = zarr.storage.LocalStore.set
-    writes = {"chunks": 0}
 
     async def slow_set(self, key, value):
         if "/c/" in key:
-            writes["chunks"] += 1
-            await asyncio.sleep(0.01)  # a disk (or a network) far slower than the training step
+            await before_write()
         return await real_set(self, key, value)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", slow_set)
+
+
+def task(n: int = 96):
     torch.manual_seed(0)
-    n = 96
     x, y = data(n=n, d=32)
-    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    return x, y, torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+
+
+def test_a_slow_store_bounds_the_queue_and_keeps_every_row(tmp_path, monkeypatch):
+    writes = {"chunks": 0}
+
+    async def slow():
+        writes["chunks"] += 1
+        await asyncio.sleep(0.01)  # a disk (or a network) far slower than the training step
+
+    throttle_chunks(monkeypatch, slow)
+    n = 96
+    x, y, net = task(n)
     cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT, queue_bytes=QUEUE, chunk_bytes=CHUNK)
     probe = PendingProbe(cap)
     trainer([cap, probe], max_epochs=2).fit(Task(net), loader(x, y, batch_size=8))
@@ -72,19 +85,15 @@ class Release(L.Callback):
 
 
 def test_dropping_under_pressure_never_waits_and_counts_every_dropped_row(tmp_path, monkeypatch):
-    real_set = zarr.storage.LocalStore.set
     release = Release(after=16)
 
-    async def stalled_set(self, key, value):
-        while "/c/" in key and not release.gate.is_set():  # a store that stops answering for a while
+    async def stalled():
+        while not release.gate.is_set():  # a store that stops answering for a while
             await asyncio.sleep(0.005)
-        return await real_set(self, key, value)
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", stalled_set)
-    torch.manual_seed(0)
+    throttle_chunks(monkeypatch, stalled)
     n = 96
-    x, y = data(n=n, d=32)
-    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    x, y, net = task(n)
     cap = GradientCapture(
         tmp_path / "s.zarr", policy=EXACT, queue_bytes=QUEUE, chunk_bytes=CHUNK, on_pressure="drop"
     )
@@ -117,18 +126,9 @@ class EpochEndWait(L.Callback):
 
 
 def test_end_of_epoch_passes_wait_for_the_writer_even_when_steps_may_drop(tmp_path, monkeypatch):
-    real_set = zarr.storage.LocalStore.set
-
-    async def slow_set(self, key, value):
-        if "/c/" in key:
-            await asyncio.sleep(0.02)
-        return await real_set(self, key, value)
-
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", slow_set)
-    torch.manual_seed(0)
+    throttle_chunks(monkeypatch, lambda: asyncio.sleep(0.02))
     n = 96
-    x, y = data(n=n, d=32)
-    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    x, y, net = task(n)
     policy = {**EXACT, "timing": "checkpoint"}  # every row comes from the pass at the epoch's end
     cap = GradientCapture(
         tmp_path / "s.zarr", policy=policy, queue_bytes=QUEUE, chunk_bytes=CHUNK, on_pressure="drop"
