@@ -572,7 +572,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=25_000, help="N: rows per epoch of the smallest store")
     parser.add_argument("--scales", default="1,2,4", help="row multiples of N, comma-separated")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes, one thread each")
+    parser.add_argument("--workers", type=int, default=3, help="worker processes, one thread each")
     parser.add_argument("--memory-limit", default="512MiB", help="each worker's memory_limit")
     parser.add_argument("--reps", type=int, default=3, help="cluster/single pairs per store and operator")
     parser.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH, help="where stores are kept")
