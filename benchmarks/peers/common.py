@@ -87,12 +87,21 @@ def load_benchmark(name: str) -> ModuleType:
     ``benchmarks/peers/storage.py`` shadows ``benchmarks/storage.py`` on ``sys.path``; loading by path
     reaches the project's own script without the clash.
     """
-    module_name = f"bench_{name}"
+    return _load_file(f"bench_{name}", BENCHMARKS / f"{name}.py")
+
+
+def load_peer_script(name: str) -> ModuleType:
+    """Imports ``benchmarks/peers/<name>.py`` as ``peers_<name>``, which cannot clash with
+    ``benchmarks/<name>.py``."""
+    return _load_file(f"peers_{name}", BENCHMARKS / "peers" / f"{name}.py")
+
+
+def _load_file(module_name: str, path: Path) -> ModuleType:
     if module_name in sys.modules:
         return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load benchmarks/{name}.py")
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     spec.loader.exec_module(module)

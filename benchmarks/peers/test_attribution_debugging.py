@@ -8,7 +8,6 @@ They need the peers' environment (Captum, dattri, cleanlab, mnist1d), so they li
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import sys
 from itertools import combinations
@@ -27,18 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common
 
-
-def _load(name: str):
-    """This folder's script ``name``, under a name that cannot clash with ``benchmarks/<name>.py``."""
-    spec = importlib.util.spec_from_file_location(f"peers_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-attr = _load("attribution")
-dbg = _load("debugging")
+attr = common.load_peer_script("attribution")
+dbg = common.load_peer_script("debugging")
 
 _scores = st.integers(2, 6).flatmap(
     lambda q: st.integers(5, 40).flatmap(

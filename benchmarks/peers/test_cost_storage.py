@@ -7,7 +7,6 @@ They need the peers' environment (Opacus, BackPACK), so they live here and not i
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import sys
@@ -25,18 +24,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common
 
-
-def _load(name: str):
-    """This folder's script ``name``, under a name that cannot clash with ``benchmarks/<name>.py``."""
-    spec = importlib.util.spec_from_file_location(f"peers_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cc = _load("capture_cost")
-ps = _load("storage")
+cc = common.load_peer_script("capture_cost")
+ps = common.load_peer_script("storage")
 
 
 def _batch(model: str, n: int) -> dict[str, torch.Tensor]:
