@@ -167,20 +167,6 @@ def checkpoint_epochs(epochs: int, count: int) -> list[int]:
     return sorted({round(epochs - 1 - i * step) for i in range(count)})
 
 
-def make_trainer(epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
-    """A CPU trainer without logger, Lightning checkpoints, progress bar or summary."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 def capture(
     path: Path, precision: str, timing: str, epochs: list[int], queries: DataLoader
 ) -> GradientCapture:
@@ -239,7 +225,7 @@ class Task:
             for pattern in LIGHTNING_NOISE:
                 warnings.filterwarnings("ignore", message=pattern)
             start = time.perf_counter()
-            make_trainer(self.epochs, callbacks).fit(model, loader)
+            common.quiet_trainer(callbacks, max_epochs=self.epochs).fit(model, loader)
             wall = time.perf_counter() - start
         return wall, list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
 

@@ -198,16 +198,7 @@ def fit_once(
     if arm.stores:
         # Deleting a previous store inside the timed region would bill file-system cleanup to capture.
         shutil.rmtree(store, ignore_errors=True)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        callbacks=arm.callbacks(store),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = common.quiet_trainer(arm.callbacks(store), max_epochs=1)
     loader = common.make_loader(data, common.SPECS[model_name].batch_size)
     gc.collect()  # the previous run's garbage must not be collected inside this one
     start = time.perf_counter()
@@ -276,14 +267,8 @@ def _ours_grads(
     initial = copy.deepcopy(net)
     store = workdir / "check.zarr"
     shutil.rmtree(store, ignore_errors=True)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        callbacks=[GradientCapture(store=str(store), policy=POLICY, mode="overwrite")],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = common.quiet_trainer(
+        [GradientCapture(store=str(store), policy=POLICY, mode="overwrite")], max_steps=1
     )
     one_batch = common.SyntheticData(x, y)
     with warnings.catch_warnings():

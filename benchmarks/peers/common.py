@@ -28,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,6 +80,23 @@ def build(name: str) -> nn.Module:
         raise KeyError(f"unknown model {name!r}; choose one of {list(SPECS)}")
     torch.manual_seed(MODEL_SEED)
     return SPECS[name].build()
+
+
+def quiet_trainer(callbacks: list[L.Callback], **limits: Any) -> L.Trainer:
+    """A CPU trainer without logger, Lightning checkpoints, progress bar or summary.
+
+    ``limits`` are further ``Trainer`` arguments, such as ``max_epochs=3`` or ``max_steps=1``.
+    """
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **limits,
+    )
 
 
 def load_benchmark(name: str) -> ModuleType:

@@ -216,7 +216,7 @@ def fit(
         for pattern in attribution.LIGHTNING_NOISE:
             warnings.filterwarnings("ignore", message=pattern)
         start = time.perf_counter()
-        attribution.make_trainer(epochs, callbacks).fit(model, loader)
+        common.quiet_trainer(callbacks, max_epochs=epochs).fit(model, loader)
     return time.perf_counter() - start, model
 
 

@@ -43,7 +43,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -82,16 +81,7 @@ def train_and_capture(
         GradientCapture(store=str(path), policy=dict(policy, precision=p), mode="overwrite")
         for p, path in paths.items()
     ]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = common.quiet_trainer(callbacks, max_epochs=epochs)
     loader = common.make_loader(data, common.SPECS[name].batch_size)
     start = time.perf_counter()
     _, messages = common.co.capture_messages(lambda: trainer.fit(common.Classifier(net), loader))
