@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import (
@@ -17,6 +19,7 @@ from mstore_lightning import (
     StoreWriteError,
     open_store,
 )
+from mstore_lightning.capture.finite import nonfinite_rows
 from mstore_lightning.store import layout
 from test_capture_fit import data, mlp
 
@@ -42,6 +45,29 @@ def test_nonfinite_gradients_are_recorded_and_flagged(tmp_path, precision):
     assert sorted(ids[~np.isfinite(norms)].tolist()) == expected
     finite = np.isfinite(norms)
     assert finite.any()  # the rest is readable
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    widths=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    marks=st.lists(
+        st.tuples(st.integers(0, 8), st.integers(0, 2), st.sampled_from(["nan", "inf", "-inf", "huge"])),
+        max_size=5,
+    ),
+)
+def test_nonfinite_rows_are_exactly_the_rows_holding_nan_or_inf(n, widths, marks):
+    torch.manual_seed(0)
+    factors = [torch.randn(n, w) for w in widths]
+    for row, which, kind in marks:
+        t = factors[which % len(factors)]
+        # "huge" is finite, but two of them overflow a row sum: the exact check must clear them.
+        t[row % n, :] = 3e38 if kind == "huge" else float(kind)
+    exact = torch.zeros(n, dtype=torch.bool)
+    for t in factors:
+        exact |= ~torch.isfinite(t).all(dim=1)
+    got = nonfinite_rows(factors)
+    assert (torch.zeros(n, dtype=torch.bool) if got is None else got).tolist() == exact.tolist()
 
 
 def test_an_empty_epoch_is_committed_empty_with_a_warning(tmp_path):

@@ -53,10 +53,10 @@ def test_writer_blocks_instead_of_growing_when_storage_is_slow(tmp_path):
     class Slow(BackgroundWriter):
         peak = 0
 
-        def _write(self, c):
+        def _write(self, chunks):
             Slow.peak = max(Slow.peak, self.pending_bytes)
-            time.sleep(0.02)
-            super()._write(c)
+            time.sleep(0.02 * len(chunks))  # each chunk takes 20 ms, even when written together
+            super()._write(chunks)
 
     w = Slow(queue_bytes=4 * chunk, chunk_bytes=chunk)
     w.open_array(group, "x", (1024,), np.float32)  # 16 rows a chunk
@@ -75,7 +75,7 @@ def test_writer_failure_surfaces_on_the_training_thread(tmp_path):
     group = zarr.open_group(tmp_path / "s.zarr", mode="w")
 
     class Broken(BackgroundWriter):
-        def _write(self, c):
+        def _write(self, chunks):
             raise OSError(28, "No space left on device")
 
     w = Broken(queue_bytes=1 << 20, chunk_bytes=64)

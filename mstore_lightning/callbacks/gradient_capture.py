@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from mstore_lightning.capture.finite import nonfinite_rows
 from mstore_lightning.capture.hooks import HookManager
 from mstore_lightning.capture.identity import (
     MISSING_IDS,
@@ -871,14 +872,16 @@ class GradientCapture(Callback):
     def _note_nonfinite(self, uses: dict[str, list], step: _Step) -> None:
         """Remembers the samples whose captured factors hold NaN or Inf; they are stored as they are
         (their norms and influence read NaN), counted in the store and warned about at the epoch's end."""
-        bad = None
-        for layer_uses in uses.values():
-            for a, d in layer_uses:
-                for t in (a, d):
-                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0:
-                        rows = ~torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1)
-                        bad = rows if bad is None else bad | rows
-        if bad is not None and bool(bad.any()):
+        bad = nonfinite_rows(
+            [
+                t
+                for layer_uses in uses.values()
+                for use in layer_uses
+                for t in use
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
+            ]
+        )
+        if bad is not None:
             self._nonfinite.extend(step.ids[bad.cpu().numpy()].tolist())
 
     def _store_failed(self, exc: BaseException) -> None:

@@ -69,43 +69,44 @@ class DedupStats:
 
 
 class _Table:
-    """One array's index: hashes kept sorted, pointing at row contents held in one growing buffer."""
+    """One array's index: a dict from hash to the slot of the row's bytes, kept in one buffer.
 
-    def __init__(self, width: int) -> None:
-        self.hashes = np.empty(0, dtype=np.uint64)  # sorted
-        self.slots = np.empty(0, dtype=np.int64)  # buffer row of each hash
-        self.rows = np.empty((0, width), dtype=np.uint8)
-        self.where = np.empty((0, 3), dtype=np.int32)
+    The buffer is reserved at the index's whole budget up front; its pages are touched only as rows
+    arrive, so reserving costs nothing and no row is ever copied to grow it.
+    """
+
+    def __init__(self, width: int, capacity: int) -> None:
+        self.index: dict[int, int | list[int]] = {}  # hash -> slot; slots in arrival order on collisions
+        self.rows = np.empty((max(capacity, 1), width), dtype=np.uint8)
+        self.where = np.empty((max(capacity, 1), 3), dtype=np.int32)
         self.count = 0
 
-    def run(self, h: int) -> range:
-        """Positions in :attr:`hashes` equal to ``h``."""
-        lo = int(np.searchsorted(self.hashes, np.uint64(h), side="left"))
-        hi = int(np.searchsorted(self.hashes, np.uint64(h), side="right"))
-        return range(lo, hi)
+    def slots(self, h: int) -> list[int]:
+        """Slots of the known rows whose hash is ``h``, first stored first."""
+        found = self.index.get(h)
+        return [] if found is None else [found] if isinstance(found, int) else found
 
-    def add(self, hashes: np.ndarray, rows: np.ndarray, where: np.ndarray) -> None:
+    def add(self, hashes: list[int], rows: np.ndarray, where: np.ndarray) -> None:
         n = len(hashes)
-        if self.count + n > len(self.rows):
-            grow = max(self.count + n, 2 * len(self.rows), 1024)
+        if self.count + n > len(self.rows):  # the budget was raised after this table was made
+            grow = max(self.count + n, 2 * len(self.rows))
             self.rows = _grown(self.rows, grow, self.count)
             self.where = _grown(self.where, grow, self.count)
         self.rows[self.count : self.count + n] = rows
         self.where[self.count : self.count + n] = where
-        order = np.argsort(hashes, kind="stable")
-        at = np.searchsorted(
-            self.hashes, hashes[order], side="right"
-        )  # after equal hashes: first stays first
-        self.hashes = np.insert(self.hashes, at, hashes[order])
-        self.slots = np.insert(self.slots, at, self.count + order)
+        index = self.index
+        for slot, h in enumerate(hashes, self.count):
+            found = index.setdefault(h, slot)
+            if found != slot:  # a collision (different bytes, same hash): keep every slot
+                index[h] = [found, slot] if isinstance(found, int) else [*found, slot]
         self.count += n
 
 
 class RowIndex:
     """Content index of stored rows, one namespace per logical array.
 
-    Rows whose hash is unique in their batch and matches at most one known row are looked up all at
-    once; the rare others (hash collisions, repeats within a batch) one by one, in order.
+    Rows whose hash is unique in their batch and matches at most one known row are byte-checked all
+    at once; the rare others (hash collisions, repeats within a batch) one by one, in order.
 
     Args:
         budget_bytes: most bytes of row contents the index holds for byte checks.
@@ -131,7 +132,9 @@ class RowIndex:
             to be stored in place. Rows stored in place join the index while the budget allows.
         """
         n, width = rows.shape
-        table = self._tables.setdefault(key, _Table(width))
+        if key not in self._tables:
+            self._tables[key] = _Table(width, self.budget_bytes // max(1, width))
+        table = self._tables[key]
         stats = self.stats.setdefault(key, DedupStats())
         stats.rows += n
         refs = np.full((n, 3), NO_REF, dtype=np.int32)
@@ -142,36 +145,39 @@ class RowIndex:
                 [int.from_bytes(self.hash_fn(r.tobytes())[:8].ljust(8, b"\0"), "little") for r in rows],
                 dtype=np.uint64,
             )
-        lo = np.searchsorted(table.hashes, h, side="left")
-        known = np.searchsorted(table.hashes, h, side="right") - lo
+        hashes = h.tolist()
+        found = [table.index.get(x) for x in hashes]
+        single = np.array([f if isinstance(f, int) else -1 for f in found], dtype=np.int64)
         _, first, counts = np.unique(h, return_index=True, return_counts=True)
         alone = np.zeros(n, dtype=bool)
         alone[first[counts == 1]] = True
-        simple = alone & (known <= 1)
+        unknown = np.array([f is None for f in found], dtype=bool)
+        simple = alone & (unknown | (single >= 0))
         stored = np.zeros(n, dtype=bool)  # rows stored in place
 
         # The common path: one byte check per candidate, all at once.
-        idx = np.nonzero(simple & (known == 1))[0]
+        idx = np.nonzero(simple & (single >= 0))[0]
         if idx.size:
-            slots = table.slots[lo[idx]]
+            slots = single[idx]
             equal = (table.rows[slots] == rows[idx]).all(axis=1)
             hit = idx[equal]
             refs[hit] = table.where[slots[equal]]
             stats.collisions += int((~equal).sum())
             stored[idx[~equal]] = True
-        stored[simple & (known == 0)] = True
+        stored[simple & unknown] = True
 
         # The rest, in order: a collision run in the table, or rows repeated within this batch.
         pending: dict[int, list[int]] = {}  # hash -> rows of this batch stored in place so far
         for i in np.nonzero(~simple)[0].tolist():
-            hi = int(h[i])
+            hi = hashes[i]
+            known = table.slots(hi)
             match = None
-            for checked, pos in enumerate(table.run(hi)):
-                if np.array_equal(table.rows[table.slots[pos]], rows[i]):
-                    match, stats.collisions = table.where[table.slots[pos]], stats.collisions + checked
+            for checked, slot in enumerate(known):
+                if np.array_equal(table.rows[slot], rows[i]):
+                    match, stats.collisions = table.where[slot], stats.collisions + checked
                     break
             else:
-                stats.collisions += len(table.run(hi))
+                stats.collisions += len(known)
                 for checked, j in enumerate(pending.get(hi, [])):
                     if np.array_equal(rows[j], rows[i]):
                         match = (epoch, rank, first_row + j)
@@ -207,7 +213,7 @@ class RowIndex:
         keep = stored[: max(0, (self.budget_bytes - self.held_bytes) // max(1, width))]
         if keep.size:
             where = np.stack([np.full(keep.size, epoch), np.full(keep.size, rank), first_row + keep], 1)
-            table.add(h[keep], rows[keep], where.astype(np.int32))
+            table.add(h[keep].tolist(), rows[keep], where.astype(np.int32))
             self.held_bytes += keep.size * width
 
     def take_stats(self) -> dict[str, object]:

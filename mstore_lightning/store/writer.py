@@ -2,7 +2,7 @@
 
 Training threads append rows; each array fills a preallocated chunk-sized buffer, and only whole
 chunks (plus the last, partial one at a flush) are handed to one writer thread, which compresses and
-writes them. Buffers are recycled, so a step writes into memory already touched (fresh pages are
+writes them, all the chunks waiting at once in one call to zarr. Buffers are recycled, so a step writes into memory already touched (fresh pages are
 several times slower to fill than reused ones). The bytes waiting in the queue are bounded: when the
 writer falls behind, ``append`` blocks until a chunk is written, so memory stays bounded and no row is
 dropped.
@@ -10,6 +10,7 @@ dropped.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -20,11 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.store.layout import create_row_array
 from mstore_lightning.store.quant import TABLE, ChunkCodec
 
 DEFAULT_QUEUE_BYTES = 64 << 20  # small enough that recycled buffers stay warm
+MAX_BATCH = 32  # chunks handed to zarr at once
 DEFAULT_CHUNK_BYTES = 4 << 20  # zarr costs ~1.5 ms a chunk beyond compression; big chunks amortise it
 
 
@@ -288,8 +291,9 @@ class BackgroundWriter:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        carried = None  # an item taken while gathering a batch that could not join it
         while True:
-            item = self._queue.get()
+            item, carried = (carried, None) if carried is not None else (self._queue.get(), None)
             if item is None:
                 return
             if callable(item):
@@ -299,16 +303,39 @@ class BackgroundWriter:
                 except BaseException as exc:  # noqa: BLE001 - handed to the training thread
                     self._error = exc
                 continue
+            batch = [item]
+            # Chunks already waiting go to zarr together: one trip through its event loop for all of
+            # them rather than one each. A chunk written twice (partial, then whole) waits its turn.
+            while len(batch) < MAX_BATCH and carried is None:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(nxt, _Chunk) and not any(_same_chunk(nxt, c) for c in batch):
+                    batch.append(nxt)
+                else:
+                    carried = nxt
             try:
                 if self._error is None:
-                    self._write(item)
+                    self._write(batch)
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread
                 self._error = exc
             finally:
-                self._release(item.nbytes)
-                item.array.give_back(item.buffer)
+                for chunk in batch:
+                    self._release(chunk.nbytes)
+                    chunk.array.give_back(chunk.buffer)
 
-    def _write(self, chunk: _Chunk) -> None:
+    def _write(self, chunks: list[_Chunk]) -> None:
+        writes = [self._prepare(c) for c in chunks]
+
+        async def write_all() -> None:
+            await asyncio.gather(*(array.setitem(rows, block) for array, rows, block in writes))
+
+        zarr_sync(write_all())
+        self.bytes_written += sum(c.nbytes for c in chunks)
+
+    def _prepare(self, chunk: _Chunk) -> tuple[Any, slice, np.ndarray]:
+        """Sizes the chunk's array and codes its block; returns the async array, rows and values."""
         arr = chunk.array
         stop = chunk.start + chunk.rows
         if arr.array is None:
@@ -319,12 +346,15 @@ class BackgroundWriter:
         if arr.codec is not None:
             block, table = arr.codec.encode(block)
             arr.table[chunk.start // arr.chunk_rows] = table
-        arr.array[chunk.start : stop] = block
-        self.bytes_written += chunk.nbytes
+        return arr.array.async_array, slice(chunk.start, stop), block
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise WriterError(f"The gradient store writer failed: {self._error!r}") from self._error
+
+
+def _same_chunk(a: _Chunk, b: _Chunk) -> bool:
+    return a.array is b.array and a.start == b.start
 
 
 def _create(arr: _RowArray, rows: int) -> None:

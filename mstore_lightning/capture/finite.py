@@ -1,0 +1,40 @@
+"""Which samples of a batch have NaN or Inf among their captured factors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def nonfinite_rows(factors: Sequence[Tensor]) -> Tensor | None:
+    """A boolean mask of the rows (dim 0) that hold NaN or Inf in any of ``factors``.
+
+    One row sum per tensor does the work: NaN and Inf survive a sum. A sum of finite values can also
+    overflow, so only the rows it flags (almost never any) get the exact, costlier check.
+
+    Args:
+        factors: floating-point tensors sharing their first dimension (the batch).
+
+    Returns:
+        The mask, or ``None`` when no row is non-finite.
+
+    Example:
+        >>> a = torch.ones(3, 4); a[1, 2] = float("nan")
+        >>> nonfinite_rows([a, torch.full((3, 2), 3e38)]).tolist()
+        [False, True, False]
+    """
+    rows = [t.detach().reshape(t.shape[0], -1) for t in factors]
+    if not rows:
+        return None
+    total = rows[0].sum(dim=1, dtype=torch.float32)
+    for t in rows[1:]:
+        total += t.sum(dim=1, dtype=torch.float32).to(total.device)
+    suspect = (~torch.isfinite(total)).nonzero().squeeze(1)
+    if suspect.numel() == 0:
+        return None
+    bad = torch.zeros(total.shape[0], dtype=torch.bool, device=total.device)
+    for t in rows:
+        bad[suspect] |= (~torch.isfinite(t.index_select(0, suspect.to(t.device))).all(dim=1)).to(bad.device)
+    return bad if bool(bad.any()) else None
