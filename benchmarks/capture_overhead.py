@@ -87,8 +87,10 @@ class TokenClassifier(nn.Module):
 def build_mlp() -> nn.Module:
     """MLP 784-512-512-10 with ReLU."""
     return nn.Sequential(
-        nn.Linear(784, 512), nn.ReLU(),
-        nn.Linear(512, 512), nn.ReLU(),
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
         nn.Linear(512, NUM_CLASSES),
     )
 
@@ -96,10 +98,14 @@ def build_mlp() -> nn.Module:
 def build_cnn() -> nn.Module:
     """Four 3x3 convolutions (3->32->32->64->64, two of stride 2) with ReLU, then a linear classifier."""
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(),  # 32x32 -> 16x16
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.ReLU(),  # 16x16 -> 8x8
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, stride=2),
+        nn.ReLU(),  # 32x32 -> 16x16
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, stride=2),
+        nn.ReLU(),  # 16x16 -> 8x8
         nn.Flatten(),
         nn.Linear(64 * 8 * 8, NUM_CLASSES),
     )
@@ -232,7 +238,38 @@ def make_loader(data: SyntheticData, batch_size: int) -> DataLoader:
 
 
 # --------------------------------------------------------------------------------------------- running
-def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[float, float]:
+class TimedCapture(GradientCapture):
+    """:class:`GradientCapture` that adds up the wall time of its per-step callback hooks: the share
+    of the capture's work the training thread waits for (its forward and gradient hooks, which run
+    inside torch's forward and backward, are not counted)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hook_seconds = 0.0
+        self.steps = 0
+
+    def _timed(self, hook: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return hook(*args)
+        finally:
+            self.hook_seconds += time.perf_counter() - start
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.steps += 1
+        self._timed(super().on_train_batch_start, *args)
+
+    def on_before_backward(self, *args: Any) -> None:
+        self._timed(super().on_before_backward, *args)
+
+    def on_after_backward(self, *args: Any) -> None:
+        self._timed(super().on_after_backward, *args)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._timed(super().on_train_batch_end, *args)
+
+
+def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[float, float, float]:
     """Trains one epoch from the same initial weights and times ``Trainer.fit``.
 
     Args:
@@ -242,7 +279,8 @@ def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[
 
     Returns:
         Wall and process CPU seconds (all threads, so the store's writer threads count) spent in
-        ``trainer.fit``, which includes the capture's setup and final flush.
+        ``trainer.fit``, which includes the capture's setup and final flush; and the milliseconds per
+        step spent in the capture's per-step callback hooks on the training thread (0 without one).
     """
     torch.manual_seed(MODEL_SEED)
     model = Classifier(spec.build())
@@ -251,7 +289,7 @@ def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[
         # A leftover store from the previous run would make "overwrite" delete it inside the timed
         # region; deleting it here keeps file-system cleanup out of the measurement.
         shutil.rmtree(store, ignore_errors=True)
-        callbacks.append(GradientCapture(store=str(store), policy=POLICY, mode="overwrite"))
+        callbacks.append(TimedCapture(store=str(store), policy=POLICY, mode="overwrite"))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -266,7 +304,9 @@ def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[
     gc.collect()  # a collection of the previous run's garbage must not land inside this one
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(model, loader)
-    return time.perf_counter() - start, time.process_time() - cpu_start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    hook_ms = 1e3 * callbacks[0].hook_seconds / max(1, callbacks[0].steps) if callbacks else 0.0
+    return wall, cpu, hook_ms
 
 
 def dir_bytes(path: Path) -> int:
@@ -326,20 +366,23 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
     capture_warm, capture_msgs = capture_messages(lambda: fit_once(spec, data, store))
     capture_warnings = [m for m in capture_msgs if m not in set(plain_msgs)]
 
-    plain, capture, plain_cpu, capture_cpu, ratios, store_bytes = [], [], [], [], [], []
+    plain, capture, plain_cpu, capture_cpu, ratios, store_bytes, hook_ms = [], [], [], [], [], [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # already recorded at warm-up
         for i in range(pairs):
-            a, a_cpu = fit_once(spec, data, None)
-            b, b_cpu = fit_once(spec, data, store)
+            a, a_cpu, _ = fit_once(spec, data, None)
+            b, b_cpu, b_hook_ms = fit_once(spec, data, store)
+            hook_ms.append(b_hook_ms)
             store_bytes.append(dir_bytes(store))
             plain.append(a)
             capture.append(b)
             plain_cpu.append(a_cpu)
             capture_cpu.append(b_cpu)
             ratios.append(b / a)
-            print(f"  {spec.name} pair {i + 1}/{pairs}: plain {a:.3f} s, capture {b:.3f} s, "
-                  f"ratio {b / a:.3f}", flush=True)
+            print(
+                f"  {spec.name} pair {i + 1}/{pairs}: plain {a:.3f} s, capture {b:.3f} s, ratio {b / a:.3f}",
+                flush=True,
+            )
     check = check_store(store, samples)
     shutil.rmtree(store, ignore_errors=True)
 
@@ -364,6 +407,9 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
         "ratio_of_medians": capture_med / plain_med,
         # Process CPU over all threads: includes the store's compression and writer threads.
         "cpu_ratio_median": statistics.median(c / p for c, p in zip(capture_cpu, plain_cpu)),
+        "train_thread_hook_ms_per_step": hook_ms,
+        "train_thread_hook_ms_per_step_median": statistics.median(hook_ms),
+        "plain_ms_per_step": 1e3 * plain_med / batches,
         "store_bytes": store_bytes,
         "store_bytes_per_sample": statistics.median(store_bytes) / samples,
         # A dense fp16 copy of every parameter's gradient: what storing the full gradient would cost.
@@ -445,7 +491,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     """One row per model of :func:`bench_model` results, as fixed-width text."""
     header = (
         f"{'model':<12} {'steps x batch':>13} {'plain med':>10} {'capture med':>12} {'ratio med':>10} "
-        f"{'ratio min':>10} {'cpu ratio':>10} {'store B/sample':>15} {'dense fp16 B':>13}  target"
+        f"{'ratio min':>10} {'cpu ratio':>10} {'hook ms/step':>13} {'store B/sample':>15} "
+        f"{'dense fp16 B':>13}  target"
     )
     lines = [header, "-" * len(header)]
     for name, r in results.items():
@@ -454,6 +501,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{name:<12} {steps:>13} {r['plain_median_s']:>9.3f}s "
             f"{r['capture_median_s']:>11.3f}s {r['ratio_median']:>9.3f}x {r['ratio_min']:>9.3f}x "
             f"{r['cpu_ratio_median']:>9.3f}x "
+            f"{r['train_thread_hook_ms_per_step_median']:>5.2f} of {r['plain_ms_per_step']:>5.2f} "
             f"{r['store_bytes_per_sample']:>15,.0f} {r['dense_fp16_grad_bytes_per_sample']:>13,}  "
             f"{verdict(r)}"
         )
@@ -489,11 +537,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default=POLICY["precision"], help="policy precision of the capture")
     parser.add_argument("--models", default=",".join(SPECS), help=f"comma-separated subset of {list(SPECS)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    parser.add_argument("--batches-scale", type=float, default=1.0,
-                        help="multiply each model's batches per fit (e.g. 0.1 for a smoke run)")
+    parser.add_argument(
+        "--batches-scale",
+        type=float,
+        default=1.0,
+        help="multiply each model's batches per fit (e.g. 0.1 for a smoke run)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--ablation", choices=ABLATIONS, default="none",
-                        help="switch off part of the store's work to see where the capture's time goes")
+    parser.add_argument(
+        "--ablation",
+        choices=ABLATIONS,
+        default="none",
+        help="switch off part of the store's work to see where the capture's time goes",
+    )
     args = parser.parse_args(argv)
     if args.ablation != "none" and args.out == DEFAULT_OUT:
         args.out = DEFAULT_OUT.with_name(f"capture_overhead_{args.ablation}.json")
@@ -524,8 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     machine = machine_info()
-    print(f"{machine['cpu_model']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}; "
-          + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+    print(
+        f"{machine['cpu_model']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}; "
+        + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        flush=True,
+    )
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="mstore-bench-") as tmp:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from helpers import EXACT, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
 from mstore_lightning.store import layout
-from mstore_lightning.store.writer import BackgroundWriter, WriterError
+from mstore_lightning.store.writer import BackgroundWriter, PartSpec, WriterError
 from test_capture_fit import data, mlp
 
 
@@ -44,6 +44,42 @@ def test_rows_arrive_exactly_whatever_the_batching(tmp_path_factory, sizes, chun
     assert rows == {"x": len(want)}
     np.testing.assert_array_equal(group["x"][:], want)
     assert group["x"].chunks == (chunk_rows, 3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.integers(0, 20), min_size=1, max_size=10),
+    chunk_rows=st.integers(1, 8),
+    flush_at=st.sets(st.integers(0, 9)),
+)
+def test_the_writer_codes_every_row_once_even_across_flushes(tmp_path_factory, sizes, chunk_rows, flush_at):
+    # A coder with memory (as deduplication has): coding a row twice would show in its output.
+    group = zarr.open_group(tmp_path_factory.mktemp("w") / "s.zarr", mode="w")
+    w = BackgroundWriter(queue_bytes=1 << 20)
+    coded: list[int] = []
+
+    def coder(rows: np.ndarray, first_row: int) -> dict[str, np.ndarray]:
+        numbers = np.arange(first_row, first_row + len(rows))
+        coded.extend(numbers.tolist())
+        return {"x": (rows * 2).astype(np.int16), "x_seen": np.full(len(rows), len(coded), np.int64)}
+
+    parts = [PartSpec("x", (2,), np.dtype(np.int16)), PartSpec("x_seen", (), np.dtype(np.int64))]
+    w.open_array(group, "x", (2,), np.float32, chunk_rows=chunk_rows, parts=parts, coder=coder)
+    sent = []
+    for i, n in enumerate(sizes):
+        rows = np.arange(2 * sum(map(len, sent)), 2 * (sum(map(len, sent)) + n), dtype=np.float32).reshape(n, 2)
+        sent.append(rows)
+        w.append(group, "x", torch.from_numpy(rows))
+        if i in flush_at:
+            w.flush()  # a partial chunk written now is rewritten whole later, with its rows coded once
+    total = sum(map(len, sent))
+    assert w.finish_arrays(group) == {"x": total}
+    w.close()
+    assert coded == list(range(total))  # every row coded exactly once, in order
+    np.testing.assert_array_equal(group["x"][:], (np.concatenate(sent) * 2).astype(np.int16))
+    seen = group["x_seen"][:]
+    assert (np.diff(seen) >= 0).all() and (total == 0 or seen[-1] == total)
+    assert group["x"].attrs["parts"]["parts"] == [{"name": "x", "skip_empty": False}, {"name": "x_seen", "skip_empty": False}]
 
 
 def test_writer_blocks_instead_of_growing_when_storage_is_slow(tmp_path):

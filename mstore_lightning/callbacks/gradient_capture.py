@@ -39,7 +39,7 @@ from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
 from mstore_lightning.reports.session import ReportSession
 from mstore_lightning.reports.spec import AnalyticsLike, parse_analytics
 from mstore_lightning.store import layout, quant
-from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, ZERO_ROW, RowIndex
+from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, RowIndex, RowRefs
 from mstore_lightning.store.recompute import (
     Recomputer,
     batch_loss,
@@ -48,7 +48,13 @@ from mstore_lightning.store.recompute import (
     read_seconds_per_sample,
 )
 from mstore_lightning.store.session import MODES, RunWriter, StoreExistsError
-from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES, WriterError
+from mstore_lightning.store.writer import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_QUEUE_BYTES,
+    Coder,
+    PartSpec,
+    WriterError,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -798,51 +804,54 @@ class GradientCapture(Callback):
         first_row: int,
         split: str = "train",
     ) -> None:
+        # Only copies here: the writer thread quantizes and deduplicates (see _coding).
         chunk_rows = self._layer_chunk_rows(plan)
-        dedup = plan.dedup_arrays()
         for array, values in rows.items():
             spec = plan.arrays[array]
-            parts = quant.encode(spec, array, self._select(values, keep))
-            if array in dedup and split == "train":
-                parts = self._deduplicate(f"{plan.name}/{array}", array, parts, first_row)
-            elif array in dedup:  # query rows are stored in full: references point at training rows
-                n = next(iter(parts.values())).shape[0]
-                parts[f"{array}_ref"] = torch.full((n, 3), -1, dtype=torch.int32)
-            for part, part_values in parts.items():
-                codec = quant.chunk_codec(spec, array, part)
-                dtype = spec["parts"][part]["dtype"] if part in spec["parts"] else np.int32  # refs
-                self._run.append(
-                    self._epoch,
-                    f"{layout.LAYERS}/{plan.name}/{part}",
-                    part_values,
-                    np.dtype(np.float32 if codec is not None else dtype),
-                    chunk_rows,
-                    # Only training rows are references; and a reference to (epoch 0, rank 0, row 0) is
-                    # zeros too, so reference chunks are always written: a missing one is damage.
-                    skip_empty=array in dedup and split == "train" and part != f"{array}_ref",
-                    codec=codec,
-                    split=split,
-                )
+            self._run.append(
+                self._epoch,
+                f"{layout.LAYERS}/{plan.name}/{array}",
+                quant.buffered(spec, self._select(values, keep)),
+                quant.buffer_dtype(spec),
+                chunk_rows,
+                coding=functools.partial(self._coding, plan, array, split),
+                split=split,
+            )
 
-    def _deduplicate(
-        self, key: str, array: str, parts: dict[str, torch.Tensor], first_row: int
-    ) -> dict[str, torch.Tensor]:
-        """Replaces rows already stored by zeros and adds the ``<array>_ref`` part that points to them."""
-        parts = {k: v.cpu() for k, v in parts.items()}
-        n = next(iter(parts.values())).shape[0]
-        raw = np.concatenate([v.numpy().reshape(n, -1).view(np.uint8) for v in parts.values()], axis=1)
-        refs = self._dedup.deduplicate(key, raw, self._epoch, self._rank, first_row)
-        refs[~raw.any(axis=1)] = ZERO_ROW  # its chunk may go unwritten: the mark says that is no loss
-        dup = torch.from_numpy(refs[:, 2] >= 0)
-        if dup.any():
-            parts = {k: v.masked_fill(dup.view(-1, *([1] * (v.dim() - 1))), 0) for k, v in parts.items()}
-        parts[f"{array}_ref"] = torch.from_numpy(refs)
-        return parts
+    def _coding(self, plan: LayerPlan, array: str, split: str) -> tuple[list[PartSpec], Coder]:
+        """The stored parts of one of a layer's arrays, and the writer-side coder that makes them:
+        quantization, then (for rows that can repeat) deduplication against the run's index."""
+        spec, prefix = plan.arrays[array], f"{layout.LAYERS}/{plan.name}/"
+        dedup = array in plan.dedup_arrays()
+        parts = []
+        for part, info in spec["parts"].items():
+            if info.get("per", "row") != "row":
+                continue  # a chunk codec's tables: the writer makes them with the codes
+            codec = quant.chunk_codec(spec, array, part)
+            shape, dtype = (
+                (codec.row_shape, np.float32) if codec else (tuple(info["row_shape"]), info["dtype"])
+            )
+            # Only training rows are references; and a reference to (epoch 0, rank 0, row 0) is zeros
+            # too, so reference chunks are always written: a missing one is damage.
+            parts.append(PartSpec(prefix + part, shape, np.dtype(dtype), dedup and split == "train", codec))
+        refs = None
+        if dedup:  # query rows are stored in full: references point only at training rows
+            ref = f"{prefix}{array}_ref"
+            parts.append(PartSpec(ref, (3,), np.dtype(np.int32)))
+            index = self._dedup if split == "train" else None
+            refs = RowRefs(index, f"{plan.name}/{array}", ref, self._epoch, self._rank)
+
+        def coder(rows: np.ndarray, first_row: int) -> dict[str, np.ndarray]:
+            coded = quant.encode(spec, prefix + array, rows)
+            return refs(coded, first_row) if refs is not None else coded
+
+        return parts, coder
 
     def _layer_chunk_rows(self, plan: LayerPlan) -> int:
         if plan.name not in self._chunk_rows:
-            row_bytes = sum(quant.row_nbytes(spec, buffered=True) for spec in plan.arrays.values())
-            self._chunk_rows[plan.name] = self._run.writer.chunk_rows_for(row_bytes)
+            stored = sum(quant.row_nbytes(spec) for spec in plan.arrays.values())
+            buffered = sum(quant.buffered_nbytes(spec) for spec in plan.arrays.values())
+            self._chunk_rows[plan.name] = self._run.writer.chunk_rows_for(stored, buffered)
         return self._chunk_rows[plan.name]
 
     def _write_rows(self, trainer: pl.Trainer, step: _Step, split: str = "train") -> None:

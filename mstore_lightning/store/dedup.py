@@ -69,44 +69,48 @@ class DedupStats:
 
 
 class _Table:
-    """One array's index: a dict from hash to the slot of the row's bytes, kept in one buffer.
+    """One array's index: hashes kept sorted, pointing at row contents held in one buffer.
 
+    Lookups are vectorised over a chunk's rows, and each chunk's new hashes are merged in at once.
     The buffer is reserved at the index's whole budget up front; its pages are touched only as rows
-    arrive, so reserving costs nothing and no row is ever copied to grow it.
+    arrive, so reserving costs nothing and no row is copied to grow it.
     """
 
     def __init__(self, width: int, capacity: int) -> None:
-        self.index: dict[int, int | list[int]] = {}  # hash -> slot; slots in arrival order on collisions
+        self.hashes = np.empty(0, dtype=np.uint64)  # sorted
+        self.slots = np.empty(0, dtype=np.int64)  # buffer row of each hash
         self.rows = np.empty((max(capacity, 1), width), dtype=np.uint8)
         self.where = np.empty((max(capacity, 1), 3), dtype=np.int32)
         self.count = 0
 
-    def slots(self, h: int) -> list[int]:
-        """Slots of the known rows whose hash is ``h``, first stored first."""
-        found = self.index.get(h)
-        return [] if found is None else [found] if isinstance(found, int) else found
+    def run(self, h: int) -> range:
+        """Positions in :attr:`hashes` equal to ``h``."""
+        lo = int(np.searchsorted(self.hashes, np.uint64(h), side="left"))
+        hi = int(np.searchsorted(self.hashes, np.uint64(h), side="right"))
+        return range(lo, hi)
 
-    def add(self, hashes: list[int], rows: np.ndarray, where: np.ndarray) -> None:
+    def add(self, hashes: np.ndarray, rows: np.ndarray, where: np.ndarray) -> None:
         n = len(hashes)
-        if self.count + n > len(self.rows):  # the budget was raised after this table was made
-            grow = max(self.count + n, 2 * len(self.rows))
+        if self.count + n > len(self.rows):
+            grow = max(self.count + n, 2 * len(self.rows))  # the budget was raised
             self.rows = _grown(self.rows, grow, self.count)
             self.where = _grown(self.where, grow, self.count)
         self.rows[self.count : self.count + n] = rows
         self.where[self.count : self.count + n] = where
-        index = self.index
-        for slot, h in enumerate(hashes, self.count):
-            found = index.setdefault(h, slot)
-            if found != slot:  # a collision (different bytes, same hash): keep every slot
-                index[h] = [found, slot] if isinstance(found, int) else [*found, slot]
+        order = np.argsort(hashes, kind="stable")
+        at = np.searchsorted(
+            self.hashes, hashes[order], side="right"
+        )  # after equal hashes: first stays first
+        self.hashes = np.insert(self.hashes, at, hashes[order])
+        self.slots = np.insert(self.slots, at, self.count + order)
         self.count += n
 
 
 class RowIndex:
     """Content index of stored rows, one namespace per logical array.
 
-    Rows whose hash is unique in their batch and matches at most one known row are byte-checked all
-    at once; the rare others (hash collisions, repeats within a batch) one by one, in order.
+    Rows whose hash is unique in their batch and matches at most one known row are looked up all at
+    once; the rare others (hash collisions, repeats within a batch) one by one, in order.
 
     Args:
         budget_bytes: most bytes of row contents the index holds for byte checks.
@@ -145,39 +149,36 @@ class RowIndex:
                 [int.from_bytes(self.hash_fn(r.tobytes())[:8].ljust(8, b"\0"), "little") for r in rows],
                 dtype=np.uint64,
             )
-        hashes = h.tolist()
-        found = [table.index.get(x) for x in hashes]
-        single = np.array([f if isinstance(f, int) else -1 for f in found], dtype=np.int64)
+        lo = np.searchsorted(table.hashes, h, side="left")
+        known = np.searchsorted(table.hashes, h, side="right") - lo
         _, first, counts = np.unique(h, return_index=True, return_counts=True)
         alone = np.zeros(n, dtype=bool)
         alone[first[counts == 1]] = True
-        unknown = np.array([f is None for f in found], dtype=bool)
-        simple = alone & (unknown | (single >= 0))
+        simple = alone & (known <= 1)
         stored = np.zeros(n, dtype=bool)  # rows stored in place
 
         # The common path: one byte check per candidate, all at once.
-        idx = np.nonzero(simple & (single >= 0))[0]
+        idx = np.nonzero(simple & (known == 1))[0]
         if idx.size:
-            slots = single[idx]
+            slots = table.slots[lo[idx]]
             equal = (table.rows[slots] == rows[idx]).all(axis=1)
             hit = idx[equal]
             refs[hit] = table.where[slots[equal]]
             stats.collisions += int((~equal).sum())
             stored[idx[~equal]] = True
-        stored[simple & unknown] = True
+        stored[simple & (known == 0)] = True
 
         # The rest, in order: a collision run in the table, or rows repeated within this batch.
         pending: dict[int, list[int]] = {}  # hash -> rows of this batch stored in place so far
         for i in np.nonzero(~simple)[0].tolist():
-            hi = hashes[i]
-            known = table.slots(hi)
+            hi = int(h[i])
             match = None
-            for checked, slot in enumerate(known):
-                if np.array_equal(table.rows[slot], rows[i]):
-                    match, stats.collisions = table.where[slot], stats.collisions + checked
+            for checked, pos in enumerate(table.run(hi)):
+                if np.array_equal(table.rows[table.slots[pos]], rows[i]):
+                    match, stats.collisions = table.where[table.slots[pos]], stats.collisions + checked
                     break
             else:
-                stats.collisions += len(known)
+                stats.collisions += len(table.run(hi))
                 for checked, j in enumerate(pending.get(hi, [])):
                     if np.array_equal(rows[j], rows[i]):
                         match = (epoch, rank, first_row + j)
@@ -213,7 +214,7 @@ class RowIndex:
         keep = stored[: max(0, (self.budget_bytes - self.held_bytes) // max(1, width))]
         if keep.size:
             where = np.stack([np.full(keep.size, epoch), np.full(keep.size, rank), first_row + keep], 1)
-            table.add(h[keep].tolist(), rows[keep], where.astype(np.int32))
+            table.add(h[keep], rows[keep], where.astype(np.int32))
             self.held_bytes += keep.size * width
 
     def take_stats(self) -> dict[str, object]:
@@ -221,6 +222,43 @@ class RowIndex:
         out = {"arrays": {k: s.to_dict() for k, s in self.stats.items()}, "sources": sorted(self.sources)}
         self.stats, self.sources = {}, set()
         return out
+
+
+@dataclass
+class RowRefs:
+    """Deduplicates one array's stored rows as the writer codes them, and adds their references.
+
+    Args:
+        index: the run's row index, or ``None`` to store every row in full (query rows: references
+            point only at training rows).
+        key: the array's namespace in the index.
+        ref: the name of the references' part.
+        epoch: the epoch being written.
+        rank: this process's rank.
+    """
+
+    index: RowIndex | None
+    key: str
+    ref: str
+    epoch: int
+    rank: int
+
+    def __call__(self, parts: dict[str, np.ndarray], first_row: int) -> dict[str, np.ndarray]:
+        """``parts`` (rows from ``first_row`` on) with duplicate rows zeroed, plus their references."""
+        n = len(next(iter(parts.values())))
+        if self.index is None:
+            return {**parts, self.ref: np.full((n, 3), NO_REF, dtype=np.int32)}
+        raw = np.concatenate(
+            [np.ascontiguousarray(v).reshape(n, -1).view(np.uint8) for v in parts.values()], axis=1
+        )
+        refs = self.index.deduplicate(self.key, raw, self.epoch, self.rank, first_row)
+        refs[~raw.any(axis=1)] = ZERO_ROW  # its chunk may go unwritten: the mark says that is no loss
+        dup = refs[:, 2] >= 0
+        if dup.any():
+            parts = {k: v.copy() for k, v in parts.items()}
+            for v in parts.values():
+                v[dup] = 0
+        return {**parts, self.ref: refs}
 
 
 def _grown(a: np.ndarray, rows: int, used: int) -> np.ndarray:

@@ -99,8 +99,9 @@ def create_row_array(
     dtype: np.dtype,
     chunk_rows: int,
     skip_empty: bool = False,
+    attributes: dict[str, Any] | None = None,
 ) -> zarr.Array:
-    """Creates an array of ``rows`` rows, chunked along rows only.
+    """Creates an array of ``rows`` rows, chunked along rows only, with its ``attributes``.
 
     ``skip_empty`` leaves all-zero chunks unwritten (deduplicated rows are zeros); elsewhere the
     check would scan every chunk for nothing, since gradient rows are almost never all zero.
@@ -113,6 +114,7 @@ def create_row_array(
         fill_value=0,
         compressors=compressors(),
         config={"write_empty_chunks": not skip_empty},
+        attributes=attributes,
     )
 
 

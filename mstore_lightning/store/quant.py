@@ -29,7 +29,7 @@ Example:
     >>> sorted(spec["parts"])
     ['a', 'a_scale']
     >>> x = torch.randn(4, 1, 100)
-    >>> parts = {k: v.numpy() for k, v in encode(spec, "a", x).items()}
+    >>> parts = encode(spec, "a", buffered(spec, x).numpy())
     >>> bool((decode(spec, "a", parts) - x).abs().max() <= x.abs().max() / 254 + 1e-7)
     True
 """
@@ -133,18 +133,18 @@ def scale_axes(row_shape: list[int]) -> int:
     return 0
 
 
-def row_nbytes(spec: dict[str, Any], buffered: bool = False) -> int:
-    """Uncompressed bytes of one row over the array's per-row parts: as stored, or as buffered
-    for the writer (codes fitted per chunk are buffered as float32 values)."""
-    total = sum(
+def row_nbytes(spec: dict[str, Any]) -> int:
+    """Uncompressed bytes of one stored row over the array's per-row parts."""
+    return sum(
         math.prod(p["row_shape"]) * np.dtype(p["dtype"]).itemsize
         for p in spec["parts"].values()
         if p.get("per", "row") == "row"
     )
-    if buffered and "codec" in spec:
-        main = next(iter(spec["parts"].values()))
-        total += 4 * math.prod(spec["row_shape"]) - math.prod(main["row_shape"])
-    return total
+
+
+def buffered_nbytes(spec: dict[str, Any]) -> int:
+    """Bytes of one row as the training thread hands it to the writer (:func:`buffered`)."""
+    return math.prod(spec["row_shape"]) * buffer_dtype(spec).itemsize
 
 
 def chunk_codec(spec: dict[str, Any], name: str, part: str) -> ChunkCodec | None:
@@ -156,28 +156,54 @@ def is_lossless(spec: dict[str, Any]) -> bool:
     return spec["encoding"] in LOSSLESS
 
 
-def encode(spec: dict[str, Any], name: str, x: Tensor) -> dict[str, Tensor]:
-    """Encodes rows ``x`` of shape ``(n, *row_shape)`` into the array's parts, on ``x``'s device.
+def buffered(spec: dict[str, Any], x: Tensor) -> Tensor:
+    """What the training thread hands the writer for rows ``x``: the stored values themselves for
+    float and id encodings (bfloat16 as its bits), float32 values for the codes :func:`encode` makes.
 
-    Encoding before the copy to the host moves fewer bytes, and lets deduplication compare the bytes
-    that will be stored.
+    Converting is all the training thread does; coding waits for the writer thread.
     """
     encoding = spec["encoding"]
     if encoding in _TORCH_DTYPES:
-        return {name: x.to(_TORCH_DTYPES[encoding])}
+        return x.to(_TORCH_DTYPES[encoding])
     if encoding == "bfloat16-bits":
-        return {name: x.to(torch.bfloat16).view(torch.int16)}
-    if encoding != "int8":  # k-bit / threshold: normalised here, binned per chunk by the writer
-        groups = x.reshape(*x.shape[: spec["scale_axes"] + 1], -1).float()
-        amax = groups.abs().amax(-1, keepdim=True)
-        unit = groups * torch.where(amax > 0, 1.0 / amax, torch.zeros_like(amax))
-        return {name: unit.reshape(x.shape), f"{name}_scale": amax.squeeze(-1)}
-    lead = spec["scale_axes"]
-    groups = x.reshape(*x.shape[: lead + 1], -1).float()
-    amax = groups.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, 0.0)  # |x·inv| <= 127 by construction: no clamp pass
-    codes = groups.mul(inv).round_().to(torch.int8)
-    return {name: codes.reshape(x.shape), f"{name}_scale": (amax / 127.0).squeeze(-1)}
+        return x.to(torch.bfloat16).view(torch.int16)
+    return x.float()
+
+
+def buffer_dtype(spec: dict[str, Any]) -> np.dtype:
+    """The dtype of :func:`buffered` rows."""
+    return (
+        np.dtype(spec["dtype"])
+        if spec["encoding"] in (*_TORCH_DTYPES, "bfloat16-bits")
+        else np.dtype(np.float32)
+    )
+
+
+def encode(spec: dict[str, Any], name: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored parts of :func:`buffered` rows ``(n, *row_shape)``, keyed by part name.
+
+    For ``kbit``/``threshold`` the main part holds values normalised to ``[-1, 1]``, which the chunk's
+    :class:`ChunkCodec` turns into codes once the chunk is whole.
+    """
+    encoding = spec["encoding"]
+    if encoding != "int8" and "codec" not in spec:
+        return {name: rows}  # stored as buffered
+    n = rows.shape[0]
+    groups = np.ascontiguousarray(rows, dtype=np.float32).reshape(
+        n, *spec["row_shape"][: spec["scale_axes"]], -1
+    )
+    work = np.abs(groups)
+    amax = work.max(axis=-1, keepdims=True, initial=0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # NaN or Inf rows keep a NaN/Inf scale, so they read back non-finite (as the capture flags them).
+        if encoding == "int8":
+            inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0))  # |x·inv| <= 127: no clamp
+            np.multiply(groups, inv, out=work)
+            codes = np.rint(work, out=work).astype(np.int8)
+            return {name: codes.reshape(rows.shape), f"{name}_scale": (amax / np.float32(127)).squeeze(-1)}
+        inv = np.where(amax > 0, np.float32(1) / amax, np.float32(0))
+        unit = np.multiply(groups, inv, out=work)
+    return {name: unit.reshape(rows.shape), f"{name}_scale": amax.squeeze(-1)}
 
 
 def decode(spec: dict[str, Any], name: str, parts: dict[str, np.ndarray]) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,16 @@ import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.store import layout
-from mstore_lightning.store.quant import TABLE, ChunkCodec
+from mstore_lightning.store.quant import TABLE
 from mstore_lightning.store.weights import WEIGHTS, save_weights
-from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES, BackgroundWriter
+from mstore_lightning.store.writer import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_QUEUE_BYTES,
+    PARTS_ATTR,
+    BackgroundWriter,
+    Coder,
+    PartSpec,
+)
 
 MODES = ("error", "overwrite", "append")
 
@@ -124,14 +132,18 @@ class RunWriter:
         values: torch.Tensor | np.ndarray,
         dtype: Any,
         chunk_rows: int | None = None,
-        skip_empty: bool = False,
-        codec: ChunkCodec | None = None,
+        coding: Callable[[], tuple[list[PartSpec], Coder]] | None = None,
         split: str = "train",
     ) -> None:
-        """Appends rows to array ``name`` (a path under this rank's group of ``split`` rows)."""
+        """Appends rows to array ``name`` (a path under this rank's group of ``split`` rows).
+
+        ``coding`` builds the array's stored parts and its coder when the array is opened (see
+        :meth:`BackgroundWriter.open_array`); without it the rows are stored as given.
+        """
         group = self.rank_group(epoch, split)
-        if not self.writer.has_array(group, name):
-            self.writer.open_array(group, name, tuple(values.shape[1:]), dtype, chunk_rows, skip_empty, codec)
+        if not self.writer.is_open(group, name):
+            parts, coder = coding() if coding is not None else (None, None)
+            self.writer.open_array(group, name, tuple(values.shape[1:]), dtype, chunk_rows, parts, coder)
         self.writer.append(group, name, values)
 
     def prune_epochs(self, keep: set[int]) -> None:
@@ -229,9 +241,15 @@ class RunWriter:
         rank_group = group[rank_key]
         self._rank_groups[(group.attrs["epoch"], "train")] = rank_group
         arrays = dict(_arrays_under(rank_group))
+        # An array's other parts, and a codec's tables, follow the array's first part.
+        followers = {
+            info["name"]
+            for arr in arrays.values()
+            for info in arr.attrs.get(PARTS_ATTR, {}).get("parts", [])[1:]
+        }
         for path, arr in arrays.items():
             owner = arrays.get(path[: -len(TABLE)]) if path.endswith(TABLE) else None
-            if owner is None or "codec" not in owner.attrs:  # a codec's tables follow its codes
+            if path not in followers and (owner is None or "codec" not in owner.attrs):
                 self.writer.adopt_array(rank_group, path, arr, rows)
 
 

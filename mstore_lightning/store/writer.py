@@ -1,11 +1,16 @@
 """Chunk-aligned, bounded-memory background writing of per-sample rows into Zarr arrays.
 
-Training threads append rows; each array fills a preallocated chunk-sized buffer, and only whole
-chunks (plus the last, partial one at a flush) are handed to one writer thread, which compresses and
-writes them, all the chunks waiting at once in one call to zarr. Buffers are recycled, so a step writes into memory already touched (fresh pages are
-several times slower to fill than reused ones). The bytes waiting in the queue are bounded: when the
-writer falls behind, ``append`` blocks until a chunk is written, so memory stays bounded and no row is
-dropped.
+The training thread only copies: each array fills a preallocated chunk-sized buffer with the rows as
+handed over (float32 values to be quantized, say). Whole chunks, and the last partial one at a flush,
+go to one writer thread, which codes them into their stored parts (quantization codes and scales,
+deduplication references), compresses and writes them; all the chunks waiting go to zarr in one call.
+
+Buffers are recycled, so a step writes into memory already touched (fresh pages are several times
+slower to fill than reused ones). The bytes waiting in the queue are bounded: when the writer falls
+behind, ``append`` blocks until a chunk is written, so memory stays bounded and no row is dropped.
+
+A chunk written partially (at a flush, or before a resume) keeps its coded rows in memory, and when
+the chunk is rewritten whole only its new rows are coded: every row is coded, and deduplicated, once.
 """
 
 from __future__ import annotations
@@ -29,10 +34,42 @@ from mstore_lightning.store.quant import TABLE, ChunkCodec
 DEFAULT_QUEUE_BYTES = 64 << 20  # small enough that recycled buffers stay warm
 MAX_BATCH = 32  # chunks handed to zarr at once
 DEFAULT_CHUNK_BYTES = 4 << 20  # zarr costs ~1.5 ms a chunk beyond compression; big chunks amortise it
+BUFFER_FACTOR = 4  # a buffer holds up to this many times a chunk's stored bytes (float32 for int8)
+PARTS_ATTR = "parts"  # on an array's first part: every part's name, for a resumed run to find them
+
+Coder = Callable[[np.ndarray, int], dict[str, np.ndarray]]
 
 
 class WriterError(RuntimeError):
     """The background writer failed; the epoch being written is not committed."""
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One stored Zarr array of a buffered array.
+
+    Args:
+        name: its path under the group.
+        row_shape: shape of one stored row.
+        dtype: stored dtype.
+        skip_empty: leave chunks of nothing but zeros unwritten (rows that are references).
+        codec: codes fitted per chunk; the part's rows are the values to code, and a ``<name>_table``
+            array holds one table per chunk.
+    """
+
+    name: str
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    skip_empty: bool = False
+    codec: ChunkCodec | None = None
+
+
+@dataclass
+class _Part:
+    spec: PartSpec
+    array: Any = None  # created on the writer thread at the first chunk
+    table: Any = None
+    capacity: int = 0  # rows the Zarr array can hold (writer thread only)
 
 
 @dataclass
@@ -49,27 +86,22 @@ class _Chunk:
 
 @dataclass
 class _RowArray:
-    """One Zarr array being filled row by row, with its recycled chunk buffers."""
+    """One buffered array being filled row by row, its stored parts, and its recycled buffers."""
 
     group: zarr.Group
     name: str
-    row_shape: tuple[int, ...]
+    row_shape: tuple[int, ...]  # of a buffered row
     dtype: np.dtype
     chunk_rows: int
-    skip_empty: bool = False  # leave all-zero chunks unwritten (rows that are references)
-    codec: ChunkCodec | None = None  # codes fitted per chunk; the buffer holds the values to code
-    array: Any = None  # created on the writer thread at the first chunk
-    table: Any = None  # the codec's per-chunk tables
+    parts: list[_Part]
+    coder: Coder | None = None  # buffered rows (and the first one's row number) -> stored rows per part
     rows: int = 0  # rows appended so far
     fill: int = 0  # rows in the current buffer
     current: np.ndarray | None = None
     free: list[np.ndarray] = field(default_factory=list)
-    capacity: int = 0  # rows the Zarr array can hold (written on the writer thread only)
+    # The stored rows of a chunk written in part: its first row, and its rows per part (writer thread).
+    coded: tuple[int, dict[str, np.ndarray]] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def stored_shape(self) -> tuple[int, ...]:
-        return self.codec.code_shape if self.codec is not None else self.row_shape
 
     def take_buffer(self) -> np.ndarray:
         with self.lock:
@@ -87,7 +119,7 @@ class BackgroundWriter:
 
     Args:
         queue_bytes: most bytes of filled chunks waiting to be written. ``append`` blocks beyond it.
-        chunk_bytes: target uncompressed size of one chunk.
+        chunk_bytes: target uncompressed size of one stored chunk.
 
     Example::
 
@@ -103,6 +135,8 @@ class BackgroundWriter:
         self.queue_bytes = int(queue_bytes)
         self.chunk_bytes = int(chunk_bytes)
         self._arrays: dict[tuple[int, str], _RowArray] = {}
+        self._adopted: set[tuple[int, str]] = set()  # resumed arrays still waiting for their coder
+        self._largest_buffer = 0
         self._queue: queue.Queue[_Chunk | Callable[[], None] | None] = queue.Queue()
         self._pending_bytes = 0
         self._cond = threading.Condition()
@@ -115,9 +149,12 @@ class BackgroundWriter:
         self._thread.start()
 
     # ---------------------------------------------------------------- training side
-    def chunk_rows_for(self, row_bytes: int) -> int:
-        """Rows per chunk for rows of ``row_bytes`` bytes."""
-        return int(min(max(1, self.chunk_bytes // max(1, row_bytes)), 1 << 16))
+    def chunk_rows_for(self, row_bytes: int, buffered_bytes: int = 0) -> int:
+        """Rows per chunk for rows of ``row_bytes`` stored bytes, buffered as ``buffered_bytes``
+        (rows buffered wider than they are stored, float32 values of int8 codes say, get chunks whose
+        buffers hold at most :data:`BUFFER_FACTOR` times a chunk)."""
+        width = max(1, row_bytes, -(-buffered_bytes // BUFFER_FACTOR))
+        return int(min(max(1, self.chunk_bytes // width), 1 << 16))
 
     def open_array(
         self,
@@ -126,46 +163,95 @@ class BackgroundWriter:
         row_shape: tuple[int, ...],
         dtype: Any,
         chunk_rows: int | None = None,
-        skip_empty: bool = False,
-        codec: ChunkCodec | None = None,
+        parts: list[PartSpec] | None = None,
+        coder: Coder | None = None,
     ) -> None:
-        """Declares an array of rows under ``group``; it is created when its first chunk is written.
+        """Declares an array of rows under ``group``; its parts are created at its first chunk.
 
-        Arrays read together (a layer's factors) should share ``chunk_rows`` so reads stay aligned.
-        ``skip_empty`` leaves chunks of nothing but zeros unwritten; they read back as zeros. With a
-        ``codec``, rows are the values to code (``dtype`` float32); the array stores the codes and a
-        ``<name>_table`` array one table per chunk.
+        Args:
+            group: the group the parts are created under.
+            name: the array's name (its first part's, by default its only part's).
+            row_shape: shape of one buffered row.
+            dtype: dtype of the buffered rows.
+            chunk_rows: rows per chunk; arrays read together (a layer's factors) should share it so
+                reads stay aligned.
+            parts: the stored arrays; by default one, ``name``, holding the rows as buffered.
+            coder: runs on the writer thread: ``(rows, first row number) -> {part name: rows}``.
         """
         dtype = np.dtype(dtype)
+        if parts is None:
+            parts = [PartSpec(name, tuple(row_shape), dtype)]
+        key = (id(group), name)
+        if key in self._adopted:  # resumed from a checkpoint: it takes the coder and goes on
+            arr = self._arrays[key]
+            if [p.spec.name for p in arr.parts] != [p.name for p in parts]:
+                raise ValueError(
+                    f"The resumed store holds {name!r} as parts {[p.spec.name for p in arr.parts]}, but "
+                    f"this run writes it as {[p.name for p in parts]}; resume with the version that "
+                    "started the run, or start a new store."
+                )
+            for part, spec in zip(arr.parts, parts):
+                part.spec = spec
+            arr.coder = coder
+            self._adopted.discard(key)
+            return
         if chunk_rows is None:
-            chunk_rows = self.chunk_rows_for(int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize)
-        self._arrays[(id(group), name)] = _RowArray(
-            group, name, tuple(row_shape), dtype, chunk_rows, skip_empty=skip_empty, codec=codec
-        )
+            chunk_rows = self.chunk_rows_for(_row_bytes(parts), int(np.prod(row_shape)) * dtype.itemsize)
+        arr = _RowArray(group, name, tuple(row_shape), dtype, chunk_rows, [_Part(p) for p in parts], coder)
+        self._arrays[key] = arr
+        self._largest_buffer = max(self._largest_buffer, _buffer_bytes(arr))
 
     def adopt_array(self, group: zarr.Group, name: str, array: zarr.Array, rows: int) -> None:
-        """Continues writing an existing array from row ``rows``; rows after it are dropped."""
+        """Continues writing an existing array (all its parts) from row ``rows``; later rows are
+        dropped. The array takes its coder when it is next opened."""
+        layout = array.attrs.get(PARTS_ATTR)
+        if layout is None:  # one part holding the rows as buffered
+            layout = {"parts": [{"name": name, "skip_empty": False}], "buffer": None}
+        specs = []
+        for info in layout["parts"]:
+            stored = group[info["name"]]
+            codec = ChunkCodec.from_json(stored.attrs["codec"]) if "codec" in stored.attrs else None
+            shape = codec.row_shape if codec else tuple(stored.shape[1:])
+            dtype = np.dtype(np.float32) if codec else np.dtype(stored.dtype)
+            specs.append(PartSpec(info["name"], shape, dtype, bool(info["skip_empty"]), codec))
+        buffer = layout["buffer"] or {"row_shape": specs[0].row_shape, "dtype": str(specs[0].dtype)}
         chunk_rows = int(array.chunks[0])
-        codec = ChunkCodec.from_json(array.attrs["codec"]) if "codec" in array.attrs else None
-        arr = _RowArray(group, name, tuple(array.shape[1:]), np.dtype(array.dtype), chunk_rows, array=array)
-        if codec is not None:
-            arr.row_shape, arr.dtype, arr.codec = codec.row_shape, np.dtype(np.float32), codec
-            arr.table = group[name + TABLE]
+        arr = _RowArray(
+            group,
+            name,
+            tuple(buffer["row_shape"]),
+            np.dtype(buffer["dtype"]),
+            chunk_rows,
+            [_Part(s, array=group[s.name], table=group[s.name + TABLE] if s.codec else None) for s in specs],
+        )
         arr.rows = rows
-        _resize(arr, rows)
+        for part in arr.parts:
+            _resize(part, rows, chunk_rows)
         start = rows - rows % chunk_rows
-        if rows > start:  # the last chunk is partial: refill its buffer so it is rewritten whole
-            arr.current = arr.take_buffer()
-            stored = array[start:rows]
-            if codec is not None:  # its codes are refitted with the new rows: one more rounding
-                table = np.broadcast_to(arr.table[start // chunk_rows], (rows - start, codec.levels))
-                stored = codec.decode(stored, table)
-            arr.current[: rows - start] = stored
+        if rows > start:  # the last chunk is partial: its stored rows are kept, and rewritten whole
+            coded = {}
+            for part in arr.parts:
+                stored = part.array[start:rows]
+                if part.spec.codec is not None:  # its codes are refitted with the new rows
+                    levels = part.spec.codec.levels
+                    table = np.broadcast_to(part.table[start // chunk_rows], (rows - start, levels))
+                    stored = part.spec.codec.decode(stored, table)
+                coded[part.spec.name] = stored
+            arr.coded = (start, coded)
+            arr.current = arr.take_buffer()  # its first rows stand for the kept ones
             arr.fill = rows - start
         self._arrays[(id(group), name)] = arr
+        self._adopted.add((id(group), name))
+        self._largest_buffer = max(self._largest_buffer, _buffer_bytes(arr))
 
     def has_array(self, group: zarr.Group, name: str) -> bool:
+        """Whether ``name`` has rows here: opened, or resumed from a checkpoint."""
         return (id(group), name) in self._arrays
+
+    def is_open(self, group: zarr.Group, name: str) -> bool:
+        """Whether ``name`` was opened (a resumed array is not, until it is opened again)."""
+        key = (id(group), name)
+        return key in self._arrays and key not in self._adopted
 
     def rows(self, group: zarr.Group, name: str) -> int:
         return self._arrays[(id(group), name)].rows
@@ -227,19 +313,22 @@ class BackgroundWriter:
 
         def trim() -> None:
             for arr in mine.values():
-                if arr.array is None:
-                    _create(arr, max(arr.rows, 0))
-                _resize(arr, arr.rows)
+                for part in arr.parts:
+                    if part.array is None:
+                        _create(arr, part, max(arr.rows, 0))
+                    _resize(part, arr.rows, arr.chunk_rows)
 
         self.run_on_writer(trim)
         for key in mine:
             del self._arrays[key]
+            self._adopted.discard(key)
         return {a.name: a.rows for a in mine.values()}
 
     def discard_arrays(self, group: zarr.Group) -> None:
         """Forgets the arrays under ``group`` without writing their buffered rows."""
         for key in [k for k, a in self._arrays.items() if a.group is group]:
             del self._arrays[key]
+            self._adopted.discard(key)
 
     def close(self, timeout: float = 60.0) -> None:
         """Stops the thread after the queued work; safe to call twice."""
@@ -255,7 +344,8 @@ class BackgroundWriter:
     def behind(self) -> bool:
         """Whether one more chunk would take the bytes waiting for the writer past ``queue_bytes``
         (where a blocking ``append`` would wait)."""
-        return self._pending_bytes > 0 and self._pending_bytes + self.chunk_bytes > self.queue_bytes
+        chunk = self._largest_buffer or self.chunk_bytes
+        return self._pending_bytes > 0 and self._pending_bytes + chunk > self.queue_bytes
 
     # ---------------------------------------------------------------- internals
     def _submit_current(self, arr: _RowArray, keep: bool = False) -> None:
@@ -326,7 +416,7 @@ class BackgroundWriter:
                     chunk.array.give_back(chunk.buffer)
 
     def _write(self, chunks: list[_Chunk]) -> None:
-        writes = [self._prepare(c) for c in chunks]
+        writes = [w for c in chunks for w in self._prepare(c)]
 
         async def write_all() -> None:
             await asyncio.gather(*(array.setitem(rows, block) for array, rows, block in writes))
@@ -334,19 +424,34 @@ class BackgroundWriter:
         zarr_sync(write_all())
         self.bytes_written += sum(c.nbytes for c in chunks)
 
-    def _prepare(self, chunk: _Chunk) -> tuple[Any, slice, np.ndarray]:
-        """Sizes the chunk's array and codes its block; returns the async array, rows and values."""
+    def _prepare(self, chunk: _Chunk) -> list[tuple[Any, slice, np.ndarray]]:
+        """Codes the chunk's new rows, sizes its parts' arrays, and returns what to write to each."""
         arr = chunk.array
-        stop = chunk.start + chunk.rows
-        if arr.array is None:
-            _create(arr, max(stop, 4 * arr.chunk_rows))
-        if stop > arr.capacity:
-            _resize(arr, max(stop, 2 * arr.capacity))
-        block = chunk.buffer[: chunk.rows]
-        if arr.codec is not None:
-            block, table = arr.codec.encode(block)
-            arr.table[chunk.start // arr.chunk_rows] = table
-        return arr.array.async_array, slice(chunk.start, stop), block
+        start, stop = chunk.start, chunk.start + chunk.rows
+        kept: dict[str, np.ndarray] = {}
+        if arr.coded is not None and arr.coded[0] == start:
+            kept = arr.coded[1]
+        skip = len(next(iter(kept.values()))) if kept else 0
+        new = chunk.buffer[skip : chunk.rows]
+        coded = kept
+        if len(new):
+            coded = arr.coder(new, start + skip) if arr.coder else {arr.parts[0].spec.name: new}
+            if kept:
+                coded = {k: np.concatenate([kept[k], v]) for k, v in coded.items()}
+        # A partial chunk keeps its coded rows (copied: the buffer is recycled) for its rewrite.
+        arr.coded = (start, {k: v.copy() for k, v in coded.items()}) if chunk.rows < arr.chunk_rows else None
+        writes = []
+        for part in arr.parts:
+            block = coded[part.spec.name]
+            if part.array is None:
+                _create(arr, part, max(stop, 4 * arr.chunk_rows))
+            if stop > part.capacity:
+                _resize(part, max(stop, 2 * part.capacity), arr.chunk_rows)
+            if part.spec.codec is not None:
+                block, table = part.spec.codec.encode(block)
+                part.table[start // arr.chunk_rows] = table
+            writes.append((part.array.async_array, slice(start, stop), block))
+        return writes
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -357,26 +462,49 @@ def _same_chunk(a: _Chunk, b: _Chunk) -> bool:
     return a.array is b.array and a.start == b.start
 
 
-def _create(arr: _RowArray, rows: int) -> None:
-    dtype = np.dtype(np.uint8) if arr.codec is not None else arr.dtype
-    arr.array = create_row_array(
-        arr.group, arr.name, rows, arr.stored_shape, dtype, arr.chunk_rows, skip_empty=arr.skip_empty
+def _row_bytes(parts: list[PartSpec]) -> int:
+    """Stored bytes of one row over ``parts``."""
+    total = 0
+    for p in parts:
+        shape, dtype = (p.codec.code_shape, np.uint8) if p.codec else (p.row_shape, p.dtype)
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return total
+
+
+def _buffer_bytes(arr: _RowArray) -> int:
+    return arr.chunk_rows * int(np.prod(arr.row_shape, dtype=np.int64)) * arr.dtype.itemsize
+
+
+def _create(arr: _RowArray, part: _Part, rows: int) -> None:
+    spec = part.spec
+    shape, dtype = (spec.codec.code_shape, np.uint8) if spec.codec else (spec.row_shape, spec.dtype)
+    attributes: dict[str, Any] = {}
+    if part is arr.parts[0]:
+        attributes[PARTS_ATTR] = {
+            "parts": [{"name": p.spec.name, "skip_empty": p.spec.skip_empty} for p in arr.parts],
+            "buffer": {"row_shape": list(arr.row_shape), "dtype": arr.dtype.str},
+        }
+    if spec.codec is not None:
+        attributes["codec"] = spec.codec.to_json()
+    part.array = create_row_array(
+        arr.group, spec.name, rows, shape, dtype, arr.chunk_rows, spec.skip_empty, attributes
     )
-    arr.capacity = rows
-    if arr.codec is not None:
-        arr.array.attrs["codec"] = arr.codec.to_json()
-        arr.table = create_row_array(
-            arr.group, arr.name + TABLE, -(-rows // arr.chunk_rows), (arr.codec.levels,), np.float32, 1024
+    part.capacity = rows
+    if spec.codec is not None:
+        part.table = create_row_array(
+            arr.group, spec.name + TABLE, -(-rows // arr.chunk_rows), (spec.codec.levels,), np.float32, 1024
         )
 
 
-def _resize(arr: _RowArray, rows: int) -> None:
-    """Sets the arrays' row count (the codec's tables follow in whole chunks)."""
-    if arr.array.shape[0] != rows:
-        arr.array.resize((rows, *arr.stored_shape))
-    if arr.table is not None and arr.table.shape[0] != -(-rows // arr.chunk_rows):
-        arr.table.resize((-(-rows // arr.chunk_rows), arr.codec.levels))
-    arr.capacity = rows
+def _resize(part: _Part, rows: int, chunk_rows: int) -> None:
+    """Sets the part's row count (a codec's tables follow in whole chunks)."""
+    shape = part.spec.codec.code_shape if part.spec.codec else part.spec.row_shape
+    if part.array.shape[0] != rows:
+        part.array.resize((rows, *shape))
+    tables = -(-rows // chunk_rows)
+    if part.table is not None and part.table.shape[0] != tables:
+        part.table.resize((tables, part.spec.codec.levels))
+    part.capacity = rows
 
 
 def _copy_rows(dst: np.ndarray, src: torch.Tensor) -> None:
