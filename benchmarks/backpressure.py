@@ -1,6 +1,7 @@
 """Peak memory of a capture whose store is slower than training, against the writer's queue budget.
 
-Each run trains the MLP 784-512-512-10 (batch 128, fp16 factors of every layer) for one epoch in a
+Each run trains the MLP 784-512-512-10 (batch 128, factors of every layer at ``--precision``, fp16 by
+default; int8 rows wait in their buffers as float32) for one epoch in a
 fresh process, with a store whose chunk writes each take ``--delay`` seconds longer, so the writer
 falls behind from the first steps. Runs, one process each:
 
@@ -102,7 +103,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     if args.arm != "plain":
         capture = GradientCapture(
             store,
-            policy={"precision": "fp16", "dedup": False},
+            policy={"precision": args.precision, "dedup": False},
             mode="overwrite",
             queue_bytes=args.queue_mb * MB,
             chunk_bytes=CHUNK_BYTES,
@@ -141,6 +142,7 @@ def run_arm(arm: str, queue_mb: int, args: argparse.Namespace) -> dict[str, Any]
         cmd = [
             sys.executable, __file__, "--child", "--arm", arm, "--queue-mb", str(queue_mb),
             "--delay", str(args.delay), "--steps", str(args.steps), "--scratch", scratch,
+            "--precision", args.precision,
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument("--queues", default="8,32,128", help="queue budgets in MB, comma-separated")
     ap.add_argument("--delay", type=float, default=0.5, help="extra seconds per chunk write")
     ap.add_argument("--steps", type=int, default=240, help="training steps (batches of 128)")
+    ap.add_argument("--precision", default="fp16", help="the capture policy's precision")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "backpressure.json"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arm", default="plain", help=argparse.SUPPRESS)
@@ -186,7 +189,7 @@ def main() -> None:
                 flush=True,
             )
     machine = machine_info()
-    print(f"\n{machine['cpu_model']}, {machine['cpu_count']} cores; chunk writes delayed by {args.delay} s; "
+    print(f"\n{machine['cpu_model']}, {machine['cpu_count']} cores; {args.precision}; chunk writes delayed by {args.delay} s; "
           f"chunks of {CHUNK_BYTES // MB} MB; {args.steps} steps of 128 rows.")  # fmt: skip
     result = {
         "benchmark": "backpressure",
@@ -195,6 +198,7 @@ def main() -> None:
         "mstore_lightning_sources_sha256": library_digest(),
         "command": "python benchmarks/backpressure.py " + " ".join(sys.argv[1:]),
         "delay_s": args.delay,
+        "precision": args.precision,
         "steps": args.steps,
         "chunk_bytes": CHUNK_BYTES,
         "plain": plain,

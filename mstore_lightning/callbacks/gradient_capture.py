@@ -116,7 +116,10 @@ class GradientCapture(Callback):
             the second item of an ``(x, y)`` batch, when it holds one integer per sample.
         mode: what to do when ``store`` already holds a store: ``"error"``, ``"overwrite"`` or ``"append"``.
         queue_bytes: most bytes of captured rows waiting for the writer; training waits beyond it.
-        chunk_bytes: target uncompressed size of one stored chunk.
+        chunk_bytes: target uncompressed size of one stored chunk. Rows wait for the writer in
+            chunk buffers as the training thread hands them over (float32 for int8 and k-bit
+            codes), so each captured array holds up to 4 × ``chunk_bytes`` of buffer beside the
+            queue; smaller chunks use less memory and cost more time per row.
         storage_options: fsspec options for URL stores, e.g. ``{"endpoint_url": "http://minio:9000",
             "key": ..., "secret": ...}`` for an S3-compatible server; without them s3fs reads the
             standard AWS environment variables and configuration files.
