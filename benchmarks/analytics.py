@@ -458,9 +458,9 @@ def bench_digits(epochs: int, reps: int, workdir: Path) -> dict[str, Any]:
 
     stores = {p: open_store(path) for p, path in paths.items()}
     ref = stores["fp32"]
-    # What self_influence must read at least: each epoch's training-row ids and the layers' arrays
-    # (group r<rank>; q<rank> holds the queries).
-    floor = {p: zarr_read(path, lambda name: re.search(r"/r\d+/(layers/|rows/ids$)", name) is not None)
+    # What self_influence must read at least: each epoch's training-row ids and the squared norms kept
+    # at capture (group r<rank>; q<rank> holds the queries).
+    floor = {p: zarr_read(path, lambda name: re.search(r"/r\d+/rows/(ids|sqnorm)$", name) is not None)
              for p, path in paths.items()}
     is_flipped = np.zeros(n, dtype=bool)
     is_flipped[run["flipped"]] = True

@@ -6,16 +6,23 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import zarr
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, PolicyError, open_store
+from mstore_lightning.store import layout
 from test_extractors import Conv1D
 
 
-def assert_matches_reference(store, ref, atol=1e-5, rtol=1e-4, ):
+def assert_matches_reference(
+    store,
+    ref,
+    atol=1e-5,
+    rtol=1e-4,
+):
     """restore, norms and dot of every committed epoch equal the torch.func reference."""
     assert store.epochs
     for epoch in store.epochs:
@@ -109,7 +116,16 @@ def test_every_layer_family_in_one_fit(tmp_path):
     cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT)
     trainer([ref, cap], max_epochs=2).fit(task, loader(x, y, batch_size=5))
     store = open_store(tmp_path / "s.zarr")
-    assert set(store.layers) == {"net.conv", "net.gn", "net.conv1d", "net.ln", "net.emb", "net.gpt", "net.shared", "net.head"}
+    assert set(store.layers) == {
+        "net.conv",
+        "net.gn",
+        "net.conv1d",
+        "net.ln",
+        "net.emb",
+        "net.gpt",
+        "net.shared",
+        "net.head",
+    }
     assert store.layer_spec("net.shared")["uses"] == 2
     assert store.layer_spec("net.gn")["representation"] == "full"
     assert store.layer_spec("net.emb")["arrays"]["a"]["dtype"] == "int64"
@@ -149,7 +165,9 @@ def test_bf16_autocast_is_close_to_fp32_reference(tmp_path):
     torch.manual_seed(0)
     x, y = data(n=24)
     task, ref = Task(mlp()), Reference()
-    trainer([ref, GradientCapture(tmp_path / "s.zarr", policy=EXACT)], precision="bf16-mixed").fit(task, loader(x, y))
+    trainer([ref, GradientCapture(tmp_path / "s.zarr", policy=EXACT)], precision="bf16-mixed").fit(
+        task, loader(x, y)
+    )
     store = open_store(tmp_path / "s.zarr")
     ids = store.sample_ids(0).tolist()
     for layer in store.layers:
@@ -180,9 +198,14 @@ def test_reduced_precision_restores_within_its_rounding(tmp_path, precision, tol
     torch.manual_seed(0)
     x, y = data()
     task, ref = Task(mlp()), Reference()
-    trainer([ref, GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "precision": precision})]).fit(task, loader(x, y))
+    trainer([ref, GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "precision": precision})]).fit(
+        task, loader(x, y)
+    )
     store = open_store(tmp_path / "s.zarr")
-    assert store.layer_spec("net.0")["arrays"]["a"]["encoding"] == {"fp16": "float16", "bf16": "bfloat16-bits"}[precision]
+    assert (
+        store.layer_spec("net.0")["arrays"]["a"]["encoding"]
+        == {"fp16": "float16", "bf16": "bfloat16-bits"}[precision]
+    )
     ids = store.sample_ids(0).tolist()
     for layer in store.layers:
         g = store.restore(0, layer, ids)["weight"]
@@ -252,8 +275,12 @@ def test_refuses_shuffled_batches_without_ids(tmp_path):
     ds = torch.utils.data.TensorDataset(x, y)
     task = Plain(mlp())
     before = [p.detach().clone() for p in task.parameters()]
-    with pytest.raises(RuntimeError, match=r"needs the dataset index.*RandomSampler.*'index' entry.*sample_ids="):
-        trainer([GradientCapture(tmp_path / "s.zarr", policy=EXACT)]).fit(task, torch.utils.data.DataLoader(ds, batch_size=6, shuffle=True))
+    with pytest.raises(
+        RuntimeError, match=r"needs the dataset index.*RandomSampler.*'index' entry.*sample_ids="
+    ):
+        trainer([GradientCapture(tmp_path / "s.zarr", policy=EXACT)]).fit(
+            task, torch.utils.data.DataLoader(ds, batch_size=6, shuffle=True)
+        )
     assert all(torch.equal(a, b) for a, b in zip(before, task.parameters()))  # refused before any step
     assert not any(m._forward_hooks for m in task.modules())
 
@@ -293,7 +320,9 @@ class WithUncovered(nn.Module):
 def test_uncovered_parameters_are_warned_and_recorded(tmp_path):
     x, y = data(n=16)
     cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT)
-    with pytest.warns(UserWarning, match=r"does not capture net\.bn \(BatchNorm1d\).*batch statistics couple"):
+    with pytest.warns(
+        UserWarning, match=r"does not capture net\.bn \(BatchNorm1d\).*batch statistics couple"
+    ):
         trainer([cap]).fit(Task(WithUncovered()), loader(x, y))
     store = open_store(tmp_path / "s.zarr")
     got = {u["module"]: u for u in store.uncovered}
@@ -327,7 +356,9 @@ def test_tied_parameters_are_reported_not_half_captured(tmp_path):
 def test_unknown_layer_pattern_fails_at_setup_and_lists_layers(tmp_path):
     cap = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "layers": ["encoder.*"]})
     x, y = data(n=8)
-    with pytest.raises(PolicyError, match=r"'encoder\.\*' matches no module of Task.*net\.0 \(Linear\), net\.2 \(Linear\)"):
+    with pytest.raises(
+        PolicyError, match=r"'encoder\.\*' matches no module of Task.*net\.0 \(Linear\), net\.2 \(Linear\)"
+    ):
         trainer([cap]).fit(Task(mlp()), loader(x, y))
     assert not (tmp_path / "s.zarr").exists()
 
@@ -347,7 +378,9 @@ def test_hooks_removed_and_modules_untouched(tmp_path):
     trainer([GradientCapture(tmp_path / "a.zarr", policy=EXACT)]).fit(task, loader(x, y))
     assert not any(m._forward_hooks for m in task.modules())
     # Capture leaves no attribute on any module that Lightning itself did not set.
-    assert {n: set(vars(m)) for n, m in task.named_modules()} == {n: set(vars(m)) for n, m in plain.named_modules()}
+    assert {n: set(vars(m)) for n, m in task.named_modules()} == {
+        n: set(vars(m)) for n, m in plain.named_modules()
+    }
     assert not any(hasattr(p, "grad_sample") for p in task.parameters())
 
     class Boom(L.Callback):
@@ -369,7 +402,9 @@ def test_epoch_is_invisible_until_committed(tmp_path):
                 seen.append((trainer.current_epoch, open_store(tmp_path / "s.zarr").epochs))
 
     x, y = data(n=20)
-    trainer([GradientCapture(tmp_path / "s.zarr", policy=EXACT), Peek()], max_epochs=3).fit(Task(mlp()), loader(x, y, batch_size=5))
+    trainer([GradientCapture(tmp_path / "s.zarr", policy=EXACT), Peek()], max_epochs=3).fit(
+        Task(mlp()), loader(x, y, batch_size=5)
+    )
     assert seen == [(0, []), (1, [0]), (2, [0, 1])]
 
 
@@ -379,12 +414,18 @@ def test_existing_store_modes(tmp_path):
     trainer([GradientCapture(path, policy=EXACT)]).fit(Task(mlp()), loader(x, y))
     from mstore_lightning import StoreExistsError
 
-    with pytest.raises(StoreExistsError, match="already holds a gradient store.*mode='overwrite'.*mode='append'"):
+    with pytest.raises(
+        StoreExistsError, match="already holds a gradient store.*mode='overwrite'.*mode='append'"
+    ):
         trainer([GradientCapture(path, policy=EXACT)]).fit(Task(mlp()), loader(x, y))
     assert open_store(path).epochs == [0]  # untouched
-    trainer([GradientCapture(path, mode="append", policy={**EXACT, "epochs": [1]})], max_epochs=2).fit(Task(mlp()), loader(x, y))
+    trainer([GradientCapture(path, mode="append", policy={**EXACT, "epochs": [1]})], max_epochs=2).fit(
+        Task(mlp()), loader(x, y)
+    )
     assert open_store(path).epochs == [0, 1]
-    trainer([GradientCapture(path, mode="overwrite", policy={**EXACT, "epochs": [1]})], max_epochs=2).fit(Task(mlp()), loader(x, y))
+    trainer([GradientCapture(path, mode="overwrite", policy={**EXACT, "epochs": [1]})], max_epochs=2).fit(
+        Task(mlp()), loader(x, y)
+    )
     assert open_store(path).epochs == [1]
 
 
@@ -430,3 +471,42 @@ def test_positional_ids_with_a_sample_subset_keep_rows_aligned(tmp_path):
         assert len(store.row_field(0, name)) == 3, name  # batches with no kept sample add no row anywhere
     assert np.isfinite(store.row_field(0, "loss")).all()
     assert len(store.norms(0)) == 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_norms_kept_at_capture_are_exact_and_agree_with_the_factors(tmp_path, precision):
+    # Linear layers with one position per sample keep each row's squared norm as it is captured, before
+    # quantization; norms reads those, and computes them from the stored factors where none were kept.
+    torch.manual_seed(0)
+    x, y = data(n=24)
+    ref = Reference()
+    path = tmp_path / "s.zarr"
+    cap = GradientCapture(path, policy={**EXACT, "precision": precision})
+    trainer([ref, cap], max_epochs=2).fit(Task(mlp()), loader(x, y))
+    kept = {}
+    store = open_store(path)
+    for e in store.epochs:
+        ids = store.sample_ids(e).tolist()
+        exact = np.sqrt([sum(float(g.pow(2).sum()) for g in ref.grads[e][i].values()) for i in ids])
+        kept[e] = np.asarray(store.norms(e))
+        np.testing.assert_allclose(kept[e], exact, rtol=1e-5)  # exact at int8 too
+        first = np.sqrt(
+            [
+                sum(float(g.pow(2).sum()) for k, g in ref.grads[e][i].items() if k.startswith("net.0"))
+                for i in ids
+            ]
+        )
+        np.testing.assert_allclose(np.asarray(store.norms(e, layers=["net.0"])), first, rtol=1e-5)
+    root = zarr.open_group(path, mode="r+")
+    for e in store.epochs:  # forget the kept norms: readers fall back to the stored factors
+        rank = root[f"{layout.EPOCHS}/{layout.epoch_key(e)}/{layout.rank_key(0)}"]
+        assert set(rank.attrs["sqnorms"]["layers"]) == {"net.0", "net.2"}
+        rank.attrs.put({k: v for k, v in rank.attrs.asdict().items() if k != "sqnorms"})
+    store = open_store(path)
+    for e in store.epochs:
+        from_factors = np.asarray(store.norms(e))
+        if precision == "fp32":
+            np.testing.assert_allclose(from_factors, kept[e], rtol=1e-5)
+        else:  # int8 factors: within a few percent, and not the same numbers
+            assert np.abs(from_factors / kept[e] - 1).max() < 0.05
+            assert not np.array_equal(from_factors, kept[e])

@@ -40,6 +40,10 @@ def test_norms_dot_and_influence_match_the_local_engine(store, client):
     assert store.dedup_stats(1)["net.0/a"]["duplicates"] == 64
     assert len(store._chunks(1, store._layer("net.0"))) >= 3  # several tasks per layer
     np.testing.assert_allclose(store.norms(1, client=client), store.norms(1), rtol=1e-12)
+    # on the stored factors, one task per chunk (the kept norms are one small array, read locally)
+    np.testing.assert_allclose(
+        store.norms(1, client=client, kept=False), store.norms(1, kept=False), rtol=1e-12
+    )
     # float32 kernels over other blocks of rows: equal up to float32 rounding
     np.testing.assert_allclose(
         store.dot(1, ids[:3], ids, client=client), store.dot(1, ids[:3], ids), rtol=1e-5, atol=1e-7

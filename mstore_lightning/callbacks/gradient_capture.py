@@ -86,6 +86,7 @@ def _store_io(hook: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+SQNORMS = "sqnorm"  # per-row squared gradient norms of the layers where they are cheap, one column each
 _ROW_FIELDS = {"ids": np.int64, "step": np.int64, "label": np.int64, "lr": np.float64, "loss": np.float32}
 
 
@@ -239,7 +240,8 @@ class GradientCapture(Callback):
         self._dropped = 0  # rows of this epoch not stored because the writer was behind
         self._failed: str | None = None  # why capture stopped, after a store write failed
         self._in_progress: int | None = None  # the epoch being written, from its start to its commit
-        self._nonfinite: list[int] = []  # ids of this epoch's samples with NaN or Inf factors
+        self._nonfinite: list[int] = []
+        self._sqnorm_gap = False  # this epoch's stored norms miss rows: readers compute norms from factors  # ids of this epoch's samples with NaN or Inf factors
         self.mode = mode
         self.queue_bytes, self.chunk_bytes = queue_bytes, chunk_bytes
         self.storage_options = storage_options
@@ -416,6 +418,7 @@ class GradientCapture(Callback):
         self._epoch = epoch
         self._nonfinite = []
         self._dropped = 0
+        self._sqnorm_gap = False
         self._epoch_started = time.perf_counter()
         self._epoch_recomputed = {n for n, d in self._recompute.items() if d["decision"] == "recompute"}
         self._epoch_lr = _learning_rates(trainer)
@@ -438,6 +441,18 @@ class GradientCapture(Callback):
         # Every process's count: the commit records the epoch's total, which readers check.
         total_rows = int(trainer.strategy.reduce(torch.tensor(float(own_rows)), reduce_op="sum").item())
         self._run.set_rank_attrs(epoch, rows=own_rows)
+        if not self._sqnorm_gap:
+            self._run.set_rank_attrs(
+                epoch,
+                sqnorms={
+                    "columns": list(self._plans),
+                    "layers": [
+                        n
+                        for n, p in self._plans.items()
+                        if p.ready and p.sqnorm_at_capture and n not in self._epoch_recomputed
+                    ],
+                },
+            )
         if self._dedup is not None:
             self._run.set_rank_attrs(epoch, dedup=self._dedup.take_stats())
         if trainer.global_rank == 0 and not total_rows:
@@ -775,7 +790,11 @@ class GradientCapture(Callback):
         newly_ready = []
         rows_before = self._run.rows_written(self._epoch, split)
         group = self._run.rank_group(self._epoch, split)
-        for name, plan in self._plans.items():
+        # Exact squared norms of the layers where they are cheap, one column per planned layer.
+        sqnorms = (
+            torch.zeros(len(step.ids), len(self._plans), dtype=torch.float64) if split == "train" else None
+        )
+        for column, (name, plan) in enumerate(self._plans.items()):
             layer_uses = uses.get(name, [])
             if not plan.ready:
                 if not layer_uses:
@@ -788,7 +807,11 @@ class GradientCapture(Callback):
                 # rows before it first ran
                 self._append_layer(plan, _zero_rows(plan, rows_before), None, 0, split)
             rows = plan.rows(layer_uses, mult) if layer_uses else _zero_rows(plan, len(step.ids))
+            if sqnorms is not None and plan.sqnorm_at_capture:
+                sqnorms[:, column] = plan.sqnorms(rows).cpu()
             self._append_layer(plan, rows, step.keep, rows_before, split)
+        if sqnorms is not None:
+            self._append_sqnorms(sqnorms, step.keep, rows_before)
         if newly_ready:
             never = [n for n, p in self._plans.items() if not p.ready]
             self._run.update_meta(layers={n: p.spec() for n, p in self._plans.items() if p.ready})
@@ -798,6 +821,14 @@ class GradientCapture(Callback):
                     "captured batch (applied functionally, unused, or frozen upstream); they are not captured "
                     "until they do."
                 )
+
+    def _append_sqnorms(self, sqnorms: torch.Tensor, keep: torch.Tensor | None, rows_before: int) -> None:
+        group, name = self._run.rank_group(self._epoch), f"{layout.ROWS}/{SQNORMS}"
+        if rows_before and not self._run.writer.has_array(group, name):
+            # Rows from before these norms were kept (a resumed run of an older version): none count.
+            self._sqnorm_gap = True
+            self._run.append(self._epoch, name, torch.zeros(rows_before, sqnorms.shape[1]), np.float32)
+        self._run.append(self._epoch, name, self._select(sqnorms.float(), keep), np.float32)
 
     def _append_layer(
         self,

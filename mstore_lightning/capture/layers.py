@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -128,6 +129,25 @@ class LayerPlan:
     def dedup_arrays(self) -> list[str]:
         """Arrays whose rows are deduplicated."""
         return [n for n, spec in self.arrays.items() if spec.get("dedup")]
+
+    @property
+    def sqnorm_at_capture(self) -> bool:
+        """Whether :meth:`sqnorms` is cheap enough to run on every batch: full gradients, and the
+        factors of linear layers with one position per sample. Elsewhere (sequences, convolutions)
+        a norm costs a ``T × T`` Gram matrix per sample, and readers compute it from the factors."""
+        if self.summary or self.representation == "projection":
+            return False
+        if self.representation == "full":
+            return True
+        positions = self.uses * math.prod(self.input_shape[:-1])
+        return self.extractor.kind in ("linear", "conv1d_transposed") and positions == 1
+
+    def sqnorms(self, rows: dict[str, Tensor]) -> Tensor:
+        """Per-sample squared gradient norms ``(B,)`` (float64) of one batch's exact rows, before
+        any quantization; only where :attr:`sqnorm_at_capture`."""
+        if self.representation == "full":
+            return sum(r.reshape(r.shape[0], -1).double().pow(2).sum(1) for r in rows.values())
+        return self.extractor.sqnorm(self.hyper, self.params, rows).double()
 
     def rows(self, uses: list[tuple[Tensor, Tensor]], multiplier: float) -> dict[str, Tensor]:
         """Per-sample rows of one batch, with ``d`` scaled to each sample's own loss."""

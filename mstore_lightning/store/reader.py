@@ -301,25 +301,55 @@ class GradientStore:
         return total
 
     def norms(
-        self, epoch: int, layers: Sequence[str] | None = None, *, split: str = "train", client: Any = None
+        self,
+        epoch: int,
+        layers: Sequence[str] | None = None,
+        *,
+        split: str = "train",
+        client: Any = None,
+        kept: bool = True,
     ) -> np.ndarray:
         """Per-sample gradient L2 norm over ``layers``, aligned with :meth:`sample_ids`.
 
-        Computed on the stored factors, chunk by chunk, without restoring gradients; with a
+        Where the capture kept every asked-for layer's squared norms (full gradients, and linear
+        layers with one position per sample), they are read: exact, before any quantization.
+        Otherwise, or with ``kept=False``, they are computed on the stored factors, chunk by chunk,
+        without restoring gradients (what ``dot`` and the other operators see); with a
         ``distributed.Client``, one Dask task per chunk on its workers.
         """
+        selected = self._select(layers)
+        total = self._captured_sqnorms(epoch, [lay.name for lay in selected], split) if kept else None
+        if total is not None:
+            return QueryResult(np.sqrt(total), self._approximate(layers, epoch))
         if client is not None:
             from mstore_lightning.analytics import dask_engine
 
-            total = dask_engine.sqnorms(
-                self, epoch, [lay.name for lay in self._select(layers)], split, client
-            )
+            total = dask_engine.sqnorms(self, epoch, [lay.name for lay in selected], split, client)
             return QueryResult(np.sqrt(total), self._approximate(layers, epoch))
         total = np.zeros(len(self.sample_ids(epoch, split)), dtype=np.float64)
-        for lay in self._select(layers):
+        for lay in selected:
             for lo, rows in self._stream(epoch, lay, split):
                 total[lo : lo + _nrows(rows)] += _sqnorm(lay, rows).double().numpy()
         return QueryResult(np.sqrt(total), self._approximate(layers, epoch))
+
+    def _captured_sqnorms(self, epoch: int, names: list[str], split: str) -> np.ndarray | None:
+        """Summed squared norms of ``names`` as captured (exact, from the factors before any
+        quantization), when the capture kept them for all those layers on every rank; else ``None``."""
+        if split != "train" or not names:
+            return None
+        ep = self._epoch(epoch, split)
+        columns = []
+        for g in ep["ranks"]:
+            kept = g.attrs.get("sqnorms")
+            if not kept or not set(names) <= set(kept["layers"]):
+                return None
+            columns.append([kept["columns"].index(n) for n in names])
+        parts = []
+        for r, g in enumerate(ep["ranks"]):
+            arr = _node(g, f"{layout.ROWS}/sqnorm")
+            _check_rows(arr, int(ep["offsets"][r + 1] - ep["offsets"][r]))
+            parts.append(_take(arr, slice(None))[:, columns[r]].astype(np.float64).sum(1))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
 
     def dot(
         self,
