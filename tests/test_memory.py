@@ -61,7 +61,10 @@ def test_peak_memory_does_not_grow_with_the_epoch(tmp_path):
     store = open_store(path)
     assert [len(store.sample_ids(e)) for e in store.epochs] == [200, n, 3_000]
     row = (256 + 256 + 4) * 4  # fp32 factors of one sample
-    big, small = peak_growth(path, 1, "stream"), peak_growth(path, 2, "stream")
+    # The least of two runs each: a stray transient (a thread pool's buffers, a late collection) can
+    # lift one run's high-water mark; memory that grows with the epoch lifts every run.
+    big = min(peak_growth(path, 1, "stream") for _ in range(2))
+    small = min(peak_growth(path, 2, "stream") for _ in range(2))
     loaded = peak_growth(path, 1, "load")
     assert loaded > n * row / 2, loaded  # the measurement sees a full read
     # Four times the rows, about the same peak: memory follows the chunk, not the epoch.
