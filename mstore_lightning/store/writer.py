@@ -63,6 +63,13 @@ class PartSpec:
     skip_empty: bool = False
     codec: ChunkCodec | None = None
 
+    @property
+    def stored(self) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of one row in the Zarr array (a codec stores packed uint8 codes)."""
+        if self.codec is not None:
+            return self.codec.code_shape, np.dtype(np.uint8)
+        return self.row_shape, self.dtype
+
 
 @dataclass
 class _Part:
@@ -466,8 +473,8 @@ def _row_bytes(parts: list[PartSpec]) -> int:
     """Stored bytes of one row over ``parts``."""
     total = 0
     for p in parts:
-        shape, dtype = (p.codec.code_shape, np.uint8) if p.codec else (p.row_shape, p.dtype)
-        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        shape, dtype = p.stored
+        total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     return total
 
 
@@ -477,7 +484,7 @@ def _buffer_bytes(arr: _RowArray) -> int:
 
 def _create(arr: _RowArray, part: _Part, rows: int) -> None:
     spec = part.spec
-    shape, dtype = (spec.codec.code_shape, np.uint8) if spec.codec else (spec.row_shape, spec.dtype)
+    shape, dtype = spec.stored
     attributes: dict[str, Any] = {}
     if part is arr.parts[0]:
         attributes[PARTS_ATTR] = {
@@ -498,9 +505,8 @@ def _create(arr: _RowArray, part: _Part, rows: int) -> None:
 
 def _resize(part: _Part, rows: int, chunk_rows: int) -> None:
     """Sets the part's row count (a codec's tables follow in whole chunks)."""
-    shape = part.spec.codec.code_shape if part.spec.codec else part.spec.row_shape
     if part.array.shape[0] != rows:
-        part.array.resize((rows, *shape))
+        part.array.resize((rows, *part.spec.stored[0]))
     tables = -(-rows // chunk_rows)
     if part.table is not None and part.table.shape[0] != tables:
         part.table.resize((tables, part.spec.codec.levels))
