@@ -67,7 +67,9 @@ def test_the_writer_codes_every_row_once_even_across_flushes(tmp_path_factory, s
     w.open_array(group, "x", (2,), np.float32, chunk_rows=chunk_rows, parts=parts, coder=coder)
     sent = []
     for i, n in enumerate(sizes):
-        rows = np.arange(2 * sum(map(len, sent)), 2 * (sum(map(len, sent)) + n), dtype=np.float32).reshape(n, 2)
+        rows = np.arange(2 * sum(map(len, sent)), 2 * (sum(map(len, sent)) + n), dtype=np.float32).reshape(
+            n, 2
+        )
         sent.append(rows)
         w.append(group, "x", torch.from_numpy(rows))
         if i in flush_at:
@@ -79,7 +81,10 @@ def test_the_writer_codes_every_row_once_even_across_flushes(tmp_path_factory, s
     np.testing.assert_array_equal(group["x"][:], (np.concatenate(sent) * 2).astype(np.int16))
     seen = group["x_seen"][:]
     assert (np.diff(seen) >= 0).all() and (total == 0 or seen[-1] == total)
-    assert group["x"].attrs["parts"]["parts"] == [{"name": "x", "skip_empty": False}, {"name": "x_seen", "skip_empty": False}]
+    assert group["x"].attrs["parts"]["parts"] == [
+        {"name": "x", "skip_empty": False},
+        {"name": "x_seen", "skip_empty": False},
+    ]
 
 
 def test_writer_blocks_instead_of_growing_when_storage_is_slow(tmp_path):
@@ -156,6 +161,30 @@ def test_layout_codecs_and_json_only_metadata(tmp_path):
             assert b"\x80\x04\x95" not in f.read_bytes()[:3]  # no pickle protocol header
 
 
+def test_every_metadata_document_a_reader_can_meet_is_whole(tmp_path, monkeypatch):
+    # A reader beside a training run reads whichever zarr.json is on disk at that moment, so each
+    # version ever written must pass its checksum; a committed epoch is stamped in the same write.
+    written: list[tuple[str, bytes]] = []
+    set_value = zarr.storage.LocalStore.set
+
+    async def recording_set(self, key, value):
+        if key.endswith("zarr.json"):
+            written.append((key, value.to_bytes()))
+        return await set_value(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", recording_set)
+    fit_store(tmp_path / "s.zarr")
+    roots = [json.loads(b)["attributes"] for k, b in written if k == "zarr.json"]
+    epochs = [json.loads(b)["attributes"] for k, b in written if k.count("/") == 2]  # epochs/NNNNN/zarr.json
+    assert len(roots) >= 3 and any("layers" in r.get(layout.META_KEY, {}) for r in roots)
+    assert [e for e in epochs if e.get("state") == layout.COMMITTED]
+    for attrs in roots + epochs:
+        assert not layout.crc_mismatch(attrs), attrs
+    for attrs in epochs:
+        assert attrs.get("state") in (layout.OPEN, layout.COMMITTED)
+        assert attrs["state"] == layout.OPEN or layout.CRC_KEY in attrs
+
+
 def test_restore_needs_no_model(tmp_path):
     path = tmp_path / "s.zarr"
     fit_store(path)
@@ -194,7 +223,9 @@ def test_read_errors_name_what_is_missing(tmp_path):
     store = open_store(path)
     with pytest.raises(StoreReadError, match=r"Epoch 5 is not committed in this store; committed: \[0, 1\]"):
         store.norms(5)
-    with pytest.raises(StoreReadError, match=r"Layer 'fc' is not in this store; its layers are \['net.0', 'net.2'\]"):
+    with pytest.raises(
+        StoreReadError, match=r"Layer 'fc' is not in this store; its layers are \['net.0', 'net.2'\]"
+    ):
         store.restore(0, "fc", [0])
     with pytest.raises(StoreReadError, match=r"Sample id\(s\) \[999\] were not captured in epoch 0"):
         store.restore(0, "net.0", [1, 999])

@@ -94,7 +94,9 @@ class RunWriter:
             return
         meta = dict(self.root.attrs[layout.META_KEY])
         meta.update(layout.to_json(fields))
-        self.root.attrs.update(layout.with_crc({layout.META_KEY: meta}))
+        # update_attributes writes zarr.json once; attrs.update writes it once per key, and a reader
+        # between those writes finds the new metadata beside the old checksum.
+        self.root.update_attributes(layout.with_crc({layout.META_KEY: meta}))
 
     # ---------------------------------------------------------------- epochs
     def begin_epoch(self, epoch: int, resume_rows: int | None = None) -> None:
@@ -112,8 +114,9 @@ class RunWriter:
                 _check_unreferenced(self.uri, epochs, epoch)
                 self._record_committed(drop={epoch})  # first the record, then the data it vouches for
                 del epochs[layout.epoch_key(epoch)]  # an uncommitted or replaced epoch restarts clean
-            group = epochs.create_group(layout.epoch_key(epoch))
-            group.attrs.update({"state": layout.OPEN, "epoch": epoch})
+            group = epochs.create_group(
+                layout.epoch_key(epoch), attributes={"state": layout.OPEN, "epoch": epoch}
+            )
         else:
             group = self.root[path]
         self._epoch_groups[epoch] = group
@@ -191,7 +194,7 @@ class RunWriter:
 
     def set_rank_attrs(self, epoch: int, **attrs: Any) -> None:
         """Records JSON attributes on this rank's group of ``epoch`` (per-rank statistics)."""
-        self.rank_group(epoch).attrs.update(layout.to_json(attrs))
+        self.rank_group(epoch).update_attributes(layout.to_json(attrs))
 
     def commit_epoch(self, epoch: int, attrs: dict[str, Any]) -> None:
         """Rank 0 marks ``epoch`` committed; call only after every rank finished it."""
@@ -201,7 +204,7 @@ class RunWriter:
         if self.rank == 0:
             # One write: the commit marker and the checksum of everything the epoch's attributes say.
             current = {k: v for k, v in group.attrs.items() if k != layout.CRC_KEY}
-            group.attrs.update(
+            group.update_attributes(
                 layout.with_crc({**current, **attrs, "state": layout.COMMITTED, "epoch": epoch})
             )
             self._record_committed(add={epoch})
