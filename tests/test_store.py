@@ -200,6 +200,42 @@ def test_restore_needs_no_model(tmp_path):
     assert out.stdout.strip() == "['bias', 'weight'] (3, 3, 8) 24"
 
 
+def test_self_influence_reads_in_as_many_round_trips_for_six_epochs_as_for_two(tmp_path, monkeypatch):
+    # Each trip to zarr's event loop costs about a millisecond on small epochs, so the reads of every
+    # epoch share a few trips instead of a few per epoch; the scores are the per-epoch sums.
+    import zarr.core.sync
+
+    from mstore_lightning.store import reader
+
+    counts = {"trips": 0}
+
+    def counting(sync):
+        def wrapped(*args, **kwargs):
+            counts["trips"] += 1
+            return sync(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(zarr.core.sync, "sync", counting(zarr.core.sync.sync))
+    monkeypatch.setattr(reader, "zarr_sync", counting(reader.zarr_sync))
+    trips, totals = {}, {}
+    for epochs in (2, 6):
+        path = tmp_path / f"e{epochs}.zarr"
+        torch.manual_seed(0)
+        x, y = data(n=24)
+        capture = GradientCapture(path, policy={"precision": "int8"})
+        trainer([capture], max_epochs=epochs).fit(Task(mlp()), loader(x, y))
+        store = open_store(path)
+        counts["trips"] = 0
+        scores = store.self_influence()
+        trips[epochs] = counts["trips"]
+        by_epoch = sum(open_store(path).self_influence(epochs=[e]).scores for e in range(epochs))
+        np.testing.assert_allclose(scores.scores, by_epoch, rtol=1e-12)
+        totals[epochs] = len(scores.ids)
+    assert totals == {2: 24, 6: 24}
+    assert trips[6] == trips[2] <= 8, trips
+
+
 def test_a_flipped_byte_in_a_chunk_is_detected(tmp_path):
     path = tmp_path / "s.zarr"
     fit_store(path)

@@ -159,6 +159,8 @@ class GradientStore:
         self._epoch_cache: dict[tuple[int, str], dict[str, Any]] = {}
         self._arrays: dict[tuple[str, str, str], zarr.Array] = {}
         self._fields: dict[tuple[int, str, str], np.ndarray] = {}
+        self._records: dict[tuple[int, str, str], list[np.ndarray]] = {}  # per-rank rows/<name>
+        self._committed_groups: dict[int, zarr.Group] = {}  # seen committed by `epochs`
 
     # ---------------------------------------------------------------- what is there
     @property
@@ -180,6 +182,7 @@ class GradientStore:
             if group.attrs.get("state") == layout.COMMITTED:
                 try:
                     out.append(int(group.attrs["epoch"]))
+                    self._committed_groups[out[-1]] = group  # committed: it will not change
                 except _DAMAGE as exc:
                     raise StoreReadError(
                         f"The attributes of epoch group {group.path} are damaged ({exc})."
@@ -234,16 +237,57 @@ class GradientStore:
         """One per-row record of ``epoch``: ``ids``, ``step``, ``loss``, ``label`` or ``lr``."""
         key = (epoch, field, split)
         if key not in self._fields:  # committed epochs never change: read each field once
-            ep = self._epoch(epoch, split)
-            parts = []
-            for r, g in enumerate(ep["ranks"]):
-                arr = _node(g, f"{layout.ROWS}/{field}")
-                _check_rows(arr, int(ep["offsets"][r + 1] - ep["offsets"][r]))
-                parts.append(_take(arr, slice(None)))
+            parts = self._rank_records(epoch, field, split)
+            self._records.pop(key, None)  # kept whole below
             empty = np.zeros(0, dtype=np.float64 if field in ("loss", "lr") else np.int64)
             self._fields[key] = np.concatenate(parts) if parts else empty
             self._fields[key].flags.writeable = False
         return self._fields[key]
+
+    def _preload(self, epochs: Sequence[int], records: Sequence[str], split: str = "train") -> None:
+        """Reads the metadata of ``epochs`` and their row ``records`` (``rows/<name>``, where stored)
+        in three round trips to zarr's event loop, however many epochs: on a store of small epochs
+        those trips, not the bytes, are what a query costs."""
+        self._load_epochs(epochs, split)
+        wanted = [(e, n) for n in records for e in epochs if (e, n, split) not in self._fields]
+        self._read_records(wanted, split, required=False)
+
+    def _rank_records(self, epoch: int, name: str, split: str = "train") -> list[np.ndarray]:
+        """``rows/<name>`` of each rank of ``epoch``, read once and kept."""
+        self._read_records([(epoch, name)], split)
+        return self._records[(epoch, name, split)]
+
+    def _read_records(self, wanted: list[tuple[int, str]], split: str, required: bool = True) -> None:
+        """Reads the per-rank ``rows/<name>`` of each ``(epoch, name)`` not yet kept, all together.
+
+        With ``required=False`` a record that is not stored is left out rather than reported.
+        """
+        todo = [w for w in dict.fromkeys(wanted) if (*w, split) not in self._records]
+        if not todo:
+            return
+        self._load_epochs([e for e, _ in todo], split)
+        where = [(e, n, r, g) for e, n in todo for r, g in enumerate(self._epoch(e, split)["ranks"])]
+        closed = [(g, n) for _, n, _, g in where if (g.path, "", n) not in self._arrays]
+        for (g, n), arr in zip(closed, _open_many([(g, f"{layout.ROWS}/{n}") for g, n in closed])):
+            if arr is not None:
+                self._arrays[(g.path, "", n)] = arr
+        lacking = set()
+        for e, n, _, g in where:
+            if (g.path, "", n) not in self._arrays:
+                if required:
+                    raise StoreReadError(f"{g.path}/{layout.ROWS}/{n} is missing from the store.")
+                lacking.add((e, n))
+        jobs = [(e, n, r, self._arrays[(g.path, "", n)]) for e, n, r, g in where if (e, n) not in lacking]
+        for e, _, r, arr in jobs:
+            offsets = self._epoch(e, split)["offsets"]
+            _check_rows(arr, int(offsets[r + 1] - offsets[r]))
+        values = _take_many([(arr, slice(None)) for *_, arr in jobs]) if jobs else []
+        for e, n in todo:
+            if (e, n) not in lacking:
+                self._records[(e, n, split)] = []
+        for (e, n, _, arr), got in zip(jobs, values):
+            _require_chunks(arr)
+            self._records[(e, n, split)].append(got)
 
     # ---------------------------------------------------------------- gradients
     def restore(
@@ -344,11 +388,8 @@ class GradientStore:
             if not kept or not set(names) <= set(kept["layers"]):
                 return None
             columns.append([kept["columns"].index(n) for n in names])
-        parts = []
-        for r, g in enumerate(ep["ranks"]):
-            arr = _node(g, f"{layout.ROWS}/sqnorm")
-            _check_rows(arr, int(ep["offsets"][r + 1] - ep["offsets"][r]))
-            parts.append(_take(arr, slice(None))[:, columns[r]].astype(np.float64).sum(1))
+        records = self._rank_records(epoch, "sqnorm", split)
+        parts = [rows[:, cols].astype(np.float64).sum(1) for rows, cols in zip(records, columns)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
 
     def dot(
@@ -645,46 +686,32 @@ class GradientStore:
         return [self._layer(n) for n in (layers if layers is not None else self.layers)]
 
     def _epoch(self, epoch: int, split: str = "train") -> dict[str, Any]:
+        self._load_epochs([epoch], split)
+        return self._epoch_cache[(epoch, split)]
+
+    def _load_epochs(self, epochs: Sequence[int], split: str = "train") -> None:
+        """Reads what the reader keeps of each of ``epochs`` not yet cached (its attributes, rank
+        groups and row counts), every epoch's reads overlapping in one round trip to zarr."""
         if split not in layout.SPLITS:
             raise StoreReadError(f"`split` can be {', '.join(map(repr, layout.SPLITS))}; got {split!r}.")
-        key = (epoch, split)
-        if key not in self._epoch_cache:
-            try:  # the epoch's own group says whether it is committed: no need to list them all
-                key_ = layout.epoch_key(int(epoch))
-            except (ValueError, TypeError):
-                key_ = None
-            group = (
-                _node(self._root, f"{layout.EPOCHS}/{key_}", missing_ok=True) if key_ is not None else None
+        todo = [e for e in dict.fromkeys(epochs) if (e, split) not in self._epoch_cache]
+        if not todo:
+            return
+
+        async def all_of() -> list[dict[str, Any] | None]:
+            listed = self._committed_groups
+            return list(
+                await asyncio.gather(*(_epoch_meta(self._root, e, split, listed.get(e)) for e in todo))
             )
-            if group is None or group.attrs.get("state") != layout.COMMITTED:
+
+        for epoch, meta in zip(todo, zarr_sync(all_of())):
+            if meta is None:
                 raise StoreReadError(
                     f"Epoch {epoch} is not committed in this store; committed: {self.epochs}."
                 )
-            _check_crc(dict(group.attrs), f"epoch group {group.path}")
-            prefix = layout.SPLITS[split]
-            try:
-                members = sorted(
-                    (int(k[1:]), g) for k, g in group.groups() if k[:1] == prefix and k[1:].isdigit()
-                )
-                ranks = [g for _, g in members if layout.ROWS in g]
-            except _DAMAGE as exc:
-                raise StoreReadError(
-                    f"The metadata of a group under {group.path}/ is damaged: {exc}"
-                ) from exc
-            sizes = [_node(g, f"{layout.ROWS}/ids").shape[0] for g in ranks]
-            rows = group.attrs.get("rows")
-            if split == "train" and rows is not None and sum(sizes) != rows:
-                raise StoreReadError(
-                    f"{group.path}: the row records hold {sum(sizes)} rows but the epoch was committed with "
-                    f"{rows}; the store's metadata is damaged."
-                )
-            self._epoch_cache[key] = {
-                "attrs": dict(group.attrs),
-                "ranks": ranks,
-                "by_rank": {int(g.basename[1:]): g for g in ranks},
-                "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-            }
-        return self._epoch_cache[key]
+            for g, ids in zip(meta["ranks"], meta.pop("ids")):
+                self._arrays[(g.path, "", "ids")] = ids  # opened for the row counts; read by row_field
+            self._epoch_cache[(epoch, split)] = meta
 
     def _rows_of(self, epoch: int, ids: Sequence[int] | np.ndarray, split: str = "train") -> np.ndarray:
         """Row positions of sample ``ids`` in ``epoch``."""
@@ -717,7 +744,7 @@ class GradientStore:
             if name not in names:
                 names.append(name)
             prefix = f"{layout.LAYERS}/{lay.name}"
-            for n, arr in zip(names, _open_many(rank_group, [f"{prefix}/{n}" for n in names])):
+            for n, arr in zip(names, _open_many([(rank_group, f"{prefix}/{n}") for n in names])):
                 if arr is not None:
                     self._arrays[(rank_group.path, lay.name, n)] = arr
             if key not in self._arrays:
@@ -1037,23 +1064,79 @@ def _stored_names(lay: _Layer) -> list[str]:
     return out
 
 
-def _open_many(group: zarr.Group, paths: list[str]) -> list[zarr.Array | None]:
-    """Opens arrays below ``group`` together (``None`` for any that is not there)."""
+def _open_many(items: list[tuple[zarr.Group, str]]) -> list[zarr.Array | None]:
+    """Opens the arrays at ``(group, path)`` together (``None`` for any that is not there)."""
 
-    async def one(path: str) -> zarr.Array | None:
-        try:
-            return zarr.Array(await group._async_group.getitem(path))
-        except KeyError:
-            return None
-        except _DAMAGE as exc:
-            raise StoreReadError(
-                f"The metadata (zarr.json) of {group.path}/{path} is damaged: {exc}"
-            ) from exc
+    async def one(group: zarr.Group, path: str) -> zarr.Array | None:
+        node = await _anode(group._async_group, path, missing_ok=True)
+        return None if node is None else zarr.Array(node)
 
     async def all_of() -> list[zarr.Array | None]:
-        return list(await asyncio.gather(*(one(p) for p in paths)))
+        return list(await asyncio.gather(*(one(g, p) for g, p in items)))
 
     return zarr_sync(all_of())
+
+
+async def _anode(group: Any, path: str, missing_ok: bool = False) -> Any:
+    """:func:`_node` on zarr's async API, so that many reads can overlap."""
+    try:
+        return await group.getitem(path)
+    except KeyError:
+        if missing_ok:
+            return None
+        raise StoreReadError(f"{group.path}/{path} is missing from the store.") from None
+    except _DAMAGE as exc:
+        raise StoreReadError(f"The metadata (zarr.json) of {group.path}/{path} is damaged: {exc}") from exc
+
+
+async def _epoch_meta(
+    root: zarr.Group, epoch: int, split: str, listed: zarr.Group | None = None
+) -> dict[str, Any] | None:
+    """What the reader keeps of committed ``epoch``'s ``split`` rows; ``None`` when not committed.
+
+    ``listed`` is the epoch's group if a listing already found it committed."""
+    if listed is not None:
+        group = listed._async_group
+    else:
+        try:  # the epoch's own group says whether it is committed: no need to list them all
+            key = layout.epoch_key(int(epoch))
+        except (ValueError, TypeError):
+            return None
+        group = await _anode(root._async_group, f"{layout.EPOCHS}/{key}", missing_ok=True)
+    if group is None or group.attrs.get("state") != layout.COMMITTED:
+        return None
+    _check_crc(dict(group.attrs), f"epoch group {group.path}")
+    prefix = layout.SPLITS[split]
+    # Listing names and opening only this split's rank groups (not zarr's groups(), which opens
+    # every member) keeps the reads per epoch to three: on small epochs they are the cost.
+    names = [k async for k in group.store_path.store.list_dir(group.path)]
+    keys = sorted((k for k in names if k[:1] == prefix and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    found = await asyncio.gather(
+        *(_anode(group, k) for k in keys),
+        *(_anode(group, f"{k}/{layout.ROWS}/ids", missing_ok=True) for k in keys),
+    )
+    ranks, ids = [], []
+    for g, arr in zip(found[: len(keys)], found[len(keys) :]):
+        if arr is None and await g.contains(layout.ROWS):
+            raise StoreReadError(f"{g.path}/{layout.ROWS}/ids is missing from the store.")
+        if arr is not None:  # a rank group without row records holds no rows
+            ranks.append(g)
+            ids.append(zarr.Array(arr))
+    sizes = [a.shape[0] for a in ids]
+    rows = group.attrs.get("rows")
+    if split == "train" and rows is not None and sum(sizes) != rows:
+        raise StoreReadError(
+            f"{group.path}: the row records hold {sum(sizes)} rows but the epoch was committed with "
+            f"{rows}; the store's metadata is damaged."
+        )
+    ranks = [zarr.Group(g) for g in ranks]
+    return {
+        "attrs": dict(group.attrs),
+        "ranks": ranks,
+        "by_rank": {int(g.basename[1:]): g for g in ranks},
+        "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        "ids": ids,
+    }
 
 
 def _take_many(items: list[tuple[zarr.Array, slice | np.ndarray]]) -> list[np.ndarray]:
