@@ -53,8 +53,16 @@ def test_self_influence_and_tracin_equal_brute_force(run):
     assert got.scores.shape == (3, 30)
     np.testing.assert_allclose(got.scores, want.numpy(), rtol=1e-4, atol=1e-9)
     one = store.tracin(queries, epochs=[1], layers=["net.2"])
-    w = store.lr(1) * ref.stacked(1, queries, "net.2.weight").flatten(1).double() @ ref.stacked(1, ids, "net.2.weight").flatten(1).double().T
-    w += store.lr(1) * ref.stacked(1, queries, "net.2.bias").double() @ ref.stacked(1, ids, "net.2.bias").double().T
+    w = (
+        store.lr(1)
+        * ref.stacked(1, queries, "net.2.weight").flatten(1).double()
+        @ ref.stacked(1, ids, "net.2.weight").flatten(1).double().T
+    )
+    w += (
+        store.lr(1)
+        * ref.stacked(1, queries, "net.2.bias").double()
+        @ ref.stacked(1, ids, "net.2.bias").double().T
+    )
     np.testing.assert_allclose(one.scores, w.numpy(), rtol=1e-4, atol=1e-9)
 
 
@@ -99,3 +107,34 @@ def test_results_convert_to_pandas_keyed_by_sample_id(run):
     nb = store.topk([3, 17], k=4)
     long = nb.to_pandas()
     assert len(long) == 8 and long[long["query"] == 1]["id"].tolist() == nb.ids[1].tolist()
+
+
+def test_a_store_with_a_chunk_cache_answers_from_it_exactly_as_one_without(tmp_path):
+    # Small chunks, so a query's rows sit in several chunks; after one scan fills the cache, later
+    # queries (their own rows included) are answered from it without reading the store again.
+    torch.manual_seed(0)
+    x, y = data(n=40)
+    capture = GradientCapture(tmp_path / "s.zarr", chunk_bytes=1024)
+    trainer([capture], max_epochs=1).fit(Task(mlp()), loader(x, y, batch_size=8))
+    plain = open_store(tmp_path / "s.zarr")
+    cached = open_store(tmp_path / "s.zarr", cache_bytes=1 << 26)
+    cached.topk([5], k=3, metric="dot")  # fills the cache
+    reads = {"n": 0}
+    read_arrays = type(cached)._read_arrays
+
+    def counting(self, *args, **kwargs):
+        reads["n"] += 1
+        return read_arrays(self, *args, **kwargs)
+
+    type(cached)._read_arrays = counting
+    try:
+        queries = [33, 2, 19, 2, 38]  # out of order, across chunks, one repeated
+        got = cached.topk(queries, k=4, metric="dot")
+        dots = cached.dot(0, queries, list(range(40)))
+    finally:
+        type(cached)._read_arrays = read_arrays
+    assert reads["n"] == 0
+    want = plain.topk(queries, k=4, metric="dot")
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_array_equal(dots, plain.dot(0, queries, list(range(40))))

@@ -846,6 +846,9 @@ class GradientStore:
         if self._is_recomputed(epoch, lay):
             self._train_only(split, lay)
             return self._recompute_rows(epoch, lay, self.sample_ids(epoch)[rows])
+        cached = self._cached_rows(epoch, lay, rows, split)
+        if cached is not None:
+            return cached
         ep = self._epoch(epoch, split)
         offsets = ep["offsets"]
         which = np.searchsorted(offsets, rows, side="right") - 1
@@ -860,6 +863,26 @@ class GradientStore:
                     for p, values in got.items():
                         parts[name][p][sel[order]] = values
         return {n: quant.decode(lay.spec["arrays"][n], n, parts[n]) for n in names}
+
+    def _cached_rows(
+        self, epoch: int, lay: _Layer, rows: np.ndarray, split: str
+    ) -> dict[str, torch.Tensor] | None:
+        """:meth:`_gather` through whole decoded chunks, kept in the cache when the store has one
+        (``None`` when it has not): a chunk read for a few rows then serves every later query."""
+        if not self._cache.limit or not len(rows):
+            return None
+        chunks = self._chunks(epoch, lay, split)
+        which = np.searchsorted([c[3] for c in chunks], rows, side="right") - 1
+        picked, where = [], []
+        for i in np.unique(which):
+            r, lo, hi, first = chunks[i]
+            got = self._chunk(epoch, lay, split, r, lo, hi)
+            sel = np.nonzero(which == i)[0]
+            index = torch.from_numpy(rows[sel] - first)
+            picked.append({n: t.index_select(0, index) for n, t in got.items()})
+            where.append(sel)
+        back = torch.from_numpy(np.argsort(np.concatenate(where)))  # back to the order asked for
+        return {n: torch.cat([p[n] for p in picked])[back] for n in picked[0]}
 
     def _stream(
         self, epoch: int, lay: _Layer, split: str = "train"
