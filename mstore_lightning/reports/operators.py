@@ -54,16 +54,17 @@ class RunningSum:
         self.epochs: set[int] = set()
 
     def add(self, epoch: int, ids: np.ndarray, values: np.ndarray) -> None:
-        union = np.union1d(self.ids, ids)
-        grown = np.zeros((*values.shape[:-1], len(union)), dtype=np.float64)
-        if self.values is not None:
-            grown[..., np.searchsorted(union, self.ids)] = self.values
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         if np.any(sorted_ids[1:] == sorted_ids[:-1]):
             raise ValueError(f"epoch {epoch} holds a sample id twice; its influence cannot be summed by id.")
-        grown[..., np.searchsorted(union, sorted_ids)] += values[..., order]
-        self.ids, self.values = union, grown
+        if self.values is None or not np.array_equal(sorted_ids, self.ids):  # new ids: grow
+            union = np.union1d(self.ids, ids)
+            grown = np.zeros((*values.shape[:-1], len(union)), dtype=np.float64)
+            if self.values is not None:
+                grown[..., np.searchsorted(union, self.ids)] = self.values
+            self.ids, self.values = union, grown
+        self.values[..., np.searchsorted(self.ids, sorted_ids)] += values[..., order]
         self.epochs.add(epoch)
 
 

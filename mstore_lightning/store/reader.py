@@ -161,6 +161,8 @@ class GradientStore:
         self._fields: dict[tuple[int, str, str], np.ndarray] = {}
         self._records: dict[tuple[int, str, str], list[np.ndarray]] = {}  # per-rank rows/<name>
         self._committed_groups: dict[int, zarr.Group] = {}  # seen committed by `epochs`
+        self._checked: set[tuple[str, str, str]] = set()  # arrays whose metadata matched their layer
+        self._sizes: dict[int, dict[str, int]] = {}  # file sizes of committed epochs
 
     # ---------------------------------------------------------------- what is there
     @property
@@ -415,6 +417,7 @@ class GradientStore:
             names = [lay.name for lay in self._select(layers)]
             full = dask_engine.dots(self, epoch, rows_a, names, split_a, split_b, client)
             return QueryResult(full[:, rows_b], self._approximate(layers, epoch))
+        self._open_layers([epoch], self._select(layers), list(dict.fromkeys([split_a, split_b])))
         out = np.zeros((len(rows_a), len(rows_b)), dtype=np.float64)
         # Many ids: stream whole chunks (memory of one chunk); few: gather just their rows.
         by_chunk = len(rows_b) > _BLOCK_ROWS
@@ -426,7 +429,7 @@ class GradientStore:
             if not by_chunk:
                 for lo in range(0, len(rows_b), _BLOCK_ROWS):
                     xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS], split_b)
-                    out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).double().numpy()
+                    out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).numpy()
                 continue
             for first, rows in self._stream(epoch, lay, split_b):
                 a, b = np.searchsorted(sorted_rows, [first, first + _nrows(rows)])
@@ -438,7 +441,10 @@ class GradientStore:
                 else:
                     index = torch.from_numpy(local)
                     xb = {k: v.index_select(0, index) for k, v in rows.items()}
-                out[:, order[a:b]] += _gram(lay, xa, xb).double().numpy()
+                # Summed in row order, where a chunk is a plain slice; put in ids_b's order once.
+                out[:, a:b] += _gram(lay, xa, xb).numpy()
+        if by_chunk:
+            out[:, order] = out.copy()
         return QueryResult(out, self._approximate(layers, epoch))
 
     def blocks(self, epoch: int, layer: str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -572,14 +578,18 @@ class GradientStore:
         Sums the sizes of the store's files, or of its objects for a URL store (one listing each).
         """
         if epoch is None and layer is None:
-            return sum(_object_sizes(self._root.store, "").values())
+            known = {f"{layout.EPOCHS}/{layout.epoch_key(e)}": s for e, s in self._sizes.items()}
+            rest = _object_sizes(self._root.store, "", skip=set(known))
+            return sum(rest.values()) + sum(sum(s.values()) for s in known.values())
         epochs = [epoch] if epoch is not None else self.epochs
         if layer is not None:
             self._layer(layer)
         total = 0
         for ep in epochs:
             self._epoch(ep)  # raises for an epoch that is not committed
-            sizes = _object_sizes(self._root.store, f"{layout.EPOCHS}/{layout.epoch_key(ep)}")
+            if ep not in self._sizes:  # a committed epoch's files never change: list them once
+                self._sizes[ep] = _object_sizes(self._root.store, f"{layout.EPOCHS}/{layout.epoch_key(ep)}")
+            sizes = self._sizes[ep]
             if layer is None:
                 total += sum(sizes.values())
                 continue
@@ -749,8 +759,28 @@ class GradientStore:
                     self._arrays[(rank_group.path, lay.name, n)] = arr
             if key not in self._arrays:
                 raise StoreReadError(f"Array {rank_group.path}/{prefix}/{name} is missing from the store.")
+        if key not in self._checked:
             _check_part(self._arrays[key], lay, name, self._rank_rows(rank_group))
+            self._checked.add(key)
         return self._arrays[key]
+
+    def _open_layers(self, epochs: Sequence[int], lays: Sequence[_Layer], splits: Sequence[str]) -> None:
+        """Opens every stored array of ``lays`` in ``epochs`` in one trip to zarr's event loop (by
+        layer and rank group, opening costs a trip each: more than reading a small epoch)."""
+        want = [
+            (g, lay, n)
+            for e in epochs
+            for split in splits
+            for g in self._epoch(e, split)["ranks"]
+            for lay in lays
+            if not self._is_recomputed(e, lay)
+            for n in _stored_names(lay)
+            if (g.path, lay.name, n) not in self._arrays
+        ]
+        paths = [(g, f"{layout.LAYERS}/{lay.name}/{n}") for g, lay, n in want]
+        for (g, lay, n), arr in zip(want, _open_many(paths) if paths else []):
+            if arr is not None:
+                self._arrays[(g.path, lay.name, n)] = arr
 
     def _rank_rows(self, rank_group: zarr.Group) -> int:
         """Rows of a rank group: the length of its ``ids``, which every per-row array must share."""
@@ -1203,13 +1233,17 @@ def _damaged(arr: zarr.Array, where: slice | np.ndarray, exc: Exception) -> Stor
     )
 
 
-def _object_sizes(store: Any, prefix: str) -> dict[str, int]:
-    """``{key below prefix: bytes}`` of every file or object stored under ``prefix`` of ``store``."""
+def _object_sizes(store: Any, prefix: str, skip: set[str] = frozenset()) -> dict[str, int]:
+    """``{key below prefix: bytes}`` of every file or object stored under ``prefix`` of ``store``,
+    less those under the folders ``skip`` (keys below ``prefix``)."""
     while isinstance(store, zarr.storage.WrapperStore):
         store = store._store
     if isinstance(store, zarr.storage.LocalStore):
         base, sizes = os.path.join(store.root, prefix), {}
-        for folder, _, files in os.walk(base):
+        for folder, dirs, files in os.walk(base):
+            if skip:
+                here = os.path.relpath(folder, base).replace(os.sep, "/")
+                dirs[:] = [d for d in dirs if (d if here == "." else f"{here}/{d}") not in skip]
             for name in files:
                 path = os.path.join(folder, name)
                 sizes[os.path.relpath(path, base).replace(os.sep, "/")] = os.path.getsize(path)
@@ -1220,7 +1254,8 @@ def _object_sizes(store: Any, prefix: str) -> dict[str, int]:
             found = zarr_sync(store.fs._find(base, detail=True))
         except FileNotFoundError:
             return {}
-        return {k[len(base) + 1 :]: int(v.get("size") or 0) for k, v in found.items()}
+        sizes = {k[len(base) + 1 :]: int(v.get("size") or 0) for k, v in found.items()}
+        return {k: v for k, v in sizes.items() if not any(k.startswith(f"{d}/") for d in skip)}
     return {}
 
 
