@@ -1063,14 +1063,10 @@ _DAMAGE = (ValueError, TypeError, KeyError, AttributeError)
 
 def _node(group: zarr.Group, path: str, missing_ok: bool = False) -> Any:
     """``group[path]``, a damaged ``zarr.json`` reported by name (and a missing one, unless ``missing_ok``)."""
-    try:
-        return group[path]
-    except KeyError:
-        if missing_ok:
-            return None
-        raise StoreReadError(f"{group.path}/{path} is missing from the store.") from None
-    except _DAMAGE as exc:
-        raise StoreReadError(f"The metadata (zarr.json) of {group.path}/{path} is damaged: {exc}") from exc
+    node = zarr_sync(_anode(group._async_group, path, missing_ok))
+    if node is None:
+        return None
+    return zarr.Group(node) if isinstance(node, zarr.AsyncGroup) else zarr.Array(node)
 
 
 def _check_crc(attrs: dict[str, Any], what: str) -> None:
