@@ -750,15 +750,11 @@ class GradientStore:
         # Opening an array reads its metadata; committed epochs never change, so each is opened once.
         key = (rank_group.path, lay.name, name)
         if key not in self._arrays:  # open every array of the layer at once: one trip to zarr's loop
-            names = [n for n in _stored_names(lay) if (rank_group.path, lay.name, n) not in self._arrays]
-            if name not in names:
-                names.append(name)
-            prefix = f"{layout.LAYERS}/{lay.name}"
-            for n, arr in zip(names, _open_many([(rank_group, f"{prefix}/{n}") for n in names])):
-                if arr is not None:
-                    self._arrays[(rank_group.path, lay.name, n)] = arr
+            self._open_arrays([(rank_group, lay, n) for n in dict.fromkeys([*_stored_names(lay), name])])
             if key not in self._arrays:
-                raise StoreReadError(f"Array {rank_group.path}/{prefix}/{name} is missing from the store.")
+                raise StoreReadError(
+                    f"Array {rank_group.path}/{layout.LAYERS}/{lay.name}/{name} is missing from the store."
+                )
         if key not in self._checked:
             _check_part(self._arrays[key], lay, name, self._rank_rows(rank_group))
             self._checked.add(key)
@@ -767,16 +763,22 @@ class GradientStore:
     def _open_layers(self, epochs: Sequence[int], lays: Sequence[_Layer], splits: Sequence[str]) -> None:
         """Opens every stored array of ``lays`` in ``epochs`` in one trip to zarr's event loop (by
         layer and rank group, opening costs a trip each: more than reading a small epoch)."""
-        want = [
-            (g, lay, n)
-            for e in epochs
-            for split in splits
-            for g in self._epoch(e, split)["ranks"]
-            for lay in lays
-            if not self._is_recomputed(e, lay)
-            for n in _stored_names(lay)
-            if (g.path, lay.name, n) not in self._arrays
-        ]
+        self._open_arrays(
+            [
+                (g, lay, n)
+                for e in epochs
+                for split in splits
+                for g in self._epoch(e, split)["ranks"]
+                for lay in lays
+                if not self._is_recomputed(e, lay)
+                for n in _stored_names(lay)
+            ]
+        )
+
+    def _open_arrays(self, want: list[tuple[zarr.Group, _Layer, str]]) -> None:
+        """Opens those of the ``(rank group, layer, array name)`` arrays not yet open, together;
+        one that is not stored stays unopened."""
+        want = [(g, lay, n) for g, lay, n in want if (g.path, lay.name, n) not in self._arrays]
         paths = [(g, f"{layout.LAYERS}/{lay.name}/{n}") for g, lay, n in want]
         for (g, lay, n), arr in zip(want, _open_many(paths) if paths else []):
             if arr is not None:
@@ -876,9 +878,9 @@ class GradientStore:
         if self._is_recomputed(epoch, lay):
             self._train_only(split, lay)
             return self._recompute_rows(epoch, lay, self.sample_ids(epoch)[rows])
-        cached = self._cached_rows(epoch, lay, rows, split)
-        if cached is not None:
-            return cached
+        through_cache = self._gather_by_chunk(epoch, lay, rows, split)
+        if through_cache is not None:
+            return through_cache
         ep = self._epoch(epoch, split)
         offsets = ep["offsets"]
         which = np.searchsorted(offsets, rows, side="right") - 1
@@ -894,7 +896,7 @@ class GradientStore:
                         parts[name][p][sel[order]] = values
         return {n: quant.decode(lay.spec["arrays"][n], n, parts[n]) for n in names}
 
-    def _cached_rows(
+    def _gather_by_chunk(
         self, epoch: int, lay: _Layer, rows: np.ndarray, split: str
     ) -> dict[str, torch.Tensor] | None:
         """:meth:`_gather` through whole decoded chunks, kept in the cache when the store has one
