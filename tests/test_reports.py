@@ -290,13 +290,15 @@ def test_wandb_offline_gets_images_and_tables(tmp_path, monkeypatch):
     assert any([row[1] for row in t["data"]] == csv_rows["id"].tolist() for t in logged)
 
 
-def test_max_overhead_skips_epochs_but_always_reports_the_last(tmp_path):
+def test_max_overhead_skips_epochs_always_reports_the_last_and_tracin_sums_the_reported(tmp_path):
     torch.manual_seed(0)
     x, y = data(n=16, d=16)
+    qx, qy = data(n=4, d=16, seed=3)
     cap = GradientCapture(
         tmp_path / "s.zarr",
         policy=EXACT,
-        analytics=[{"self_influence": {"k": 3}}, "storage"],
+        query=loader(qx, qy, batch_size=4, shuffle=False),
+        analytics=[{"self_influence": {"k": 3}}, {"tracin": {"k": 16}}, "storage"],
         analytics_background=False,
         analytics_max_overhead=1e-6,  # far less than any report costs
     )
@@ -306,14 +308,28 @@ def test_max_overhead_skips_epochs_but_always_reports_the_last(tmp_path):
     # Epoch 0 runs (no cost is known yet) and shows what a report costs; 1 and 2 cannot afford it;
     # the last is reported when fit ends.
     assert [("skipped" in s, len(s["analytics"])) for s in summaries] == [
-        (False, 2),
+        (False, 3),
         (True, 0),
         (True, 0),
-        (False, 2),
+        (False, 3),
     ]
     assert "analytics_max_overhead" in summaries[1]["skipped"]
-    # The last report's running sum still covers every epoch, skipped ones included.
+    store = open_store(tmp_path / "s.zarr")
+    # Self-influence, read from the norms kept at capture, sums every epoch, skipped ones included.
     table = pd.read_csv(paths.epoch_dir(3) / "self_influence_topk.csv")
-    api = open_store(tmp_path / "s.zarr").self_influence()
+    api = store.self_influence()
     np.testing.assert_allclose(table["score"], api.scores[np.searchsorted(api.ids, table["id"])], rtol=1e-6)
+    # TracIn sums the reported epochs, as TracInCP sums its checkpoints, and says so.
+    tracin = next(r for r in summaries[3]["analytics"] if r["name"] == "tracin")
+    assert "2 reported epochs" in tracin["note"] and "2 epochs skipped" in tracin["note"]
+    assert tracin["scalars"]["tracin/epochs_summed"] == 2.0
+    table = pd.read_csv(paths.epoch_dir(3) / "tracin_proponents.csv")
+    queries = store.sample_ids(3, "query")
+    reported, every = store.tracin(queries, epochs=[0, 3]), store.tracin(queries)
+    assert not np.allclose(reported.scores, every.scores)
+    for q, rows in table.groupby("query", sort=False):
+        scores = reported.scores[list(queries).index(q)]
+        np.testing.assert_allclose(
+            rows["score"], scores[np.searchsorted(reported.ids, rows["id"])], rtol=1e-6
+        )
     assert "analytics_max_overhead" in paths.html.read_text()

@@ -200,40 +200,74 @@ def test_restore_needs_no_model(tmp_path):
     assert out.stdout.strip() == "['bias', 'weight'] (3, 3, 8) 24"
 
 
-def test_self_influence_reads_in_as_many_round_trips_for_six_epochs_as_for_two(tmp_path, monkeypatch):
-    # Each trip to zarr's event loop costs about a millisecond on small epochs, so the reads of every
-    # epoch share a few trips instead of a few per epoch; the scores are the per-epoch sums.
+@pytest.fixture
+def trips(monkeypatch):
+    """``{"n": round trips to zarr's event loop thread}``, counted while the test runs."""
     import zarr.core.sync
 
     from mstore_lightning.store import reader
 
-    counts = {"trips": 0}
+    counts = {"n": 0}
 
     def counting(sync):
         def wrapped(*args, **kwargs):
-            counts["trips"] += 1
+            counts["n"] += 1
             return sync(*args, **kwargs)
 
         return wrapped
 
     monkeypatch.setattr(zarr.core.sync, "sync", counting(zarr.core.sync.sync))
     monkeypatch.setattr(reader, "zarr_sync", counting(reader.zarr_sync))
-    trips, totals = {}, {}
+    return counts
+
+
+def int8_store(path, epochs: int):
+    torch.manual_seed(0)
+    x, y = data(n=24)
+    trainer([GradientCapture(path, policy={"precision": "int8"})], max_epochs=epochs).fit(
+        Task(mlp()), loader(x, y)
+    )
+    return path
+
+
+def test_self_influence_reads_in_as_many_round_trips_for_six_epochs_as_for_two(tmp_path, trips):
+    # Each trip to zarr's event loop costs about a millisecond on small epochs, so the reads of every
+    # epoch share a few trips instead of a few per epoch; the scores are the per-epoch sums.
+    counted, totals = {}, {}
     for epochs in (2, 6):
-        path = tmp_path / f"e{epochs}.zarr"
-        torch.manual_seed(0)
-        x, y = data(n=24)
-        capture = GradientCapture(path, policy={"precision": "int8"})
-        trainer([capture], max_epochs=epochs).fit(Task(mlp()), loader(x, y))
+        path = int8_store(tmp_path / f"e{epochs}.zarr", epochs)
         store = open_store(path)
-        counts["trips"] = 0
+        trips["n"] = 0
         scores = store.self_influence()
-        trips[epochs] = counts["trips"]
+        counted[epochs] = trips["n"]
         by_epoch = sum(open_store(path).self_influence(epochs=[e]).scores for e in range(epochs))
         np.testing.assert_allclose(scores.scores, by_epoch, rtol=1e-12)
         totals[epochs] = len(scores.ids)
     assert totals == {2: 24, 6: 24}
-    assert trips[6] == trips[2] <= 8, trips
+    assert counted[6] == counted[2] <= 8, counted
+
+
+def test_tracin_reads_in_as_many_round_trips_for_six_epochs_as_for_two(tmp_path, trips, monkeypatch):
+    # Epoch after epoch, TracIn's reads of every layer's chunks share one batch (while they fit in
+    # the staging bound); with a bound that holds one epoch, each epoch is its own batch, same sums.
+    from mstore_lightning.store import reader
+
+    counted, one_by_one = {}, {}
+    queries = np.arange(0, 24, 5)
+    for epochs in (2, 6):
+        path = int8_store(tmp_path / f"e{epochs}.zarr", epochs)
+        trips["n"] = 0
+        scores = open_store(path).tracin(queries)
+        counted[epochs] = trips["n"]
+        by_epoch = sum(open_store(path).tracin(queries, epochs=[e]).scores for e in range(epochs))
+        np.testing.assert_allclose(scores.scores, by_epoch, rtol=1e-9)
+        with monkeypatch.context() as m:
+            m.setattr(reader, "_STAGE_BYTES", 1)
+            trips["n"] = 0
+            np.testing.assert_array_equal(open_store(path).tracin(queries).scores, scores.scores)
+            one_by_one[epochs] = trips["n"]
+    assert counted[6] == counted[2], counted
+    assert one_by_one[6] > one_by_one[2], one_by_one
 
 
 def test_a_flipped_byte_in_a_chunk_is_detected(tmp_path):

@@ -94,16 +94,22 @@ def tracin(
     query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
     ids = _union_ids(store, epochs)
     scores = np.zeros((len(query_ids), len(ids)), dtype=np.float64)
-    for e in epochs:
-        train = store.sample_ids(e)
-        dots = store.dot(e, query_ids, train, layers, split_a=split, client=client)
-        _scatter_add(scores, np.searchsorted(ids, train), store.lr(e) * np.asarray(dots))
+    runs = (
+        [epochs] if client is not None else store._in_batches(epochs, store._select(layers), [split, "train"])
+    )
+    for run in runs:
+        for e in run:
+            train = store.sample_ids(e)
+            dots = store.dot(e, query_ids, train, layers, split_a=split, client=client)
+            _scatter_add(scores, np.searchsorted(ids, train), store.lr(e) * np.asarray(dots))
     return Influence(ids, scores)
 
 
 def _scatter_add(scores: np.ndarray, columns: np.ndarray, values: np.ndarray) -> None:
     """``scores[:, columns] += values``, a column named twice (a sampler with replacement) counted twice."""
-    if len(np.unique(columns)) == len(columns):
+    if len(columns) and columns[-1] - columns[0] == len(columns) - 1 and np.all(columns[1:] > columns[:-1]):
+        scores[:, columns[0] : columns[-1] + 1] += values  # a run of columns: no gather, no scatter
+    elif len(np.unique(columns)) == len(columns):
         scores[:, columns] += values  # np.add.at is an order of magnitude slower
     else:
         np.add.at(scores.T, columns, values.T)

@@ -61,12 +61,16 @@ def kron_gram(ax: Tensor, dx: Tensor, ay: Tensor, dy: Tensor, weight: bool, bias
     n, g, t, _ = ax.shape
     m, s = ay.shape[0], ay.shape[2]
     if t == 1 and s == 1:
-        # T = 1: ⟨G_x, G_y⟩ = (a_x·a_y + β)(d_x·d_y), one matmul per factor.
-        out = ax.new_zeros((n, m))
+        # T = 1: ⟨G_x, G_y⟩ = (a_x·a_y + β)(d_x·d_y), one matmul per factor, in place: at thousands
+        # of rows the temporaries cost as much as the matmuls.
+        out = None
         for k in range(g):
-            dd = dx[:, k, 0] @ dy[:, k, 0].T
-            out += (_ab(ax[:, k, 0] @ ay[:, k, 0].T, weight, bias)) * dd
-        return out
+            term = dx[:, k, 0] @ dy[:, k, 0].T
+            if weight:
+                aa = ax[:, k, 0] @ ay[:, k, 0].T
+                term *= aa.add_(1.0) if bias else aa
+            out = term if out is None else out.add_(term)
+        return out if out is not None else ax.new_zeros((n, m))
     out = ax.new_zeros((n, m))
     step = max(1, _BLOCK_ELEMS // max(1, m * t * s))
     for lo in range(0, n, step):

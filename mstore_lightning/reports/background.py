@@ -52,8 +52,9 @@ class BackgroundReports:
         self._pending: deque[tuple[int, int, Future]] = deque()
         self._pool.submit(_warm_up)  # start the worker now, while the first epoch trains
 
-    def submit(self, epoch: int, step: int, epoch_seconds: float) -> None:
-        self._pending.append((epoch, step, self._pool.submit(_report, epoch, step, epoch_seconds)))
+    def submit(self, epoch: int, step: int, epoch_seconds: float, left_out: list[int]) -> None:
+        job = self._pool.submit(_report, epoch, step, epoch_seconds, left_out)
+        self._pending.append((epoch, step, job))
 
     def drain(self, loggers: Any, wait: bool = False) -> list[dict[str, Any]]:
         """Sends finished reports to ``loggers``, oldest first; with ``wait``, all of them.
@@ -100,7 +101,9 @@ def _warm_up() -> None:
     figures.to_png(figures.conflict_heatmap([[1.0]], [0], 0))
 
 
-def _report(epoch: int, step: int, epoch_seconds: float) -> tuple[dict[str, Any], RecordingSink]:
+def _report(
+    epoch: int, step: int, epoch_seconds: float, left_out: list[int]
+) -> tuple[dict[str, Any], RecordingSink]:
     from mstore_lightning.reports.session import CACHE_BYTES
     from mstore_lightning.store.reader import open_store
 
@@ -115,5 +118,6 @@ def _report(epoch: int, step: int, epoch_seconds: float) -> tuple[dict[str, Any]
         step=step,
         sample_input=item_getter(dataset),
         epoch_seconds=epoch_seconds,
+        left_out=left_out,
     )
     return summary, sink

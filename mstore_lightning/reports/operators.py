@@ -64,7 +64,10 @@ class RunningSum:
             if self.values is not None:
                 grown[..., np.searchsorted(union, self.ids)] = self.values
             self.ids, self.values = union, grown
-        self.values[..., np.searchsorted(self.ids, sorted_ids)] += values[..., order]
+        if len(ids) == len(self.ids) and np.all(order[1:] > order[:-1]):
+            self.values += values  # the same ids, in order: as every epoch without a sampler change
+        else:
+            self.values[..., np.searchsorted(self.ids, sorted_ids)] += values[..., order]
         self.epochs.add(epoch)
 
 
@@ -78,6 +81,8 @@ class Context:
         sums: running influence sums by name, kept across epochs by the caller.
         sample_input: ``id -> training sample input`` for image grids, when the dataset is at hand.
         epoch_seconds: wall time of the epoch's training, for throughput.
+        left_out: earlier epochs that were not reported, to keep the reports within their share of
+            training time: TracIn's running sum skips them.
     """
 
     store: Any
@@ -85,6 +90,7 @@ class Context:
     sums: dict[str, RunningSum]
     sample_input: Callable[[int], Any] | None = None
     epoch_seconds: float | None = None
+    left_out: frozenset[int] = frozenset()
     _sq: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
 
     def sqnorms(self, layer: str, epoch: int | None = None) -> np.ndarray:
@@ -179,12 +185,25 @@ def tracin(ctx: Context, k: int, epochs: str) -> Output:
     if epochs == "all" and cells > MAX_TRACIN_CELLS:
         epochs, out.note = "current", f"{cells:,} query x training scores: summed over this epoch only"
     run = ctx.running("tracin", epochs)
-    for e in ctx.epochs_upto(epochs):
-        if e not in run.epochs:
-            if not store.has_queries(e) or not np.array_equal(store.sample_ids(e, "query"), queries):
-                continue  # an epoch captured with other (or no) queries cannot join the sum
+    todo = [
+        e
+        for e in ctx.epochs_upto(epochs)
+        if e not in run.epochs
+        and e not in ctx.left_out
+        # an epoch captured with other (or no) queries cannot join the sum
+        and store.has_queries(e)
+        and np.array_equal(store.sample_ids(e, "query"), queries)
+    ]
+    for batch in store._in_batches(todo, store._select(None), ["query", "train"]):
+        for e in batch:
             train = store.sample_ids(e)
             run.add(e, train, store.lr(e) * np.asarray(store.dot(e, queries, train, split_a="query")))
+    left = sorted(e for e in ctx.left_out if e <= ctx.epoch) if epochs == "all" else []
+    if left:
+        out.note = (
+            f"summed over the {len(run.epochs)} reported epochs; the {len(left)} epochs skipped to keep "
+            "the reports within analytics_max_overhead are left out (store.tracin sums every epoch)"
+        )
     ids, scores = run.ids, run.values
     k = min(k, len(ids))
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # a full sort of every row costs 10x more

@@ -53,13 +53,18 @@ class EpochReporter:
         step: int = 0,
         sample_input: Callable[[int], Any] | None = None,
         epoch_seconds: float | None = None,
+        left_out: Sequence[int] = (),
     ) -> dict[str, Any]:
         """Runs every analytic on ``epoch`` of ``store``, sending results to ``sink``; returns the
-        epoch's summary. Call :func:`warn_about` on it where warnings reach the user."""
+        epoch's summary. Call :func:`warn_about` on it where warnings reach the user.
+
+        ``left_out`` are earlier epochs skipped to keep the reports within their share of training
+        time; TracIn's running sum leaves them out.
+        """
         start = time.perf_counter()
         folder = self.paths.epoch_dir(epoch)
         folder.mkdir(parents=True, exist_ok=True)
-        ctx = operators.Context(store, epoch, self.sums, sample_input, epoch_seconds)
+        ctx = operators.Context(store, epoch, self.sums, sample_input, epoch_seconds, frozenset(left_out))
         records = []
         for spec in self.specs:
             spent = time.perf_counter() - start

@@ -27,8 +27,10 @@ class ReportSession:
     With ``max_overhead``, each epoch's training time earns ``max_overhead`` times itself of report
     time. An epoch is reported when the time earned and not yet spent covers what the last report
     took; otherwise it is skipped, with a note in its summary. The last epoch is always reported,
-    when ``fit`` ends, so the run's final state is never missing. Influence sums over epochs still
-    include skipped epochs: they are read when the next report needs them.
+    when ``fit`` ends, so the run's final state is never missing. TracIn sums over the reported
+    epochs only, as TracInCP sums over its checkpoints: catching up on skipped epochs would spend
+    the time the limit saved (``store.tracin`` still sums every epoch). Self-influence, read from
+    the norms kept at capture, costs little and sums every epoch.
 
     Args:
         specs: the analytics to run.
@@ -113,7 +115,7 @@ class ReportSession:
         if self._background is not None:
             self._earned -= self._cost  # charged at the last report's cost until its own is known
             self._charged.append(self._cost)
-            self._background.submit(epoch, step, epoch_seconds)
+            self._background.submit(epoch, step, epoch_seconds, self._left_out(epoch))
             return
         if self._reader is None:  # one reader for the whole run: its caches serve later epochs
             from mstore_lightning.store.reader import open_store
@@ -127,9 +129,13 @@ class ReportSession:
             step=step,
             sample_input=item_getter(dataset),
             epoch_seconds=epoch_seconds,
+            left_out=self._left_out(epoch),
         )
         self._spent(summary["seconds"], 0.0)
         warn_about(summary)
+
+    def _left_out(self, epoch: int) -> list[int]:
+        return [e for e in self.skipped if e != epoch]
 
     def _spent(self, seconds: float, charged: float) -> None:
         self._earned += charged - seconds  # the report's own cost replaces the estimate charged
