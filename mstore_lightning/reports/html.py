@@ -84,6 +84,9 @@ def write_report(
 def render_report(store: GradientStore, paths: ReportPaths) -> str:
     """The report page of ``store`` with the analytics found under ``paths.root``, as HTML text."""
     name = paths.html.stem
+    epochs = store.epochs
+    store._preload(epochs, ("ids",))  # the tables count every epoch's rows: a few trips, not a few each
+    store._preload([e for e in epochs if store.has_queries(e)], ("ids",), "query")
     body = [
         _header(store, name),
         "<main>",

@@ -141,9 +141,10 @@ def self_influence(
     store, out = ctx.store, Output()
     run = ctx.running("self_influence", epochs)
     wanted = ctx.epochs_upto(epochs)
-    for e in wanted:
-        if e not in run.epochs:
-            run.add(e, store.sample_ids(e), store.lr(e) * ctx.total_sqnorms(e))
+    todo = [e for e in wanted if e not in run.epochs]
+    store._preload(todo, ("ids", "sqnorm"))  # every epoch's records in a few trips, not a few each
+    for e in todo:
+        run.add(e, store.sample_ids(e), store.lr(e) * ctx.total_sqnorms(e))
     ids, scores = run.ids, run.values
     z = robust_z(np.log(np.maximum(scores, _TINY)))
     out.scalars["self_influence/flagged_share"] = float(np.mean(z > threshold)) if len(z) else 0.0
