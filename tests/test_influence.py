@@ -120,19 +120,22 @@ def test_a_store_with_a_chunk_cache_answers_from_it_exactly_as_one_without(tmp_p
     cached = open_store(tmp_path / "s.zarr", cache_bytes=1 << 26)
     cached.topk([5], k=3, metric="dot")  # fills the cache
     reads = {"n": 0}
-    read_arrays = type(cached)._read_arrays
+    read_batch = type(cached)._read_batch  # every read of stored rows goes through it
 
     def counting(self, *args, **kwargs):
         reads["n"] += 1
-        return read_arrays(self, *args, **kwargs)
+        return read_batch(self, *args, **kwargs)
 
-    type(cached)._read_arrays = counting
+    type(cached)._read_batch = counting
     try:
+        plain.dot(0, [5], [6])
+        assert reads["n"] > 0  # the counter sees the reads of a store without a cache
+        reads["n"] = 0
         queries = [33, 2, 19, 2, 38]  # out of order, across chunks, one repeated
         got = cached.topk(queries, k=4, metric="dot")
         dots = cached.dot(0, queries, list(range(40)))
     finally:
-        type(cached)._read_arrays = read_arrays
+        type(cached)._read_batch = read_batch
     assert reads["n"] == 0
     want = plain.topk(queries, k=4, metric="dot")
     np.testing.assert_array_equal(got.ids, want.ids)

@@ -33,6 +33,7 @@ from mstore_lightning.capture.kron import kron_gram, kron_sqnorm
 from mstore_lightning.capture.registry import Extractor, extractor_for_kind, flat_gram
 from mstore_lightning.store import layout, quant
 from mstore_lightning.store.dedup import NO_REF
+from mstore_lightning.store.lanes import Lanes
 
 _BLOCK_ROWS = 1024  # rows of ``ids_b`` per block in ``dot``
 _STAGE_BYTES = 64 << 20  # decoded bytes that _in_batches reads ahead in one batch
@@ -435,18 +436,19 @@ class GradientStore:
                     xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS], split_b)
                     out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).numpy()
                 continue
-            for first, rows in self._stream(epoch, lay, split_b):
-                a, b = np.searchsorted(sorted_rows, [first, first + _nrows(rows)])
-                if a == b:
-                    continue
-                local = sorted_rows[a:b] - first
-                if b - a == _nrows(rows) and local[-1] == b - a - 1:  # the whole chunk, in order
-                    xb = rows
-                else:
-                    index = torch.from_numpy(local)
-                    xb = {k: v.index_select(0, index) for k, v in rows.items()}
-                # Summed in row order, where a chunk is a plain slice; put in ids_b's order once.
-                out[:, a:b] += _gram(lay, xa, xb).numpy()
+            with Lanes.for_queries(len(rows_a)) as lanes:
+                for first, rows in self._stream(epoch, lay, split_b):
+                    a, b = np.searchsorted(sorted_rows, [first, first + _nrows(rows)])
+                    if a == b:
+                        continue
+                    local = sorted_rows[a:b] - first
+                    if b - a == _nrows(rows) and local[-1] == b - a - 1:  # the whole chunk, in order
+                        xb = rows
+                    else:
+                        index = torch.from_numpy(local)
+                        xb = {k: v.index_select(0, index) for k, v in rows.items()}
+                    # Summed in row order, where a chunk is a plain slice; put in ids_b's order once.
+                    lanes.submit(_add_gram, out[:, a:b], lay, xa, xb)
         if by_chunk and not in_order:
             out[:, order] = out.copy()
         return QueryResult(out, self._approximate(layers, epoch))
@@ -1356,6 +1358,10 @@ def _sqnorm(lay: _Layer, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     if _projected_factors(lay):
         return kron_sqnorm(rows["a"], rows["d"], "weight" in lay.params, "bias" in lay.params)
     return sum(rows[p].reshape(rows[p].shape[0], -1).double().pow(2).sum(1) for p in rows)
+
+
+def _add_gram(out: np.ndarray, lay: _Layer, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> None:
+    out += _gram(lay, x, y).numpy()
 
 
 def _gram(lay: _Layer, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
