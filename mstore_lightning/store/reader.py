@@ -172,34 +172,44 @@ class GradientStore:
     @property
     def epochs(self) -> list[int]:
         """Committed epochs, ascending. An epoch still being written is not listed."""
-        out = []
         with warnings.catch_warnings():
             # A capture still running replaces metadata through temporary files; listing the folder
             # meanwhile shows them, and zarr warns about each.
             warnings.filterwarnings("ignore", "Object at .* is not recognized", category=UserWarning)
-            try:
-                groups = list(self._root[layout.EPOCHS].groups()) if layout.EPOCHS in self._root else []
-            except _DAMAGE as exc:
-                raise StoreReadError(
-                    f"{self.uri!r}: the metadata of the {layout.EPOCHS} group or of an epoch group under it is "
-                    f"damaged ({exc}); run `mstore verify` on the store to name it."
-                ) from exc
-        for _, group in groups:
-            if group.attrs.get("state") == layout.COMMITTED:
-                try:
-                    out.append(int(group.attrs["epoch"]))
-                    self._committed_groups[out[-1]] = group  # committed: it will not change
-                except _DAMAGE as exc:
-                    raise StoreReadError(
-                        f"The attributes of epoch group {group.path} are damaged ({exc})."
-                    ) from exc
+            zarr_sync(self._find_committed())
+        out = sorted(self._committed_groups)
         lost = sorted(set(self.meta.get("committed", [])) - set(out))
         if lost:  # the run's metadata vouches for them; their groups are gone or no longer say committed
             raise StoreReadError(
                 f"{self.uri!r}: epoch(s) {lost} were committed but their groups are missing or damaged; "
                 "run `mstore verify` on the store."
             )
-        return sorted(out)
+        return out
+
+    async def _find_committed(self) -> None:
+        """Lists the epoch groups and opens, together, those not yet known to be committed: a
+        committed epoch never changes, so a report's many listings cost one store listing each."""
+        root = self._root._async_group
+        folder = f"{root.path}/{layout.EPOCHS}".strip("/")
+        try:
+            names = [k async for k in root.store_path.store.list_dir(folder)]
+        except FileNotFoundError:
+            names = []
+        for e in [e for e in self._committed_groups if layout.epoch_key(e) not in names]:
+            del self._committed_groups[e]  # its group is gone
+        known = {layout.epoch_key(e) for e in self._committed_groups}
+        new = sorted(k for k in names if k.isdigit() and k not in known)
+        groups = await asyncio.gather(*(_anode(root, f"{layout.EPOCHS}/{k}", missing_ok=True) for k in new))
+        for group in groups:
+            if not isinstance(group, zarr.AsyncGroup) or group.attrs.get("state") != layout.COMMITTED:
+                continue
+            try:
+                epoch = int(group.attrs["epoch"])
+            except _DAMAGE as exc:
+                raise StoreReadError(
+                    f"The attributes of epoch group {group.path} are damaged ({exc})."
+                ) from exc
+            self._committed_groups[epoch] = zarr.Group(group)  # committed: it will not change
 
     @property
     def layers(self) -> list[str]:
