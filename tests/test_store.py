@@ -270,6 +270,24 @@ def test_tracin_reads_in_as_many_round_trips_for_six_epochs_as_for_two(tmp_path,
     assert one_by_one[6] > one_by_one[2], one_by_one
 
 
+def test_listing_epochs_again_reads_only_the_listing(tmp_path, trips):
+    # A report lists the epochs many times; committed epoch groups never change, so only new ones
+    # are opened. An epoch group that disappears is still reported.
+    import shutil
+
+    from mstore_lightning import StoreReadError
+
+    path = int8_store(tmp_path / "s.zarr", 3)
+    store = open_store(path)
+    assert store.epochs == [0, 1, 2]
+    trips["n"] = 0
+    assert store.epochs == [0, 1, 2]
+    assert trips["n"] == 1
+    shutil.rmtree(path / "epochs" / "00001")
+    with pytest.raises(StoreReadError, match=r"epoch\(s\) \[1\] were committed but their groups are missing"):
+        store.epochs
+
+
 def test_a_flipped_byte_in_a_chunk_is_detected(tmp_path):
     path = tmp_path / "s.zarr"
     fit_store(path)
