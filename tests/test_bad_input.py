@@ -47,6 +47,27 @@ def test_nonfinite_gradients_are_recorded_and_flagged(tmp_path, precision):
     assert finite.any()  # the rest is readable
 
 
+def test_a_norm_that_overflows_from_finite_factors_does_not_flag_its_sample(tmp_path):
+    # Linear layers are checked for NaN and Inf through their squared norms; a finite input whose
+    # squared norm overflows float32 gets the exact check, which clears it. Both in the last batch,
+    # so no weight update spreads them.
+    torch.manual_seed(0)
+    x, y = data(n=16)
+    x[14] = float("nan")
+    x[15] = 3e19  # finite, and so are its gradients; ‖a‖² of the first layer is not
+    ref = Reference()
+    cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT)
+    with pytest.warns(
+        UserWarning, match=r"1 sample\(s\) of epoch 0 have NaN or Inf gradients \(ids \[14\]\)"
+    ):
+        trainer([ref, cap], max_epochs=1).fit(Task(mlp()), loader(x, y, batch_size=4, shuffle=False))
+    expected = sorted(
+        i for i, g in ref.grads[0].items() if not all(torch.isfinite(t).all() for t in g.values())
+    )
+    assert expected == [14]
+    assert open_store(tmp_path / "s.zarr").nonfinite(0).tolist() == [14]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 9),

@@ -570,10 +570,10 @@ class GradientCapture(Callback):
             step.dropped = True
             self._dropped += len(step.ids) if step.keep is None else len(step.keep)
             return
-        self._note_nonfinite(uses, step)
         accumulation = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         mult = grad_multiplier(self.policy.loss_reduction, n, accumulation, step.amp_scale)
-        self._write_layers(uses, mult, step)
+        sqnorms, covers = self._write_layers(uses, mult, step)
+        self._note_nonfinite(uses, step, sqnorms, covers)
         self._write_rows(trainer, step)
 
     @override
@@ -786,8 +786,18 @@ class GradientCapture(Callback):
             self._run.update_meta(uncovered=self._uncovered)
         return n
 
-    def _write_layers(self, uses: dict[str, list], mult: float, step: _Step, split: str = "train") -> None:
+    def _write_layers(
+        self, uses: dict[str, list], mult: float, step: _Step, split: str = "train"
+    ) -> tuple[torch.Tensor | None, dict[str, int]]:
+        """Appends the batch's rows of every planned layer.
+
+        Returns:
+            The batch's exact squared norms (train rows; ``None`` otherwise), one column per planned
+            layer, and ``{layer: column}`` of the layers whose norm every element of their factors
+            enters: a NaN or Inf factor shows there, so those need no check of their own.
+        """
         newly_ready = []
+        covers: dict[str, int] = {}
         rows_before = self._run.rows_written(self._epoch, split)
         group = self._run.rank_group(self._epoch, split)
         # Exact squared norms of the layers where they are cheap, one column per planned layer.
@@ -809,6 +819,8 @@ class GradientCapture(Callback):
             rows = plan.rows(layer_uses, mult) if layer_uses else _zero_rows(plan, len(step.ids))
             if sqnorms is not None and plan.sqnorm_at_capture:
                 sqnorms[:, column] = plan.sqnorms(rows).cpu()
+                if layer_uses and plan.norm_covers_factors:
+                    covers[name] = column
             self._append_layer(plan, rows, step.keep, rows_before, split)
         if sqnorms is not None:
             self._append_sqnorms(sqnorms, step.keep, rows_before)
@@ -821,6 +833,7 @@ class GradientCapture(Callback):
                     "captured batch (applied functionally, unused, or frozen upstream); they are not captured "
                     "until they do."
                 )
+        return sqnorms, covers
 
     def _append_sqnorms(self, sqnorms: torch.Tensor, keep: torch.Tensor | None, rows_before: int) -> None:
         group, name = self._run.rank_group(self._epoch), f"{layout.ROWS}/{SQNORMS}"
@@ -912,18 +925,31 @@ class GradientCapture(Callback):
     def _select(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         return values if keep is None else values.index_select(0, keep.to(values.device))
 
-    def _note_nonfinite(self, uses: dict[str, list], step: _Step) -> None:
+    def _note_nonfinite(
+        self, uses: dict[str, list], step: _Step, sqnorms: torch.Tensor | None, covers: dict[str, int]
+    ) -> None:
         """Remembers the samples whose captured factors hold NaN or Inf; they are stored as they are
-        (their norms and influence read NaN), counted in the store and warned about at the epoch's end."""
+        (their norms and influence read NaN), counted in the store and warned about at the epoch's end.
+
+        The layers in ``covers`` are checked through their squared norms, already computed: a
+        non-finite factor makes the norm non-finite. Only rows whose norm is not finite (NaN, Inf,
+        or finite values whose squares overflowed) get the exact check.
+        """
         bad = nonfinite_rows(
-            [
-                t
-                for layer_uses in uses.values()
-                for use in layer_uses
-                for t in use
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
-            ]
+            [t for name, layer_uses in uses.items() if name not in covers for t in _floats(layer_uses)]
         )
+        if covers and sqnorms is not None:
+            columns = sqnorms if len(covers) == sqnorms.shape[1] else sqnorms[:, list(covers.values())]
+            finite = torch.isfinite(columns)
+            suspect = None if bool(finite.all()) else (~finite.all(dim=1)).nonzero().squeeze(1)
+            if suspect is not None:
+                own = [
+                    t.index_select(0, suspect.to(t.device)) for name in covers for t in _floats(uses[name])
+                ]
+                exact = nonfinite_rows(own)
+                if exact is not None:
+                    bad = torch.zeros(len(step.ids), dtype=torch.bool) if bad is None else bad.cpu()
+                    bad[suspect[exact.cpu()]] = True
         if bad is not None:
             self._nonfinite.extend(step.ids[bad.cpu().numpy()].tolist())
 
@@ -982,6 +1008,16 @@ def _random_state_kept(device: torch.device) -> Iterator[None]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def _floats(layer_uses: list) -> list[torch.Tensor]:
+    """The floating-point tensors of a layer's captured uses (its factors)."""
+    return [
+        t
+        for use in layer_uses
+        for t in use
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
+    ]
 
 
 def _array_path(plan: LayerPlan) -> str:

@@ -142,6 +142,14 @@ class LayerPlan:
         positions = self.uses * math.prod(self.input_shape[:-1])
         return self.extractor.kind in ("linear", "conv1d_transposed") and positions == 1
 
+    @property
+    def norm_covers_factors(self) -> bool:
+        """Whether every element of the layer's factors enters :meth:`sqnorms`, ``(‖a‖² + β) ‖d‖²``
+        for one position: so a NaN or Inf factor makes the norm NaN or Inf. Not so when only the
+        bias is captured (``a`` does not enter) or for full gradients, whose parameters may not use
+        every element."""
+        return self.sqnorm_at_capture and self.representation == "factors" and "weight" in self.params
+
     def sqnorms(self, rows: dict[str, Tensor]) -> Tensor:
         """Per-sample squared gradient norms ``(B,)`` (float64) of one batch's exact rows, before
         any quantization; only where :attr:`sqnorm_at_capture`."""
