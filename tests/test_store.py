@@ -205,7 +205,7 @@ def trips(monkeypatch):
     """``{"n": round trips to zarr's event loop thread}``, counted while the test runs."""
     import zarr.core.sync
 
-    from mstore_lightning.store import reader
+    from mstore_lightning.store import reader, zarr_io
 
     counts = {"n": 0}
 
@@ -217,7 +217,8 @@ def trips(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(zarr.core.sync, "sync", counting(zarr.core.sync.sync))
-    monkeypatch.setattr(reader, "zarr_sync", counting(reader.zarr_sync))
+    for module in (reader, zarr_io):
+        monkeypatch.setattr(module, "zarr_sync", counting(module.zarr_sync))
     return counts
 
 

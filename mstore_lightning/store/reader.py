@@ -34,13 +34,22 @@ from mstore_lightning.capture.registry import Extractor, extractor_for_kind, fla
 from mstore_lightning.store import layout, quant
 from mstore_lightning.store.dedup import NO_REF
 from mstore_lightning.store.lanes import Lanes
+from mstore_lightning.store.zarr_io import (
+    DAMAGE,
+    ReadStore,
+    StoreReadError,
+    anode,
+    check_crc,
+    check_rows,
+    node,
+    object_sizes,
+    open_many,
+    require_chunks,
+    take_many,
+)
 
 _BLOCK_ROWS = 1024  # rows of ``ids_b`` per block in ``dot``
 _STAGE_BYTES = 64 << 20  # decoded bytes that _in_batches reads ahead in one batch
-
-
-class StoreReadError(ValueError):
-    """The store, an epoch, a layer or a sample asked for is not there."""
 
 
 @dataclass(frozen=True)
@@ -118,12 +127,12 @@ def open_store(
     uri = os.fspath(uri)
     if not layout.is_url(uri) and not os.path.isdir(uri):
         raise StoreReadError(f"No gradient store at {uri!r}: the directory does not exist.")
-    store = _ReadStore(layout.zarr_store(uri, storage_options, read_only=True))
+    store = ReadStore(layout.zarr_store(uri, storage_options, read_only=True))
     try:
         root = zarr.open_group(store, mode="r", zarr_format=layout.ZARR_FORMAT)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreReadError(f"{uri!r} is not a Zarr group, so not a gradient store.") from exc
-    except _DAMAGE as exc:
+    except DAMAGE as exc:
         raise StoreReadError(f"{uri!r}: the store's root metadata (zarr.json) is damaged: {exc}") from exc
     return GradientStore(root, uri, storage_options, cache_bytes=cache_bytes)
 
@@ -146,7 +155,7 @@ class GradientStore:
         self._root = root
         if layout.META_KEY not in root.attrs:
             raise StoreReadError(f"{uri!r} is a Zarr group without gradient-store metadata.")
-        _check_crc(dict(root.attrs), f"{uri!r} root metadata")
+        check_crc(dict(root.attrs), f"{uri!r} root metadata")
         self.meta: dict[str, Any] = dict(root.attrs[layout.META_KEY])
         version = self.meta.get("schema_version")
         if version != layout.SCHEMA_VERSION:
@@ -199,13 +208,13 @@ class GradientStore:
             del self._committed_groups[e]  # its group is gone
         known = {layout.epoch_key(e) for e in self._committed_groups}
         new = sorted(k for k in names if k.isdigit() and k not in known)
-        groups = await asyncio.gather(*(_anode(root, f"{layout.EPOCHS}/{k}", missing_ok=True) for k in new))
+        groups = await asyncio.gather(*(anode(root, f"{layout.EPOCHS}/{k}", missing_ok=True) for k in new))
         for group in groups:
             if not isinstance(group, zarr.AsyncGroup) or group.attrs.get("state") != layout.COMMITTED:
                 continue
             try:
                 epoch = int(group.attrs["epoch"])
-            except _DAMAGE as exc:
+            except DAMAGE as exc:
                 raise StoreReadError(
                     f"The attributes of epoch group {group.path} are damaged ({exc})."
                 ) from exc
@@ -284,7 +293,7 @@ class GradientStore:
         self._load_epochs([e for e, _ in todo], split)
         where = [(e, n, r, g) for e, n in todo for r, g in enumerate(self._epoch(e, split)["ranks"])]
         closed = [(g, n) for _, n, _, g in where if (g.path, "", n) not in self._arrays]
-        for (g, n), arr in zip(closed, _open_many([(g, f"{layout.ROWS}/{n}") for g, n in closed])):
+        for (g, n), arr in zip(closed, open_many([(g, f"{layout.ROWS}/{n}") for g, n in closed])):
             if arr is not None:
                 self._arrays[(g.path, "", n)] = arr
         lacking = set()
@@ -296,13 +305,13 @@ class GradientStore:
         jobs = [(e, n, r, self._arrays[(g.path, "", n)]) for e, n, r, g in where if (e, n) not in lacking]
         for e, _, r, arr in jobs:
             offsets = self._epoch(e, split)["offsets"]
-            _check_rows(arr, int(offsets[r + 1] - offsets[r]))
-        values = _take_many([(arr, slice(None)) for *_, arr in jobs]) if jobs else []
+            check_rows(arr, int(offsets[r + 1] - offsets[r]))
+        values = take_many([(arr, slice(None)) for *_, arr in jobs]) if jobs else []
         for e, n in todo:
             if (e, n) not in lacking:
                 self._records[(e, n, split)] = []
         for (e, n, _, arr), got in zip(jobs, values):
-            _require_chunks(arr)
+            require_chunks(arr)
             self._records[(e, n, split)].append(got)
 
     # ---------------------------------------------------------------- gradients
@@ -595,7 +604,7 @@ class GradientStore:
         """
         if epoch is None and layer is None:
             known = {f"{layout.EPOCHS}/{layout.epoch_key(e)}": s for e, s in self._sizes.items()}
-            rest = _object_sizes(self._root.store, "", skip=set(known))
+            rest = object_sizes(self._root.store, "", skip=set(known))
             return sum(rest.values()) + sum(sum(s.values()) for s in known.values())
         epochs = [epoch] if epoch is not None else self.epochs
         if layer is not None:
@@ -604,7 +613,7 @@ class GradientStore:
         for ep in epochs:
             self._epoch(ep)  # raises for an epoch that is not committed
             if ep not in self._sizes:  # a committed epoch's files never change: list them once
-                self._sizes[ep] = _object_sizes(self._root.store, f"{layout.EPOCHS}/{layout.epoch_key(ep)}")
+                self._sizes[ep] = object_sizes(self._root.store, f"{layout.EPOCHS}/{layout.epoch_key(ep)}")
             sizes = self._sizes[ep]
             if layer is None:
                 total += sum(sizes.values())
@@ -796,7 +805,7 @@ class GradientStore:
         one that is not stored stays unopened."""
         want = [(g, lay, n) for g, lay, n in want if (g.path, lay.name, n) not in self._arrays]
         paths = [(g, f"{layout.LAYERS}/{lay.name}/{n}") for g, lay, n in want]
-        for (g, lay, n), arr in zip(want, _open_many(paths) if paths else []):
+        for (g, lay, n), arr in zip(want, open_many(paths) if paths else []):
             if arr is not None:
                 self._arrays[(g.path, lay.name, n)] = arr
 
@@ -804,7 +813,7 @@ class GradientStore:
         """Rows of a rank group: the length of its ``ids``, which every per-row array must share."""
         key = (rank_group.path, "", "ids")
         if key not in self._arrays:
-            self._arrays[key] = _node(rank_group, f"{layout.ROWS}/ids")
+            self._arrays[key] = node(rank_group, f"{layout.ROWS}/ids")
         return int(self._arrays[key].shape[0])
 
     def _array_names(self, lay: _Layer) -> list[str]:
@@ -841,16 +850,16 @@ class GradientStore:
                         jobs.append(((i, name, p + quant.TABLE), table, slice(None)))
                 if spec.get("dedup"):
                     jobs.append(((i, name, "ref"), self._array(group, lay, f"{name}_ref"), where))
-        got = dict(zip([key for key, _, _ in jobs], _take_many([(a, w) for _, a, w in jobs])))
+        got = dict(zip([key for key, _, _ in jobs], take_many([(a, w) for _, a, w in jobs])))
         for (i, name, p), arr, w in jobs:
             if not requests[i][1].spec["arrays"][name].get("dedup") or p.endswith(quant.TABLE):
-                _require_chunks(arr)
+                require_chunks(arr)
             elif p != "ref":  # chunks may be absent where every row is a reference or all zeros
                 rows = np.arange(arr.shape[0])[w] if isinstance(w, slice) else w
                 in_place = rows[got[(i, name, "ref")][:, 2] == NO_REF]
-                _require_chunks(arr, in_place // int(arr.chunks[0]))
+                require_chunks(arr, in_place // int(arr.chunks[0]))
             else:  # rows without a reference hold -1, so a reference chunk is only absent when lost
-                _require_chunks(arr)
+                require_chunks(arr)
         out: list[dict[str, dict[str, np.ndarray]]] = []
         for i, (group, lay, names, where) in enumerate(requests):
             arrays: dict[str, dict[str, np.ndarray]] = {}
@@ -1108,76 +1117,6 @@ def _without_dedup(lay: _Layer, name: str) -> _Layer:
     return _Layer({**lay.spec, "arrays": arrays}, lay.extractor)
 
 
-class _ReadStore(zarr.storage.WrapperStore):
-    """The store, noting each chunk that a read asked for and did not find.
-
-    zarr reads a missing chunk as fill values. Some of our chunks are absent on purpose (all their
-    rows deduplicated); any other missing chunk is damage, and the reader checks for it.
-    """
-
-    def __init__(self, store: Any) -> None:
-        super().__init__(store)
-        self.missing: set[str] = set()
-
-    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        got = await super().get(key, prototype, byte_range)
-        if got is None and "/c/" in key:
-            self.missing.add(key)
-        return got
-
-
-def _missing_chunks(arr: zarr.Array) -> list[str]:
-    """Chunk keys of ``arr`` that reads found absent (and forgets them)."""
-    store = arr.store
-    if not isinstance(store, _ReadStore) or not store.missing:
-        return []
-    prefix = f"{arr.path}/c/"
-    found = [k for k in store.missing if k.startswith(prefix)]
-    store.missing.difference_update(found)
-    return found
-
-
-def _require_chunks(arr: zarr.Array, needed: np.ndarray | None = None) -> None:
-    """Raises when a chunk of ``arr`` that holds data (``needed`` chunk indices, default: any) is missing."""
-    missing = _missing_chunks(arr)
-    if not missing:
-        return
-    indices = sorted(int(k[len(arr.path) + 3 :].split("/")[0]) for k in missing)
-    if needed is not None:
-        indices = sorted(set(indices) & {int(i) for i in np.atleast_1d(needed)})
-    if indices:
-        raise StoreReadError(
-            f"Array {arr.path!r} cannot be read: chunk {indices[0]} (counted along rows) is missing from "
-            "the store. Run `mstore verify` on the store to list every damaged chunk."
-        )
-
-
-# What zarr raises for metadata it cannot parse, or that names unknown codecs, types or grids.
-_DAMAGE = (ValueError, TypeError, KeyError, AttributeError)
-
-
-def _node(group: zarr.Group, path: str, missing_ok: bool = False) -> Any:
-    """``group[path]``, a damaged ``zarr.json`` reported by name (and a missing one, unless ``missing_ok``)."""
-    node = zarr_sync(_anode(group._async_group, path, missing_ok))
-    if node is None:
-        return None
-    return zarr.Group(node) if isinstance(node, zarr.AsyncGroup) else zarr.Array(node)
-
-
-def _check_crc(attrs: dict[str, Any], what: str) -> None:
-    if layout.crc_mismatch(attrs):
-        raise StoreReadError(
-            f"The attributes of {what} fail their crc32c checksum: its zarr.json was altered."
-        )
-
-
-def _check_rows(arr: zarr.Array, rows: int) -> None:
-    if arr.shape[0] != rows:
-        raise StoreReadError(
-            f"Array {arr.path!r} claims {arr.shape[0]} rows where its epoch holds {rows}: its metadata is damaged."
-        )
-
-
 def _check_part(arr: zarr.Array, lay: _Layer, name: str, rows: int) -> None:
     """An array's metadata agrees with the layer spec: dtype, row shape and row count."""
     for spec in lay.spec["arrays"].values():
@@ -1192,7 +1131,7 @@ def _check_part(arr: zarr.Array, lay: _Layer, name: str, rows: int) -> None:
             )
     if name.endswith(quant.TABLE):
         return
-    _check_rows(arr, rows)
+    check_rows(arr, rows)
 
 
 def _stored_names(lay: _Layer) -> list[str]:
@@ -1208,31 +1147,6 @@ def _stored_names(lay: _Layer) -> list[str]:
     return out
 
 
-def _open_many(items: list[tuple[zarr.Group, str]]) -> list[zarr.Array | None]:
-    """Opens the arrays at ``(group, path)`` together (``None`` for any that is not there)."""
-
-    async def one(group: zarr.Group, path: str) -> zarr.Array | None:
-        node = await _anode(group._async_group, path, missing_ok=True)
-        return None if node is None else zarr.Array(node)
-
-    async def all_of() -> list[zarr.Array | None]:
-        return list(await asyncio.gather(*(one(g, p) for g, p in items)))
-
-    return zarr_sync(all_of())
-
-
-async def _anode(group: Any, path: str, missing_ok: bool = False) -> Any:
-    """:func:`_node` on zarr's async API, so that many reads can overlap."""
-    try:
-        return await group.getitem(path)
-    except KeyError:
-        if missing_ok:
-            return None
-        raise StoreReadError(f"{group.path}/{path} is missing from the store.") from None
-    except _DAMAGE as exc:
-        raise StoreReadError(f"The metadata (zarr.json) of {group.path}/{path} is damaged: {exc}") from exc
-
-
 async def _epoch_meta(
     root: zarr.Group, epoch: int, split: str, listed: zarr.Group | None = None
 ) -> dict[str, Any] | None:
@@ -1246,18 +1160,18 @@ async def _epoch_meta(
             key = layout.epoch_key(int(epoch))
         except (ValueError, TypeError):
             return None
-        group = await _anode(root._async_group, f"{layout.EPOCHS}/{key}", missing_ok=True)
+        group = await anode(root._async_group, f"{layout.EPOCHS}/{key}", missing_ok=True)
     if group is None or group.attrs.get("state") != layout.COMMITTED:
         return None
-    _check_crc(dict(group.attrs), f"epoch group {group.path}")
+    check_crc(dict(group.attrs), f"epoch group {group.path}")
     prefix = layout.SPLITS[split]
     # Listing names and opening only this split's rank groups (not zarr's groups(), which opens
     # every member) keeps the reads per epoch to three: on small epochs they are the cost.
     names = [k async for k in group.store_path.store.list_dir(group.path)]
     keys = sorted((k for k in names if k[:1] == prefix and k[1:].isdigit()), key=lambda k: int(k[1:]))
     found = await asyncio.gather(
-        *(_anode(group, k) for k in keys),
-        *(_anode(group, f"{k}/{layout.ROWS}/ids", missing_ok=True) for k in keys),
+        *(anode(group, k) for k in keys),
+        *(anode(group, f"{k}/{layout.ROWS}/ids", missing_ok=True) for k in keys),
     )
     ranks, ids = [], []
     for g, arr in zip(found[: len(keys)], found[len(keys) :]):
@@ -1281,81 +1195,6 @@ async def _epoch_meta(
         "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
         "ids": ids,
     }
-
-
-def _take_many(items: list[tuple[zarr.Array, slice | np.ndarray]]) -> list[np.ndarray]:
-    """``[_take(arr, where, complete=False) ...]`` in one round trip to zarr's event loop, reads
-    overlapping; the caller checks missing chunks with :func:`_require_chunks`."""
-    if len(items) == 1:
-        return [_take(*items[0], complete=False)]
-
-    async def one(arr: zarr.Array, where: slice | np.ndarray) -> np.ndarray:
-        try:
-            if isinstance(where, slice):
-                return np.asarray(await arr._async_array.getitem(where))
-            return np.asarray(await arr._async_array.get_orthogonal_selection((where,)))
-        except ValueError as exc:
-            raise _damaged(arr, where, exc) from exc
-
-    async def all_of() -> list[np.ndarray]:
-        return list(await asyncio.gather(*(one(a, w) for a, w in items)))
-
-    return zarr_sync(all_of())
-
-
-def _take(arr: zarr.Array, where: slice | np.ndarray, complete: bool = True) -> np.ndarray:
-    """Rows ``where`` of ``arr``; with ``complete``, every chunk read must exist."""
-    try:
-        got = arr[where] if isinstance(where, slice) else arr.get_orthogonal_selection((where,))
-    except ValueError as exc:  # zarr's crc32c and decompression failures are ValueErrors
-        raise _damaged(arr, where, exc) from exc
-    if complete:
-        _require_chunks(arr)
-    return got
-
-
-def _damaged(arr: zarr.Array, where: slice | np.ndarray, exc: Exception) -> StoreReadError:
-    rows = np.arange(arr.shape[0])[where]
-    chunks = sorted({int(r) // int(arr.chunks[0]) for r in np.atleast_1d(rows)})
-    shown = ", ".join(map(str, chunks[:5])) + (", ..." if len(chunks) > 5 else "")
-    return StoreReadError(
-        f"Array {arr.path!r} cannot be read: chunk {shown} (counted along rows) is damaged ({exc}). "
-        "Run `mstore verify` on the store to list every damaged chunk."
-    )
-
-
-def _object_sizes(store: Any, prefix: str, skip: set[str] = frozenset()) -> dict[str, int]:
-    """``{key below prefix: bytes}`` of every file or object stored under ``prefix`` of ``store``,
-    less those under the folders ``skip`` (keys below ``prefix``)."""
-    while isinstance(store, zarr.storage.WrapperStore):
-        store = store._store
-    if isinstance(store, zarr.storage.LocalStore):
-        # os.scandir's entries carry their type, so each file costs one stat: twice as fast as
-        # os.walk with getsize, and a report lists every epoch's files.
-        sizes, folders = {}, [(os.path.join(store.root, prefix), "")]
-        while folders:
-            folder, key = folders.pop()
-            try:
-                entries = list(os.scandir(folder))
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                name = f"{key}{entry.name}"
-                if entry.is_dir(follow_symlinks=False):
-                    if name not in skip:
-                        folders.append((entry.path, f"{name}/"))
-                else:
-                    sizes[name] = entry.stat(follow_symlinks=False).st_size
-        return sizes
-    if isinstance(store, zarr.storage.FsspecStore):
-        base = f"{store.path}/{prefix}".rstrip("/")
-        try:
-            found = zarr_sync(store.fs._find(base, detail=True))
-        except FileNotFoundError:
-            return {}
-        sizes = {k[len(base) + 1 :]: int(v.get("size") or 0) for k, v in found.items()}
-        return {k: v for k, v in sizes.items() if not any(k.startswith(f"{d}/") for d in skip)}
-    return {}
 
 
 def _nrows(rows: dict[str, torch.Tensor]) -> int:
