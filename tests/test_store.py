@@ -250,7 +250,7 @@ def test_self_influence_reads_in_as_many_round_trips_for_six_epochs_as_for_two(t
 
 def test_tracin_reads_in_as_many_round_trips_for_six_epochs_as_for_two(tmp_path, trips, monkeypatch):
     # Epoch after epoch, TracIn's reads of every layer's chunks share one batch (while they fit in
-    # the staging bound); with a bound that holds one epoch, each epoch is its own batch, same sums.
+    # the staging bound); epochs larger than the bound are read a chunk at a time, same sums.
     from mstore_lightning.store import reader
 
     counted, one_by_one = {}, {}
@@ -264,9 +264,18 @@ def test_tracin_reads_in_as_many_round_trips_for_six_epochs_as_for_two(tmp_path,
         np.testing.assert_allclose(scores.scores, by_epoch, rtol=1e-9)
         with monkeypatch.context() as m:
             m.setattr(reader, "_STAGE_BYTES", 1)
+            staged = []
+            staging = reader.GradientStore._staging
+
+            def recording(self, run, keys):
+                staged.append(run)
+                return staging(self, run, keys)
+
+            m.setattr(reader.GradientStore, "_staging", recording)
             trips["n"] = 0
             np.testing.assert_array_equal(open_store(path).tracin(queries).scores, scores.scores)
             one_by_one[epochs] = trips["n"]
+            assert staged == []  # an epoch over the bound is never held whole
     assert counted[6] == counted[2], counted
     assert one_by_one[6] > one_by_one[2], one_by_one
 

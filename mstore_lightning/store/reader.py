@@ -1005,10 +1005,11 @@ class GradientStore:
         self, epochs: Sequence[int], lays: Sequence[_Layer], splits: Sequence[str]
     ) -> Iterator[list[int]]:
         """Yields ``epochs`` in runs, each run's chunks of ``lays`` in ``splits`` read beforehand in
-        one batch and held (up to ``_STAGE_BYTES`` decoded, one epoch at least) until the next.
+        one batch and held (up to ``_STAGE_BYTES`` decoded) until the next.
 
         An operator that reads epoch after epoch pays zarr's round trip per run, not per chunk: on a
-        store of small epochs that trip is most of the cost.
+        store of small epochs that trip is most of the cost. An epoch larger than the bound is
+        yielded alone and read chunk by chunk, so memory stays bounded whatever the epoch's size.
         """
         epochs, splits = list(epochs), list(dict.fromkeys(splits))
         for split in splits:
@@ -1029,6 +1030,9 @@ class GradientStore:
             if run and size + nbytes > _STAGE_BYTES:
                 yield from self._staging(run, keys)
                 run, keys, size = [], [], 0
+            if nbytes > _STAGE_BYTES:
+                yield [e]  # too large to hold: streamed chunk by chunk by whoever reads it
+                continue
             run.append(e)
             keys.extend(mine)
             size += nbytes
