@@ -27,6 +27,9 @@ def test_lanes_run_every_call_on_workers_and_keep_few_waiting():
         for i in range(12):
             pool.submit(work, i)
             waiting.append(len(pool._pending))
+            if i == 5:
+                pool.wait()
+                assert sorted(done) == list(range(6))
     assert sorted(done) == list(range(12))
     assert threading.current_thread().name not in names
     assert max(waiting) <= 4  # two per thread: a fast reader cannot pile up chunks

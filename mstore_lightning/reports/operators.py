@@ -9,7 +9,7 @@ epoch ``e``'s rows; an epoch not yet in the sum (after a resume, say) is read on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,11 +53,14 @@ class RunningSum:
         self.values: np.ndarray | None = None
         self.epochs: set[int] = set()
 
-    def add(self, epoch: int, ids: np.ndarray, values: np.ndarray) -> None:
+    def add(self, epochs: Sequence[int], ids: np.ndarray, values: np.ndarray) -> None:
+        """Adds ``values``, the sum over ``epochs``, whose last axis follows ``ids``."""
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         if np.any(sorted_ids[1:] == sorted_ids[:-1]):
-            raise ValueError(f"epoch {epoch} holds a sample id twice; its influence cannot be summed by id.")
+            raise ValueError(
+                f"epochs {list(epochs)} hold a sample id twice; their influence cannot be summed by id."
+            )
         if self.values is None or not np.array_equal(sorted_ids, self.ids):  # new ids: grow
             union = np.union1d(self.ids, ids)
             grown = np.zeros((*values.shape[:-1], len(union)), dtype=np.float64)
@@ -68,7 +71,7 @@ class RunningSum:
             self.values += values  # the same ids, in order: as every epoch without a sampler change
         else:
             self.values[..., np.searchsorted(self.ids, sorted_ids)] += values[..., order]
-        self.epochs.add(epoch)
+        self.epochs.update(epochs)
 
 
 @dataclass
@@ -144,7 +147,7 @@ def self_influence(
     todo = [e for e in wanted if e not in run.epochs]
     store._preload(todo, ("ids", "sqnorm"))  # every epoch's records in a few trips, not a few each
     for e in todo:
-        run.add(e, store.sample_ids(e), store.lr(e) * ctx.total_sqnorms(e))
+        run.add([e], store.sample_ids(e), store.lr(e) * ctx.total_sqnorms(e))
     ids, scores = run.ids, run.values
     z = robust_z(np.log(np.maximum(scores, _TINY)))
     out.scalars["self_influence/flagged_share"] = float(np.mean(z > threshold)) if len(z) else 0.0
@@ -195,10 +198,9 @@ def tracin(ctx: Context, k: int, epochs: str) -> Output:
         and store.has_queries(e)
         and np.array_equal(store.sample_ids(e, "query"), queries)
     ]
-    for batch in store._in_batches(todo, store._select(None), ["query", "train"]):
-        for e in batch:
-            train = store.sample_ids(e)
-            run.add(e, train, store.lr(e) * np.asarray(store.dot(e, queries, train, split_a="query")))
+    if todo:
+        summed = store.tracin(queries, epochs=todo)  # every one of them has these query rows
+        run.add(todo, summed.ids, summed.scores)
     left = sorted(e for e in ctx.left_out if e <= ctx.epoch) if epochs == "all" else []
     if left:
         out.note = (

@@ -24,7 +24,7 @@ class Lanes:
     """Runs ``submit``-ted calls on ``threads`` worker threads, or inline with one.
 
     At most two calls per thread wait at once, so a fast reader cannot pile up chunks in memory.
-    Leaving the ``with`` block waits for every call and raises the first failure.
+    :meth:`wait`, and leaving the ``with`` block, wait for every call and raise the first failure.
 
     Example:
         >>> import numpy as np
@@ -53,13 +53,18 @@ class Lanes:
             self._pending.popleft().result()
         self._pending.append(self._pool.submit(fn, *args))
 
+    def wait(self) -> None:
+        """Waits for every call submitted so far; raises the first failure."""
+        while self._pending:
+            self._pending.popleft().result()
+
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         try:
-            while self._pending and exc_type is None:  # on an error already raised, just stop
-                self._pending.popleft().result()
+            if exc_type is None:  # on an error already raised, just stop
+                self.wait()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)

@@ -448,14 +448,14 @@ class GradientStore:
             order = np.argsort(rows_b, kind="stable")
             sorted_rows = rows_b[order]
             in_order = bool(np.all(order[1:] > order[:-1]))
-        for lay in self._select(layers):
-            xa = self._gather(epoch, lay, rows_a, split_a)
-            if not by_chunk:
-                for lo in range(0, len(rows_b), _BLOCK_ROWS):
-                    xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS], split_b)
-                    out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).numpy()
-                continue
-            with Lanes.for_queries(len(rows_a)) as lanes:
+        with Lanes.for_queries(len(rows_a)) as lanes:
+            for lay in self._select(layers):
+                xa = self._gather(epoch, lay, rows_a, split_a)
+                if not by_chunk:
+                    for lo in range(0, len(rows_b), _BLOCK_ROWS):
+                        xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS], split_b)
+                        out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).numpy()
+                    continue
                 for first, rows in self._stream(epoch, lay, split_b):
                     a, b = np.searchsorted(sorted_rows, [first, first + _nrows(rows)])
                     if a == b:
@@ -468,6 +468,7 @@ class GradientStore:
                         xb = {k: v.index_select(0, index) for k, v in rows.items()}
                     # Summed in row order, where a chunk is a plain slice; put in ids_b's order once.
                     lanes.submit(_add_gram, out[:, a:b], lay, xa, xb)
+                lanes.wait()  # the next layer adds into the same slices
         if by_chunk and not in_order:
             out[:, order] = out.copy()
         return QueryResult(out, self._approximate(layers, epoch))
@@ -839,6 +840,8 @@ class GradientStore:
         the bytes, is the cost, so every part of every array of every request goes in one batch, and
         the rows deduplicated rows refer to in a second.
         """
+        if not requests:
+            return []
         jobs: list[tuple[tuple[int, str, str], zarr.Array, slice | np.ndarray]] = []
         for i, (group, lay, names, where) in enumerate(requests):
             for name in names:
@@ -895,7 +898,7 @@ class GradientStore:
                 order = np.argsort(rows, kind="stable")
                 sources.append((self._rank_group(e, r), _without_dedup(lay, name), [name], rows[order]))
                 fills.append((parts, name, dup[sel[order]]))
-        for (parts, name, at), source in zip(fills, self._read_batch(sources) if sources else []):
+        for (parts, name, at), source in zip(fills, self._read_batch(sources)):
             for p, values in source[name].items():
                 parts[p][at] = values
 
@@ -995,7 +998,7 @@ class GradientStore:
             group = self._epoch(epoch, split)["ranks"][r]
             requests.append((group, lay, self._array_names(lay), slice(lo, hi)))
         out = []
-        for key, (_, lay, names, _), parts in zip(keys, requests, self._read_batch(requests) if keys else []):
+        for key, (_, lay, names, _), parts in zip(keys, requests, self._read_batch(requests)):
             rows = {n: quant.decode(lay.spec["arrays"][n], n, parts[n]) for n in names}
             self._cache.put(key, rows)
             out.append(rows)
