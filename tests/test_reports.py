@@ -333,3 +333,24 @@ def test_max_overhead_skips_epochs_always_reports_the_last_and_tracin_sums_the_r
             rows["score"], scores[np.searchsorted(reported.ids, rows["id"])], rtol=1e-6
         )
     assert "analytics_max_overhead" in paths.html.read_text()
+
+
+def test_overwriting_a_store_replaces_its_reports_and_appending_keeps_them(tmp_path):
+    torch.manual_seed(0)
+    x, y = data(n=16, d=16)
+    paths = report_paths(tmp_path / "s.zarr")
+
+    def fit(epochs: int, mode: str, analytics: list | None = None) -> None:
+        cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT, analytics=analytics, mode=mode)
+        trainer([cap], max_epochs=epochs).fit(Task(net()), loader(x, y))
+
+    fit(3, "error", ["storage"])
+    assert paths.epochs() == [0, 1, 2]
+    (paths.root / "notes.txt").write_text("mine")  # not the report's: it stays
+    fit(1, "overwrite", ["storage"])
+    assert paths.epochs() == [0]  # epochs 1 and 2 were the replaced run's
+    assert (paths.root / "notes.txt").read_text() == "mine"
+    html = paths.html.read_text()
+    assert 'id="epoch-00000"' in html and 'id="epoch-00001"' not in html
+    fit(1, "append")  # no analytics this time: the reports already there are the store's own
+    assert paths.epochs() == [0] and paths.html.read_text() == html

@@ -36,6 +36,7 @@ from mstore_lightning.capture.layers import (
 )
 from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
+from mstore_lightning.reports.artifacts import report_paths
 from mstore_lightning.reports.session import ReportSession
 from mstore_lightning.reports.spec import AnalyticsLike, parse_analytics
 from mstore_lightning.store import layout, quant
@@ -329,7 +330,7 @@ class GradientCapture(Callback):
         self._dedup = RowIndex(self.dedup_bytes) if self.policy.dedup else None
         if trainer.global_rank == 0:
             try:
-                self._run.open(self._run_meta(trainer, pl_module), resume=resume)
+                created = self._run.open(self._run_meta(trainer, pl_module), resume=resume)
             except StoreExistsError:
                 raise  # its own message says what to do
             except OSError as exc:  # before any training: nothing to keep, so always an error
@@ -342,6 +343,8 @@ class GradientCapture(Callback):
                 raise StoreWriteError(
                     f"Cannot write the gradient store at {self.store!r}: {exc.strerror or exc}. {fix}"
                 ) from exc
+            if created:  # a replaced store's reports would show its epochs beside this run's
+                report_paths(self.store, self.report_dir).clear()
         trainer.strategy.barrier("mstore_open")
         if trainer.global_rank != 0:
             self._run.open(self._run_meta(trainer, pl_module), resume=True)

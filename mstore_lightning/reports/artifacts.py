@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,16 @@ class ReportPaths:
             if name.startswith("epoch_") and name[6:].isdigit() and (entry / SUMMARY).is_file():
                 found.append(int(name[6:]))
         return sorted(found)
+
+    def clear(self) -> None:
+        """Removes the reports of a store that has been replaced, so that a new run's report never
+        shows an old run's epochs. Only the HTML file and the epoch folders go; anything else a user
+        put in the folder stays."""
+        self.html.unlink(missing_ok=True)
+        for epoch in self.epochs():
+            shutil.rmtree(self.epoch_dir(epoch))
+        if self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
 
     def read_summary(self, epoch: int) -> dict[str, Any]:
         with open(self.epoch_dir(epoch) / SUMMARY, encoding="utf-8") as f:

@@ -66,8 +66,12 @@ class RunWriter:
         self._rank_groups: dict[tuple[int, str], zarr.Group] = {}
 
     # ---------------------------------------------------------------- run metadata
-    def open(self, meta: dict[str, Any], resume: bool) -> None:
-        """Opens the store for writing; ``resume`` continues a run from a checkpoint."""
+    def open(self, meta: dict[str, Any], resume: bool) -> bool:
+        """Opens the store for writing; ``resume`` continues a run from a checkpoint.
+
+        Returns:
+            Whether a new store was created (rather than an existing one opened).
+        """
         existing = _existing_meta(self.uri, self.storage_options)
         if existing is not None and not resume and self.mode == "error":
             raise StoreExistsError(
@@ -77,7 +81,7 @@ class RunWriter:
         if existing is not None and (resume or self.mode == "append"):
             _check_compatible(self.uri, existing, meta)
             self.root = zarr.open_group(self._store(), mode="r+")
-            return
+            return False
         if self.rank == 0:
             meta = dict(meta, created=_dt.datetime.now(_dt.timezone.utc).isoformat())
             # The root and its metadata in one write: a reader never finds a root without metadata.
@@ -85,8 +89,9 @@ class RunWriter:
                 self._store(), overwrite=True, attributes=layout.with_crc({layout.META_KEY: meta})
             )
             self.root.create_group(layout.EPOCHS)
-        else:
-            self.root = zarr.open_group(self._store(), mode="r+")
+            return True
+        self.root = zarr.open_group(self._store(), mode="r+")
+        return False
 
     def update_meta(self, **fields: Any) -> None:
         """Rank 0 records fields in the run metadata (layer specs once known, uncovered layers)."""
