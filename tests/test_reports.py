@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from unittest import mock
@@ -186,10 +187,17 @@ def test_tensorboard_has_scalars_histograms_images_and_text(run):
     hist = acc.Histograms("mstore/grad_norm/net.0")
     assert [h.step for h in hist] == run["steps"]
     assert hist[0].histogram_value.num == 40
+    folder = report_paths(run["path"] / "s.zarr").epoch_dir(EPOCHS - 1)
     for tag in ("mstore/norms/by_class", "mstore/class_conflicts/heatmap", "mstore/self_influence/grid"):
         images = acc.Images(tag)
         assert [im.step for im in images] == run["steps"]
-        assert images[0].width > 100 and images[0].encoded_image_string[:4] == b"\x89PNG"
+        # The event holds the very PNG written beside the store, with its true size.
+        png = (folder / f"{tag.split('/', 1)[1].replace('/', '_')}.png").read_bytes()
+        assert images[-1].encoded_image_string == png
+        from PIL import Image
+
+        assert Image.open(io.BytesIO(png)).size == (images[-1].width, images[-1].height)
+        assert images[-1].width > 100
     assert "mstore/self_influence/topk/text_summary" in tags["tensors"]
 
 

@@ -87,6 +87,25 @@ def test_the_writer_codes_every_row_once_even_across_flushes(tmp_path_factory, s
     ]
 
 
+def test_an_array_finished_within_its_first_chunk_is_created_at_its_size(tmp_path, monkeypatch):
+    # A short epoch's arrays: one metadata write each, not a creation and then a trim.
+    resized = []
+    real = zarr.Array.resize
+    monkeypatch.setattr(
+        zarr.Array, "resize", lambda self, shape: (resized.append(self.path), real(self, shape))
+    )
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    w = BackgroundWriter(queue_bytes=1 << 20)
+    w.open_array(group, "short", (3,), np.float32, chunk_rows=16)
+    w.open_array(group, "long", (3,), np.float32, chunk_rows=16)
+    w.append(group, "short", torch.ones(5, 3))
+    w.append(group, "long", torch.ones(20, 3))  # a whole chunk goes first, at a guessed size
+    assert w.finish_arrays(group) == {"short": 5, "long": 20}
+    w.close()
+    assert group["short"].shape == (5, 3) and group["long"].shape == (20, 3)
+    assert resized == ["long"]
+
+
 def test_writer_blocks_instead_of_growing_when_storage_is_slow(tmp_path):
     group = zarr.open_group(tmp_path / "s.zarr", mode="w")
     chunk = 64 * 1024  # bytes per chunk

@@ -149,9 +149,31 @@ def _kind(lg: Any) -> str:
 
 
 def _tensorboard_image(lg: Any, tag: str, png: bytes, step: int) -> None:
+    """The PNG as it is, into torch's event writer: ``add_image`` would decode it to pixels and
+    encode it again, 17 ms a figure against 0.1 ms. Another writer (tensorboardX) gets pixels."""
+    writer = lg.experiment
+    file_writer = getattr(writer, "_get_file_writer", None)
+    if _is_torch_writer(writer) and file_writer is not None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        channels = _PNG_CHANNELS[png[25]]  # the IHDR chunk's colour type
+        image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
+        file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        return
     from matplotlib.image import imread
 
-    lg.experiment.add_image(tag, imread(io.BytesIO(png), format="png")[..., :3], step, dataformats="HWC")
+    writer.add_image(tag, imread(io.BytesIO(png), format="png")[..., :3], step, dataformats="HWC")
+
+
+# PNG colour type -> channels, as TensorBoard's Summary.Image.colorspace counts them
+_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
+
+
+def _is_torch_writer(writer: Any) -> bool:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return isinstance(writer, SummaryWriter)
 
 
 def _wandb_histogram(lg: Any, tag: str, values: np.ndarray, step: int) -> None:

@@ -85,6 +85,7 @@ class _Chunk:
     start: int
     buffer: np.ndarray
     rows: int
+    last: bool = False  # the array's last chunk: an array created for it gets its final size
 
     @property
     def nbytes(self) -> int:
@@ -315,8 +316,13 @@ class BackgroundWriter:
 
     def finish_arrays(self, group: zarr.Group) -> dict[str, int]:
         """Flushes, trims the arrays under ``group`` to their exact row count, and forgets them."""
-        self.flush()
         mine = {k: a for k, a in self._arrays.items() if a.group is group}
+        for arr in mine.values():
+            if arr.current is not None and arr.fill:
+                # Created at its final size when this is its first chunk, as in a short epoch, so
+                # the trim below costs no second metadata write.
+                self._submit_current(arr, last=True)
+        self.flush()
 
         def trim() -> None:
             for arr in mine.values():
@@ -355,7 +361,7 @@ class BackgroundWriter:
         return self._pending_bytes > 0 and self._pending_bytes + chunk > self.queue_bytes
 
     # ---------------------------------------------------------------- internals
-    def _submit_current(self, arr: _RowArray, keep: bool = False) -> None:
+    def _submit_current(self, arr: _RowArray, keep: bool = False, last: bool = False) -> None:
         start = arr.rows - arr.fill
         buffer = arr.current
         if keep:
@@ -364,7 +370,7 @@ class BackgroundWriter:
             arr.current = buffer.copy()
         else:
             arr.current = None
-        chunk = _Chunk(arr, start, buffer, arr.fill)
+        chunk = _Chunk(arr, start, buffer, arr.fill, last)
         self._reserve(chunk.nbytes)
         self._queue.put(chunk)
         if not keep:
@@ -451,7 +457,7 @@ class BackgroundWriter:
         for part in arr.parts:
             block = coded[part.spec.name]
             if part.array is None:
-                _create(arr, part, max(stop, 4 * arr.chunk_rows))
+                _create(arr, part, stop if chunk.last else max(stop, 4 * arr.chunk_rows))
             if stop > part.capacity:
                 _resize(part, max(stop, 2 * part.capacity), arr.chunk_rows)
             if part.spec.codec is not None:
