@@ -43,6 +43,7 @@ def test_query_rows_hold_end_of_epoch_gradients(run):
         assert store.has_queries(e)
         qids = store.sample_ids(e, split="query")
         np.testing.assert_array_equal(qids, np.arange(10))
+        assert (store.row_count(e), store.row_count(e, "query")) == (24, 10)
         for layer in store.layers:
             got = store.restore(e, layer, qids, split="query")
             for p, g in got.items():
@@ -69,7 +70,9 @@ def test_tracin_uses_the_query_rows(run):
 
 def test_query_ids_outside_the_query_set_are_named(run):
     store, _, _ = run
-    with pytest.raises(StoreReadError, match=r"Sample id\(s\) \[99\] were not captured as queries in epoch 0"):
+    with pytest.raises(
+        StoreReadError, match=r"Sample id\(s\) \[99\] were not captured as queries in epoch 0"
+    ):
         store.dot(0, [99], [0], split_a="query")
 
 
@@ -90,6 +93,7 @@ def test_checkpoint_timing_captures_the_training_set_with_end_of_epoch_weights(t
     for e in store.epochs:
         ids = store.sample_ids(e)
         assert sorted(ids.tolist()) == list(range(0, 20, 2)) and not store.has_queries(e)
+        assert (store.row_count(e), store.row_count(e, "query")) == (10, 0)
         for layer in store.layers:
             for p, g in store.restore(e, layer, ids).items():
                 torch.testing.assert_close(g, ref.grads[e][f"{layer}.{p}"][ids], rtol=1e-4, atol=1e-6)
@@ -105,12 +109,18 @@ def test_end_of_epoch_passes_leave_training_unchanged(tmp_path, policy):
 
     def fit(callbacks):
         torch.manual_seed(0)
-        task = Task(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.3), torch.nn.ReLU(), torch.nn.Linear(8, 3)))
+        task = Task(
+            torch.nn.Sequential(
+                torch.nn.Linear(6, 8), torch.nn.Dropout(0.3), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+            )
+        )
         trainer(callbacks, max_epochs=3).fit(task, loader(x, y, batch_size=8, shuffle=True))
         return [p.detach().clone() for p in task.parameters()]
 
     plain = fit([])
-    cap = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, **policy}, query=loader(qx, qy, batch_size=4, shuffle=False))
+    cap = GradientCapture(
+        tmp_path / "s.zarr", policy={**EXACT, **policy}, query=loader(qx, qy, batch_size=4, shuffle=False)
+    )
     captured = fit([cap])
     for a, b in zip(plain, captured):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

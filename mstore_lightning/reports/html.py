@@ -85,8 +85,9 @@ def render_report(store: GradientStore, paths: ReportPaths) -> str:
     """The report page of ``store`` with the analytics found under ``paths.root``, as HTML text."""
     name = paths.html.stem
     epochs = store.epochs
-    store._preload(epochs, ("ids",))  # the tables count every epoch's rows: a few trips, not a few each
-    store._preload([e for e in epochs if store.has_queries(e)], ("ids",), "query")
+    # The tables count every epoch's rows: its metadata in one trip for all epochs, not a few each.
+    store._load_epochs(epochs)
+    store._load_epochs(epochs, "query")
     body = [
         _header(store, name),
         "<main>",
@@ -162,9 +163,9 @@ def _epochs_table(store: GradientStore, epochs: Sequence[int]) -> str:
     rows = []
     for ep in epochs:
         dups = sum(d.get("duplicates", 0) for d in store.dedup_stats(ep).values())
-        queries = len(store.sample_ids(ep, "query")) if store.has_queries(ep) else 0
+        queries = store.row_count(ep, "query")
         recomputed = ", ".join(store.recomputed(ep)) or "—"
-        rows.append([ep, len(store.sample_ids(ep)), queries, f"{store.lr(ep):.4g}", recomputed, _count(dups)])
+        rows.append([ep, store.row_count(ep), queries, f"{store.lr(ep):.4g}", recomputed, _count(dups)])
     return _table_html(_EPOCH_COLUMNS, rows, table_id="epochs")
 
 
@@ -220,9 +221,7 @@ def _rows_stored(store: GradientStore, layer: str) -> int:
     for ep in store.epochs:
         if layer in store.recomputed(ep):
             continue
-        total += len(store.sample_ids(ep))
-        if store.has_queries(ep):
-            total += len(store.sample_ids(ep, "query"))
+        total += store.row_count(ep) + store.row_count(ep, "query")
     return total
 
 

@@ -254,6 +254,10 @@ class GradientStore:
         ``split="query"`` the query samples captured at the epoch's end (``GradientCapture(query=)``)."""
         return self.row_field(epoch, "ids", split)
 
+    def row_count(self, epoch: int, split: str = "train") -> int:
+        """Rows of ``epoch``'s ``split``, read from its arrays' metadata alone."""
+        return int(self._epoch(epoch, split)["offsets"][-1])
+
     def has_queries(self, epoch: int) -> bool:
         """Whether ``epoch`` holds query rows."""
         return bool(self._epoch(epoch, "query")["ranks"])
