@@ -362,3 +362,35 @@ def test_overwriting_a_store_replaces_its_reports_and_appending_keeps_them(tmp_p
     assert 'id="epoch-00000"' in html and 'id="epoch-00001"' not in html
     fit(1, "append")  # no analytics this time: the reports already there are the store's own
     assert paths.epochs() == [0] and paths.html.read_text() == html
+
+
+def test_a_palette_png_reaches_tensorboard_as_pixels(tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mstore_lightning.reports.loggers import _tensorboard_image
+
+    buf = io.BytesIO()
+    Image.new("P", (120, 30), color=3).save(buf, format="png")  # colour type 3: no channel count
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _tensorboard_image(logger, "mstore/x", buf.getvalue(), 7)
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    (image,) = acc.Images("mstore/x")
+    assert (image.step, image.width, image.height) == (7, 120, 30)
+
+
+def test_reports_that_cannot_be_removed_are_warned_about_and_training_goes_on(tmp_path, monkeypatch):
+    from mstore_lightning.reports.artifacts import ReportPaths
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self.root))
+
+    monkeypatch.setattr(ReportPaths, "clear", refuse)
+    torch.manual_seed(0)
+    x, y = data(n=16, d=16)
+    cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT, analytics=["storage"], mode="overwrite")
+    with pytest.warns(UserWarning, match="could not remove the replaced store's reports"):
+        trainer([cap], max_epochs=1).fit(Task(net()), loader(x, y))
+    assert open_store(tmp_path / "s.zarr").epochs == [0]

@@ -344,7 +344,7 @@ class GradientCapture(Callback):
                     f"Cannot write the gradient store at {self.store!r}: {exc.strerror or exc}. {fix}"
                 ) from exc
             if created:  # a replaced store's reports would show its epochs beside this run's
-                report_paths(self.store, self.report_dir).clear()
+                self._clear_reports()
         trainer.strategy.barrier("mstore_open")
         if trainer.global_rank != 0:
             self._run.open(self._run_meta(trainer, pl_module), resume=True)
@@ -359,6 +359,16 @@ class GradientCapture(Callback):
         else:
             self._resume = None
         trainer.strategy.barrier("mstore_pruned")
+
+    def _clear_reports(self) -> None:
+        paths = report_paths(self.store, self.report_dir)
+        try:
+            paths.clear()
+        except OSError as exc:  # the old reports stay; training need not stop for them
+            rank_zero_warn(
+                f"GradientCapture could not remove the replaced store's reports ({paths.root}, "
+                f"{paths.html}): {exc}. This run's report may list the old run's epochs beside its own."
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -153,11 +153,11 @@ def _tensorboard_image(lg: Any, tag: str, png: bytes, step: int) -> None:
     encode it again, 17 ms a figure against 0.1 ms. Another writer (tensorboardX) gets pixels."""
     writer = lg.experiment
     file_writer = getattr(writer, "_get_file_writer", None)
-    if _is_torch_writer(writer) and file_writer is not None:
+    channels = _PNG_CHANNELS.get(png[25])  # the IHDR chunk's colour type; a palette PNG gets pixels
+    if _is_torch_writer(writer) and file_writer is not None and channels is not None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-        channels = _PNG_CHANNELS[png[25]]  # the IHDR chunk's colour type
         image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
         file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
         return
