@@ -106,6 +106,30 @@ def test_an_array_finished_within_its_first_chunk_is_created_at_its_size(tmp_pat
     assert resized == ["long"]
 
 
+def test_finishing_one_group_leaves_another_groups_rows_buffered_and_each_chunk_is_written_once(tmp_path):
+    # An epoch's query group is finished before its training group: flushing the training rows then
+    # wrote their chunk once as a partial and again whole.
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    train, query = root.create_group("r0"), root.create_group("q0")
+    written: list[tuple[str, int]] = []
+
+    class Counting(BackgroundWriter):
+        def _write(self, chunks):
+            written.extend((c.array.group.basename, c.start) for c in chunks)
+            super()._write(chunks)
+
+    w = Counting(queue_bytes=1 << 20)
+    for group, n in ((train, 7), (query, 3)):
+        w.open_array(group, "x", (2,), np.float32, chunk_rows=16)
+        w.append(group, "x", torch.arange(2 * n, dtype=torch.float32).reshape(n, 2))
+    assert w.finish_arrays(query) == {"x": 3}
+    assert "x" not in train  # not created: its rows wait for their own group's finish
+    assert w.finish_arrays(train) == {"x": 7}
+    w.close()
+    assert sorted(written) == [("q0", 0), ("r0", 0)]
+    np.testing.assert_array_equal(train["x"][:], np.arange(14, dtype=np.float32).reshape(7, 2))
+
+
 def test_writer_blocks_instead_of_growing_when_storage_is_slow(tmp_path):
     group = zarr.open_group(tmp_path / "s.zarr", mode="w")
     chunk = 64 * 1024  # bytes per chunk

@@ -315,14 +315,15 @@ class BackgroundWriter:
         self.run_on_writer(lambda: None)
 
     def finish_arrays(self, group: zarr.Group) -> dict[str, int]:
-        """Flushes, trims the arrays under ``group`` to their exact row count, and forgets them."""
+        """Writes the rows buffered for the arrays under ``group``, trims the arrays to their exact
+        row count, and forgets them. Other groups' partial chunks stay buffered: flushed now, they
+        would be written twice."""
         mine = {k: a for k, a in self._arrays.items() if a.group is group}
         for arr in mine.values():
             if arr.current is not None and arr.fill:
                 # Created at its final size when this is its first chunk, as in a short epoch, so
                 # the trim below costs no second metadata write.
                 self._submit_current(arr, last=True)
-        self.flush()
 
         def trim() -> None:
             for arr in mine.values():
