@@ -227,8 +227,8 @@ def _inspect(args: argparse.Namespace) -> int:
         if epoch in store.epochs:
             dedup = store.dedup_stats(epoch).values()
             row.update(
-                rows=len(store.sample_ids(epoch)),
-                query_rows=len(store.sample_ids(epoch, "query")) if store.has_queries(epoch) else 0,
+                rows=store.row_count(epoch),
+                query_rows=store.row_count(epoch, "query"),
                 lr=f"{store.lr(epoch):.4g}",
                 bytes=store.nbytes_stored(epoch),
                 dedup_rows=sum(d.get("duplicates", 0) for d in dedup),

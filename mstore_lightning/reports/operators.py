@@ -311,7 +311,7 @@ def storage(ctx: Context) -> Output:
     """Bytes on disk, what deduplication saved, the ratio to full fp32 gradients, and throughput."""
     store, out = ctx.store, Output()
     stored = store.nbytes_stored(ctx.epoch)
-    rows = len(store.sample_ids(ctx.epoch))
+    rows = store.row_count(ctx.epoch)
     full = rows * sum(4 * _param_numel(store.layer_spec(name)) for name in store.layers)
     saved = sum(s.get("bytes_saved", 0) for s in store.dedup_stats(ctx.epoch).values())
     out.scalars.update(

@@ -570,7 +570,7 @@ class GradientStore:
             f"layers {pol.get('layers')}"
         )
         for ep in self.epochs:
-            line = f"  epoch {ep}: {len(self.sample_ids(ep))} rows, lr {self.lr(ep):.4g}"
+            line = f"  epoch {ep}: {self.row_count(ep)} rows, lr {self.lr(ep):.4g}"
             dedup = self.dedup_stats(ep).values()
             if any(d.get("duplicates") for d in dedup):
                 dups, saved = sum(d["duplicates"] for d in dedup), sum(d["bytes_saved"] for d in dedup)
