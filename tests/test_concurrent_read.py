@@ -71,3 +71,29 @@ def test_a_reader_beside_a_training_process_sees_only_whole_committed_epochs(tmp
     final = open_store(path)
     assert final.epochs == list(range(EPOCHS))
     assert set(epoch_states(path).values()) == {"committed"}
+
+
+def test_store_sizes_skip_a_file_renamed_between_listing_and_stat(tmp_path, monkeypatch):
+    """A writer renames its ``.partial`` files while a report lists the store: the listing must go
+    on without the file that moved, not fail."""
+    import os
+
+    import zarr
+
+    from mstore_lightning.store import zarr_io
+
+    (tmp_path / "epochs" / "00001").mkdir(parents=True)
+    (tmp_path / "epochs" / "00001" / "a").write_bytes(b"x" * 10)
+    moving = tmp_path / "epochs" / "00001" / "zarr.1234.partial"
+    moving.write_bytes(b"y" * 20)
+    real_scandir = os.scandir
+
+    def scandir_then_rename(path):
+        entries = list(real_scandir(path))
+        if moving.exists() and any(e.name == moving.name for e in entries):
+            moving.rename(moving.with_name("zarr.json"))  # the writer's rename, after the listing
+        return iter(entries)
+
+    monkeypatch.setattr(zarr_io.os, "scandir", scandir_then_rename)
+    sizes = zarr_io.object_sizes(zarr.storage.LocalStore(tmp_path), "")
+    assert sizes == {"epochs/00001/a": 10}

@@ -182,7 +182,10 @@ def object_sizes(store: Any, prefix: str, skip: set[str] = frozenset()) -> dict[
                     if name not in skip:
                         folders.append((entry.path, f"{name}/"))
                 else:
-                    sizes[name] = entry.stat(follow_symlinks=False).st_size
+                    try:
+                        sizes[name] = entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:  # renamed or removed since the listing: a write in flight
+                        continue
         return sizes
     if isinstance(store, zarr.storage.FsspecStore):
         base = f"{store.path}/{prefix}".rstrip("/")
