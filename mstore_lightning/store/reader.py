@@ -608,7 +608,8 @@ class GradientStore:
         Sums the sizes of the store's files, or of its objects for a URL store (one listing each).
         """
         if epoch is None and layer is None:
-            known = {f"{layout.EPOCHS}/{layout.epoch_key(e)}": s for e, s in self._sizes.items()}
+            # Each committed epoch listed on its own and kept, for later per-epoch or per-layer sizes.
+            known = {f"{layout.EPOCHS}/{layout.epoch_key(e)}": self._epoch_sizes(e) for e in self.epochs}
             rest = object_sizes(self._root.store, "", skip=set(known))
             return sum(rest.values()) + sum(sum(s.values()) for s in known.values())
         epochs = [epoch] if epoch is not None else self.epochs
@@ -617,9 +618,7 @@ class GradientStore:
         total = 0
         for ep in epochs:
             self._epoch(ep)  # raises for an epoch that is not committed
-            if ep not in self._sizes:  # a committed epoch's files never change: list them once
-                self._sizes[ep] = object_sizes(self._root.store, f"{layout.EPOCHS}/{layout.epoch_key(ep)}")
-            sizes = self._sizes[ep]
+            sizes = self._epoch_sizes(ep)
             if layer is None:
                 total += sum(sizes.values())
                 continue
@@ -630,6 +629,11 @@ class GradientStore:
         return total
 
     # ---------------------------------------------------------------- internals
+    def _epoch_sizes(self, epoch: int) -> dict[str, int]:
+        if epoch not in self._sizes:  # a committed epoch's files never change: list them once
+            self._sizes[epoch] = object_sizes(self._root.store, f"{layout.EPOCHS}/{layout.epoch_key(epoch)}")
+        return self._sizes[epoch]
+
     def _layer(self, layer: str) -> _Layer:
         try:
             return self._layers[layer]
