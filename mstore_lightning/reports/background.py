@@ -98,7 +98,7 @@ def _warm_up() -> None:
     # Imports and the font cache cost seconds once; pay them before the first epoch ends.
     from mstore_lightning.reports import figures, html  # noqa: F401
 
-    figures.to_png(figures.conflict_heatmap([[1.0]], [0], 0))
+    figures.Figures().conflict_heatmap([[1.0]], [0], 0)
 
 
 def _report(

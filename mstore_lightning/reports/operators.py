@@ -29,14 +29,14 @@ class Output:
     Attributes:
         scalars: ``name -> value``, logged through ``log_metrics``.
         histograms: ``name -> values``, for loggers that draw histograms.
-        figures: ``(name, title, figure)``.
+        figures: ``(name, title, PNG bytes)``.
         tables: ``(name, title, pandas.DataFrame)``.
         note: why something was left out.
     """
 
     scalars: dict[str, float] = field(default_factory=dict)
     histograms: dict[str, np.ndarray] = field(default_factory=dict)
-    figures: list[tuple[str, str, Any]] = field(default_factory=list)
+    figures: list[tuple[str, str, bytes]] = field(default_factory=list)
     tables: list[tuple[str, str, Any]] = field(default_factory=list)
     note: str | None = None
 
@@ -82,6 +82,7 @@ class Context:
         store: the opened store.
         epoch: the committed epoch being reported.
         sums: running influence sums by name, kept across epochs by the caller.
+        plots: the run's figures, kept across epochs by the caller.
         sample_input: ``id -> training sample input`` for image grids, when the dataset is at hand.
         epoch_seconds: wall time of the epoch's training, for throughput.
         left_out: earlier epochs that were not reported, to keep the reports within their share of
@@ -91,6 +92,7 @@ class Context:
     store: Any
     epoch: int
     sums: dict[str, RunningSum]
+    plots: figures.Figures = field(default_factory=figures.Figures)
     sample_input: Callable[[int], Any] | None = None
     epoch_seconds: float | None = None
     left_out: frozenset[int] = frozenset()
@@ -132,7 +134,7 @@ def norms(ctx: Context, layers: list[str] | None) -> Output:
     out.scalars["grad_norm/nonfinite_share"] = float(np.mean(~np.isfinite(total))) if len(total) else 0.0
     labels = store.row_field(ctx.epoch, "label")
     out.figures.append(
-        ("by_class", "Per-sample gradient norm by class", figures.norms_by_class(total, labels, ctx.epoch))
+        ("by_class", "Per-sample gradient norm by class", ctx.plots.norms_by_class(total, labels, ctx.epoch))
     )
     return out
 
@@ -174,7 +176,7 @@ def self_influence(
     elif grid is None:
         out.note = "no image grid: the training samples are not images (set image_shape=[H, W] if they are)"
     else:
-        fig = figures.sample_grid(grid, ids[top], table["label"], f"Most self-influential samples ({span})")
+        fig = ctx.plots.sample_grid(grid, ids[top], table["label"], f"Most self-influential samples ({span})")
         out.figures.append(("grid", "Most suspicious samples, with their given labels", fig))
     return out
 
@@ -247,7 +249,7 @@ def class_conflicts(ctx: Context) -> Output:
         (
             "heatmap",
             "Cosine between class gradients",
-            figures.conflict_heatmap(cc.cosine, cc.classes, ctx.epoch),
+            ctx.plots.conflict_heatmap(cc.cosine, cc.classes, ctx.epoch),
         )
     )
     out.tables.append(
@@ -298,7 +300,7 @@ def cluster(ctx: Context, k: int, dim: int, seed: int) -> Output:
             (
                 "labels",
                 "Given labels within gradient clusters",
-                figures.cluster_labels(c.labels, labels, ctx.epoch),
+                ctx.plots.cluster_labels(c.labels, labels, ctx.epoch),
             )
         )
     out.tables.append(

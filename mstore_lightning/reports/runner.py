@@ -16,7 +16,7 @@ from typing import Any
 
 from mstore_lightning.reports import operators
 from mstore_lightning.reports.artifacts import ReportPaths
-from mstore_lightning.reports.figures import to_png
+from mstore_lightning.reports.figures import Figures
 from mstore_lightning.reports.loggers import LoggerSink, RecordingSink
 from mstore_lightning.reports.spec import AnalyticSpec
 
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class EpochReporter:
-    """Reports each committed epoch; keeps running influence sums from one epoch to the next.
+    """Reports each committed epoch; keeps running influence sums and figures from one epoch to the
+    next.
 
     Args:
         specs: the analytics to run, in order.
@@ -43,6 +44,7 @@ class EpochReporter:
     ) -> None:
         self.specs, self.paths, self.budget_s, self.html = list(specs), paths, budget_s, html
         self.sums: dict[str, operators.RunningSum] = {}
+        self.plots = Figures()  # drawn once, then only their changing parts each epoch
 
     def report(
         self,
@@ -64,7 +66,15 @@ class EpochReporter:
         start = time.perf_counter()
         folder = self.paths.epoch_dir(epoch)
         folder.mkdir(parents=True, exist_ok=True)
-        ctx = operators.Context(store, epoch, self.sums, sample_input, epoch_seconds, frozenset(left_out))
+        ctx = operators.Context(
+            store,
+            epoch,
+            self.sums,
+            self.plots,
+            sample_input=sample_input,
+            epoch_seconds=epoch_seconds,
+            left_out=frozenset(left_out),
+        )
         records = []
         for spec in self.specs:
             spent = time.perf_counter() - start
@@ -97,6 +107,9 @@ class EpochReporter:
                 write_report(store, report_dir=self.paths.root.parent, out=self.paths.html)
             except Exception as exc:  # noqa: BLE001 - the report is a view; the store and training matter more
                 summary["html_error"] = f"{type(exc).__name__}: {exc}"
+        # What the report cost training, HTML included; "seconds" are the analytics' alone.
+        summary["total_seconds"] = time.perf_counter() - start
+        self.paths.write_summary(epoch, summary)
         return summary
 
     def _run_one(
@@ -113,9 +126,8 @@ class EpochReporter:
         record["scalars"] = {k: float(v) for k, v in out.scalars.items()}
         sink.scalars(out.scalars)
         sink.histograms(out.histograms)
-        for name, title, fig in out.figures:
+        for name, title, png in out.figures:
             file = f"{spec.name}_{name}.png"
-            png = to_png(fig)
             (folder / file).write_bytes(png)
             sink.figure(f"{spec.name}/{name}", png, folder / file)
             record["figures"].append({"file": file, "title": title})
