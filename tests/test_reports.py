@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import time
 from unittest import mock
 
 import numpy as np
@@ -341,6 +342,33 @@ def test_max_overhead_skips_epochs_always_reports_the_last_and_tracin_sums_the_r
             rows["score"], scores[np.searchsorted(reported.ids, rows["id"])], rtol=1e-6
         )
     assert "analytics_max_overhead" in paths.html.read_text()
+
+
+def test_max_overhead_charges_each_report_with_its_html_rewrite(tmp_path, monkeypatch):
+    import mstore_lightning.reports.html as report_html
+
+    real = report_html.write_report
+
+    def slow_html(*args, **kwargs):  # an HTML rewrite far dearer than the analytics and the epoch
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report_html, "write_report", slow_html)
+    torch.manual_seed(0)
+    x, y = data(n=16, d=16)
+    cap = GradientCapture(
+        tmp_path / "s.zarr",
+        policy=EXACT,
+        analytics=["storage"],
+        analytics_background=False,
+        analytics_max_overhead=1.0,  # each epoch earns its own training time, well under a second
+    )
+    trainer([cap], max_epochs=4).fit(Task(net()), loader(x, y))
+    paths = report_paths(tmp_path / "s.zarr")
+    summaries = [paths.read_summary(e) for e in paths.epochs()]
+    # Charged for its analytics alone (milliseconds), every epoch could afford a report.
+    assert all(s["seconds"] < 0.5 for s in summaries)
+    assert ["skipped" in s for s in summaries] == [False, True, True, False]
 
 
 def test_overwriting_a_store_replaces_its_reports_and_appending_keeps_them(tmp_path):

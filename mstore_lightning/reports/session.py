@@ -26,7 +26,7 @@ class ReportSession:
 
     With ``max_overhead``, each epoch's training time earns ``max_overhead`` times itself of report
     time. An epoch is reported when the time earned and not yet spent covers what the last report
-    took; otherwise it is skipped, with a note in its summary. The last epoch is always reported,
+    took, its HTML rewrite included; otherwise it is skipped, with a note in its summary. The last epoch is always reported,
     when ``fit`` ends, so the run's final state is never missing. TracIn sums over the reported
     epochs only, as TracInCP sums over its checkpoints: catching up on skipped epochs would spend
     the time the limit saved (``store.tracin`` still sums every epoch). Self-influence, read from
@@ -88,7 +88,7 @@ class ReportSession:
         """Sends the worker's finished reports to ``loggers``."""
         if self._background is not None:
             for summary in self._background.drain(loggers):
-                self._spent(summary["seconds"], self._charged.pop(0))
+                self._spent(summary["total_seconds"], self._charged.pop(0))
 
     def close(self, loggers: Sequence[Any] = (), wait: bool = True) -> None:
         """Reports the last epoch if it was skipped, then waits for (``wait``) or abandons the
@@ -99,7 +99,7 @@ class ReportSession:
             self._run(epoch, step, None, loggers)
         if self._background is not None:
             for summary in self._background.close(loggers, wait=wait):
-                self._spent(summary["seconds"], self._charged.pop(0))
+                self._spent(summary["total_seconds"], self._charged.pop(0))
             self._background = None
         if self.skipped and wait:
             log.info(
@@ -131,7 +131,7 @@ class ReportSession:
             epoch_seconds=epoch_seconds,
             left_out=self._left_out(epoch),
         )
-        self._spent(summary["seconds"], 0.0)
+        self._spent(summary["total_seconds"], 0.0)
         warn_about(summary)
 
     def _left_out(self, epoch: int) -> list[int]:
