@@ -97,8 +97,8 @@ class Figures:
         keep = finite & (labels >= 0)
         y = np.log10(norms[keep])
         classes = tuple(int(c) for c in np.unique(labels[keep]))
-        # Limits on whole decades, so the axes (and their tick labels) stay put while norms drift.
-        ylim = (float(np.floor(y.min() - 0.1)), float(np.ceil(y.max() + 0.1)))
+        # Limits on half decades, so the axes (and their tick labels) stay put while norms drift.
+        ylim = (float(np.floor(2 * (y.min() - 0.1)) / 2), float(np.ceil(2 * (y.max() + 0.1)) / 2))
         plot = self._get("norms_by_class", (classes, ylim), lambda: _StripPlot(classes, ylim))
         jitter = np.random.default_rng(0).uniform(-0.3, 0.3, len(y))
         return plot.render(np.column_stack([labels[keep] + jitter, y]), title)
