@@ -371,6 +371,33 @@ def test_max_overhead_charges_each_report_with_its_html_rewrite(tmp_path, monkey
     assert ["skipped" in s for s in summaries] == [False, True, True, False]
 
 
+def test_a_report_process_that_dies_loses_its_reports_not_the_training_run(tmp_path, caplog):
+    import lightning as L
+
+    class KillWorker(L.Callback):  # after the capture's epoch end, which sends epoch 0 to the worker
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                for process in list(cap._reports._background._pool._processes.values()):
+                    process.kill()
+                    process.join()
+
+    torch.manual_seed(0)
+    x, y = data(n=16, d=16)
+    cap = GradientCapture(
+        tmp_path / "s.zarr",
+        policy=EXACT,
+        analytics=["storage"],
+        analytics_background=True,
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer([cap, KillWorker()], max_epochs=3).fit(Task(net()), loader(x, y))
+    # Every epoch's rows are stored and committed; the reports of the dead worker are lost, said so.
+    store = open_store(tmp_path / "s.zarr")
+    assert store.epochs == [0, 1, 2] and all(store.row_count(e) == 16 for e in store.epochs)
+    lost = [r for r in caplog.records if "the report process failed" in r.getMessage()]
+    assert {1, 2} <= {int(r.args[0]) for r in lost}  # sent after it died; 0 may have finished
+
+
 def test_overwriting_a_store_replaces_its_reports_and_appending_keeps_them(tmp_path):
     torch.manual_seed(0)
     x, y = data(n=16, d=16)

@@ -53,7 +53,11 @@ class BackgroundReports:
         self._pool.submit(_warm_up)  # start the worker now, while the first epoch trains
 
     def submit(self, epoch: int, step: int, epoch_seconds: float, left_out: list[int]) -> None:
-        job = self._pool.submit(_report, epoch, step, epoch_seconds, left_out)
+        try:
+            job = self._pool.submit(_report, epoch, step, epoch_seconds, left_out)
+        except Exception as exc:  # noqa: BLE001 - a worker that died: this report is lost, not training
+            job = Future()
+            job.set_exception(exc)
         self._pending.append((epoch, step, job))
 
     def drain(self, loggers: Any, wait: bool = False) -> list[dict[str, Any]]:
@@ -69,7 +73,15 @@ class BackgroundReports:
                 log.warning(
                     "mstore epoch %d: the report process failed: %s: %s", epoch, type(exc).__name__, exc
                 )
-                done.append({"epoch": epoch, "seconds": 0.0, "analytics": [], "failed": str(exc)})
+                done.append(
+                    {
+                        "epoch": epoch,
+                        "seconds": 0.0,
+                        "total_seconds": 0.0,
+                        "analytics": [],
+                        "failed": str(exc),
+                    }
+                )
                 continue
             recording.replay(LoggerSink(loggers, step, epoch))
             warn_about(summary)
