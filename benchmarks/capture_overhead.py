@@ -384,9 +384,12 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
                 flush=True,
             )
     check = check_store(store, samples)
+    raw = compression_cost(store)
     shutil.rmtree(store, ignore_errors=True)
 
     plain_med, capture_med = statistics.median(plain), statistics.median(capture)
+    if raw:
+        raw["share_of_plain_fit"] = raw["zstd_crc32c_cpu_s"] / plain_med
     return {
         "description": spec.description,
         "batch_size": spec.batch_size,
@@ -415,6 +418,7 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
         # A dense fp16 copy of every parameter's gradient: what storing the full gradient would cost.
         "dense_fp16_grad_bytes_per_sample": 2 * params,
         "store_check": check,
+        **({"raw_file_compression": raw} if raw else {}),
         "capture_warnings": capture_warnings,
         "note": spec.note,
     }
@@ -439,6 +443,30 @@ def check_store(store: Path, samples: int) -> dict[str, Any]:
         }
     except Exception as exc:  # noqa: BLE001 - reported, the timings are still worth keeping
         return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def compression_cost(store: Path, piece: int = 4 << 20) -> dict[str, float]:
+    """One core's CPU seconds for zstd (the store's level) and crc32c on the rows a ``raw-file``
+    capture appended (empty for other runs): what the store's codecs would add to that floor."""
+    import crc32c
+    from numcodecs import Zstd
+
+    from mstore_lightning.store.codecs import ZSTD_LEVEL
+
+    files = sorted(store.glob("raw-*"))
+    if not files:
+        return {}
+    zstd, raw, packed, cpu = Zstd(level=ZSTD_LEVEL), 0, 0, 0.0
+    for path in files:
+        data = path.read_bytes()
+        for at in range(0, len(data), piece):
+            block = data[at : at + piece]
+            start = time.process_time()
+            out = zstd.encode(block)
+            crc32c.crc32c(out)
+            cpu += time.process_time() - start
+            raw, packed = raw + len(block), packed + len(out)
+    return {"bytes": raw, "zstd_ratio": raw / max(1, packed), "zstd_crc32c_cpu_s": cpu}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -508,7 +536,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-ABLATIONS = ("none", "no-compression", "no-write")
+ABLATIONS = ("none", "no-compression", "no-write", "raw-file")
 
 
 def apply_ablation(name: str) -> None:
@@ -516,7 +544,11 @@ def apply_ablation(name: str) -> None:
 
     ``no-compression`` stores chunks with their crc32c but without zstd; ``no-write`` keeps the hooks,
     the row copies and the queue but drops every chunk instead of writing it (its store reads back
-    empty, and the read-back check says so).
+    empty, and the read-back check says so). ``raw-file`` appends each chunk's rows, as the training
+    thread buffered them, to one flat file per array: no coding, no deduplication, no zarr, no
+    compression, no checksum. It is the least any capture that keeps its rows on disk can do, so its
+    ratio is a floor for the store (at ``--precision fp16`` the buffered rows are the fp16 values; at
+    int8 they are the float32 values the writer would code, so use it with fp16).
     """
     if name == "no-compression":
         from zarr.codecs import Crc32cCodec
@@ -528,6 +560,17 @@ def apply_ablation(name: str) -> None:
         from mstore_lightning.store.writer import BackgroundWriter
 
         BackgroundWriter._write = lambda self, chunk: None
+    elif name == "raw-file":
+        from mstore_lightning.store.writer import BackgroundWriter
+
+        def write_raw(self: BackgroundWriter, chunks: list[Any]) -> None:
+            for chunk in chunks:
+                root = Path(chunk.array.group.store_path.store.root)
+                with open(root / f"raw-{chunk.array.name.replace('/', '_')}", "ab") as f:
+                    f.write(chunk.buffer[: chunk.rows].data)
+                self.bytes_written += chunk.nbytes
+
+        BackgroundWriter._write = write_raw
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -598,6 +641,14 @@ def main(argv: list[str] | None = None) -> int:
         check = r["store_check"]
         if "error" in check or not check["ids_ok"]:
             print(f"\n{name}: the store read back does not hold the {r['samples']} samples in order: {check}")
+    for name, r in results.items():
+        if "raw_file_compression" in r:
+            c = r["raw_file_compression"]
+            print(
+                f"\n{name}: the raw files hold {c['bytes'] / 1e6:,.0f} MB; zstd and crc32c on them take "
+                f"{c['zstd_crc32c_cpu_s']:.2f} CPU-s on one core ({c['zstd_ratio']:.2f}x smaller), "
+                f"{c['share_of_plain_fit']:.2f} of the plain fit's time"
+            )
     for name, r in results.items():
         if r["note"]:
             print(f"\n{name}: {r['note']}")
