@@ -246,6 +246,7 @@ class TimedCapture(GradientCapture):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hook_seconds = 0.0
+        self.wait_seconds = 0.0  # of hook_seconds: waiting for room in the writer's queue
         self.steps = 0
 
     def _timed(self, hook: Callable[..., Any], *args: Any) -> Any:
@@ -267,9 +268,11 @@ class TimedCapture(GradientCapture):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self._timed(super().on_train_batch_end, *args)
+        if self._run is not None:
+            self.wait_seconds = self._run.writer.wait_seconds
 
 
-def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[float, float, float]:
+def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[float, float, float, float]:
     """Trains one epoch from the same initial weights and times ``Trainer.fit``.
 
     Args:
@@ -279,8 +282,9 @@ def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[
 
     Returns:
         Wall and process CPU seconds (all threads, so the store's writer threads count) spent in
-        ``trainer.fit``, which includes the capture's setup and final flush; and the milliseconds per
-        step spent in the capture's per-step callback hooks on the training thread (0 without one).
+        ``trainer.fit``, which includes the capture's setup and final flush; the milliseconds per
+        step spent in the capture's per-step callback hooks on the training thread (0 without one);
+        and the part of them spent waiting for room in the writer's queue.
     """
     torch.manual_seed(MODEL_SEED)
     model = Classifier(spec.build())
@@ -305,8 +309,10 @@ def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(model, loader)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    hook_ms = 1e3 * callbacks[0].hook_seconds / max(1, callbacks[0].steps) if callbacks else 0.0
-    return wall, cpu, hook_ms
+    steps = max(1, callbacks[0].steps) if callbacks else 1
+    hook_ms = 1e3 * callbacks[0].hook_seconds / steps if callbacks else 0.0
+    wait_ms = 1e3 * callbacks[0].wait_seconds / steps if callbacks else 0.0
+    return wall, cpu, hook_ms, wait_ms
 
 
 def dir_bytes(path: Path) -> int:
@@ -366,13 +372,14 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
     capture_warm, capture_msgs = capture_messages(lambda: fit_once(spec, data, store))
     capture_warnings = [m for m in capture_msgs if m not in set(plain_msgs)]
 
-    plain, capture, plain_cpu, capture_cpu, ratios, store_bytes, hook_ms = [], [], [], [], [], [], []
+    plain, capture, plain_cpu, capture_cpu, ratios, store_bytes, hook_ms, wait_ms = ([] for _ in range(8))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # already recorded at warm-up
         for i in range(pairs):
-            a, a_cpu, _ = fit_once(spec, data, None)
-            b, b_cpu, b_hook_ms = fit_once(spec, data, store)
+            a, a_cpu, _, _ = fit_once(spec, data, None)
+            b, b_cpu, b_hook_ms, b_wait_ms = fit_once(spec, data, store)
             hook_ms.append(b_hook_ms)
+            wait_ms.append(b_wait_ms)
             store_bytes.append(dir_bytes(store))
             plain.append(a)
             capture.append(b)
@@ -412,6 +419,9 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
         "cpu_ratio_median": statistics.median(c / p for c, p in zip(capture_cpu, plain_cpu)),
         "train_thread_hook_ms_per_step": hook_ms,
         "train_thread_hook_ms_per_step_median": statistics.median(hook_ms),
+        # Of the hooks' time: waiting for room in the writer's queue (training waits for the writer).
+        "queue_wait_ms_per_step": wait_ms,
+        "queue_wait_ms_per_step_median": statistics.median(wait_ms),
         "plain_ms_per_step": 1e3 * plain_med / batches,
         "store_bytes": store_bytes,
         "store_bytes_per_sample": statistics.median(store_bytes) / samples,
@@ -519,7 +529,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     """One row per model of :func:`bench_model` results, as fixed-width text."""
     header = (
         f"{'model':<12} {'steps x batch':>13} {'plain med':>10} {'capture med':>12} {'ratio med':>10} "
-        f"{'ratio min':>10} {'cpu ratio':>10} {'hook ms/step':>13} {'store B/sample':>15} "
+        f"{'ratio min':>10} {'cpu ratio':>10} {'hook ms/step':>13} {'of it waiting':>13} {'store B/sample':>15} "
         f"{'dense fp16 B':>13}  target"
     )
     lines = [header, "-" * len(header)]
@@ -530,6 +540,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{r['capture_median_s']:>11.3f}s {r['ratio_median']:>9.3f}x {r['ratio_min']:>9.3f}x "
             f"{r['cpu_ratio_median']:>9.3f}x "
             f"{r['train_thread_hook_ms_per_step_median']:>5.2f} of {r['plain_ms_per_step']:>5.2f} "
+            f"{r['queue_wait_ms_per_step_median']:>13.2f} "
             f"{r['store_bytes_per_sample']:>15,.0f} {r['dense_fp16_grad_bytes_per_sample']:>13,}  "
             f"{verdict(r)}"
         )

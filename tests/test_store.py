@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,6 +131,52 @@ def test_finishing_one_group_leaves_another_groups_rows_buffered_and_each_chunk_
     w.close()
     assert sorted(written) == [("q0", 0), ("r0", 0)]
     np.testing.assert_array_equal(train["x"][:], np.arange(14, dtype=np.float32).reshape(7, 2))
+
+
+def _nice(thread: threading.Thread | None = None) -> int:
+    return os.getpriority(os.PRIO_PROCESS, (thread or threading.current_thread()).native_id)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+@pytest.mark.parametrize("low", [True, False])
+def test_the_writer_and_its_compression_run_at_the_lowest_priority_and_zarrs_threads_keep_theirs(
+    tmp_path, low
+):
+    base = _nice()
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    before = set(threading.enumerate())
+    w = BackgroundWriter(queue_bytes=1 << 20, chunk_bytes=64 * 4 * 8, low_priority=low)
+    w.open_array(group, "x", (64,), np.float32)
+    rows = torch.randn(100, 64)
+    w.append(group, "x", rows)
+    w.flush()
+    seen = {}
+    w.run_on_writer(lambda: seen.update(writer=_nice()))
+    codec = [t for t in set(threading.enumerate()) - before if t.name.startswith("mstore-codec")]
+    assert codec, "chunks of a local store are compressed on the writer's own pool"
+    want = 19 if low else base
+    assert seen["writer"] == want and {_nice(t) for t in codec} == {want}
+    # zarr's event loop thread, shared with every other zarr user in the process, is left as it was.
+    assert {_nice(t) for t in threading.enumerate() if t.name == "zarr_io"} == {base}
+    assert w.finish_arrays(group) == {"x": 100}
+    w.close()
+    assert not any(t.is_alive() for t in codec), "no low-priority thread outlives the writer"
+    np.testing.assert_array_equal(group["x"][:], rows.numpy())
+
+
+def test_a_capture_that_drops_rows_under_pressure_keeps_its_writer_at_normal_priority(tmp_path, monkeypatch):
+    made = []
+    real = BackgroundWriter.__init__
+
+    def recording(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self.low_priority)
+
+    monkeypatch.setattr(BackgroundWriter, "__init__", recording)
+    for i, pressure in enumerate(("drop", "block")):
+        capture = GradientCapture(store=str(tmp_path / f"{i}.zarr"), on_pressure=pressure)
+        trainer(max_epochs=1, callbacks=[capture]).fit(Task(mlp()), loader(*data(n=16)))
+    assert made == [False, True]
 
 
 def test_writer_blocks_instead_of_growing_when_storage_is_slow(tmp_path):

@@ -324,6 +324,8 @@ class GradientCapture(Callback):
             queue_bytes=self.queue_bytes,
             chunk_bytes=self.chunk_bytes,
             storage_options=self.storage_options,
+            # Rows are dropped when the writer falls behind: it keeps normal priority to fall behind less.
+            low_priority=self.on_pressure == "block",
         )
         self._run.writer.block = self.on_pressure == "block"
         self._rank = trainer.global_rank

@@ -45,6 +45,8 @@ class RunWriter:
         rank: this process's rank; each rank writes its own arrays.
         queue_bytes: bound on bytes waiting for the writer thread.
         chunk_bytes: target uncompressed chunk size.
+        storage_options: fsspec options of a remote store.
+        low_priority: write at the lowest CPU priority (see :class:`BackgroundWriter`).
     """
 
     def __init__(
@@ -55,12 +57,15 @@ class RunWriter:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         storage_options: dict[str, Any] | None = None,
+        low_priority: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"`mode` can be {', '.join(repr(m) for m in MODES)}; got {mode!r}.")
         self.uri, self.mode, self.rank = str(uri), mode, rank
         self.storage_options = storage_options
-        self.writer = BackgroundWriter(queue_bytes=queue_bytes, chunk_bytes=chunk_bytes)
+        self.writer = BackgroundWriter(
+            queue_bytes=queue_bytes, chunk_bytes=chunk_bytes, low_priority=low_priority
+        )
         self.root: zarr.Group | None = None
         self._epoch_groups: dict[int, zarr.Group] = {}
         self._rank_groups: dict[tuple[int, str], zarr.Group] = {}

@@ -11,21 +11,32 @@ behind, ``append`` blocks until a chunk is written, so memory stays bounded and 
 
 A chunk written partially (at a flush, or before a resume) keeps its coded rows in memory, and when
 the chunk is rewritten whole only its new rows are coded: every row is coded, and deduplicated, once.
+
+On Linux the writer runs at the lowest CPU priority (nice 19), and so does the compression of chunks
+bound for a local or in-memory store, which runs on the writer's own event loop and thread pool
+rather than on zarr's shared ones. On cores that training keeps busy, a writer at normal priority
+preempts one of torch's threads mid-operator while the other spins at the operator's barrier; at
+nice 19 it takes the cores training leaves, and when it falls a queue behind, training waits for it.
+Remote stores (fsspec) are written through zarr's own event loop, to which their clients are bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
+import zarr.storage
 from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.store.layout import create_row_array
@@ -36,6 +47,8 @@ MAX_BATCH = 32  # chunks handed to zarr at once
 DEFAULT_CHUNK_BYTES = 4 << 20  # zarr costs ~1.5 ms a chunk beyond compression; big chunks amortise it
 BUFFER_FACTOR = 4  # a buffer holds up to this many times a chunk's stored bytes (float32 for int8)
 PARTS_ATTR = "parts"  # on an array's first part: every part's name, for a resumed run to find them
+LOW_PRIORITY = 19  # the writer's nice value, where the platform lets a thread set its own
+CODEC_THREADS = min(8, os.cpu_count() or 1)  # more threads than cores only add switching
 
 Coder = Callable[[np.ndarray, int], dict[str, np.ndarray]]
 
@@ -128,6 +141,9 @@ class BackgroundWriter:
     Args:
         queue_bytes: most bytes of filled chunks waiting to be written. ``append`` blocks beyond it.
         chunk_bytes: target uncompressed size of one stored chunk.
+        low_priority: run the writer and its compression at nice 19 (Linux), so that they take the
+            cores training leaves. Turn it off where rows are dropped rather than waited for
+            (``on_pressure="drop"``): a writer that yields to training falls behind sooner.
 
     Example::
 
@@ -138,10 +154,15 @@ class BackgroundWriter:
     """
 
     def __init__(
-        self, queue_bytes: int = DEFAULT_QUEUE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        self,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        low_priority: bool = True,
     ) -> None:
         self.queue_bytes = int(queue_bytes)
         self.chunk_bytes = int(chunk_bytes)
+        self.low_priority = low_priority
+        self._loop: asyncio.AbstractEventLoop | None = None  # the writer thread's own, for local stores
         self._arrays: dict[tuple[int, str], _RowArray] = {}
         self._adopted: set[tuple[int, str]] = set()  # resumed arrays still waiting for their coder
         self._largest_buffer = 0
@@ -395,6 +416,16 @@ class BackgroundWriter:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        if self.low_priority:
+            lower_thread_priority()
+        try:
+            self._serve()
+        finally:
+            if self._loop is not None:
+                self._loop.run_until_complete(self._loop.shutdown_default_executor())
+                self._loop.close()
+
+    def _serve(self) -> None:
         carried = None  # an item taken while gathering a batch that could not join it
         while True:
             item, carried = (carried, None) if carried is not None else (self._queue.get(), None)
@@ -435,7 +466,10 @@ class BackgroundWriter:
         async def write_all() -> None:
             await asyncio.gather(*(array.setitem(rows, block) for array, rows, block in writes))
 
-        zarr_sync(write_all())
+        if all(_loop_free(array.store_path.store) for array, _, _ in writes):
+            self._own_loop().run_until_complete(write_all())
+        else:
+            zarr_sync(write_all())
         self.bytes_written += sum(c.nbytes for c in chunks)
 
     def _prepare(self, chunk: _Chunk) -> list[tuple[Any, slice, np.ndarray]]:
@@ -467,9 +501,38 @@ class BackgroundWriter:
             writes.append((part.array.async_array, slice(start, stop), block))
         return writes
 
+    def _own_loop(self) -> asyncio.AbstractEventLoop:
+        """The writer thread's event loop; zarr compresses on its default pool, at this priority."""
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            initializer = lower_thread_priority if self.low_priority else None
+            loop.set_default_executor(
+                ThreadPoolExecutor(CODEC_THREADS, thread_name_prefix="mstore-codec", initializer=initializer)
+            )
+            self._loop = loop
+        return self._loop
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise WriterError(f"The gradient store writer failed: {self._error!r}") from self._error
+
+
+def lower_thread_priority() -> None:
+    """Sets the calling thread's nice value to :data:`LOW_PRIORITY` (Linux, where a thread id is a
+    ``setpriority`` target; elsewhere nothing is changed)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY)
+        except OSError:
+            pass
+
+
+def _loop_free(store: Any) -> bool:
+    """Whether ``store`` can be written from any event loop: a local or in-memory store holds no
+    client bound to zarr's loop."""
+    while isinstance(store, zarr.storage.WrapperStore):
+        store = store._store
+    return isinstance(store, (zarr.storage.LocalStore, zarr.storage.MemoryStore))
 
 
 def _same_chunk(a: _Chunk, b: _Chunk) -> bool:
