@@ -449,3 +449,61 @@ def test_reports_that_cannot_be_removed_are_warned_about_and_training_goes_on(tm
     with pytest.warns(UserWarning, match="could not remove the replaced store's reports"):
         trainer([cap], max_epochs=1).fit(Task(net()), loader(x, y))
     assert open_store(tmp_path / "s.zarr").epochs == [0]
+
+
+SCRIPT = """
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from mstore_lightning import GradientCapture
+
+print("script body", flush=True)
+
+
+class Task(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(8, 3)
+
+    def training_step(self, batch, i):
+        x, y, _ = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+capture = GradientCapture(
+    {store!r}, mode="overwrite", analytics=["norms"], analytics_background=True, sample_ids=lambda b: b[2]
+)
+trainer = L.Trainer(
+    max_epochs=2, callbacks=[capture], logger=False, enable_checkpointing=False, enable_progress_bar=False
+)
+trainer.fit(Task(), DataLoader(TensorDataset(x, y, torch.arange(64)), batch_size=16))
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_background_reports_from_a_script_without_a_main_guard_neither_run_it_again_nor_get_lost(
+    tmp_path, guarded
+):
+    import subprocess
+    import sys
+    import textwrap
+
+    body = SCRIPT.format(store=str(tmp_path / "s.zarr"))
+    if guarded:  # the idiom: the worker imports the script, and only its definitions run
+        head, tail = body.split("\nx, y =")
+        body = head + '\nif __name__ == "__main__":\n' + textwrap.indent("x, y =" + tail, "    ")
+    script = tmp_path / "train.py"
+    script.write_text(body)
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Unguarded, the worker started without the script: its body ran once, in this process only.
+    assert run.stdout.count("script body") == (2 if guarded else 1)
+    assert "the report process failed" not in run.stderr
+    assert ("no `if __name__" in run.stderr) is not guarded
+    assert report_paths(tmp_path / "s.zarr").epochs() == [0, 1]

@@ -6,16 +6,26 @@ has threads, and a forked copy of a held lock never comes free) opens the store 
 the analytics on each committed epoch in order, and writes the report files. What goes to the
 loggers comes back as a :class:`~mstore_lightning.reports.loggers.RecordingSink` and is replayed
 in the training process, at the step the epoch ended on, the next time the callback looks.
+
+A spawned process imports the main script again before it runs anything. A script whose training
+is not under ``if __name__ == "__main__":`` would train again in the worker (and overwrite the
+store); for such a script the worker is started without it, and what is defined only there (a
+dataset class, for image grids) is left out of the reports, with a warning.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import multiprocessing
 import pickle
+import sys
+import warnings
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from mstore_lightning.reports.loggers import LoggerSink, RecordingSink
@@ -50,7 +60,18 @@ class BackgroundReports:
             initargs=(reporter, store, storage_options, sent),
         )
         self._pending: deque[tuple[int, int, Future]] = deque()
-        self._pool.submit(_warm_up)  # start the worker now, while the first epoch trains
+        # The worker starts now, while the first epoch trains (a spawning pool starts it at a submit).
+        unguarded = main_script_runs_on_import()
+        if unguarded:
+            warnings.warn(
+                f"The main script {unguarded} runs its training when imported (it has no "
+                '`if __name__ == "__main__":` block), so the report worker is started without importing '
+                "it: anything defined only there (a dataset class, for image grids) is left out of the "
+                "reports. Put the training under that block to keep it.",
+                stacklevel=2,
+            )
+        with _main_hidden() if unguarded else contextlib.nullcontext():
+            self._pool.submit(_warm_up)
 
     def submit(self, epoch: int, step: int, epoch_seconds: float, left_out: list[int]) -> None:
         try:
@@ -93,6 +114,41 @@ class BackgroundReports:
         done = self.drain(loggers or [], wait=True) if wait else []
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
         return done
+
+
+def main_script_runs_on_import() -> str | None:
+    """The path of the main script when importing it runs its top level unguarded (no module-level
+    ``if __name__ == "__main__":``), as a spawned process would; ``None`` otherwise."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if path is None:  # an interactive session or a notebook: nothing to import again
+        return None
+    try:
+        tree = ast.parse(Path(path).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return None if any(isinstance(n, ast.If) and _is_main_test(n.test) for n in tree.body) else path
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = {s.id for s in sides if isinstance(s, ast.Name)}
+    values = {s.value for s in sides if isinstance(s, ast.Constant)}
+    return names == {"__name__"} and values == {"__main__"}
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Processes spawned inside do not import the main module (spawn finds it by these two names)."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
 
 
 def _start(reporter: EpochReporter, store: str, storage_options: dict | None, dataset: bytes | None) -> None:
