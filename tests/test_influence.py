@@ -109,6 +109,46 @@ def test_results_convert_to_pandas_keyed_by_sample_id(run):
     assert len(long) == 8 and long[long["query"] == 1]["id"].tolist() == nb.ids[1].tolist()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_scan_over_more_ids_than_a_block_equals_brute_force_and_fills_the_cache(tmp_path, precision):
+    # More ids than one block: dot streams whole chunks, read on this thread and decoded by the
+    # scan's workers. Out of order, with rows left out, so some chunks are taken only in part.
+    torch.manual_seed(0)
+    n = 1300
+    x, y = data(n=n)
+    ref = Reference()
+    capture = GradientCapture(tmp_path / "s.zarr", policy={"precision": precision}, chunk_bytes=8192)
+    trainer([ref, capture], max_epochs=1).fit(Task(mlp()), loader(x, y, batch_size=64))
+    ids = np.random.default_rng(0).permutation(n)[:1200]
+    queries = [7, 900]
+    plain = open_store(tmp_path / "s.zarr")
+    got = np.asarray(plain.dot(0, queries, ids))
+    if precision == "fp32":
+        want = (flat(ref, 0, queries) @ flat(ref, 0, ids.tolist()).T).numpy()
+    else:  # the same decoded rows, gathered a block at a time instead of streamed
+        want = np.concatenate([np.asarray(plain.dot(0, queries, ids[lo : lo + 600])) for lo in (0, 600)], 1)
+    # float32 sums: near-cancelling entries are held to the matrix's scale, not their own.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+    cached = open_store(tmp_path / "s.zarr", cache_bytes=1 << 28)
+    first = np.asarray(cached.dot(0, queries, ids))  # its workers offer every decoded chunk
+    read_batch = type(cached)._read_batch
+    reads = {"n": 0}
+
+    def counting(self, *args, **kwargs):
+        reads["n"] += 1
+        return read_batch(self, *args, **kwargs)
+
+    type(cached)._read_batch = counting
+    try:
+        again = np.asarray(cached.dot(0, queries, ids))
+    finally:
+        type(cached)._read_batch = read_batch
+    assert reads["n"] == 0
+    np.testing.assert_array_equal(first, got)
+    np.testing.assert_array_equal(again, got)
+
+
 def test_a_store_with_a_chunk_cache_answers_from_it_exactly_as_one_without(tmp_path):
     # Small chunks, so a query's rows sit in several chunks; after one scan fills the cache, later
     # queries (their own rows included) are answered from it without reading the store again.

@@ -215,9 +215,10 @@ def decode(spec: dict[str, Any], name: str, parts: dict[str, np.ndarray]) -> Ten
         groups = t.reshape(t.shape[0], *spec["row_shape"][: spec["scale_axes"]], -1)
         return (groups * scale.unsqueeze(-1)).reshape(t.shape[0], *spec["row_shape"])
     if encoding == "int8":
-        scale = torch.from_numpy(np.ascontiguousarray(parts[f"{name}_scale"]))
+        scale = torch.from_numpy(np.ascontiguousarray(parts[f"{name}_scale"], dtype=np.float32))
         lead = spec["scale_axes"]
-        groups = t.reshape(*t.shape[: lead + 1], -1).float()
+        groups = t.reshape(*t.shape[: lead + 1], -1)
+        # int8 times float32 promotes inside the one kernel: no float32 copy of the codes first.
         return (groups * scale.unsqueeze(-1)).reshape(t.shape)
     if encoding == "bfloat16-bits":
         return t.view(torch.bfloat16).float()

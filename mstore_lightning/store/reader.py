@@ -14,10 +14,12 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -460,18 +462,14 @@ class GradientStore:
                         xb = self._gather(epoch, lay, rows_b[lo : lo + _BLOCK_ROWS], split_b)
                         out[:, lo : lo + _BLOCK_ROWS] += _gram(lay, xa, xb).numpy()
                     continue
-                for first, rows in self._stream(epoch, lay, split_b):
-                    a, b = np.searchsorted(sorted_rows, [first, first + _nrows(rows)])
+                for first, n, rows in self._stream_deferred(epoch, lay, split_b):
+                    a, b = np.searchsorted(sorted_rows, [first, first + n])
                     if a == b:
                         continue
                     local = sorted_rows[a:b] - first
-                    if b - a == _nrows(rows) and local[-1] == b - a - 1:  # the whole chunk, in order
-                        xb = rows
-                    else:
-                        index = torch.from_numpy(local)
-                        xb = {k: v.index_select(0, index) for k, v in rows.items()}
+                    whole = b - a == n and local[-1] == b - a - 1  # the whole chunk, in order
                     # Summed in row order, where a chunk is a plain slice; put in ids_b's order once.
-                    lanes.submit(_add_gram, out[:, a:b], lay, xa, xb)
+                    lanes.submit(_add_gram, out[:, a:b], lay, xa, rows, None if whole else local)
                 lanes.wait()  # the next layer adds into the same slices
         if by_chunk and not in_order:
             out[:, order] = out.copy()
@@ -976,6 +974,28 @@ class GradientStore:
         for r, lo, hi, first in self._chunks(epoch, lay, split):
             yield first, self._chunk(epoch, lay, split, r, lo, hi)
 
+    def _stream_deferred(
+        self, epoch: int, lay: _Layer, split: str = "train"
+    ) -> Iterator[tuple[int, int, Callable[[], dict[str, torch.Tensor]]]]:
+        """Yields ``(first global row, rows, decoded rows when called)`` one chunk at a time.
+
+        A chunk not already decoded is read here, and decoded by whoever calls: a scan hands that
+        to its worker threads, and reads the next chunk meanwhile.
+        """
+        if self._is_recomputed(epoch, lay):
+            for first, rows in self._stream(epoch, lay, split):
+                yield first, _nrows(rows), functools.partial(dict, rows)
+            return
+        for r, lo, hi, first in self._chunks(epoch, lay, split):
+            key = (epoch, split, r, lo, hi, lay.name)
+            rows = self._staged.get(key)
+            if rows is None:
+                rows = self._cache.get(key)
+            if rows is not None:
+                yield first, hi - lo, functools.partial(dict, rows)
+            else:
+                yield first, hi - lo, functools.partial(self._decode_chunk, key, self._read_raw([key])[0])
+
     def _chunks(self, epoch: int, lay: _Layer, split: str = "train") -> list[tuple[int, int, int, int]]:
         """``(rank index, lo, hi, first global row)`` of every stored chunk of ``lay``."""
         ep = self._epoch(epoch, split)
@@ -1000,17 +1020,26 @@ class GradientStore:
     def _read_chunks(self, keys: list[tuple[int, str, int, int, int, str]]) -> list[dict[str, torch.Tensor]]:
         """Decoded chunks ``(epoch, split, rank index, lo, hi, layer name)``, read in one batch and
         offered to the cache."""
+        return [self._decode_chunk(key, parts) for key, parts in zip(keys, self._read_raw(keys))]
+
+    def _read_raw(self, keys: list[tuple[int, str, int, int, int, str]]) -> list[dict[str, dict[str, np.ndarray]]]:
+        """The stored parts of chunks ``(epoch, split, rank index, lo, hi, layer name)``, read in one
+        batch, not yet decoded."""
         requests = []
         for epoch, split, r, lo, hi, name in keys:
             lay = self._layers[name]
             group = self._epoch(epoch, split)["ranks"][r]
             requests.append((group, lay, self._array_names(lay), slice(lo, hi)))
-        out = []
-        for key, (_, lay, names, _), parts in zip(keys, requests, self._read_batch(requests)):
-            rows = {n: quant.decode(lay.spec["arrays"][n], n, parts[n]) for n in names}
-            self._cache.put(key, rows)
-            out.append(rows)
-        return out
+        return list(self._read_batch(requests))
+
+    def _decode_chunk(
+        self, key: tuple[int, str, int, int, int, str], parts: dict[str, dict[str, np.ndarray]]
+    ) -> dict[str, torch.Tensor]:
+        """A chunk's stored parts decoded, and offered to the cache (safe from any thread)."""
+        lay = self._layers[key[-1]]
+        rows = {n: quant.decode(lay.spec["arrays"][n], n, parts[n]) for n in parts}
+        self._cache.put(key, rows)
+        return rows
 
     def _in_batches(
         self, epochs: Sequence[int], lays: Sequence[_Layer], splits: Sequence[str]
@@ -1081,23 +1110,28 @@ class _ChunkCache:
     def __init__(self, limit: int) -> None:
         self.limit, self.size = limit, 0
         self._items: OrderedDict[tuple, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+        self._lock = threading.Lock()  # a scan's worker threads offer the chunks they decode
 
     def get(self, key: tuple) -> dict[str, torch.Tensor] | None:
-        hit = self._items.get(key)
-        if hit is None:
-            return None
-        self._items.move_to_end(key)
-        return hit[0]
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                return None
+            self._items.move_to_end(key)
+            return hit[0]
 
     def put(self, key: tuple, rows: dict[str, torch.Tensor]) -> None:
         nbytes = sum(t.element_size() * t.nelement() for t in rows.values())
         if nbytes > self.limit:
             return
-        self._items[key] = (rows, nbytes)
-        self.size += nbytes
-        while self.size > self.limit:
-            _, (_, dropped) = self._items.popitem(last=False)
-            self.size -= dropped
+        with self._lock:
+            if key in self._items:
+                self.size -= self._items.pop(key)[1]
+            self._items[key] = (rows, nbytes)
+            self.size += nbytes
+            while self.size > self.limit:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.size -= dropped
 
 
 def explain_decision(d: dict[str, Any]) -> str:
@@ -1224,7 +1258,18 @@ def _sqnorm(lay: _Layer, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(rows[p].reshape(rows[p].shape[0], -1).double().pow(2).sum(1) for p in rows)
 
 
-def _add_gram(out: np.ndarray, lay: _Layer, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> None:
+def _add_gram(
+    out: np.ndarray,
+    lay: _Layer,
+    x: dict[str, torch.Tensor],
+    rows: Callable[[], dict[str, torch.Tensor]],
+    local: np.ndarray | None,
+) -> None:
+    """Adds the gram of ``x`` against a chunk's rows (decoded here), or its ``local`` ones, to ``out``."""
+    y = rows()
+    if local is not None:
+        index = torch.from_numpy(local)
+        y = {k: v.index_select(0, index) for k, v in y.items()}
     out += _gram(lay, x, y).numpy()
 
 
