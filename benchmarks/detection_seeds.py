@@ -13,9 +13,13 @@ seed in ``--seeds`` and scores, by ROC-AUC and precision among the top ``#flippe
   ``Σ_e lr_e ‖∇ℓ_i(θ_e)‖²``;
 - ``loss_sum``: the per-sample training loss summed over the epochs.
 
+The pixels are divided by 16 (``--scaling unit``, the default) or standardised as the demo does
+(``--scaling standard``).
+
 Usage:
     python benchmarks/detection_seeds.py                 # seeds 0-4, about 2 minutes
     python benchmarks/detection_seeds.py --seeds 0,1     # a quick run
+    python benchmarks/detection_seeds.py --scaling standard --out benchmarks/results/detection_seeds_standard.json
 """
 
 from __future__ import annotations
@@ -67,9 +71,9 @@ class ExactSelfInfluence(L.Callback):
         self.scores += trainer.optimizers[0].param_groups[0]["lr"] * sq
 
 
-def one_seed(seed: int, epochs: int, workdir: Path) -> dict[str, dict[str, float]]:
+def one_seed(seed: int, epochs: int, workdir: Path, scaling: str) -> dict[str, dict[str, float]]:
     demo = an.load_demo()
-    x_train, y_train, _, _, flipped = demo.load_noisy_digits(seed)
+    x_train, y_train, x_test, y_test, flipped = demo.load_noisy_digits(seed, scaling)
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(
         demo.DigitsDataset(x_train, y_train),
@@ -87,7 +91,11 @@ def one_seed(seed: int, epochs: int, workdir: Path) -> dict[str, dict[str, float
         for timing, path in stores.items()
     ]
     exact = ExactSelfInfluence(x_train, y_train)
-    an.quiet_fit(an.make_trainer(epochs, [*captures, exact]), an.DigitsNet(), loader)
+    model = an.DigitsNet()
+    an.quiet_fit(an.make_trainer(epochs, [*captures, exact]), model, loader)
+    model.eval()
+    with torch.no_grad():
+        pred = model.net(torch.as_tensor(x_test, dtype=torch.float32)).argmax(1).numpy()
     n = len(y_train)
     is_flipped = np.zeros(n, dtype=bool)
     is_flipped[flipped] = True
@@ -104,6 +112,7 @@ def one_seed(seed: int, epochs: int, workdir: Path) -> dict[str, dict[str, float
     # The store against the independent reference: same definition, so the same scores.
     ref, ckpt = scores["exact_tracin_reference"], scores["self_influence_checkpoint"]
     out["checkpoint_vs_reference"] = {"max_rel": float(np.max(np.abs(ckpt - ref) / np.abs(ref)))}
+    out["test_accuracy"] = {"value": float((pred == y_test).mean())}
     return out
 
 
@@ -111,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of the protocol")
+    parser.add_argument(
+        "--scaling", choices=("unit", "standard"), default=an.DIGITS_SCALING,
+        help="digits pixels divided by 16 (unit) or standardised (standard)",
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -118,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     per_seed: dict[int, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mstore-detect-") as tmp:
         for seed in seeds:
-            per_seed[seed] = one_seed(seed, args.epochs, Path(tmp))
+            per_seed[seed] = one_seed(seed, args.epochs, Path(tmp), args.scaling)
             cells = "  ".join(
                 f"{k}: {v['roc_auc']:.4f}/{v['precision_at_flipped']:.3f}"
                 for k, v in per_seed[seed].items()
                 if k in SCORES
             )
-            print(f"seed {seed}: {cells}", flush=True)
+            acc = per_seed[seed]["test_accuracy"]["value"]
+            print(f"seed {seed}: {cells}  test accuracy {acc:.3f}", flush=True)
     summary = {
         name: {
             stat: {
@@ -138,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     machine = machine_info()
     print(
-        f"\nflipped-label detection over seeds {seeds} ({machine['cpu_model']}, {machine['cpu_count']} cores)"
+        f"\nflipped-label detection over seeds {seeds}, {args.scaling} scaling "
+        f"({machine['cpu_model']}, {machine['cpu_count']} cores)"
     )
     print(f"{'score':>28} | {'ROC-AUC median (min-max)':>26} | {'precision median (min-max)':>27}")
     print("-" * 88)
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "protocol": "scikit-learn digits, 10% flipped training labels, MLP 64-128-128-10, SGD 0.1 momentum 0.9, "
         f"batch {an.DIGITS_BATCH}, {args.epochs} epochs, int8 capture of every layer",
+        "scaling": args.scaling,
         "seeds": seeds,
         "per_seed": per_seed,
         "summary": summary,
