@@ -99,7 +99,8 @@ def flip_labels(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def load_digits(seed: int) -> Data:
     """The demo's digits: split, standardisation and label noise all seeded by ``seed``."""
-    x_train, y_noisy, x_test, y_test, flipped = attribution.load_demo().load_noisy_digits(seed)
+    demo = attribution.load_demo()
+    x_train, y_noisy, x_test, y_test, flipped = demo.load_noisy_digits(seed, scaling="standard")
     mask = np.zeros(len(y_noisy), dtype=bool)
     mask[flipped] = True
     return Data(x_train, y_noisy, x_test, y_test, mask)
