@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
+from mstore_lightning.analytics import influence
 from test_capture_fit import data, mlp
 
 
@@ -147,6 +150,65 @@ def test_a_scan_over_more_ids_than_a_block_equals_brute_force_and_fills_the_cach
     assert reads["n"] == 0
     np.testing.assert_array_equal(first, got)
     np.testing.assert_array_equal(again, got)
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_topk_scores_a_window_of_rows_at_a_time_and_equals_brute_force(tmp_path, monkeypatch, metric):
+    torch.manual_seed(0)
+    n, k = 700, 5
+    x, y = data(n=n)
+    ref = Reference()
+    capture = GradientCapture(tmp_path / "s.zarr", policy=EXACT, chunk_bytes=4096)
+    trainer([ref, capture], max_epochs=1).fit(Task(mlp()), loader(x, y, batch_size=64))
+    store = open_store(tmp_path / "s.zarr")
+    queries = [3, 411]
+    # 96 rows of scores for two queries at once: windows that cut through chunks
+    monkeypatch.setattr(influence, "SCORE_BYTES", 8 * 2 * 96)
+    widths = []
+    windows = type(store)._dot_windows
+
+    def spying(self, *args, **kwargs):
+        for first, block in windows(self, *args, **kwargs):
+            widths.append(block.shape[1])
+            yield first, block
+
+    monkeypatch.setattr(type(store), "_dot_windows", spying)
+    got = store.topk(queries, k=k, metric=metric)
+    assert max(widths) == 96 and sum(widths) == n  # every row scored, never more than a window at once
+    ids = np.asarray(store.sample_ids(0))
+    g = flat(ref, 0, ids.tolist())
+    scores = (flat(ref, 0, queries) @ g.T).numpy()
+    if metric == "cosine":
+        scores /= np.outer(flat(ref, 0, queries).norm(dim=1), g.norm(dim=1))
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(got.ids, ids[best])
+    np.testing.assert_allclose(got.scores, np.take_along_axis(scores, best, 1), rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    queries=st.integers(1, 4),
+    n=st.integers(1, 60),
+    k=st.integers(1, 12),
+    pieces=st.integers(1, 6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_merging_best_candidates_in_any_split_and_order_equals_one_sort(queries, n, k, pieces, seed):
+    # Few distinct values and some NaNs: ties at the cut, broken by the lower row, NaN last.
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 4, size=(queries, n)).astype(np.float64)
+    scores[rng.random((queries, n)) < 0.1] = np.nan
+    rows = np.arange(n)
+    cuts = np.sort(rng.choice(np.arange(1, n), size=min(pieces - 1, n - 1), replace=False)) if n > 1 else []
+    parts = list(zip(np.split(scores, cuts, axis=1), np.split(rows, cuts)))
+    rng.shuffle(parts)
+    best_s, best_r = np.zeros((queries, 0)), np.zeros((queries, 0), dtype=np.int64)
+    for s, r in parts:
+        best_s, best_r = influence.merge_best(best_s, best_r, s, r, k)
+    keyed = np.where(np.isnan(scores), -np.inf, scores)
+    want = np.stack([np.lexsort((rows, -keyed[q]))[:k] for q in range(queries)])
+    np.testing.assert_array_equal(best_r, want)
+    np.testing.assert_array_equal(best_s, np.take_along_axis(scores, want, 1))
 
 
 def test_a_store_with_a_chunk_cache_answers_from_it_exactly_as_one_without(tmp_path):

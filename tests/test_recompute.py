@@ -9,6 +9,7 @@ import zarr
 
 from helpers import EXACT, IndexedTensors, Task, loader, trainer
 from mstore_lightning import CapturePolicy, GradientCapture, PolicyError, StoreReadError, open_store
+from mstore_lightning.analytics import influence
 from mstore_lightning.store.recompute import gamma
 from test_capture_fit import data, mlp
 
@@ -39,7 +40,7 @@ def test_recomputed_layer_stores_weights_not_rows(frozen_run):
         store.norms(0)
 
 
-def test_recompute_equals_capture_when_weights_are_frozen(frozen_run):
+def test_recompute_equals_capture_when_weights_are_frozen(frozen_run, monkeypatch):
     stored, store, task, dataset = frozen_run
     before = {k: v.clone() for k, v in task.state_dict().items()}
     store.attach_recompute(Task(mlp()), dataset, batch_size=5)  # weights come from the store
@@ -54,6 +55,10 @@ def test_recompute_equals_capture_when_weights_are_frozen(frozen_run):
         assert "recomputed from the end-of-epoch weights" in norms.approximate["net.2"]
         assert "net.0" not in norms.approximate
         np.testing.assert_allclose(store.dot(e, ids[:3], ids), stored.dot(e, ids[:3], ids), rtol=1e-4, atol=1e-7)
+        monkeypatch.setattr(influence, "SCORE_BYTES", 8 * 2 * 7)  # top-k in windows of 7 rows
+        got, want = store.topk(ids[:2], 4, epoch=e), stored.topk(ids[:2], 4, epoch=e)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-4)
     assert all(torch.equal(v, before[k]) for k, v in task.state_dict().items())
     assert "store or recompute: recompute (policy recompute.layers)" in store.describe()
 

@@ -51,6 +51,67 @@ def dots(
     return out
 
 
+def topk(
+    store: GradientStore,
+    epoch: int,
+    rows_q: np.ndarray,
+    layers: list[str],
+    split_q: str,
+    k: int,
+    client: Any,
+    q_norms: np.ndarray | None = None,
+    norms: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``k`` best training rows of ``epoch``: ``(scores, rows)``, both ``(queries, k)``.
+
+    One task per window of training rows (the longest chunk of ``layers``) scores it against the
+    queries over every layer and returns only its ``k`` best per query; the client merges them as
+    they finish. With ``norms`` and ``q_norms`` the scores are cosines.
+    """
+    from distributed import as_completed
+
+    from mstore_lightning.analytics.influence import merge_best
+
+    source = (store.uri, json.dumps(store.storage_options or {}, sort_keys=True))
+    lays = [store._layer(name) for name in layers]
+    for lay in lays:
+        if store._is_recomputed(epoch, lay):
+            raise ValueError(
+                f"Layer {lay.name!r} is recomputed in epoch {epoch}; run it without a Dask client."
+            )
+    xa = {
+        lay.name: {
+            k: client.scatter(v, broadcast=True)
+            for k, v in store._gather(epoch, lay, rows_q, split_q).items()
+        }
+        for lay in lays
+    }
+    n = len(store.sample_ids(epoch))
+    window = max([hi - lo for lay in lays for _, lo, hi, _ in store._chunks(epoch, lay)] or [1])
+    futures = [
+        client.submit(
+            _window_topk,
+            source,
+            epoch,
+            layers,
+            lo,
+            min(lo + window, n),
+            xa,
+            k,
+            q_norms,
+            None if norms is None else norms[lo : lo + window],
+            pure=False,
+        )
+        for lo in range(0, n, window)
+    ]
+    scores = np.zeros((len(rows_q), 0), dtype=np.float64)
+    rows = np.zeros((len(rows_q), 0), dtype=np.int64)
+    for future in as_completed(futures):
+        scores, rows = merge_best(scores, rows, *future.result(), k)
+        future.release()
+    return scores, rows
+
+
 def _run(store: GradientStore, epoch: int, layers: list[str], split: str, client: Any, fn: Any, extra: Any):
     source = (store.uri, json.dumps(store.storage_options or {}, sort_keys=True))
     futures, firsts = [], []
@@ -91,3 +152,26 @@ def _block_gram(
     lay = store._layer(layer)
     xa = {k: torch.as_tensor(v) for k, v in xa.items()}
     return _gram(lay, xa, store._chunk(epoch, lay, split, r, lo, hi)).double().numpy()
+
+
+def _window_topk(
+    source: tuple[str, str],
+    epoch: int,
+    layers: list[str],
+    lo: int,
+    hi: int,
+    xa: dict[str, dict[str, Any]],
+    k: int,
+    q_norms: np.ndarray | None,
+    norms: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    from mstore_lightning.analytics.influence import cosines, merge_best
+
+    store = _open(*source)
+    block = None
+    for _, scores in store._dot_windows(epoch, None, layers, "train", hi - lo, start=lo, stop=hi, xa=xa):
+        block = scores
+    if norms is not None:
+        block = cosines(block, q_norms, norms)
+    empty = np.zeros((block.shape[0], 0))
+    return merge_best(empty, empty.astype(np.int64), block, np.arange(lo, hi), k)

@@ -127,6 +127,11 @@ def topk(
     """The ``k`` training samples of ``epoch`` (the last by default) closest to each query (its query
     row when the epoch captured queries, else its training row).
 
+    Exact and streaming: the training rows are scored a window at a time, and each window's best
+    are merged into each query's best so far, so memory holds one window of scores and ``k`` per
+    query, not a score for every row. With ``client``, each Dask task scores one window on its
+    worker and returns only its best, which the client merges as tasks finish.
+
     Args:
         metric: ``"cosine"`` or ``"dot"`` (the gradient inner product).
     """
@@ -138,19 +143,68 @@ def topk(
     query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
     train = store.sample_ids(epoch)
     split = _query_split(store, [epoch])
-    scores = np.asarray(store.dot(epoch, query_ids, train, layers, split_a=split, client=client))
+    k = min(int(k), len(train))
+    norms = q_norms = None
     if metric == "cosine":
         norms = np.asarray(store.norms(epoch, layers, client=client))
         q_all = (
             norms if split == "train" else np.asarray(store.norms(epoch, layers, split=split, client=client))
         )
         q_norms = q_all[store._rows_of(epoch, query_ids, split)]
-        scores = scores / np.maximum(np.outer(q_norms, norms), np.finfo(np.float64).tiny)
-    k = min(int(k), len(train))
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
-    best = np.take_along_axis(top, order, 1)
-    return Neighbours(train[best], np.take_along_axis(scores, best, 1))
+    if client is not None:
+        from mstore_lightning.analytics import dask_engine
+
+        names = [lay.name for lay in store._select(layers)]
+        rows_q = store._rows_of(epoch, query_ids, split)
+        scores, rows = dask_engine.topk(store, epoch, rows_q, names, split, k, client, q_norms, norms)
+    else:
+        scores = np.zeros((len(query_ids), 0), dtype=np.float64)
+        rows = np.zeros((len(query_ids), 0), dtype=np.int64)
+        window = max(1, SCORE_BYTES // (8 * max(1, len(query_ids))))
+        for first, block in store._dot_windows(epoch, query_ids, layers, split, window):
+            if norms is not None:
+                block = cosines(block, q_norms, norms[first : first + block.shape[1]])
+            scores, rows = merge_best(scores, rows, block, np.arange(first, first + block.shape[1]), k)
+    return Neighbours(train[rows], scores)
+
+
+# Scores of one window of training rows held at once by a local top-k: 64 MB, 8M rows for one query.
+SCORE_BYTES = 64 << 20
+
+
+def cosines(dots: np.ndarray, q_norms: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Inner products ``(queries, rows)`` divided by both norms (a zero norm scores 0, not NaN)."""
+    return dots / np.maximum(np.outer(q_norms, norms), np.finfo(np.float64).tiny)
+
+
+def merge_best(
+    scores: np.ndarray, rows: np.ndarray, new_scores: np.ndarray, new_rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``k`` best of its best so far (``scores``, ``rows``) and new candidates, all
+    ``(queries, n)``: score descending, then row ascending, so the result does not depend on how
+    the rows were split or in what order the pieces came. A NaN score ranks last.
+
+    Example:
+        >>> none = (np.zeros((1, 0)), np.zeros((1, 0), dtype=int))
+        >>> s, r = merge_best(*none, np.array([[1.0, 3.0]]), np.array([[0, 1]]), k=2)
+        >>> merge_best(s, r, np.array([[2.0, 3.0]]), np.array([[2, 3]]), k=2)  # a tie: the lower row first
+        (array([[3., 3.]]), array([[1, 3]]))
+    """
+    scores = np.concatenate([scores, new_scores], 1)
+    rows = np.concatenate([rows, np.broadcast_to(new_rows, new_scores.shape)], 1)
+    keyed = np.where(np.isnan(scores), -np.inf, scores)
+    if scores.shape[1] > k:
+        kth = -np.partition(-keyed, k - 1, axis=1)[:, k - 1 : k]
+        keep = keyed >= kth  # what beats the k-th score, and every tie with it
+        if keep.sum() == keep.shape[0] * k:  # no tie at the cut: k per query
+            picked = np.nonzero(keep)[1].reshape(len(keep), k)
+        else:
+            picked = np.stack([np.lexsort((rows[q], -keyed[q]))[:k] for q in range(len(keep))])
+        scores, rows, keyed = (np.take_along_axis(a, picked, 1) for a in (scores, rows, keyed))
+    if not scores.size:
+        return scores, rows
+    order = np.lexsort((rows, -keyed), axis=1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
 def _query_split(store: GradientStore, epochs: list[int]) -> str:

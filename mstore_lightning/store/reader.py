@@ -475,6 +475,45 @@ class GradientStore:
             out[:, order] = out.copy()
         return QueryResult(out, self._approximate(layers, epoch))
 
+    def _dot_windows(
+        self,
+        epoch: int,
+        ids_a: Sequence[int] | np.ndarray | None,
+        layers: Sequence[str] | None,
+        split_a: str,
+        window: int,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        xa: dict[str, dict[str, Any]] | None = None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields ``(first, block)``: the inner products of ``ids_a`` with the training rows
+        ``first:first + window``, window after window from ``start`` to ``stop``, summed over
+        ``layers``. ``xa`` gives the query rows per layer instead, already gathered.
+
+        Only one block of scores and the chunks it reads are held at once, however many rows the
+        epoch has; a chunk across two windows is read for each.
+        """
+        lays = self._select(layers)
+        self._open_layers([epoch], lays, list(dict.fromkeys([split_a, "train"])))
+        if xa is None:
+            rows_a = self._rows_of(epoch, ids_a, split_a)
+            xa = {lay.name: self._gather(epoch, lay, rows_a, split_a) for lay in lays}
+        xa = {name: {k: torch.as_tensor(v) for k, v in x.items()} for name, x in xa.items()}
+        queries = next((len(v) for x in xa.values() for v in x.values()), 0)
+        stop = len(self.sample_ids(epoch)) if stop is None else stop
+        with Lanes.for_queries(queries) as lanes:
+            for lo in range(start, stop, window):
+                hi = min(lo + window, stop)
+                out = np.zeros((queries, hi - lo), dtype=np.float64)
+                for lay in lays:
+                    for first, m, rows in self._stream_deferred(epoch, lay, "train", lo, hi):
+                        a, b = max(first, lo), min(first + m, hi)
+                        local = None if (a, b) == (first, first + m) else np.arange(a - first, b - first)
+                        lanes.submit(_add_gram, out[:, a - lo : b - lo], lay, xa[lay.name], rows, local)
+                    lanes.wait()  # the next layer adds into the same slices
+                yield lo, out
+
     def blocks(self, epoch: int, layer: str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Streams ``layer``'s decoded rows of ``epoch`` one chunk at a time, for operators on factors.
 
@@ -975,18 +1014,25 @@ class GradientStore:
             yield first, self._chunk(epoch, lay, split, r, lo, hi)
 
     def _stream_deferred(
-        self, epoch: int, lay: _Layer, split: str = "train"
+        self, epoch: int, lay: _Layer, split: str = "train", start: int = 0, stop: int | None = None
     ) -> Iterator[tuple[int, int, Callable[[], dict[str, torch.Tensor]]]]:
-        """Yields ``(first global row, rows, decoded rows when called)`` one chunk at a time.
+        """Yields ``(first global row, rows, decoded rows when called)`` for each chunk holding any
+        of the rows ``start:stop``.
 
         A chunk not already decoded is read here, and decoded by whoever calls: a scan hands that
         to its worker threads, and reads the next chunk meanwhile.
         """
+        stop = len(self.sample_ids(epoch, split)) if stop is None else stop
         if self._is_recomputed(epoch, lay):
-            for first, rows in self._stream(epoch, lay, split):
-                yield first, _nrows(rows), functools.partial(dict, rows)
+            self._train_only(split, lay)
+            ids = self.sample_ids(epoch)
+            for first in range(start - start % _BLOCK_ROWS, stop, _BLOCK_ROWS):
+                block = ids[first : first + _BLOCK_ROWS]
+                yield first, len(block), functools.partial(dict, self._recompute_rows(epoch, lay, block))
             return
         for r, lo, hi, first in self._chunks(epoch, lay, split):
+            if first + hi - lo <= start or first >= stop:
+                continue
             key = (epoch, split, r, lo, hi, lay.name)
             rows = self._staged.get(key)
             if rows is None:
