@@ -30,6 +30,10 @@ ANALYTICS = [
     "outliers",
     {"cluster": {"k": 3}},
     "storage",
+    {"topk": {"k": 3}},
+    {"similarity": {"ids": [2, 7, 11]}},
+    "class_gradients",
+    {"restore": {"ids": [4, 19]}},
 ]
 EPOCHS = 2
 
@@ -127,6 +131,50 @@ def test_tracin_table_matches_the_store_api(run):
         assert rows["id"].tolist() == api.ids[best].tolist()
         # float32 sums, ordered by the report process's one thread: equal to float32 rounding
         np.testing.assert_allclose(rows["score"], scores[best], rtol=1e-6)
+
+
+def test_topk_table_matches_the_store_api(run):
+    store = run["store"]
+    for e in range(EPOCHS):
+        table = pd.read_csv(report_paths(run["path"] / "s.zarr").epoch_dir(e) / "topk_neighbours.csv")
+        queries = store.sample_ids(e, "query")
+        api = store.topk(queries, 3, epoch=e)  # the query rows, by cosine, as the report asked
+        assert table["query"].tolist() == np.repeat(queries, 3).tolist()
+        assert table["id"].tolist() == api.ids.reshape(-1).tolist()
+        np.testing.assert_allclose(table["score"], api.scores.reshape(-1), rtol=1e-6)
+
+
+def test_similarity_class_gradients_and_restore_match_torch_func(run):
+    store, ref = run["store"], run["ref"]
+    folder = report_paths(run["path"] / "s.zarr").epoch_dir(EPOCHS - 1)
+    grads = ref.grads[EPOCHS - 1]
+    flat = {sid: torch.cat([g.double().reshape(-1) for _, g in sorted(gs.items())]) for sid, gs in grads.items()}
+    pairs = pd.read_csv(folder / "similarity_pairs.csv")
+    for a, b, score in zip(pairs["id"], pairs["other"], pairs["score"]):
+        want = float(flat[a] @ flat[b] / (flat[a].norm() * flat[b].norm()))
+        assert score == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert sorted(set(pairs["id"])) == [2, 7, 11]
+
+    classes = pd.read_csv(folder / "class_gradients_classes.csv")
+    labels = dict(zip(store.sample_ids(EPOCHS - 1), store.row_field(EPOCHS - 1, "label")))
+    for c, count, norm in zip(classes["class"], classes["count"], classes["norm"]):
+        members = [sid for sid in flat if labels[sid] == c]
+        assert count == len(members)
+        assert norm == pytest.approx(float(torch.stack([flat[s] for s in members]).sum(0).norm()), rel=1e-4)
+
+    restored = pd.read_csv(folder / "restore_norms.csv")
+    assert sorted(set(restored["id"])) == [4, 19]
+    for sid, layer, param, norm in zip(restored["id"], restored["layer"], restored["param"], restored["norm"]):
+        assert norm == pytest.approx(float(grads[sid][f"{layer}.{param}"].double().norm()), rel=1e-4)
+
+
+def test_analytics_that_follow_chosen_samples_need_them(tmp_path):
+    with pytest.raises(AnalyticsError, match=r"similarity\): give the samples to follow"):
+        parse_analytics(["similarity"])
+    with pytest.raises(AnalyticsError, match="`ids` must be a list of sample ids"):
+        parse_analytics([{"restore": {"ids": [1, -2]}}])
+    with pytest.raises(AnalyticsError, match="`metric` can be cosine or dot"):
+        parse_analytics([{"topk": {"metric": "l2"}}])
 
 
 def test_csv_logger_holds_the_scalars_at_each_epoch_end(run):

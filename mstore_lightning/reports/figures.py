@@ -112,6 +112,18 @@ class Figures:
             f"Class-gradient cosine, epoch {epoch}\nred +1 (aligned) · white 0 · blue -1 (opposed)",
         )
 
+    def sample_heatmap(self, matrix: np.ndarray, ids: Sequence[int], metric: str, epoch: int) -> bytes:
+        """Gradient cosines (or inner products, scaled by the largest) between chosen samples."""
+        layout = tuple(int(i) for i in ids)
+        plot = self._get("sample_heatmap", layout, lambda: _Heatmap(layout, "sample id"))
+        if metric == "cosine":
+            return plot.render(matrix, f"Gradient cosine, epoch {epoch}\nred +1 · white 0 · blue -1")
+        scale = float(np.nanmax(np.abs(matrix))) if matrix.size else 0.0
+        shown = matrix / scale if scale > 0 else matrix
+        return plot.render(
+            shown, f"Gradient inner product / {scale:.3g}, epoch {epoch}\nred + · white 0 · blue -"
+        )
+
     def sample_grid(
         self,
         images: Sequence[np.ndarray],
@@ -182,7 +194,7 @@ class _StripPlot:
 
 
 class _Heatmap:
-    def __init__(self, classes: tuple[int, ...]) -> None:
+    def __init__(self, classes: tuple[int, ...], axis: str = "class") -> None:
         fig = Figure(figsize=(4.6, 3.8), dpi=DPI)
         ax = fig.subplots(gridspec_kw=_MARGINS)
         self.image = ax.imshow(np.zeros((len(classes), len(classes))), cmap="RdBu_r", vmin=-1, vmax=1)
@@ -192,8 +204,8 @@ class _Heatmap:
         # Labels without tick marks, as heatmaps usually have: a mark's root would lie under the
         # image, which is drawn again each epoch.
         ax.tick_params(length=0)
-        ax.set_xlabel("class")
-        ax.set_ylabel("class")
+        ax.set_xlabel(axis)
+        ax.set_ylabel(axis)
         # The scale in words, not a colour bar: a colour bar is a second axes and doubles the drawing time.
         self.title = ax.set_title(" ", fontsize=9, y=_TITLE_Y)
         # The spines are drawn again over the image: it fills the axes and would cover them.

@@ -309,6 +309,99 @@ def cluster(ctx: Context, k: int, dim: int, seed: int) -> Output:
     return out
 
 
+def topk(ctx: Context, ids: list[int] | None, k: int, metric: str) -> Output:
+    """Each query's ``k`` nearest training samples in this epoch's gradient space."""
+    store, out = ctx.store, Output()
+    split = "query" if store.has_queries(ctx.epoch) else "train"
+    queries = _present(ctx, ids, split, "topk", out)
+    nb = store.topk(queries, k, epoch=ctx.epoch, metric=metric)
+    k = nb.ids.shape[1]
+    q_labels = _known(ctx, "label", queries, split=split)
+    labels = _known(ctx, "label", nb.ids.reshape(-1)).reshape(nb.ids.shape)
+    known = (q_labels >= 0) & (labels[:, 0] >= 0) if k else np.zeros(len(queries), dtype=bool)
+    if known.any():
+        out.scalars["topk/top1_same_label"] = float(np.mean(labels[known, 0] == q_labels[known]))
+    table = _frame(
+        query=np.repeat(queries, k),
+        query_label=np.repeat(q_labels, k),
+        rank=np.tile(np.arange(1, k + 1), len(queries)),
+        id=nb.ids.reshape(-1),
+        label=labels.reshape(-1),
+        score=nb.scores.reshape(-1),
+    )
+    rows = "query rows" if split == "query" else "training rows"
+    out.tables.append(("neighbours", f"Top {k} training samples by gradient {metric} ({rows})", table))
+    return out
+
+
+def similarity(ctx: Context, ids: list[int], metric: str) -> Output:
+    """Gradient cosines (or inner products) between chosen training samples, as a heatmap."""
+    store, out = ctx.store, Output()
+    chosen = _present(ctx, ids, "train", "similarity", out)
+    matrix = np.asarray(
+        store.cosine(ctx.epoch, chosen, chosen)
+        if metric == "cosine"
+        else store.dot(ctx.epoch, chosen, chosen),
+        dtype=np.float64,
+    )
+    off = ~np.eye(len(chosen), dtype=bool)
+    if off.any():
+        out.scalars[f"similarity/mean_offdiag_{metric}"] = float(np.nanmean(matrix[off]))
+    out.figures.append(
+        (
+            "heatmap",
+            f"Gradient {metric} between samples",
+            ctx.plots.sample_heatmap(matrix, chosen, metric, ctx.epoch),
+        )
+    )
+    out.tables.append(
+        (
+            "pairs",
+            f"Gradient {metric} between samples",
+            _frame(
+                id=np.repeat(chosen, len(chosen)),
+                other=np.tile(chosen, len(chosen)),
+                score=matrix.reshape(-1),
+            ),
+        )
+    )
+    return out
+
+
+def class_gradients(ctx: Context) -> Output:
+    """Each class's summed gradient: its sample count and norm."""
+    out = Output()
+    if not (ctx.store.row_field(ctx.epoch, "label") >= 0).any():
+        raise Skipped("no labels recorded: pass GradientCapture(labels=...) to record them")
+    frame = ctx.store.class_gradients(ctx.epoch).to_pandas()
+    for c, norm in zip(frame["class"], frame["norm"]):
+        out.scalars[f"class_gradients/norm/{int(c)}"] = float(norm)
+    out.tables.append(("classes", "Norm of each class's summed gradient", frame))
+    return out
+
+
+def restore(ctx: Context, ids: list[int], layers: list[str] | None) -> Output:
+    """The restored gradients of watched samples: each parameter's norm, logged epoch after epoch."""
+    store, out = ctx.store, Output()
+    chosen = _present(ctx, ids, "train", "restore", out)
+    names = store.layers if layers is None else layers
+    unknown = sorted(set(names) - set(store.layers))
+    if unknown:
+        raise ValueError(f"restore: unknown layer(s) {', '.join(unknown)}; the store has {store.layers}.")
+    rows: dict[str, list[Any]] = {"id": [], "layer": [], "param": [], "norm": []}
+    for layer in names:
+        for param, grads in store.restore(ctx.epoch, layer, chosen).items():
+            norms = grads.double().reshape(len(chosen), -1).norm(dim=1).numpy()
+            for sid, norm in zip(chosen, norms):
+                out.scalars[f"restore/{int(sid)}/{layer}.{param}"] = float(norm)
+                rows["id"].append(int(sid))
+                rows["layer"].append(layer)
+                rows["param"].append(param)
+                rows["norm"].append(float(norm))
+    out.tables.append(("norms", "Norms of the watched samples' restored gradients", _frame(**rows)))
+    return out
+
+
 def storage(ctx: Context) -> Output:
     """Bytes on disk, what deduplication saved, the ratio to full fp32 gradients, and throughput."""
     store, out = ctx.store, Output()
@@ -339,6 +432,10 @@ OPERATORS: dict[str, Callable[..., Output]] = {
     "outliers": outliers,
     "cluster": cluster,
     "storage": storage,
+    "topk": topk,
+    "similarity": similarity,
+    "class_gradients": class_gradients,
+    "restore": restore,
 }
 
 
@@ -353,6 +450,25 @@ def _stats(prefix: str, values: np.ndarray) -> dict[str, float]:
         f"{prefix}/p95": float(q95),
         f"{prefix}/max": float(v.max()),
     }
+
+
+def _present(ctx: Context, ids: list[int] | None, split: str, name: str, out: Output) -> np.ndarray:
+    """``ids`` that this epoch holds in ``split`` (the epoch's query rows when ``ids`` is ``None``);
+    those it lacks are named in ``out.note``."""
+    own = ctx.store.sample_ids(ctx.epoch, split)
+    if ids is None:
+        if split != "query":
+            raise Skipped(f"no query rows in this epoch: give {name} the sample ids, {{'ids': [...]}}")
+        return np.asarray(own, dtype=np.int64)
+    wanted = np.asarray(ids, dtype=np.int64)
+    here = np.isin(wanted, own)
+    lacking = wanted[~here].tolist()
+    if lacking:
+        shown = ", ".join(map(str, lacking[:10])) + (", ..." if len(lacking) > 10 else "")
+        out.note = f"{len(lacking)} of the ids are not in this epoch's {split} rows: {shown}"
+    if not here.any():
+        raise Skipped(out.note)
+    return wanted[here]
 
 
 def _known(ctx: Context, name: str, ids: np.ndarray, split: str = "train") -> np.ndarray:

@@ -30,8 +30,15 @@ OPERATORS: dict[str, dict[str, Any]] = {
     "outliers": {"threshold": 3.5},
     "cluster": {"k": 10, "dim": 16, "seed": 0},
     "storage": {},
+    "topk": {"ids": None, "k": 5, "metric": "cosine"},
+    "similarity": {"ids": [], "metric": "cosine"},
+    "class_gradients": {},
+    "restore": {"ids": [], "layers": None},
 }
 _EPOCH_CHOICES = ("all", "current")
+_METRICS = ("cosine", "dot")
+# Operators that need sample ids from the user: no default could pick them.
+_NEEDS_IDS = ("similarity", "restore")
 
 AnalyticsLike = Sequence[str | Mapping[str, Any]] | str | os.PathLike | None
 
@@ -152,3 +159,14 @@ def _check_params(name: str, p: dict[str, Any], i: int) -> None:
     layers = p.get("layers")
     if layers is not None and (isinstance(layers, str) or not all(isinstance(x, str) for x in layers)):
         raise AnalyticsError(f"{where}: `layers` must be a list of layer names, got {layers!r}.")
+    if "metric" in p and p["metric"] not in _METRICS:
+        raise AnalyticsError(f"{where}: `metric` can be {' or '.join(_METRICS)}, got {p['metric']!r}.")
+    ids = p.get("ids")
+    if ids is not None and (
+        isinstance(ids, (str, bytes))
+        or not isinstance(ids, Sequence)
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ids)
+    ):
+        raise AnalyticsError(f"{where}: `ids` must be a list of sample ids (integers >= 0), got {ids!r}.")
+    if name in _NEEDS_IDS and not ids:
+        raise AnalyticsError(f"{where}: give the samples to follow, e.g. {{{name}: {{ids: [3, 17]}}}}.")
