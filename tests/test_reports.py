@@ -148,7 +148,9 @@ def test_similarity_class_gradients_and_restore_match_torch_func(run):
     store, ref = run["store"], run["ref"]
     folder = report_paths(run["path"] / "s.zarr").epoch_dir(EPOCHS - 1)
     grads = ref.grads[EPOCHS - 1]
-    flat = {sid: torch.cat([g.double().reshape(-1) for _, g in sorted(gs.items())]) for sid, gs in grads.items()}
+    flat = {
+        sid: torch.cat([g.double().reshape(-1) for _, g in sorted(gs.items())]) for sid, gs in grads.items()
+    }
     pairs = pd.read_csv(folder / "similarity_pairs.csv")
     for a, b, score in zip(pairs["id"], pairs["other"], pairs["score"]):
         want = float(flat[a] @ flat[b] / (flat[a].norm() * flat[b].norm()))
@@ -164,7 +166,7 @@ def test_similarity_class_gradients_and_restore_match_torch_func(run):
 
     restored = pd.read_csv(folder / "restore_norms.csv")
     assert sorted(set(restored["id"])) == [4, 19]
-    for sid, layer, param, norm in zip(restored["id"], restored["layer"], restored["param"], restored["norm"]):
+    for sid, layer, param, norm in restored[["id", "layer", "param", "norm"]].itertuples(index=False):
         assert norm == pytest.approx(float(grads[sid][f"{layer}.{param}"].double().norm()), rel=1e-4)
 
 
