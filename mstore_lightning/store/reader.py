@@ -1068,7 +1068,9 @@ class GradientStore:
         offered to the cache."""
         return [self._decode_chunk(key, parts) for key, parts in zip(keys, self._read_raw(keys))]
 
-    def _read_raw(self, keys: list[tuple[int, str, int, int, int, str]]) -> list[dict[str, dict[str, np.ndarray]]]:
+    def _read_raw(
+        self, keys: list[tuple[int, str, int, int, int, str]]
+    ) -> list[dict[str, dict[str, np.ndarray]]]:
         """The stored parts of chunks ``(epoch, split, rank index, lo, hi, layer name)``, read in one
         batch, not yet decoded."""
         requests = []
