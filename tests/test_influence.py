@@ -128,6 +128,16 @@ def test_a_scan_over_more_ids_than_a_block_equals_brute_force_and_fills_the_cach
     got = np.asarray(plain.dot(0, queries, ids))
     if precision == "fp32":
         want = (flat(ref, 0, queries) @ flat(ref, 0, ids.tolist()).T).numpy()
+        # An id asked twice in place of its neighbour: the chunk has as many rows asked as it holds,
+        # but not each once, so it is taken row by row.
+        all_ids = np.asarray(plain.sample_ids(0))
+        twice = np.concatenate([all_ids[:1], all_ids[:1], all_ids[2:]])
+        np.testing.assert_allclose(
+            np.asarray(plain.dot(0, queries, twice)),
+            (flat(ref, 0, queries) @ flat(ref, 0, twice.tolist()).T).numpy(),
+            rtol=1e-4,
+            atol=1e-6 * np.abs(want).max(),
+        )
     else:  # the same decoded rows, gathered a block at a time instead of streamed
         want = np.concatenate([np.asarray(plain.dot(0, queries, ids[lo : lo + 600])) for lo in (0, 600)], 1)
     # float32 sums: near-cancelling entries are held to the matrix's scale, not their own.

@@ -467,7 +467,7 @@ class GradientStore:
                     if a == b:
                         continue
                     local = sorted_rows[a:b] - first
-                    whole = b - a == n and local[-1] == b - a - 1  # the whole chunk, in order
+                    whole = b - a == n and np.array_equal(local, np.arange(n))  # every row once, in order
                     # Summed in row order, where a chunk is a plain slice; put in ids_b's order once.
                     lanes.submit(_add_gram, out[:, a:b], lay, xa, rows, None if whole else local)
                 lanes.wait()  # the next layer adds into the same slices
