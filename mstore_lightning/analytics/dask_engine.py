@@ -41,11 +41,7 @@ def dots(
     """Inner products of the rows ``rows_a`` (of ``split_a``) with every row of ``split_b``."""
     out = np.zeros((len(rows_a), len(store.sample_ids(epoch, split_b))), dtype=np.float64)
     for layer in layers:
-        lay = store._layer(layer)
-        xa = {
-            k: client.scatter(v, broadcast=True)
-            for k, v in store._gather(epoch, lay, rows_a, split_a).items()
-        }
+        xa = _scattered(store, epoch, store._layer(layer), rows_a, split_a, client)
         for first, values in _run(store, epoch, [layer], split_b, client, _block_gram, xa):
             out[:, first : first + values.shape[1]] += values
     return out
@@ -72,20 +68,9 @@ def topk(
 
     from mstore_lightning.analytics.influence import merge_best
 
-    source = (store.uri, json.dumps(store.storage_options or {}, sort_keys=True))
-    lays = [store._layer(name) for name in layers]
-    for lay in lays:
-        if store._is_recomputed(epoch, lay):
-            raise ValueError(
-                f"Layer {lay.name!r} is recomputed in epoch {epoch}; run it without a Dask client."
-            )
-    xa = {
-        lay.name: {
-            k: client.scatter(v, broadcast=True)
-            for k, v in store._gather(epoch, lay, rows_q, split_q).items()
-        }
-        for lay in lays
-    }
+    source = _source(store)
+    lays = [_stored(store, epoch, name) for name in layers]
+    xa = {lay.name: _scattered(store, epoch, lay, rows_q, split_q, client) for lay in lays}
     n = len(store.sample_ids(epoch))
     window = max([hi - lo for lay in lays for _, lo, hi, _ in store._chunks(epoch, lay)] or [1])
     futures = [
@@ -113,17 +98,33 @@ def topk(
 
 
 def _run(store: GradientStore, epoch: int, layers: list[str], split: str, client: Any, fn: Any, extra: Any):
-    source = (store.uri, json.dumps(store.storage_options or {}, sort_keys=True))
+    source = _source(store)
     futures, firsts = [], []
     for layer in layers:
-        lay = store._layer(layer)
-        if store._is_recomputed(epoch, lay):
-            raise ValueError(f"Layer {layer!r} is recomputed in epoch {epoch}; run it without a Dask client.")
+        lay = _stored(store, epoch, layer)
         for r, lo, hi, first in store._chunks(epoch, lay, split):
             futures.append(client.submit(fn, source, epoch, layer, split, r, lo, hi, extra, pure=False))
             firsts.append(first)
     for first, values in zip(firsts, client.gather(futures)):
         yield first, values
+
+
+def _source(store: GradientStore) -> tuple[str, str]:
+    """What a task opens the store from on its worker: the URL and its storage options, as JSON."""
+    return store.uri, json.dumps(store.storage_options or {}, sort_keys=True)
+
+
+def _stored(store: GradientStore, epoch: int, layer: str) -> Any:
+    """``layer``, which ``epoch`` must have stored: workers have no model to recompute it with."""
+    lay = store._layer(layer)
+    if store._is_recomputed(epoch, lay):
+        raise ValueError(f"Layer {layer!r} is recomputed in epoch {epoch}; run it without a Dask client.")
+    return lay
+
+
+def _scattered(store: GradientStore, epoch: int, lay: Any, rows: np.ndarray, split: str, client: Any) -> dict:
+    """The query rows of one layer, sent once to every worker."""
+    return {k: client.scatter(v, broadcast=True) for k, v in store._gather(epoch, lay, rows, split).items()}
 
 
 @functools.lru_cache(maxsize=8)
