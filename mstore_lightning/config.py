@@ -21,7 +21,7 @@ from typing import Any, Union
 import numpy as np
 import yaml
 
-from mstore_lightning.store.quant import check_precision
+from mstore_lightning.core.quant import check_precision
 
 LOSS_REDUCTIONS = ("mean", "sum")
 REPRESENTATIONS = ("auto", "factors", "full", "projection")
@@ -55,7 +55,7 @@ class CapturePolicy:
             position or channel; median cosine of restored gradients >= 0.999), ``"fp16"``, ``"bf16"``,
             ``"fp32"`` (lossless), ``"kbit:N"`` (N-bit codes on quantile bins fitted per chunk) or
             ``"threshold[:q]"`` (one bit: above or below the chunk's q-quantile). See
-            :mod:`mstore_lightning.store.quant` for the error of each.
+            :mod:`mstore_lightning.core.quant` for the error of each.
         layer_precision: ``{pattern: precision}`` overriding ``precision`` for the layers a pattern
             matches (the first matching pattern wins).
         loss_reduction: how ``training_step`` reduces per-sample losses: ``"mean"`` or ``"sum"``.
@@ -69,7 +69,7 @@ class CapturePolicy:
         projection_seed: seed of the projection matrices (recorded; the matrices are not stored).
         pool: average-pool convolution inputs and output gradients over ``pool``-sized blocks
             (MISTIQUE's POOL; approximate): an int for every convolution, or ``{pattern: int}``.
-        recompute: store-or-recompute (see :mod:`mstore_lightning.store.recompute`):
+        recompute: store-or-recompute (see :mod:`mstore_lightning.capture.recompute`):
             ``{"threshold_s_per_gb": s, "expected_queries": q}`` decides per layer after the first
             captured epoch by measured costs; ``{"layers": [patterns]}`` always recomputes those layers.
         timing: ``"during"`` captures each training row at its own step, with that step's weights

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from mstore_lightning.capture.gpt2_conv1d import is_transposed_conv1d
+from mstore_lightning.core.families.gpt2_conv1d import is_transposed_conv1d
 from mstore_lightning.capture.hooks import HookManager
 from mstore_lightning.capture.layers import select_layers
 from mstore_lightning.config import CapturePolicy

@@ -13,7 +13,7 @@ from torch import nn
 
 from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
-from mstore_lightning.store import quant
+from mstore_lightning.core import quant
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

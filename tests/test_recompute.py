@@ -10,7 +10,7 @@ import zarr
 from helpers import EXACT, IndexedTensors, Task, loader, trainer
 from mstore_lightning import CapturePolicy, GradientCapture, PolicyError, StoreReadError, open_store
 from mstore_lightning.analytics import influence
-from mstore_lightning.store.recompute import gamma
+from mstore_lightning.capture.recompute import gamma
 from test_capture_fit import data, mlp
 
 

@@ -12,10 +12,11 @@ from torch import nn
 
 from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, StoreReadError, open_store
-from mstore_lightning.capture import choice, pooling, projection
-from mstore_lightning.capture.conv import ConvExtractor
-from mstore_lightning.capture.kron import kron_gram
-from mstore_lightning.capture.linear import LinearExtractor
+from mstore_lightning.capture import choice
+from mstore_lightning.core import pooling, projection
+from mstore_lightning.core.families.conv import ConvExtractor
+from mstore_lightning.core.families.kron import kron_gram
+from mstore_lightning.core.families.linear import LinearExtractor
 
 HYPER = {"in_features": 40, "out_features": 30}
 

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from mstore_lightning import GradientCapture, GradientStore, open_store
-from mstore_lightning.capture.registry import extractor_for_kind
+from mstore_lightning.core.families.registry import extractor_for_kind
 
 DEFAULT_OUT = common.RESULTS / "peers_storage.json"
 DEFAULT_PRECISION = "int8"  # CapturePolicy's default

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from mstore_lightning.analytics.frames import frame
-from mstore_lightning.capture.kron import KroneckerExtractor
-from mstore_lightning.capture.registry import extractor_for_kind
+from mstore_lightning.core.families.kron import KroneckerExtractor
+from mstore_lightning.core.families.registry import extractor_for_kind
 
 if TYPE_CHECKING:
     from mstore_lightning.store.reader import GradientStore

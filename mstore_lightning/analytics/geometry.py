@@ -4,7 +4,7 @@
 per layer, the Kronecker sketch ``P_outᵀ G P_in`` (``dim × dim``, computed from the factors as
 ``Σ_t (P_outᵀ d_t)(P_inᵀ a_t)ᵀ``) plus ``P_outᵀ b`` for the bias; layers kept as full gradients get
 a Gaussian sketch of the flattened gradient instead. Sketches preserve inner products in expectation
-(:mod:`mstore_lightning.capture.projection`), so distances between samples are kept approximately.
+(:mod:`mstore_lightning.core.projection`), so distances between samples are kept approximately.
 The result reports the predicted error and the error measured on a sample of pairs against the
 exact inner products.
 """
@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from mstore_lightning.analytics.frames import frame
-from mstore_lightning.capture import projection
-from mstore_lightning.capture.kron import KroneckerExtractor
-from mstore_lightning.capture.registry import extractor_for_kind
+from mstore_lightning.core import projection
+from mstore_lightning.core.families.kron import KroneckerExtractor
+from mstore_lightning.core.families.registry import extractor_for_kind
 
 if TYPE_CHECKING:
     from mstore_lightning.store.reader import GradientStore

@@ -39,9 +39,10 @@ from mstore_lightning.config import CapturePolicy, PolicyError, PolicyLike
 from mstore_lightning.reports.artifacts import report_paths
 from mstore_lightning.reports.session import ReportSession
 from mstore_lightning.reports.spec import AnalyticsLike, parse_analytics
-from mstore_lightning.store import layout, quant
+from mstore_lightning.core import quant
+from mstore_lightning.store import layout
 from mstore_lightning.store.dedup import DEFAULT_DEDUP_BYTES, RowIndex, RowRefs
-from mstore_lightning.store.recompute import (
+from mstore_lightning.capture.recompute import (
     Recomputer,
     batch_loss,
     gamma,

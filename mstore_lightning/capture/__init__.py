@@ -1,6 +1,9 @@
-"""Per-layer extraction of per-sample gradient factors, and the hooks that feed it."""
+"""Capture during training: hooks, layer plans, sample identity, store-or-recompute, the recorder.
+
+Imports ``core``, ``config`` and ``store``; never ``analytics``, the facade, ``reports`` or ``callbacks``.
+"""
 
 from mstore_lightning.capture.identity import IndexedDataset
-from mstore_lightning.capture.registry import Extractor, find_extractor, register
+from mstore_lightning.core.families import Extractor, find_extractor, register
 
 __all__ = ["Extractor", "IndexedDataset", "find_extractor", "register"]

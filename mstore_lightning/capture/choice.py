@@ -21,10 +21,10 @@ from typing import Any
 
 from torch import Tensor
 
-from mstore_lightning.capture import projection as proj
-from mstore_lightning.capture.kron import KroneckerExtractor
-from mstore_lightning.capture.registry import Extractor
-from mstore_lightning.store import quant
+from mstore_lightning.core import projection as proj
+from mstore_lightning.core.families.kron import KroneckerExtractor
+from mstore_lightning.core.families.registry import Extractor
+from mstore_lightning.core import quant
 
 _DIMS = tuple(2**j for j in range(1, 13))  # projection sizes tried: 2 .. 4096
 

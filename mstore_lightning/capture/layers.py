@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mstore_lightning.capture import choice, pooling, projection
-from mstore_lightning.capture.registry import Extractor, find_extractor
+from mstore_lightning.capture import choice
+from mstore_lightning.core import pooling, projection
+from mstore_lightning.core.families.registry import Extractor, find_extractor
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
 
 

@@ -30,10 +30,11 @@ import zarr.storage
 from typing_extensions import Self
 from zarr.core.sync import sync as zarr_sync
 
-from mstore_lightning.capture import pooling
-from mstore_lightning.capture.kron import kron_gram, kron_sqnorm
-from mstore_lightning.capture.registry import Extractor, extractor_for_kind, flat_gram
-from mstore_lightning.store import layout, quant
+from mstore_lightning.core import pooling
+from mstore_lightning.core.families.kron import kron_gram, kron_sqnorm
+from mstore_lightning.core.families.registry import Extractor, extractor_for_kind, flat_gram
+from mstore_lightning.core import quant
+from mstore_lightning.store import layout
 from mstore_lightning.store.dedup import NO_REF
 from mstore_lightning.store.lanes import Lanes
 from mstore_lightning.store.zarr_io import (
@@ -730,7 +731,7 @@ class GradientStore:
 
     def _recompute_rows(self, epoch: int, lay: _Layer, ids: np.ndarray) -> dict[str, torch.Tensor]:
         from mstore_lightning.capture.layers import LayerPlan
-        from mstore_lightning.store.recompute import Recomputer
+        from mstore_lightning.capture.recompute import Recomputer
         from mstore_lightning.store.weights import WEIGHTS, load_weights
 
         ctx = getattr(self, "_recompute_with", None)

@@ -13,7 +13,7 @@ import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.store import layout
-from mstore_lightning.store.quant import TABLE
+from mstore_lightning.core.quant import TABLE
 from mstore_lightning.store.weights import WEIGHTS, save_weights
 from mstore_lightning.store.writer import (
     DEFAULT_CHUNK_BYTES,

@@ -40,7 +40,7 @@ import zarr.storage
 from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.store.layout import create_row_array
-from mstore_lightning.store.quant import TABLE, ChunkCodec
+from mstore_lightning.core.quant import TABLE, ChunkCodec
 
 DEFAULT_QUEUE_BYTES = 64 << 20  # small enough that recycled buffers stay warm
 MAX_BATCH = 32  # chunks handed to zarr at once

@@ -11,8 +11,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mstore_lightning.capture.kron import KroneckerExtractor, as_float
-from mstore_lightning.capture.registry import Hyper, register
+from mstore_lightning.core.families.kron import KroneckerExtractor, as_float
+from mstore_lightning.core.families.registry import Hyper, register
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)

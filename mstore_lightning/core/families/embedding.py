@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mstore_lightning.capture.kron import as_float
-from mstore_lightning.capture.registry import Extractor, Hyper, Rows, register
+from mstore_lightning.core.families.kron import as_float
+from mstore_lightning.core.families.registry import Extractor, Hyper, Rows, register
 
 _BLOCK_ELEMS = 1 << 23
 

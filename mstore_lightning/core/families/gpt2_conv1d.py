@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mstore_lightning.capture.kron import KroneckerExtractor, as_float
-from mstore_lightning.capture.registry import Hyper, register_duck
+from mstore_lightning.core.families.kron import KroneckerExtractor, as_float
+from mstore_lightning.core.families.registry import Hyper, register_duck
 
 
 def is_transposed_conv1d(module: nn.Module) -> bool:

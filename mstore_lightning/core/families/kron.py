@@ -16,7 +16,7 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
-from mstore_lightning.capture.registry import Extractor, Hyper, Rows
+from mstore_lightning.core.families.registry import Extractor, Hyper, Rows
 
 _BLOCK_ELEMS = 1 << 23  # bounds the (rows, rows, T, T) temporaries of the kernels
 

@@ -13,8 +13,8 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
-from mstore_lightning.capture.kron import as_float
-from mstore_lightning.capture.registry import Extractor, Hyper, Rows, register
+from mstore_lightning.core.families.kron import as_float
+from mstore_lightning.core.families.registry import Extractor, Hyper, Rows, register
 
 
 class _NormExtractor(Extractor):

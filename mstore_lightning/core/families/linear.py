@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mstore_lightning.capture.kron import KroneckerExtractor, as_float
-from mstore_lightning.capture.registry import Hyper, register
+from mstore_lightning.core.families.kron import KroneckerExtractor, as_float
+from mstore_lightning.core.families.registry import Hyper, register
 
 
 @register(nn.Linear)

@@ -36,7 +36,7 @@ from torch.utils.data import default_collate
 from mstore_lightning.capture.hooks import HookManager
 from mstore_lightning.capture.layers import LayerPlan
 from mstore_lightning.capture.scaling import grad_multiplier
-from mstore_lightning.store import quant
+from mstore_lightning.core import quant
 
 
 def gamma(t_recompute: float, t_read: float, queries: int, nbytes: float) -> float:
