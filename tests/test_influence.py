@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
-from mstore_lightning.analytics import influence
+from mstore_lightning.analytics import influence, ranking
 from test_capture_fit import data, mlp
 
 
@@ -214,7 +214,7 @@ def test_merging_best_candidates_in_any_split_and_order_equals_one_sort(queries,
     rng.shuffle(parts)
     best_s, best_r = np.zeros((queries, 0)), np.zeros((queries, 0), dtype=np.int64)
     for s, r in parts:
-        best_s, best_r = influence.merge_best(best_s, best_r, s, r, k)
+        best_s, best_r = ranking.merge_best(best_s, best_r, s, r, k)
     keyed = np.where(np.isnan(scores), -np.inf, scores)
     want = np.stack([np.lexsort((rows, -keyed[q]))[:k] for q in range(queries)])
     np.testing.assert_array_equal(best_r, want)

@@ -66,7 +66,7 @@ def topk(
     """
     from distributed import as_completed
 
-    from mstore_lightning.analytics.influence import merge_best
+    from mstore_lightning.analytics.ranking import merge_best
 
     source = _source(store)
     lays = [_stored(store, epoch, name) for name in layers]
@@ -166,7 +166,7 @@ def _window_topk(
     q_norms: np.ndarray | None,
     norms: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    from mstore_lightning.analytics.influence import cosines, merge_best
+    from mstore_lightning.analytics.ranking import cosines, merge_best
 
     store = _open(*source)
     block = None

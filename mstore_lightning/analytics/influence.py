@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from mstore_lightning.analytics.frames import frame
+from mstore_lightning.analytics.ranking import cosines, merge_best, scatter_add
 
 if TYPE_CHECKING:
     from mstore_lightning.store.reader import GradientStore
@@ -101,18 +102,8 @@ def tracin(
         for e in run:
             train = store.sample_ids(e)
             dots = store.dot(e, query_ids, train, layers, split_a=split, client=client)
-            _scatter_add(scores, np.searchsorted(ids, train), store.lr(e) * np.asarray(dots))
+            scatter_add(scores, np.searchsorted(ids, train), store.lr(e) * np.asarray(dots))
     return Influence(ids, scores)
-
-
-def _scatter_add(scores: np.ndarray, columns: np.ndarray, values: np.ndarray) -> None:
-    """``scores[:, columns] += values``, a column named twice (a sampler with replacement) counted twice."""
-    if len(columns) and columns[-1] - columns[0] == len(columns) - 1 and np.all(columns[1:] > columns[:-1]):
-        scores[:, columns[0] : columns[-1] + 1] += values  # a run of columns: no gather, no scatter
-    elif len(np.unique(columns)) == len(columns):
-        scores[:, columns] += values  # np.add.at is an order of magnitude slower
-    else:
-        np.add.at(scores.T, columns, values.T)
 
 
 def topk(
@@ -170,41 +161,6 @@ def topk(
 
 # Scores of one window of training rows held at once by a local top-k: 64 MB, 8M rows for one query.
 SCORE_BYTES = 64 << 20
-
-
-def cosines(dots: np.ndarray, q_norms: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """Inner products ``(queries, rows)`` divided by both norms (a zero norm scores 0, not NaN)."""
-    return dots / np.maximum(np.outer(q_norms, norms), np.finfo(np.float64).tiny)
-
-
-def merge_best(
-    scores: np.ndarray, rows: np.ndarray, new_scores: np.ndarray, new_rows: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's ``k`` best of its best so far (``scores``, ``rows``) and new candidates, all
-    ``(queries, n)``: score descending, then row ascending, so the result does not depend on how
-    the rows were split or in what order the pieces came. A NaN score ranks last.
-
-    Example:
-        >>> none = (np.zeros((1, 0)), np.zeros((1, 0), dtype=int))
-        >>> s, r = merge_best(*none, np.array([[1.0, 3.0]]), np.array([[0, 1]]), k=2)
-        >>> merge_best(s, r, np.array([[2.0, 3.0]]), np.array([[2, 3]]), k=2)  # a tie: the lower row first
-        (array([[3., 3.]]), array([[1, 3]]))
-    """
-    scores = np.concatenate([scores, new_scores], 1)
-    rows = np.concatenate([rows, np.broadcast_to(new_rows, new_scores.shape)], 1)
-    keyed = np.where(np.isnan(scores), -np.inf, scores)
-    if scores.shape[1] > k:
-        kth = -np.partition(-keyed, k - 1, axis=1)[:, k - 1 : k]
-        keep = keyed >= kth  # what beats the k-th score, and every tie with it
-        if keep.sum() == keep.shape[0] * k:  # no tie at the cut: k per query
-            picked = np.nonzero(keep)[1].reshape(len(keep), k)
-        else:
-            picked = np.stack([np.lexsort((rows[q], -keyed[q]))[:k] for q in range(len(keep))])
-        scores, rows, keyed = (np.take_along_axis(a, picked, 1) for a in (scores, rows, keyed))
-    if not scores.size:
-        return scores, rows
-    order = np.lexsort((rows, -keyed), axis=1)
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
 def _query_split(store: GradientStore, epochs: list[int]) -> str:
