@@ -68,7 +68,7 @@ def self_influence(
 ) -> Influence:
     """``Σ_e lr_e ‖g_i(e)‖²`` for every sample captured in ``epochs`` (all committed by default)."""
     epochs = _epochs(store, epochs)
-    store._preload(epochs, ("ids", "sqnorm"))  # norms kept at capture, where they were
+    store.preload(epochs, ("ids", "sqnorm"))  # norms kept at capture, where they were
     ids = _union_ids(store, epochs)
     scores = np.zeros(len(ids), dtype=np.float64)
     for e in epochs:
@@ -172,6 +172,6 @@ def _epochs(store: GradientStore, epochs: Sequence[int] | None) -> list[int]:
 
 
 def _union_ids(store: GradientStore, epochs: list[int]) -> np.ndarray:
-    store._preload(epochs, ("ids",))
+    store.preload(epochs, ("ids",))
     parts = [store.sample_ids(e) for e in epochs]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)

@@ -86,8 +86,8 @@ def render_report(store: GradientStore, paths: ReportPaths) -> str:
     name = paths.html.stem
     epochs = store.epochs
     # The tables count every epoch's rows: its metadata in one trip for all epochs, not a few each.
-    store._load_epochs(epochs)
-    store._load_epochs(epochs, "query")
+    store.preload(epochs)
+    store.preload(epochs, split="query")
     body = [
         _header(store, name),
         "<main>",

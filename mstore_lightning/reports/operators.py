@@ -147,7 +147,7 @@ def self_influence(
     run = ctx.running("self_influence", epochs)
     wanted = ctx.epochs_upto(epochs)
     todo = [e for e in wanted if e not in run.epochs]
-    store._preload(todo, ("ids", "sqnorm"))  # every epoch's records in a few trips, not a few each
+    store.preload(todo, ("ids", "sqnorm"))  # every epoch's records in a few trips, not a few each
     for e in todo:
         run.add([e], store.sample_ids(e), store.lr(e) * ctx.total_sqnorms(e))
     ids, scores = run.ids, run.values

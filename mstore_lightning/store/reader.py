@@ -276,7 +276,7 @@ class GradientStore:
             self._fields[key].flags.writeable = False
         return self._fields[key]
 
-    def _preload(self, epochs: Sequence[int], records: Sequence[str], split: str = "train") -> None:
+    def preload(self, epochs: Sequence[int], records: Sequence[str] = (), split: str = "train") -> None:
         """Reads the metadata of ``epochs`` and their row ``records`` (``rows/<name>``, where stored)
         in three round trips to zarr's event loop, however many epochs: on a store of small epochs
         those trips, not the bytes, are what a query costs."""
