@@ -90,8 +90,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             self.capture, self.pending, self.waited = capture, 0, 0.0
 
         def on_train_batch_end(self, *a: Any) -> None:
-            if self.capture is not None and self.capture._run is not None:
-                w = self.capture._run.writer
+            if self.capture is not None and self.capture.recorder.writer is not None:
+                w = self.capture.recorder.writer
                 self.pending, self.waited = max(self.pending, w.pending_bytes), w.wait_seconds
 
     torch.manual_seed(0)

@@ -268,8 +268,8 @@ class TimedCapture(GradientCapture):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self._timed(super().on_train_batch_end, *args)
-        if self._run is not None:
-            self.wait_seconds = self._run.writer.wait_seconds
+        if self.recorder.writer is not None:
+            self.wait_seconds = self.recorder.writer.wait_seconds
 
 
 def fit_once(spec: ModelSpec, data: SyntheticData, store: Path | None) -> tuple[float, float, float, float]:

@@ -341,7 +341,7 @@ def code_entropy(meas: GradientStore, epoch: int, layer: str) -> dict[str, float
     """
     from mstore_lightning.store import layout
 
-    group = meas._root[layout.EPOCHS][layout.epoch_key(epoch)]
+    group = meas.catalog.root[layout.EPOCHS][layout.epoch_key(epoch)]
     counts, values, scale_bytes, rows = np.zeros(256, np.int64), 0, 0, 0
     for rank in (g for k, g in group.groups() if k.startswith(layout.SPLITS["train"])):
         layers = rank[layout.LAYERS]

@@ -11,13 +11,8 @@ import importlib
 from typing import Any
 
 from mstore_lightning.config import CapturePolicy, PolicyError
-from mstore_lightning.store import (
-    GradientStore,
-    IncompatibleStoreError,
-    StoreExistsError,
-    StoreReadError,
-    open_store,
-)
+from mstore_lightning.facade import GradientStore, open_store
+from mstore_lightning.store import IncompatibleStoreError, StoreExistsError, StoreReadError
 
 # Loaded on first use: reading a store (and the `mstore` command) need not import Lightning.
 _LAZY = {

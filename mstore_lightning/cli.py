@@ -283,6 +283,8 @@ def _topk(args: argparse.Namespace) -> int:
 
 
 def _tracin(args: argparse.Namespace) -> int:
+    from mstore_lightning.analytics.ranking import best
+
     store = _open(args, need_epochs=True)
     epochs, layers, query = _epochs(store, args.epochs), _flat(args.layers), _flat(args.query)
     if len({store.has_queries(e) for e in epochs}) > 1:
@@ -291,7 +293,7 @@ def _tracin(args: argparse.Namespace) -> int:
         ids, scores = store.tracin(query, epochs=epochs, layers=layers)
     else:
         ids, scores = _sum_epochs(args, epochs, lambda e: store.tracin(query, epochs=[e], layers=layers))
-    order = np.argsort(-scores, axis=1, kind="stable")[:, : args.top]
+    order = best(scores, scores.shape[-1] if args.top is None else args.top)
     n = order.shape[1]
     chosen = ids[order]
     columns: dict[str, Any] = {
@@ -305,10 +307,12 @@ def _tracin(args: argparse.Namespace) -> int:
 
 
 def _self_influence(args: argparse.Namespace) -> int:
+    from mstore_lightning.analytics.ranking import best
+
     store = _open(args, need_epochs=True)
     epochs, layers = _epochs(store, args.epochs), _flat(args.layers)
     ids, scores = _sum_epochs(args, epochs, lambda e: store.self_influence(epochs=[e], layers=layers))
-    order = np.argsort(-scores, kind="stable")[: args.top]
+    order = best(scores, len(scores) if args.top is None else args.top)
     columns: dict[str, Any] = {"rank": np.arange(1, len(order) + 1), "id": ids[order], "score": scores[order]}
     columns.update(_sample_fields(store, epochs, ids[order]))
     return _emit(args, _frame(columns))
@@ -355,7 +359,8 @@ def _export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- helpers
 def _open(args: argparse.Namespace, need_epochs: bool = False) -> Any:
-    from mstore_lightning.store import StoreReadError, open_store
+    from mstore_lightning.facade import open_store
+    from mstore_lightning.store import StoreReadError
 
     store = open_store(args.store, storage_options=args.storage_options)
     if need_epochs and not store.epochs:
@@ -371,16 +376,15 @@ def _sum_epochs(
     args: argparse.Namespace, epochs: list[int], one: Callable[[int], Any]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sums per-epoch ``(ids, scores)`` results over the union of their ids, one epoch at a time."""
-    parts = []
+    from mstore_lightning.analytics.ranking import RunningSum
+
+    run = RunningSum()
     with _bar(args, "epochs", "epoch", total=len(epochs)) as bar:
         for epoch in epochs:
-            parts.append(one(epoch))
+            part = one(epoch)
+            run.add(part.ids, part.scores, [epoch])
             bar.update()
-    ids = np.unique(np.concatenate([p.ids for p in parts])) if parts else np.zeros(0, dtype=np.int64)
-    scores = np.zeros((*parts[0].scores.shape[:-1], len(ids)) if parts else (0,), dtype=np.float64)
-    for part in parts:
-        scores[..., np.searchsorted(ids, part.ids)] += part.scores
-    return ids, scores
+    return run.ids, run.scores()
 
 
 def _sample_fields(

@@ -29,8 +29,8 @@ class PendingProbe(L.Callback):
         self.waited = 0.0
 
     def on_train_batch_end(self, *args) -> None:
-        self.seen.append(self.capture._run.writer.pending_bytes)
-        self.waited = self.capture._run.writer.wait_seconds
+        self.seen.append(self.capture.recorder.writer.pending_bytes)
+        self.waited = self.capture.recorder.writer.wait_seconds
 
 
 def throttle_chunks(monkeypatch, before_write) -> None:
@@ -122,7 +122,7 @@ class EpochEndWait(L.Callback):
         self.capture, self.waited = capture, 0.0
 
     def on_train_epoch_end(self, *args) -> None:
-        self.waited = self.capture._run.writer.wait_seconds
+        self.waited = self.capture.recorder.writer.wait_seconds
 
 
 def test_end_of_epoch_passes_wait_for_the_writer_even_when_steps_may_drop(tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ def store(tmp_path_factory):
 def test_norms_dot_and_influence_match_the_local_engine(store, client):
     ids = store.sample_ids(1)
     assert store.dedup_stats(1)["net.0/a"]["duplicates"] == 64
-    assert len(store._chunks(1, store._layer("net.0"))) >= 3  # several tasks per layer
+    assert len(store.scan.source(1, "net.0").chunks()) >= 3  # several tasks per layer
     np.testing.assert_allclose(store.norms(1, client=client), store.norms(1), rtol=1e-12)
     # on the stored factors, one task per chunk (the kept norms are one small array, read locally)
     np.testing.assert_allclose(
@@ -95,8 +95,8 @@ def flat(grads, names):
 def test_influence_and_topk_on_query_rows_match_torch_func(query_run, client):
     store, ref, qref = query_run
     assert store.lr(0) == 2 * store.lr(1)
-    assert store.has_queries(1) and len(store._chunks(1, store._layer("net.0"), "query")) >= 2
-    assert len(store._chunks(1, store._layer("net.0"))) >= 3  # several tasks per layer
+    assert store.has_queries(1) and len(store.scan.source(1, "net.0", "query").chunks()) >= 2
+    assert len(store.scan.source(1, "net.0").chunks()) >= 3  # several tasks per layer
     ids, qids = np.arange(40), np.arange(6)
     names = sorted(ref.grads[0][0])
     train = {

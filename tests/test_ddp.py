@@ -74,7 +74,7 @@ def test_each_rank_writes_disjoint_rows_and_the_union_is_the_dataset(ddp_run):
         assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]
         ids = store.sample_ids(e)
         assert sorted(ids.tolist()) == list(range(N))
-        ranks = store._epoch(e)["ranks"]
+        ranks = store.catalog.rank_groups(e)
         assert [g.basename for g in ranks] == ["r0", "r1"]
         for r, g in enumerate(ranks):
             assert set(g["rows/ids"][:].tolist()) == per_rank[r]
@@ -96,7 +96,7 @@ def test_restored_gradients_equal_each_processes_torch_func_reference(ddp_run):
 def test_rank_zero_commits_once_and_influence_reads_every_rank(ddp_run):
     path, refs = ddp_run
     store = open_store(path)
-    attrs = store._epoch(0)["attrs"]
+    attrs = store.catalog.epoch_attrs(0)
     assert attrs["world_size"] == 2 and attrs["rows"] == N
     assert verify(str(path)).ok
     si = store.self_influence()

@@ -70,7 +70,7 @@ class WeakenHash(L.Callback):
         self.capture = capture
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.capture._dedup.hash_fn = weak_hash
+        self.capture.recorder.dedup.hash_fn = weak_hash
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

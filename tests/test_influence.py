@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
-from mstore_lightning.analytics import influence, ranking
+from mstore_lightning.analytics import influence, kernels, ranking
 from test_capture_fit import data, mlp
 
 
@@ -145,19 +145,9 @@ def test_a_scan_over_more_ids_than_a_block_equals_brute_force_and_fills_the_cach
 
     cached = open_store(tmp_path / "s.zarr", cache_bytes=1 << 28)
     first = np.asarray(cached.dot(0, queries, ids))  # its workers offer every decoded chunk
-    read_batch = type(cached)._read_batch
-    reads = {"n": 0}
-
-    def counting(self, *args, **kwargs):
-        reads["n"] += 1
-        return read_batch(self, *args, **kwargs)
-
-    type(cached)._read_batch = counting
-    try:
-        again = np.asarray(cached.dot(0, queries, ids))
-    finally:
-        type(cached)._read_batch = read_batch
-    assert reads["n"] == 0
+    reads = cached.scan.reader.reads  # batches of zarr reads so far
+    again = np.asarray(cached.dot(0, queries, ids))
+    assert cached.scan.reader.reads == reads
     np.testing.assert_array_equal(first, got)
     np.testing.assert_array_equal(again, got)
 
@@ -175,14 +165,14 @@ def test_topk_scores_a_window_of_rows_at_a_time_and_equals_brute_force(tmp_path,
     # 96 rows of scores for two queries at once: windows that cut through chunks
     monkeypatch.setattr(influence, "SCORE_BYTES", 8 * 2 * 96)
     widths = []
-    windows = type(store)._dot_windows
+    windows = kernels.dot_windows
 
-    def spying(self, *args, **kwargs):
-        for first, block in windows(self, *args, **kwargs):
+    def spying(*args, **kwargs):
+        for first, block in windows(*args, **kwargs):
             widths.append(block.shape[1])
             yield first, block
 
-    monkeypatch.setattr(type(store), "_dot_windows", spying)
+    monkeypatch.setattr(kernels, "dot_windows", spying)
     got = store.topk(queries, k=k, metric=metric)
     assert max(widths) == 96 and sum(widths) == n  # every row scored, never more than a window at once
     ids = np.asarray(store.sample_ids(0))
@@ -231,24 +221,14 @@ def test_a_store_with_a_chunk_cache_answers_from_it_exactly_as_one_without(tmp_p
     plain = open_store(tmp_path / "s.zarr")
     cached = open_store(tmp_path / "s.zarr", cache_bytes=1 << 26)
     cached.topk([5], k=3, metric="dot")  # fills the cache
-    reads = {"n": 0}
-    read_batch = type(cached)._read_batch  # every read of stored rows goes through it
-
-    def counting(self, *args, **kwargs):
-        reads["n"] += 1
-        return read_batch(self, *args, **kwargs)
-
-    type(cached)._read_batch = counting
-    try:
-        plain.dot(0, [5], [6])
-        assert reads["n"] > 0  # the counter sees the reads of a store without a cache
-        reads["n"] = 0
-        queries = [33, 2, 19, 2, 38]  # out of order, across chunks, one repeated
-        got = cached.topk(queries, k=4, metric="dot")
-        dots = cached.dot(0, queries, list(range(40)))
-    finally:
-        type(cached)._read_batch = read_batch
-    assert reads["n"] == 0
+    before = plain.scan.reader.reads  # every read of stored rows counts one
+    plain.dot(0, [5], [6])
+    assert plain.scan.reader.reads > before  # the counter sees the reads of a store without a cache
+    reads = cached.scan.reader.reads
+    queries = [33, 2, 19, 2, 38]  # out of order, across chunks, one repeated
+    got = cached.topk(queries, k=4, metric="dot")
+    dots = cached.dot(0, queries, list(range(40)))
+    assert cached.scan.reader.reads == reads
     want = plain.topk(queries, k=4, metric="dot")
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_array_equal(got.scores, want.scores)

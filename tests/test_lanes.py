@@ -11,7 +11,8 @@ import torch
 
 from helpers import Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
-from mstore_lightning.store import lanes, reader
+from mstore_lightning.analytics import kernels
+from mstore_lightning.store import lanes
 from test_capture_fit import data, mlp
 
 
@@ -59,7 +60,7 @@ def test_a_scan_split_over_threads_sums_exactly_as_one_thread(tmp_path, monkeypa
     store = open_store(tmp_path / "s.zarr")
     ids = store.sample_ids(0)[::-1]  # out of order: put back in the asked order at the end
     gathered = np.asarray(store.dot(0, [5, 11], ids))  # few ids: gathered, not streamed
-    monkeypatch.setattr(reader, "_BLOCK_ROWS", 4)  # streamed by chunk from here on
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", 4)  # streamed by chunk from here on
     sums = {}
     for threads in (1, 3):
         monkeypatch.setattr(lanes.Lanes, "for_queries", classmethod(lambda cls, q, t=threads: cls(t)))

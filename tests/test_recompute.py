@@ -33,7 +33,7 @@ def test_recomputed_layer_stores_weights_not_rows(frozen_run):
     _, store, task, _ = frozen_run
     root = zarr.open_group(store.uri, mode="r")
     for e in (0, 1):
-        assert store._epoch(e)["attrs"]["recomputed"] == ["net.2"]
+        assert store.catalog.epoch_attrs(e)["recomputed"] == ["net.2"]
         assert "net.2" not in root[f"epochs/{e:05d}/r0/layers"]
         np.testing.assert_array_equal(root[f"epochs/{e:05d}/weights/net.2.weight"][:], task.net[2].weight.detach().numpy())
     with pytest.raises(StoreReadError, match=r"call store.attach_recompute\(model, dataset\)"):
@@ -92,9 +92,9 @@ def test_measured_decision_follows_gamma(tmp_path, threshold, expect):
         if expect:
             assert d["decision"] == expect
     recomputed = sorted(n for n, d in decisions.items() if d["decision"] == "recompute")
-    assert store._epoch(0)["attrs"]["recomputed"] == []  # the measured epoch stores everything
-    assert store._epoch(1)["attrs"]["recomputed"] == recomputed
-    assert store._epoch(2)["attrs"]["recomputed"] == recomputed  # decided once, after the first epoch
+    assert store.catalog.epoch_attrs(0)["recomputed"] == []  # the measured epoch stores everything
+    assert store.catalog.epoch_attrs(1)["recomputed"] == recomputed
+    assert store.catalog.epoch_attrs(2)["recomputed"] == recomputed  # decided once, after the first epoch
     assert "gamma = (t_recompute" in store.describe()
 
 

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import logging
+import subprocess
+import sys
 import time
 from unittest import mock
 
@@ -17,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 
 from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
+from mstore_lightning.analytics.ranking import best
 from mstore_lightning.reports import report_paths
 from mstore_lightning.reports.spec import AnalyticsError, parse_analytics
 from test_capture_fit import data
@@ -120,6 +123,17 @@ def test_self_influence_table_matches_torch_func(run):
         )
 
 
+def test_self_influence_table_is_the_store_api_ranked_by_best(run):
+    paths, store = report_paths(run["path"] / "s.zarr"), run["store"]
+    for e in range(EPOCHS):
+        table = pd.read_csv(paths.epoch_dir(e) / "self_influence_topk.csv")
+        api = store.self_influence(epochs=list(range(e + 1)))
+        top = best(api.scores, 5)
+        assert table["rank"].tolist() == list(range(1, len(top) + 1))
+        assert table["id"].tolist() == api.ids[top].tolist()
+        np.testing.assert_allclose(table["score"], api.scores[top], rtol=1e-9)
+
+
 def test_tracin_table_matches_the_store_api(run):
     store = run["store"]
     table = pd.read_csv(report_paths(run["path"] / "s.zarr").epoch_dir(EPOCHS - 1) / "tracin_proponents.csv")
@@ -177,6 +191,17 @@ def test_analytics_that_follow_chosen_samples_need_them(tmp_path):
         parse_analytics([{"restore": {"ids": [1, -2]}}])
     with pytest.raises(AnalyticsError, match="`metric` can be cosine or dot"):
         parse_analytics([{"topk": {"metric": "l2"}}])
+
+
+def test_validating_analytics_imports_no_figures():
+    # spec.py runs when the callback is built: matplotlib would cost every run its start-up time.
+    code = (
+        "import sys; from mstore_lightning.reports.spec import parse_analytics; "
+        "parse_analytics(['norms', {'self_influence': {'k': 5}}]); "
+        "print(sorted(m for m in sys.modules if m == 'matplotlib' or m.endswith('reports.figures')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_csv_logger_holds_the_scalars_at_each_epoch_end(run):
@@ -427,7 +452,7 @@ def test_a_report_process_that_dies_loses_its_reports_not_the_training_run(tmp_p
     class KillWorker(L.Callback):  # after the capture's epoch end, which sends epoch 0 to the worker
         def on_train_epoch_end(self, trainer, pl_module):
             if trainer.current_epoch == 0:
-                for process in list(cap._reports._background._pool._processes.values()):
+                for process in list(cap.reports._background._pool._processes.values()):
                     process.kill()
                     process.join()
 

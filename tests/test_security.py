@@ -12,7 +12,7 @@ import yaml
 
 from mstore_lightning import GradientCapture, open_store
 from mstore_lightning.config import CapturePolicy, PolicyError
-from mstore_lightning.store.reader import StoreReadError
+from mstore_lightning.store import StoreReadError
 from mstore_lightning.store.verify import verify
 from test_store import fit_store
 

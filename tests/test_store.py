@@ -297,7 +297,7 @@ def trips(monkeypatch):
     """``{"n": round trips to zarr's event loop thread}``, counted while the test runs."""
     import zarr.core.sync
 
-    from mstore_lightning.store import reader, zarr_io
+    from mstore_lightning.store import catalog, zarr_io
 
     counts = {"n": 0}
 
@@ -309,7 +309,7 @@ def trips(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(zarr.core.sync, "sync", counting(zarr.core.sync.sync))
-    for module in (reader, zarr_io):
+    for module in (catalog, zarr_io):
         monkeypatch.setattr(module, "zarr_sync", counting(module.zarr_sync))
     return counts
 
@@ -343,7 +343,7 @@ def test_self_influence_reads_in_as_many_round_trips_for_six_epochs_as_for_two(t
 def test_tracin_reads_in_as_many_round_trips_for_six_epochs_as_for_two(tmp_path, trips, monkeypatch):
     # Epoch after epoch, TracIn's reads of every layer's chunks share one batch (while they fit in
     # the staging bound); epochs larger than the bound are read a chunk at a time, same sums.
-    from mstore_lightning.store import reader
+    from mstore_lightning.store import chunks
 
     counted, one_by_one = {}, {}
     queries = np.arange(0, 24, 5)
@@ -355,15 +355,15 @@ def test_tracin_reads_in_as_many_round_trips_for_six_epochs_as_for_two(tmp_path,
         by_epoch = sum(open_store(path).tracin(queries, epochs=[e]).scores for e in range(epochs))
         np.testing.assert_allclose(scores.scores, by_epoch, rtol=1e-9)
         with monkeypatch.context() as m:
-            m.setattr(reader, "_STAGE_BYTES", 1)
+            m.setattr(chunks, "STAGE_BYTES", 1)
             staged = []
-            staging = reader.GradientStore._staging
+            staging = chunks.ChunkReader.hold
 
             def recording(self, run, keys):
                 staged.append(run)
                 return staging(self, run, keys)
 
-            m.setattr(reader.GradientStore, "_staging", recording)
+            m.setattr(chunks.ChunkReader, "hold", recording)
             trips["n"] = 0
             np.testing.assert_array_equal(open_store(path).tracin(queries).scores, scores.scores)
             one_by_one[epochs] = trips["n"]

@@ -1,4 +1,7 @@
-"""Operators on the stored factors: influence, top-k, class aggregates, cosine, outliers, clustering."""
+"""Operators on the stored form: norms and inner products, influence, top-k, class aggregates,
+cosine, outliers, clustering; each streams through the public scan (``store.scan``).
+
+Imports ``core``, ``config`` and ``store`` only; never ``capture``, the facade, ``reports`` or ``callbacks``."""
 
 from mstore_lightning.analytics.classes import (
     ClassConflicts,

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mstore_lightning.analytics import kernels
 from mstore_lightning.analytics.frames import frame
-from mstore_lightning.core.families.kron import KroneckerExtractor
-from mstore_lightning.core.families.registry import extractor_for_kind
-
-if TYPE_CHECKING:
-    from mstore_lightning.store.reader import GradientStore
+from mstore_lightning.analytics.kernels import as_scan
+from mstore_lightning.core.representation import MATRIX
 
 
 @dataclass
@@ -63,121 +61,61 @@ class ClassConflicts:
         return frame({"id": self.ids, "alignment": self.alignment})
 
 
-def class_gradients(store: GradientStore, epoch: int, layers: Sequence[str] | None = None) -> ClassGradients:
+def class_gradients(store: Any, epoch: int, layers: Sequence[str] | None = None) -> ClassGradients:
     """Sums of per-sample gradients over the samples of each labelled class in ``epoch``."""
-    labels = store.row_field(epoch, "label")
+    scan = as_scan(store)
+    labels = scan.catalog.row_field(epoch, "label")
     classes = np.unique(labels[labels >= 0])
     grads, matrices = {}, {}
-    for layer in _layers(store, layers):
-        spec = store.layer_spec(layer)
-        ext = extractor_for_kind(spec["kind"])
-        sums: dict[str, Tensor] = {}
-        for lo, rows in store.blocks(epoch, layer):
-            block_labels = labels[lo : lo + _n(rows)]
+    for src in scan.sources(epoch, layers):
+        rep, sums = src.rep, {}
+        for block in src.blocks():
+            rows = block.load()
+            block_labels = labels[block.first : block.first + block.rows]
             for k, c in enumerate(classes):
                 mask = torch.from_numpy(block_labels == c)
                 if not mask.any():
                     continue
-                for p, g in _class_sum(spec, ext, {n: v[mask] for n, v in rows.items()}).items():
+                for p, g in rep.class_sum({n: v[mask] for n, v in rows.items()}).items():
                     if p not in sums:
                         sums[p] = torch.zeros((len(classes), *g.shape), dtype=torch.float64)
                     sums[p][k] += g.double()
-        if _MATRIX in sums:
-            matrices[layer] = sums.pop(_MATRIX)
-        grads[layer] = {
-            p: sums.get(p, torch.zeros((len(classes), *spec["param_shapes"][p]), dtype=torch.float64))
-            for p in spec["params"]
+        if MATRIX in sums:
+            matrices[rep.name] = sums.pop(MATRIX)
+        grads[rep.name] = {
+            p: sums.get(p, torch.zeros((len(classes), *rep.param_shapes[p]), dtype=torch.float64))
+            for p in rep.params
         }
     counts = np.array([(labels == c).sum() for c in classes], dtype=np.int64)
     return ClassGradients(classes, grads, counts, matrices)
 
 
-def class_conflicts(store: GradientStore, epoch: int, layers: Sequence[str] | None = None) -> ClassConflicts:
+def class_conflicts(store: Any, epoch: int, layers: Sequence[str] | None = None) -> ClassConflicts:
     """Cosines between class gradients, and each sample's alignment with its class's gradient."""
-    cg = class_gradients(store, epoch, layers)
+    scan = as_scan(store)
+    cg = class_gradients(scan, epoch, layers)
     flat = cg.flat()
     norms = flat.norm(dim=1)
     cosine = (flat @ flat.T) / torch.outer(norms, norms).clamp_min(torch.finfo(torch.float64).tiny)
-    labels = store.row_field(epoch, "label")
+    labels = scan.catalog.row_field(epoch, "label")
     index = {int(c): k for k, c in enumerate(cg.classes)}
     dots = np.zeros(len(labels), dtype=np.float64)
-    for layer in _layers(store, layers):
-        spec = store.layer_spec(layer)
-        ext = extractor_for_kind(spec["kind"])
-        for lo, rows in store.blocks(epoch, layer):
-            block = labels[lo : lo + _n(rows)]
+    for src in scan.sources(epoch, layers):
+        rep = src.rep
+        for block in src.blocks():
+            rows = block.load()
+            labels_here = labels[block.first : block.first + block.rows]
             for c, k in index.items():
-                mask = block == c
+                mask = labels_here == c
                 if mask.any():
                     sel = {n: v[torch.from_numpy(mask)] for n, v in rows.items()}
-                    matrix = cg.matrices[layer][k] if layer in cg.matrices else None
-                    dots[lo + np.nonzero(mask)[0]] += _dot_with(
-                        spec, ext, sel, cg.grads[layer], k, matrix
-                    ).numpy()
-    sample_norms = np.asarray(store.norms(epoch, layers))
+                    matrix = cg.matrices[rep.name][k] if rep.name in cg.matrices else None
+                    sums = {p: g[k] for p, g in cg.grads[rep.name].items()}
+                    dots[block.first + np.nonzero(mask)[0]] += rep.dot_class(sel, sums, matrix).numpy()
+    sample_norms = np.sqrt(kernels.sqnorms(scan, epoch, layers))
     known = labels >= 0
     alignment = np.full(len(labels), np.nan)
     class_norm = norms.numpy()[[index[int(c)] for c in labels[known]]]
     alignment[known] = dots[known] / np.maximum(sample_norms[known] * class_norm, np.finfo(np.float64).tiny)
     share = np.array([(dots[labels == c] < 0).mean() for c in cg.classes])
-    return ClassConflicts(cg.classes, cosine.numpy(), share, store.sample_ids(epoch), alignment)
-
-
-def _class_sum(spec: dict[str, Any], ext: Any, rows: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The sum of the per-sample gradients of ``rows``, on the factors where the family allows."""
-    params, hyper = spec["params"], spec["hyper"]
-    if spec["representation"] == "projection":
-        raise ValueError(
-            f"Layer {spec['name']!r} is stored as a projection; class gradients need factors or full."
-        )
-    if spec["representation"] == "full":
-        return {p: rows[p].sum(0) for p in params}
-    if issubclass(ext, KroneckerExtractor):
-        a_m, d_m = ext.matrices(hyper, rows["a"], rows["d"])
-        out = {}
-        if "weight" in params:
-            out[_MATRIX] = torch.einsum("bgto,bgti->goi", d_m, a_m)  # the layout the factors multiply
-            out["weight"] = ext.weight_from(hyper, out[_MATRIX][None])[0]
-        if "bias" in params:
-            out["bias"] = d_m.sum((0, 2)).reshape(-1)
-        return out
-    return {p: g.sum(0) for p, g in ext.restore(hyper, params, rows).items()}  # bounded by the block
-
-
-def _dot_with(
-    spec: dict[str, Any],
-    ext: Any,
-    rows: dict[str, Tensor],
-    grads: dict[str, Tensor],
-    k: int,
-    matrix: Tensor | None,
-) -> Tensor:
-    """``⟨g_i, G_k⟩`` for each row, with ``G_k`` class ``k``'s gradient of this layer (``matrix``: its
-    weight part in the ``(G, O, I)`` layout of the factors, for families that have one)."""
-    params, hyper = spec["params"], spec["hyper"]
-    if matrix is not None and spec["representation"] == "factors":
-        a_m, d_m = ext.matrices(hyper, rows["a"], rows["d"])
-        a_m, d_m = a_m.double(), d_m.double()
-        out = torch.zeros(a_m.shape[0], dtype=torch.float64)
-        if "weight" in params:
-            out += torch.einsum("bgto,goi,bgti->b", d_m, matrix, a_m)
-        if "bias" in params:
-            out += d_m.sum(2).reshape(d_m.shape[0], -1) @ grads["bias"][k]
-        return out
-    per_sample = rows if spec["representation"] == "full" else ext.restore(hyper, params, rows)
-    return sum(
-        per_sample[p].reshape(per_sample[p].shape[0], -1).double() @ grads[p][k].reshape(-1) for p in params
-    )
-
-
-_MATRIX = "__matrix__"
-
-
-def _layers(store: GradientStore, layers: Sequence[str] | None) -> list[str]:
-    if isinstance(layers, str):
-        return [layers]
-    return list(layers) if layers is not None else store.layers
-
-
-def _n(rows: dict[str, Tensor]) -> int:
-    return next(iter(rows.values())).shape[0]
+    return ClassConflicts(cg.classes, cosine.numpy(), share, scan.catalog.row_field(epoch, "ids"), alignment)

@@ -12,43 +12,39 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from mstore_lightning.store.reader import GradientStore
+from mstore_lightning.analytics import kernels
+from mstore_lightning.analytics.ranking import cosines, merge_best
+from mstore_lightning.store.chunks import Chunk
+from mstore_lightning.store.scan import Scan
 
 
-def sqnorms(store: GradientStore, epoch: int, layers: list[str], split: str, client: Any) -> np.ndarray:
+def sqnorms(scan: Scan, epoch: int, layers: list[str], split: str, client: Any) -> np.ndarray:
     """Squared per-sample gradient norms over ``layers``, aligned with ``sample_ids(epoch, split)``."""
-    total = np.zeros(len(store.sample_ids(epoch, split)), dtype=np.float64)
-    for first, values in _run(store, epoch, layers, split, client, _block_sqnorm, None):
+    total = np.zeros(scan.catalog.row_count(epoch, split), dtype=np.float64)
+    for first, values in _run(scan, epoch, layers, split, client, _block_sqnorm, None):
         total[first : first + len(values)] += values
     return total
 
 
 def dots(
-    store: GradientStore,
-    epoch: int,
-    rows_a: np.ndarray,
-    layers: list[str],
-    split_a: str,
-    split_b: str,
-    client: Any,
+    scan: Scan, epoch: int, rows_a: np.ndarray, layers: list[str], split_a: str, split_b: str, client: Any
 ) -> np.ndarray:
     """Inner products of the rows ``rows_a`` (of ``split_a``) with every row of ``split_b``."""
-    out = np.zeros((len(rows_a), len(store.sample_ids(epoch, split_b))), dtype=np.float64)
+    out = np.zeros((len(rows_a), scan.catalog.row_count(epoch, split_b)), dtype=np.float64)
     for layer in layers:
-        xa = _scattered(store, epoch, store._layer(layer), rows_a, split_a, client)
-        for first, values in _run(store, epoch, [layer], split_b, client, _block_gram, xa):
+        xa = _scattered(scan, epoch, layer, rows_a, split_a, client)
+        for first, values in _run(scan, epoch, [layer], split_b, client, _block_gram, xa):
             out[:, first : first + values.shape[1]] += values
     return out
 
 
 def topk(
-    store: GradientStore,
+    scan: Scan,
     epoch: int,
     rows_q: np.ndarray,
     layers: list[str],
@@ -66,13 +62,10 @@ def topk(
     """
     from distributed import as_completed
 
-    from mstore_lightning.analytics.ranking import merge_best
-
-    source = _source(store)
-    lays = [_stored(store, epoch, name) for name in layers]
-    xa = {lay.name: _scattered(store, epoch, lay, rows_q, split_q, client) for lay in lays}
-    n = len(store.sample_ids(epoch))
-    window = max([hi - lo for lay in lays for _, lo, hi, _ in store._chunks(epoch, lay)] or [1])
+    source = _source(scan)
+    xa = {layer: _scattered(scan, epoch, layer, rows_q, split_q, client) for layer in layers}
+    n = scan.catalog.row_count(epoch)
+    window = max([c.hi - c.lo for layer in layers for c in scan.source(epoch, layer).chunks()] or [1])
     futures = [
         client.submit(
             _window_topk,
@@ -97,62 +90,53 @@ def topk(
     return scores, rows
 
 
-def _run(store: GradientStore, epoch: int, layers: list[str], split: str, client: Any, fn: Any, extra: Any):
-    source = _source(store)
+def _run(scan: Scan, epoch: int, layers: list[str], split: str, client: Any, fn: Any, extra: Any):
+    source = _source(scan)
     futures, firsts = [], []
     for layer in layers:
-        lay = _stored(store, epoch, layer)
-        for r, lo, hi, first in store._chunks(epoch, lay, split):
-            futures.append(client.submit(fn, source, epoch, layer, split, r, lo, hi, extra, pure=False))
-            firsts.append(first)
+        for c in _stored(scan, epoch, layer, split).chunks():
+            futures.append(client.submit(fn, source, epoch, layer, split, c, extra, pure=False))
+            firsts.append(c.first)
     for first, values in zip(firsts, client.gather(futures)):
         yield first, values
 
 
-def _source(store: GradientStore) -> tuple[str, str]:
+def _source(scan: Scan) -> tuple[str, str]:
     """What a task opens the store from on its worker: the URL and its storage options, as JSON."""
-    return store.uri, json.dumps(store.storage_options or {}, sort_keys=True)
+    cat = scan.catalog
+    return cat.uri, json.dumps(cat.storage_options or {}, sort_keys=True)
 
 
-def _stored(store: GradientStore, epoch: int, layer: str) -> Any:
-    """``layer``, which ``epoch`` must have stored: workers have no model to recompute it with."""
-    lay = store._layer(layer)
-    if store._is_recomputed(epoch, lay):
-        raise ValueError(f"Layer {layer!r} is recomputed in epoch {epoch}; run it without a Dask client.")
-    return lay
+def _stored(scan: Scan, epoch: int, layer: str, split: str = "train") -> Any:
+    """``layer``'s rows, which a worker must be able to read from the store alone."""
+    ok, why = scan.portable(epoch, layer)
+    if not ok:
+        raise ValueError(why)
+    return scan.source(epoch, layer, split)
 
 
-def _scattered(store: GradientStore, epoch: int, lay: Any, rows: np.ndarray, split: str, client: Any) -> dict:
+def _scattered(scan: Scan, epoch: int, layer: str, rows: np.ndarray, split: str, client: Any) -> dict:
     """The query rows of one layer, sent once to every worker."""
-    return {k: client.scatter(v, broadcast=True) for k, v in store._gather(epoch, lay, rows, split).items()}
+    got = _stored(scan, epoch, layer, split).gather(rows)
+    return {k: client.scatter(v, broadcast=True) for k, v in got.items()}
 
 
 @functools.lru_cache(maxsize=8)
-def _open(uri: str, options: str) -> GradientStore:
-    from mstore_lightning.store.reader import open_store
-
-    return open_store(uri, storage_options=json.loads(options) or None)
+def _open(uri: str, options: str) -> Scan:
+    return Scan.open(uri, storage_options=json.loads(options) or None)
 
 
-def _block_sqnorm(
-    source: tuple[str, str], epoch: int, layer: str, split: str, r: int, lo: int, hi: int, _: Any
-):
-    from mstore_lightning.store.reader import _sqnorm
-
-    store = _open(*source)
-    lay = store._layer(layer)
-    return _sqnorm(lay, store._chunk(epoch, lay, split, r, lo, hi)).double().numpy()
+def _block_sqnorm(source: tuple[str, str], epoch: int, layer: str, split: str, chunk: Chunk, _: Any):
+    src = _open(*source).source(epoch, layer, split)
+    return src.rep.sqnorm(src.read_chunk(chunk)).numpy()
 
 
 def _block_gram(
-    source: tuple[str, str], epoch: int, layer: str, split: str, r: int, lo: int, hi: int, xa: dict[str, Any]
+    source: tuple[str, str], epoch: int, layer: str, split: str, chunk: Chunk, xa: dict[str, Any]
 ):
-    from mstore_lightning.store.reader import _gram
-
-    store = _open(*source)
-    lay = store._layer(layer)
+    src = _open(*source).source(epoch, layer, split)
     xa = {k: torch.as_tensor(v) for k, v in xa.items()}
-    return _gram(lay, xa, store._chunk(epoch, lay, split, r, lo, hi)).double().numpy()
+    return src.rep.gram(xa, src.read_chunk(chunk)).double().numpy()
 
 
 def _window_topk(
@@ -166,11 +150,8 @@ def _window_topk(
     q_norms: np.ndarray | None,
     norms: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    from mstore_lightning.analytics.ranking import cosines, merge_best
-
-    store = _open(*source)
     block = None
-    for _, scores in store._dot_windows(epoch, None, layers, "train", hi - lo, start=lo, stop=hi, xa=xa):
+    for _, scores in kernels.dot_windows(_open(*source), epoch, xa, layers, hi - lo, start=lo, stop=hi):
         block = scores
     if norms is not None:
         block = cosines(block, q_norms, norms)

@@ -11,37 +11,34 @@ exact inner products.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
+from mstore_lightning.analytics import kernels
 from mstore_lightning.analytics.frames import frame
+from mstore_lightning.analytics.kernels import as_scan
 from mstore_lightning.core import projection
-from mstore_lightning.core.families.kron import KroneckerExtractor
-from mstore_lightning.core.families.registry import extractor_for_kind
-
-if TYPE_CHECKING:
-    from mstore_lightning.store.reader import GradientStore
+from mstore_lightning.core.checks import whole
 
 _TINY = np.finfo(np.float64).tiny
 
 
 def cosine(
-    store: GradientStore,
+    store: Any,
     epoch: int,
     ids_a: Sequence[int] | np.ndarray,
     ids_b: Sequence[int] | np.ndarray,
     layers: Sequence[str] | None = None,
 ) -> np.ndarray:
     """``(len(ids_a), len(ids_b))`` cosines between per-sample gradients of ``epoch``."""
-    dots = np.asarray(store.dot(epoch, ids_a, ids_b, layers))
-    norms = np.asarray(store.norms(epoch, layers))
-    na, nb = norms[store._rows_of(epoch, ids_a)], norms[store._rows_of(epoch, ids_b)]
+    scan = as_scan(store)
+    dots = kernels.dot(scan, epoch, ids_a, ids_b, layers)
+    norms = np.sqrt(kernels.sqnorms(scan, epoch, layers))
+    na, nb = norms[scan.catalog.rows_of(epoch, ids_a)], norms[scan.catalog.rows_of(epoch, ids_b)]
     return dots / np.maximum(np.outer(na, nb), _TINY)
 
 
@@ -63,12 +60,11 @@ class Outliers:
         return frame({"id": self.ids, "score": self.scores, "flagged": self.scores > self.threshold})
 
 
-def outliers(
-    store: GradientStore, epoch: int, threshold: float = 3.5, layers: Sequence[str] | None = None
-) -> Outliers:
+def outliers(store: Any, epoch: int, threshold: float = 3.5, layers: Sequence[str] | None = None) -> Outliers:
     """Samples with unusually large gradients (robust z-score of the log norm above ``threshold``)."""
-    ids = store.sample_ids(epoch)
-    scores = robust_z(np.log(np.maximum(np.asarray(store.norms(epoch, layers)), _TINY)))
+    scan = as_scan(store)
+    ids = scan.catalog.row_field(epoch, "ids")
+    scores = robust_z(np.log(np.maximum(np.sqrt(kernels.sqnorms(scan, epoch, layers)), _TINY)))
     order = np.argsort(-scores, kind="stable")
     flagged = ids[order[scores[order] > threshold]]
     return Outliers(ids, scores, float(threshold), flagged)
@@ -111,21 +107,18 @@ class Clusters:
 
 
 def sketches(
-    store: GradientStore, epoch: int, dim: int = 16, layers: Sequence[str] | None = None, seed: int = 0
+    store: Any, epoch: int, dim: int = 16, layers: Sequence[str] | None = None, seed: int = 0
 ) -> np.ndarray:
     """``(samples, sketch_dim)`` seeded sketches of each sample's gradient, aligned with ``sample_ids``."""
-    names = list(layers) if layers is not None else store.layers
     parts = []
-    for layer in names:
-        spec = store.layer_spec(layer)
-        ext = extractor_for_kind(spec["kind"])
-        blocks = [_sketch_block(spec, ext, rows, dim, seed) for _, rows in store.blocks(epoch, layer)]
+    for src in as_scan(store).sources(epoch, layers):
+        blocks = [src.rep.sketch(block.load(), dim, seed) for block in src.blocks()]
         parts.append(torch.cat(blocks) if blocks else torch.zeros(0, 0))
     return torch.cat(parts, 1).numpy()
 
 
 def cluster(
-    store: GradientStore,
+    store: Any,
     epoch: int,
     k: int,
     dim: int = 16,
@@ -138,13 +131,13 @@ def cluster(
         from sklearn.cluster import KMeans
     except ImportError as exc:  # pragma: no cover - the analytics extra installs it
         raise ImportError("cluster() needs scikit-learn: pip install 'mstore-lightning[analytics]'.") from exc
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
-    ids = store.sample_ids(epoch)
-    x = sketches(store, epoch, dim, layers, seed)
+    whole("k", k, low=1)
+    scan = as_scan(store)
+    ids = scan.catalog.row_field(epoch, "ids")
+    x = sketches(scan, epoch, dim, layers, seed)
     km = KMeans(n_clusters=min(int(k), len(ids)), n_init=4, random_state=seed).fit(x)
     pick = np.linspace(0, len(ids) - 1, min(check_samples, len(ids))).astype(np.int64)
-    exact = np.asarray(store.dot(epoch, ids[pick], ids[pick], layers))
+    exact = kernels.dot(scan, epoch, ids[pick], ids[pick], layers)
     approx = x[pick] @ x[pick].T
     measured = float(np.linalg.norm(approx - exact) / max(np.linalg.norm(exact), _TINY))
     return Clusters(
@@ -156,23 +149,3 @@ def cluster(
         predicted_error=projection.predicted_error(dim, dim),
         measured_error=measured,
     )
-
-
-def _sketch_block(spec: dict, ext: type, rows: dict[str, Tensor], dim: int, seed: int) -> Tensor:
-    params, hyper = spec["params"], spec["hyper"]
-    n = next(iter(rows.values())).shape[0]
-    if spec["representation"] == "factors" and issubclass(ext, KroneckerExtractor):
-        a_m, d_m = ext.matrices(hyper, rows["a"], rows["d"])
-        k_in, k_out = min(dim, a_m.shape[-1]), min(dim, d_m.shape[-1])
-        proj = {"seed": seed, "k_in": k_in, "k_out": k_out}
-        p_in, p_out = projection.projection_matrices(proj, spec["name"], a_m.shape[-1], d_m.shape[-1])
-        out = projection.project(a_m.double(), d_m.double(), p_in.double(), p_out.double(), "full", params)
-        return torch.cat([v.reshape(n, -1) for v in out.values()], 1)
-    if spec["representation"] == "projection":
-        raise ValueError(f"Layer {spec['name']!r} is stored as a projection already; cluster the others.")
-    grads = rows if spec["representation"] == "full" else ext.restore(hyper, params, rows)
-    flat = torch.cat([grads[p].reshape(n, -1).double() for p in params], 1)
-    width = min(dim * dim, flat.shape[1])
-    g = torch.Generator().manual_seed(seed * 1_000_003 + len(spec["name"]))
-    jl = torch.randn(flat.shape[1], width, generator=g, dtype=torch.float64) / math.sqrt(width)
-    return flat @ jl

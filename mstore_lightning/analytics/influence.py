@@ -17,15 +17,17 @@ through the store: ``ids, scores = open_store(path).self_influence()``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from mstore_lightning.analytics import kernels
 from mstore_lightning.analytics.frames import frame
-from mstore_lightning.analytics.ranking import cosines, merge_best, scatter_add
-
-if TYPE_CHECKING:
-    from mstore_lightning.store.reader import GradientStore
+from mstore_lightning.analytics.kernels import as_scan
+from mstore_lightning.analytics.ranking import RunningSum, cosines, merge_best, scatter_add
+from mstore_lightning.core.checks import whole
+from mstore_lightning.store.catalog import Catalog
+from mstore_lightning.store.layout import SQNORMS
 
 
 class Influence(NamedTuple):
@@ -61,24 +63,24 @@ class Neighbours(NamedTuple):
 
 
 def self_influence(
-    store: GradientStore,
+    store: Any,
     epochs: Sequence[int] | None = None,
     layers: Sequence[str] | None = None,
     client: Any = None,
 ) -> Influence:
     """``Σ_e lr_e ‖g_i(e)‖²`` for every sample captured in ``epochs`` (all committed by default)."""
-    epochs = _epochs(store, epochs)
-    store.preload(epochs, ("ids", "sqnorm"))  # norms kept at capture, where they were
-    ids = _union_ids(store, epochs)
-    scores = np.zeros(len(ids), dtype=np.float64)
+    scan = as_scan(store)
+    cat = scan.catalog
+    epochs = _epochs(cat, epochs)
+    cat.preload(epochs, ("ids", SQNORMS))  # norms kept at capture, where they were
+    run = RunningSum()
     for e in epochs:
-        rows = np.searchsorted(ids, store.sample_ids(e))
-        np.add.at(scores, rows, store.lr(e) * np.asarray(store.norms(e, layers, client=client)) ** 2)
-    return Influence(ids, scores)
+        run.add(cat.row_field(e, "ids"), cat.lr(e) * kernels.sqnorms(scan, e, layers, client=client), [e])
+    return Influence(run.ids, run.scores())
 
 
 def tracin(
-    store: GradientStore,
+    store: Any,
     query_ids: Sequence[int] | np.ndarray,
     epochs: Sequence[int] | None = None,
     layers: Sequence[str] | None = None,
@@ -90,24 +92,29 @@ def tracin(
     (``GradientCapture(query=...)``, end-of-epoch weights) when every epoch asked for has them, else
     the queries' own training rows of each epoch.
     """
-    epochs = _epochs(store, epochs)
-    split = _query_split(store, epochs)
+    scan = as_scan(store)
+    cat = scan.catalog
+    epochs = _epochs(cat, epochs)
+    split = _query_split(cat, epochs)
     query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
-    ids = _union_ids(store, epochs)
-    scores = np.zeros((len(query_ids), len(ids)), dtype=np.float64)
-    runs = (
-        [epochs] if client is not None else store._in_batches(epochs, store._select(layers), [split, "train"])
+    cat.preload(epochs, ("ids",))
+    ids = (
+        np.unique(np.concatenate([cat.row_field(e, "ids") for e in epochs]))
+        if epochs
+        else np.zeros(0, np.int64)
     )
+    scores = np.zeros((len(query_ids), len(ids)), dtype=np.float64)
+    runs = [epochs] if client is not None else scan.stage(epochs, layers, [split, "train"])
     for run in runs:
         for e in run:
-            train = store.sample_ids(e)
-            dots = store.dot(e, query_ids, train, layers, split_a=split, client=client)
-            scatter_add(scores, np.searchsorted(ids, train), store.lr(e) * np.asarray(dots))
+            train = cat.row_field(e, "ids")
+            dots = kernels.dot(scan, e, query_ids, train, layers, split_a=split, client=client)
+            scatter_add(scores, np.searchsorted(ids, train), cat.lr(e) * dots)
     return Influence(ids, scores)
 
 
 def topk(
-    store: GradientStore,
+    store: Any,
     query_ids: Sequence[int] | np.ndarray,
     k: int,
     epoch: int | None = None,
@@ -128,31 +135,31 @@ def topk(
     """
     if metric not in ("cosine", "dot"):
         raise ValueError(f"`metric` can be 'cosine' or 'dot'; got {metric!r}.")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
-    epoch = store.epochs[-1] if epoch is None else epoch
+    whole("k", k, low=1)
+    scan = as_scan(store)
+    cat = scan.catalog
+    epoch = cat.epochs[-1] if epoch is None else epoch
     query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
-    train = store.sample_ids(epoch)
-    split = _query_split(store, [epoch])
+    train = cat.row_field(epoch, "ids")
+    split = _query_split(cat, [epoch])
     k = min(int(k), len(train))
+    rows_q = cat.rows_of(epoch, query_ids, split)
     norms = q_norms = None
     if metric == "cosine":
-        norms = np.asarray(store.norms(epoch, layers, client=client))
-        q_all = (
-            norms if split == "train" else np.asarray(store.norms(epoch, layers, split=split, client=client))
-        )
-        q_norms = q_all[store._rows_of(epoch, query_ids, split)]
+        norms = np.sqrt(kernels.sqnorms(scan, epoch, layers, client=client))
+        q_all = norms if split == "train" else np.sqrt(kernels.sqnorms(scan, epoch, layers, split, client))
+        q_norms = q_all[rows_q]
     if client is not None:
         from mstore_lightning.analytics import dask_engine
 
-        names = [lay.name for lay in store._select(layers)]
-        rows_q = store._rows_of(epoch, query_ids, split)
-        scores, rows = dask_engine.topk(store, epoch, rows_q, names, split, k, client, q_norms, norms)
+        names = [rep.name for rep in cat.select(layers)]
+        scores, rows = dask_engine.topk(scan, epoch, rows_q, names, split, k, client, q_norms, norms)
     else:
         scores = np.zeros((len(query_ids), 0), dtype=np.float64)
         rows = np.zeros((len(query_ids), 0), dtype=np.int64)
         window = max(1, SCORE_BYTES // (8 * max(1, len(query_ids))))
-        for first, block in store._dot_windows(epoch, query_ids, layers, split, window):
+        xa = kernels.gather(scan, epoch, query_ids, layers, split)
+        for first, block in kernels.dot_windows(scan, epoch, xa, layers, window):
             if norms is not None:
                 block = cosines(block, q_norms, norms[first : first + block.shape[1]])
             scores, rows = merge_best(scores, rows, block, np.arange(first, first + block.shape[1]), k)
@@ -163,15 +170,9 @@ def topk(
 SCORE_BYTES = 64 << 20
 
 
-def _query_split(store: GradientStore, epochs: list[int]) -> str:
-    return "query" if epochs and all(store.has_queries(e) for e in epochs) else "train"
+def _query_split(cat: Catalog, epochs: list[int]) -> str:
+    return "query" if epochs and all(cat.has_queries(e) for e in epochs) else "train"
 
 
-def _epochs(store: GradientStore, epochs: Sequence[int] | None) -> list[int]:
-    return list(store.epochs) if epochs is None else [int(e) for e in epochs]
-
-
-def _union_ids(store: GradientStore, epochs: list[int]) -> np.ndarray:
-    store.preload(epochs, ("ids",))
-    parts = [store.sample_ids(e) for e in epochs]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+def _epochs(cat: Catalog, epochs: Sequence[int] | None) -> list[int]:
+    return list(cat.epochs) if epochs is None else [int(e) for e in epochs]

@@ -81,18 +81,19 @@ def merge_best(
     """
     scores = np.concatenate([scores, new_scores], 1)
     rows = np.concatenate([rows, np.broadcast_to(new_rows, new_scores.shape)], 1)
-    keyed = np.where(np.isnan(scores), -np.inf, scores)
+    nan = np.isnan(scores)  # the first sort key: a NaN ranks below -inf too
+    keyed = np.where(nan, -np.inf, scores)
     if scores.shape[1] > k:
         kth = -np.partition(-keyed, k - 1, axis=1)[:, k - 1 : k]
         keep = keyed >= kth  # what beats the k-th score, and every tie with it
         if keep.sum() == keep.shape[0] * k:  # no tie at the cut: k per query
             picked = np.nonzero(keep)[1].reshape(len(keep), k)
         else:
-            picked = np.stack([np.lexsort((rows[q], -keyed[q]))[:k] for q in range(len(keep))])
-        scores, rows, keyed = (np.take_along_axis(a, picked, 1) for a in (scores, rows, keyed))
+            picked = np.stack([np.lexsort((rows[q], -keyed[q], nan[q]))[:k] for q in range(len(keep))])
+        scores, rows, keyed, nan = (np.take_along_axis(a, picked, 1) for a in (scores, rows, keyed, nan))
     if not scores.size:
         return scores, rows
-    order = np.lexsort((rows, -keyed), axis=1)
+    order = np.lexsort((rows, -keyed, nan), axis=1)
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -38,3 +38,38 @@ def nonfinite_rows(factors: Sequence[Tensor]) -> Tensor | None:
     for t in rows:
         bad[suspect] |= (~torch.isfinite(t.index_select(0, suspect.to(t.device))).all(dim=1)).to(bad.device)
     return bad if bool(bad.any()) else None
+
+
+def nonfinite_samples(
+    uses: Mapping[str, list], n: int, sqnorms: Tensor | None = None, covers: Mapping[str, int] | None = None
+) -> Tensor | None:
+    """A boolean mask of a batch's ``n`` samples whose captured factors (``uses``, per layer) hold
+    NaN or Inf, or ``None`` when none do.
+
+    The layers in ``covers`` (``{layer: column of sqnorms}``) are checked through their squared norms,
+    already computed: a non-finite factor makes the norm non-finite. Only rows whose norm is not
+    finite (NaN, Inf, or finite values whose squares overflowed) get the exact check.
+    """
+    covers = covers or {}
+    bad = nonfinite_rows([t for name, calls in uses.items() if name not in covers for t in factors(calls)])
+    if covers and sqnorms is not None:
+        columns = sqnorms if len(covers) == sqnorms.shape[1] else sqnorms[:, list(covers.values())]
+        finite = torch.isfinite(columns)
+        suspect = None if bool(finite.all()) else (~finite.all(dim=1)).nonzero().squeeze(1)
+        if suspect is not None:
+            own = [t.index_select(0, suspect.to(t.device)) for name in covers for t in factors(uses[name])]
+            exact = nonfinite_rows(own)
+            if exact is not None:
+                bad = torch.zeros(n, dtype=torch.bool) if bad is None else bad.cpu()
+                bad[suspect[exact.cpu()]] = True
+    return bad
+
+
+def factors(layer_uses: list) -> list[Tensor]:
+    """The floating-point tensors of a layer's captured uses (its factors)."""
+    return [
+        t
+        for use in layer_uses
+        for t in use
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0
+    ]

@@ -93,3 +93,18 @@ class HookManager:
             output.register_hook(use.set_grad)
 
         return hook
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    """Raises ``RuntimeError`` for a ``torch.compile``'d model, on which hooks cannot capture."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    compiled = getattr(model, "_compiler_ctx", None) is not None or any(
+        isinstance(m, OptimizedModule) for m in model.modules()
+    )
+    if compiled:
+        raise RuntimeError(
+            "GradientCapture cannot capture a torch.compile'd model: hooks added after compilation are "
+            "ignored and output-gradient hooks break graphs, so captured gradients could be wrong or "
+            "missing. Train without torch.compile while capturing."
+        )

@@ -101,3 +101,15 @@ class IndexedDataset(torch.utils.data.Dataset):
         if isinstance(item, (tuple, list)) and len(item) == 2:
             return {"x": item[0], "y": item[1], "index": i}
         return {"x": item, "index": i}
+
+
+def batch_size(batch: Any) -> int:
+    """The leading size of a tensor batch, or of its first tensor; ``-1`` when it has none."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].shape[0]
+    if isinstance(batch, dict):
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        return first.shape[0] if first is not None else -1
+    return -1

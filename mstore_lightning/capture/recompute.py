@@ -23,8 +23,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,13 @@ from mstore_lightning.capture.hooks import HookManager
 from mstore_lightning.capture.layers import LayerPlan
 from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.core import quant
+from mstore_lightning.core.errors import StoreReadError
+from mstore_lightning.core.representation import Representation
+from mstore_lightning.store import layout
+from mstore_lightning.store.catalog import Catalog
+from mstore_lightning.store.chunks import Chunk
+from mstore_lightning.store.scan import RECOMPUTED, Block, RowSource
+from mstore_lightning.store.weights import WEIGHTS, load_weights
 
 
 def gamma(t_recompute: float, t_read: float, queries: int, nbytes: float) -> float:
@@ -153,24 +162,22 @@ class Recomputer:
 
 def read_seconds_per_sample(group: zarr.Group, spec: dict[str, Any], max_rows: int = 4096) -> float:
     """Measured seconds to read and decode one sample's rows of a layer from ``group``."""
-    names = list(spec["arrays"])
-    first = group[f"{names[0]}"]
-    rows = min(first.shape[0], max_rows)
+    stored = [s for s in quant.stored_arrays(spec["arrays"]) if s.role != "ref"]
+    rows = min(group[stored[0].name].shape[0], max_rows)
     if rows == 0:
         return 0.0
     t0 = time.perf_counter()
-    for name in names:
-        arr_spec = spec["arrays"][name]
+    for name, arr_spec in spec["arrays"].items():
         parts = {}
-        for part, info in arr_spec["parts"].items():
-            if info.get("per", "row") != "row":
+        for s in stored:
+            if s.owner != name or s.role != "part":
                 continue
-            values = group[part][:rows]
-            codec = quant.chunk_codec(arr_spec, name, part)
+            values = group[s.name][:rows]
+            codec = quant.chunk_codec(arr_spec, name, s.name)
             if codec is not None:
-                tables = group[part + quant.TABLE][:]
-                values = codec.decode(values, tables[np.arange(rows) // int(group[part].chunks[0])])
-            parts[part] = values
+                tables = group[s.name + quant.TABLE][:]
+                values = codec.decode(values, tables[np.arange(rows) // int(group[s.name].chunks[0])])
+            parts[s.name] = values
         quant.decode(arr_spec, name, parts)
     return (time.perf_counter() - t0) / rows
 
@@ -178,3 +185,95 @@ def read_seconds_per_sample(group: zarr.Group, spec: dict[str, Any], max_rows: i
 def layer_nbytes(group: zarr.Group) -> int:
     """Bytes on disk of every array in a layer's group."""
     return int(sum(arr.nbytes_stored() for _, arr in group.arrays()))
+
+
+class Recompute:
+    """Makes the row sources of layers an epoch stored as weights: the store's scan calls it
+    (``Scan.recompute``) for each such layer, and it recomputes the rows from the epoch's weights.
+
+    Its arguments are those of ``GradientStore.attach_recompute``, which makes one; the model is
+    copied, and the copy gets each epoch's stored weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Any,
+        collate_fn: Callable[[list], Any] | None = None,
+        loss_fn: Callable[[nn.Module, Any], Any] | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        self.model = copy.deepcopy(model)
+        self.dataset, self.collate_fn, self.loss_fn, self.batch_size = (
+            dataset,
+            collate_fn,
+            loss_fn,
+            batch_size,
+        )
+        self.loaded: int | None = None  # the epoch whose weights the copy holds
+
+    def __call__(self, catalog: Catalog, rep: Representation, epoch: int) -> RecomputedRows:
+        return RecomputedRows(self, catalog, rep, epoch)
+
+    def rows(
+        self, catalog: Catalog, rep: Representation, epoch: int, ids: np.ndarray
+    ) -> dict[str, torch.Tensor]:
+        """Rows of ``rep``'s layer for samples ``ids``, from ``epoch``'s weights."""
+        if self.loaded != epoch:
+            load_weights(catalog.root[f"{layout.EPOCHS}/{layout.epoch_key(epoch)}/{WEIGHTS}"], self.model)
+            self.loaded = epoch
+        modules = dict(self.model.named_modules())
+        if rep.name not in modules:
+            raise StoreReadError(
+                f"The attached model has no module {rep.name!r}; attach the trained architecture."
+            )
+        plan = LayerPlan.from_spec(catalog.meta["layers"][rep.name], modules[rep.name], rep.extractor)
+        recomputer = Recomputer(
+            self.model,
+            self.dataset,
+            {rep.name: plan},
+            catalog.meta.get("loss_reduction", "mean"),
+            collate_fn=self.collate_fn,
+            loss_fn=self.loss_fn,
+            batch_size=self.batch_size,
+        )
+        return recomputer.rows(ids)[rep.name]
+
+
+class RecomputedRows(RowSource):
+    """A layer's training rows of one epoch, recomputed from the epoch's weights in blocks."""
+
+    BLOCK = 1024  # rows recomputed at once
+
+    def __init__(self, recompute: Recompute, catalog: Catalog, rep: Representation, epoch: int) -> None:
+        super().__init__(rep, epoch, "train")
+        self.recompute, self.catalog = recompute, catalog
+
+    def __len__(self) -> int:
+        return self.catalog.row_count(self.epoch)
+
+    def _ids(self) -> np.ndarray:
+        return self.catalog.row_field(self.epoch, "ids")
+
+    def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[Block]:
+        stop = len(self) if stop is None else stop
+        for first in range(start - start % self.BLOCK, stop, self.BLOCK):
+            ids = self._ids()[first : first + self.BLOCK]
+            # Recomputed here, on the scanning thread: the model's hooks must not run on two threads.
+            yield Block(first, len(ids), functools.partial(dict, self._rows(ids)))
+
+    def gather(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return self._rows(self._ids()[np.asarray(rows, dtype=np.int64)])
+
+    def _rows(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        return dict(self.recompute.rows(self.catalog, self.rep, self.epoch, ids))
+
+    @property
+    def approximate(self) -> str | None:
+        return "; ".join(w for w in (self.rep.approximate, RECOMPUTED) if w)
+
+    def chunks(self) -> list[Chunk]:
+        return [Chunk(0, lo, min(lo + self.BLOCK, len(self)), lo) for lo in range(0, len(self), self.BLOCK)]
+
+    def read_chunk(self, chunk: Chunk) -> dict[str, torch.Tensor]:
+        return self._rows(self._ids()[chunk.first : chunk.first + chunk.hi - chunk.lo])

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from typing import Any, TypeVar
 
@@ -39,7 +40,11 @@ def whole(
     ``noun`` says what is expected ("a positive number of bytes"); by default "an integer", with
     ``>= low`` where there is a bound.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (low is not None and value < low):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or (low is not None and value < low)
+    ):
         what = noun or ("an integer" if low is None else f"an integer >= {low}")
         raise error(f"`{name}` must be {what}, got {value!r}.")
     return int(value)
@@ -58,7 +63,9 @@ def number(
     ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
     ok = ok and (not positive or float(value) > 0) and (below is None or float(value) < below)
     if not ok:
-        raise error(f"`{name}` must be {noun or ('a number > 0' if positive else 'a number')}, got {value!r}.")
+        raise error(
+            f"`{name}` must be {noun or ('a number > 0' if positive else 'a number')}, got {value!r}."
+        )
     return float(value)
 
 
@@ -67,3 +74,17 @@ def a_callable(name: str, fn: Any, takes: str = "a batch", error: type[Exception
     if fn is not None and not callable(fn):
         raise error(f"`{name}` must be a callable taking {takes}, got {type(fn).__name__}.")
     return fn
+
+
+def a_path(name: str, value: Any, error: type[Exception] = ValueError) -> str:
+    """``value`` as a string: a non-empty path or URL."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise error(f"`{name}` must be a non-empty path or URL, got {value!r}.")
+    return os.fspath(value)
+
+
+def an_iterable(name: str, value: Any, noun: str, error: type[Exception] = ValueError) -> Any:
+    """``value`` when it is ``None`` or iterable; ``noun`` says what is expected ("a DataLoader")."""
+    if value is not None and not hasattr(value, "__iter__"):
+        raise error(f"`{name}` must be {noun}, got {type(value).__name__}.")
+    return value

@@ -340,3 +340,56 @@ def _unpack(packed: np.ndarray, bits: int, numbers: int) -> np.ndarray:
         return packed
     planes = np.unpackbits(packed, axis=-1, count=numbers * bits).reshape(len(packed), numbers, bits)
     return np.packbits(planes, axis=-1, bitorder="big").reshape(len(packed), numbers) >> (8 - bits)
+
+
+REF = "_ref"  # suffix of a deduplicated array's references: (epoch, rank, row) of each row's source
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One Zarr array a layer stores, as its arrays' specs say.
+
+    Attributes:
+        name: the array's name under the layer's group (``a``, ``a_scale``, ``a_table``, ``a_ref``).
+        owner: the logical array it belongs to (``a``).
+        role: ``"part"`` (rows of values, codes or scales), ``"table"`` (one row per chunk: a chunk
+            codec's bin means) or ``"ref"`` (the rows' dedup references).
+        dtype: its stored dtype.
+        row_shape: the shape of one row.
+        dedup: whether rows of the owner may be references, so a chunk of all references is absent.
+    """
+
+    name: str
+    owner: str
+    role: str
+    dtype: str
+    row_shape: tuple[int, ...]
+    dedup: bool = False
+
+
+def stored_arrays(arrays: dict[str, dict[str, Any]]) -> list[StoredArray]:
+    """Every Zarr array that a layer with these logical ``arrays`` (``{name: array_spec}``) stores:
+    the one place that says so for the writer, the reader, ``verify`` and the recompute cost model.
+
+    Example:
+        >>> [s.name for s in stored_arrays({"a": {**array_spec("a", [70], "int8"), "dedup": True}})]
+        ['a', 'a_scale', 'a_ref']
+    """
+    out = []
+    for owner, spec in arrays.items():
+        dedup = bool(spec.get("dedup"))
+        for part, info in spec["parts"].items():
+            per_row = info.get("per", "row") == "row"
+            out.append(
+                StoredArray(
+                    part,
+                    owner,
+                    "part" if per_row else "table",
+                    info["dtype"],
+                    tuple(info["row_shape"]),
+                    dedup and per_row,
+                )
+            )
+        if dedup:
+            out.append(StoredArray(f"{owner}{REF}", owner, "ref", "int32", (3,), True))
+    return out

@@ -3,6 +3,7 @@
 Imports ``store``, ``capture``, ``analytics`` and below; ``reports``, ``callbacks`` and the CLI import it.
 """
 
-from mstore_lightning.store.reader import GradientStore, QueryResult, explain_decision, open_store
+from mstore_lightning.facade.describe import describe, explain_decision
+from mstore_lightning.facade.gradient_store import GradientStore, QueryResult, open_store
 
-__all__ = ["GradientStore", "QueryResult", "explain_decision", "open_store"]
+__all__ = ["GradientStore", "QueryResult", "describe", "explain_decision", "open_store"]

@@ -1,4 +1,7 @@
-"""Epoch-end reports: analytics results as logger metrics, figures, tables and an HTML report."""
+"""Epoch-end reports: analytics results as logger metrics, figures, tables and an HTML report.
+
+Imports the facade and everything below it; only ``callbacks`` and the CLI import it.
+"""
 
 from mstore_lightning.reports.artifacts import ReportPaths, report_paths
 from mstore_lightning.reports.html import write_report

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mstore_lightning.facade import GradientStore, explain_decision, open_store
 from mstore_lightning.reports.artifacts import ReportPaths, report_paths
-from mstore_lightning.store.reader import GradientStore, explain_decision, open_store
 
 MAX_TABLE_ROWS = 50  # rows of a CSV table shown; the rest are counted
 MAX_TABLE_COLUMNS = 30
@@ -217,12 +217,8 @@ def _storage_section(store: GradientStore) -> str:
 
 def _rows_stored(store: GradientStore, layer: str) -> int:
     """Training and query rows of ``layer`` in the epochs that stored it (not recomputed)."""
-    total = 0
-    for ep in store.epochs:
-        if layer in store.recomputed(ep):
-            continue
-        total += store.row_count(ep) + store.row_count(ep, "query")
-    return total
+    kept = [ep for ep in store.epochs if layer not in store.recomputed(ep)]
+    return sum(store.row_count(ep) + store.row_count(ep, "query") for ep in kept)
 
 
 def _full_fp32_bytes(spec: dict[str, Any]) -> int:

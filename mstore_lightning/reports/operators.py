@@ -3,20 +3,28 @@ and tables.
 
 Operators read the store through a per-epoch :class:`Context`, which computes each layer's
 per-sample squared norms once for every operator that needs them. Influence sums over epochs
-(``Σ_e lr_e …``) are kept running across epochs in :class:`RunningSum`, so epoch ``e`` reads only
-epoch ``e``'s rows; an epoch not yet in the sum (after a resume, say) is read once and added.
+(``Σ_e lr_e …``) are kept running across epochs in a
+:class:`~mstore_lightning.analytics.ranking.RunningSum`, so epoch ``e`` reads only epoch ``e``'s
+rows; an epoch not yet in the sum (after a resume, say) is read once and added.
+
+:data:`OPERATORS` is the one table of operators: each is registered by :func:`_operator`, and its
+parameters and their defaults are its signature's (see :func:`parameters`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mstore_lightning.analytics.geometry import robust_z
-from mstore_lightning.reports import figures
+from mstore_lightning.analytics.ranking import RunningSum, best
+
+if TYPE_CHECKING:
+    from mstore_lightning.reports.figures import Figures
 
 _TINY = np.finfo(np.float64).tiny
 MAX_TRACIN_CELLS = 1 << 25  # queries x training ids kept in a running TracIn sum (256 MB of float64)
@@ -45,33 +53,41 @@ class Skipped(Exception):
     """An operator has nothing to compute on this epoch; the message says why."""
 
 
-class RunningSum:
-    """``Σ_e`` of per-epoch arrays whose last axis is indexed by sample id, over a growing id set."""
+# The one operator table; params are the signatures' and spec.py reads them, so figures load lazily.
+OPERATORS: dict[str, Callable[..., Output]] = {}
+REQUIRED = inspect.Parameter.empty  # the default of a parameter the user must give
 
-    def __init__(self) -> None:
-        self.ids = np.zeros(0, dtype=np.int64)
-        self.values: np.ndarray | None = None
-        self.epochs: set[int] = set()
 
-    def add(self, epochs: Sequence[int], ids: np.ndarray, values: np.ndarray) -> None:
-        """Adds ``values``, the sum over ``epochs``, whose last axis follows ``ids``."""
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        if np.any(sorted_ids[1:] == sorted_ids[:-1]):
-            raise ValueError(
-                f"epochs {list(epochs)} hold a sample id twice; their influence cannot be summed by id."
-            )
-        if self.values is None or not np.array_equal(sorted_ids, self.ids):  # new ids: grow
-            union = np.union1d(self.ids, ids)
-            grown = np.zeros((*values.shape[:-1], len(union)), dtype=np.float64)
-            if self.values is not None:
-                grown[..., np.searchsorted(union, self.ids)] = self.values
-            self.ids, self.values = union, grown
-        if len(ids) == len(self.ids) and np.all(order[1:] > order[:-1]):
-            self.values += values  # the same ids, in order: as every epoch without a sampler change
-        else:
-            self.values[..., np.searchsorted(self.ids, sorted_ids)] += values[..., order]
-        self.epochs.update(epochs)
+def _operator(fn: Callable[..., Output]) -> Callable[..., Output]:
+    """Adds ``fn`` to :data:`OPERATORS` under its own name."""
+    OPERATORS[fn.__name__] = fn
+    return fn
+
+
+def parameters(name: str) -> dict[str, Any]:
+    """The parameters of operator ``name``, in order, with their defaults.
+
+    Args:
+        name: a key of :data:`OPERATORS`.
+
+    Returns:
+        ``param -> default``: ``None`` means "decided from the data", :data:`REQUIRED` that no
+        default could do (the user must give it).
+
+    Example:
+        >>> parameters("tracin")
+        {'k': 5, 'epochs': 'all'}
+        >>> parameters("similarity")["ids"] is REQUIRED
+        True
+    """
+    _ctx, *params = inspect.signature(OPERATORS[name]).parameters.values()
+    return {p.name: p.default for p in params}
+
+
+def _new_figures() -> Figures:
+    from mstore_lightning.reports.figures import Figures
+
+    return Figures()
 
 
 @dataclass
@@ -92,7 +108,7 @@ class Context:
     store: Any
     epoch: int
     sums: dict[str, RunningSum]
-    plots: figures.Figures = field(default_factory=figures.Figures)
+    plots: Figures = field(default_factory=_new_figures)
     sample_input: Callable[[int], Any] | None = None
     epoch_seconds: float | None = None
     left_out: frozenset[int] = frozenset()
@@ -118,7 +134,8 @@ class Context:
         return [self.epoch] if which == "current" else [e for e in self.store.epochs if e <= self.epoch]
 
 
-def norms(ctx: Context, layers: list[str] | None) -> Output:
+@_operator
+def norms(ctx: Context, layers: list[str] | None = None) -> Output:
     """Per-layer gradient-norm statistics, histograms, and the norm distribution per class."""
     store, out = ctx.store, Output()
     chosen = store.layers if layers is None else layers
@@ -139,8 +156,14 @@ def norms(ctx: Context, layers: list[str] | None) -> Output:
     return out
 
 
+@_operator
 def self_influence(
-    ctx: Context, k: int, epochs: str, threshold: float, image_shape: Any, input_key: str | None
+    ctx: Context,
+    k: int = 20,
+    epochs: str = "all",
+    threshold: float = 3.5,
+    image_shape: Any = None,
+    input_key: str | None = None,
 ) -> Output:
     """``Σ_e lr_e ‖g_i(e)‖²``: the top-``k`` table, the flagged share and, for images, a grid."""
     store, out = ctx.store, Output()
@@ -149,13 +172,13 @@ def self_influence(
     todo = [e for e in wanted if e not in run.epochs]
     store.preload(todo, ("ids", "sqnorm"))  # every epoch's records in a few trips, not a few each
     for e in todo:
-        run.add([e], store.sample_ids(e), store.lr(e) * ctx.total_sqnorms(e))
-    ids, scores = run.ids, run.values
+        run.add(store.sample_ids(e), store.lr(e) * ctx.total_sqnorms(e), [e])
+    ids, scores = run.ids, run.scores()
     z = robust_z(np.log(np.maximum(scores, _TINY)))
     out.scalars["self_influence/flagged_share"] = float(np.mean(z > threshold)) if len(z) else 0.0
     out.scalars["self_influence/max"] = float(scores.max()) if len(scores) else 0.0
     out.histograms["self_influence/log10"] = np.log10(np.maximum(scores, _TINY))
-    top = np.argsort(-scores, kind="stable")[:k]
+    top = best(scores, k)
     table = _frame(
         rank=np.arange(1, len(top) + 1),
         id=ids[top],
@@ -181,7 +204,8 @@ def self_influence(
     return out
 
 
-def tracin(ctx: Context, k: int, epochs: str) -> Output:
+@_operator
+def tracin(ctx: Context, k: int = 5, epochs: str = "all") -> Output:
     """TracIn of every query sample: its ``k`` strongest training proponents."""
     store, out = ctx.store, Output()
     if not store.has_queries(ctx.epoch):
@@ -202,19 +226,18 @@ def tracin(ctx: Context, k: int, epochs: str) -> Output:
     ]
     if todo:
         summed = store.tracin(queries, epochs=todo)  # every one of them has these query rows
-        run.add(todo, summed.ids, summed.scores)
+        run.add(summed.ids, summed.scores, todo)
     left = sorted(e for e in ctx.left_out if e <= ctx.epoch) if epochs == "all" else []
     if left:
         out.note = (
             f"summed over the {len(run.epochs)} reported epochs; the {len(left)} epochs skipped to keep "
             "the reports within analytics_max_overhead are left out (store.tracin sums every epoch)"
         )
-    ids, scores = run.ids, run.values
+    ids, scores = run.ids, run.scores()
     k = min(k, len(ids))
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # a full sort of every row costs 10x more
-    best = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+    top = best(scores, k)
     q_labels = _known(ctx, "label", queries, split="query")
-    top_labels = _known(ctx, "label", ids[best].reshape(-1)).reshape(best.shape)
+    top_labels = _known(ctx, "label", ids[top].reshape(-1)).reshape(top.shape)
     known = q_labels >= 0
     if known.any():
         out.scalars["tracin/top1_same_label"] = float(np.mean(top_labels[known, 0] == q_labels[known]))
@@ -223,14 +246,15 @@ def tracin(ctx: Context, k: int, epochs: str) -> Output:
         query=np.repeat(queries, k),
         query_label=np.repeat(q_labels, k),
         rank=np.tile(np.arange(1, k + 1), len(queries)),
-        id=ids[best].reshape(-1),
+        id=ids[top].reshape(-1),
         label=top_labels.reshape(-1),
-        score=np.take_along_axis(scores, best, 1).reshape(-1),
+        score=np.take_along_axis(scores, top, 1).reshape(-1),
     )
     out.tables.append(("proponents", f"Top {k} TracIn proponents of each query", table))
     return out
 
 
+@_operator
 def class_conflicts(ctx: Context) -> Output:
     """Cosines between class gradients, and the share of samples opposing their class."""
     out = Output()
@@ -262,12 +286,13 @@ def class_conflicts(ctx: Context) -> Output:
     return out
 
 
-def outliers(ctx: Context, threshold: float) -> Output:
+@_operator
+def outliers(ctx: Context, threshold: float = 3.5) -> Output:
     """Samples whose gradient norm is far above the epoch's typical norm."""
     out = Output()
     ids = ctx.store.sample_ids(ctx.epoch)
     z = robust_z(np.log(np.maximum(np.sqrt(ctx.total_sqnorms()), _TINY)))
-    flagged = np.argsort(-z, kind="stable")
+    flagged = best(z, len(z))
     flagged = flagged[z[flagged] > threshold]
     out.scalars["outliers/flagged_share"] = float(len(flagged) / max(len(ids), 1))
     out.tables.append(
@@ -280,7 +305,8 @@ def outliers(ctx: Context, threshold: float) -> Output:
     return out
 
 
-def cluster(ctx: Context, k: int, dim: int, seed: int) -> Output:
+@_operator
+def cluster(ctx: Context, k: int = 10, dim: int = 16, seed: int = 0) -> Output:
     """k-means in gradient space, with the sketch's measured error and each cluster's labels."""
     out = Output()
     c = ctx.store.cluster(ctx.epoch, k, dim=dim, seed=seed)
@@ -309,7 +335,31 @@ def cluster(ctx: Context, k: int, dim: int, seed: int) -> Output:
     return out
 
 
-def topk(ctx: Context, ids: list[int] | None, k: int, metric: str) -> Output:
+@_operator
+def storage(ctx: Context) -> Output:
+    """Bytes on disk, what deduplication saved, the ratio to full fp32 gradients, and throughput."""
+    store, out = ctx.store, Output()
+    stored = store.nbytes_stored(ctx.epoch)
+    rows = store.row_count(ctx.epoch)
+    full = rows * sum(4 * _param_numel(store.layer_spec(name)) for name in store.layers)
+    saved = sum(s.get("bytes_saved", 0) for s in store.dedup_stats(ctx.epoch).values())
+    out.scalars.update(
+        {
+            "storage/epoch_bytes": float(stored),
+            "storage/total_bytes": float(store.nbytes_stored()),
+            "storage/dedup_saved_bytes": float(saved),
+            "storage/ratio_vs_fp32": float(full / stored) if stored else 0.0,
+            "storage/rows": float(rows),
+            "capture/dropped_rows": float(store.dropped(ctx.epoch)),
+        }
+    )
+    if ctx.epoch_seconds:
+        out.scalars["capture/rows_per_s"] = rows / ctx.epoch_seconds
+    return out
+
+
+@_operator
+def topk(ctx: Context, ids: list[int] | None = None, k: int = 5, metric: str = "cosine") -> Output:
     """Each query's ``k`` nearest training samples in this epoch's gradient space."""
     store, out = ctx.store, Output()
     split = "query" if store.has_queries(ctx.epoch) else "train"
@@ -334,7 +384,8 @@ def topk(ctx: Context, ids: list[int] | None, k: int, metric: str) -> Output:
     return out
 
 
-def similarity(ctx: Context, ids: list[int], metric: str) -> Output:
+@_operator
+def similarity(ctx: Context, ids: list[int], metric: str = "cosine") -> Output:
     """Gradient cosines (or inner products) between chosen training samples, as a heatmap."""
     store, out = ctx.store, Output()
     chosen = _present(ctx, ids, "train", "similarity", out)
@@ -368,6 +419,7 @@ def similarity(ctx: Context, ids: list[int], metric: str) -> Output:
     return out
 
 
+@_operator
 def class_gradients(ctx: Context) -> Output:
     """Each class's summed gradient: its sample count and norm."""
     out = Output()
@@ -380,7 +432,8 @@ def class_gradients(ctx: Context) -> Output:
     return out
 
 
-def restore(ctx: Context, ids: list[int], layers: list[str] | None) -> Output:
+@_operator
+def restore(ctx: Context, ids: list[int], layers: list[str] | None = None) -> Output:
     """The restored gradients of watched samples: each parameter's norm, logged epoch after epoch."""
     store, out = ctx.store, Output()
     chosen = _present(ctx, ids, "train", "restore", out)
@@ -400,43 +453,6 @@ def restore(ctx: Context, ids: list[int], layers: list[str] | None) -> Output:
                 rows["norm"].append(float(norm))
     out.tables.append(("norms", "Norms of the watched samples' restored gradients", _frame(**rows)))
     return out
-
-
-def storage(ctx: Context) -> Output:
-    """Bytes on disk, what deduplication saved, the ratio to full fp32 gradients, and throughput."""
-    store, out = ctx.store, Output()
-    stored = store.nbytes_stored(ctx.epoch)
-    rows = store.row_count(ctx.epoch)
-    full = rows * sum(4 * _param_numel(store.layer_spec(name)) for name in store.layers)
-    saved = sum(s.get("bytes_saved", 0) for s in store.dedup_stats(ctx.epoch).values())
-    out.scalars.update(
-        {
-            "storage/epoch_bytes": float(stored),
-            "storage/total_bytes": float(store.nbytes_stored()),
-            "storage/dedup_saved_bytes": float(saved),
-            "storage/ratio_vs_fp32": float(full / stored) if stored else 0.0,
-            "storage/rows": float(rows),
-            "capture/dropped_rows": float(store.dropped(ctx.epoch)),
-        }
-    )
-    if ctx.epoch_seconds:
-        out.scalars["capture/rows_per_s"] = rows / ctx.epoch_seconds
-    return out
-
-
-OPERATORS: dict[str, Callable[..., Output]] = {
-    "norms": norms,
-    "self_influence": self_influence,
-    "tracin": tracin,
-    "class_conflicts": class_conflicts,
-    "outliers": outliers,
-    "cluster": cluster,
-    "storage": storage,
-    "topk": topk,
-    "similarity": similarity,
-    "class_gradients": class_gradients,
-    "restore": restore,
-}
 
 
 def _stats(prefix: str, values: np.ndarray) -> dict[str, float]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from mstore_lightning.analytics.ranking import RunningSum
 from mstore_lightning.reports import operators
 from mstore_lightning.reports.artifacts import ReportPaths
 from mstore_lightning.reports.figures import Figures
@@ -43,7 +44,7 @@ class EpochReporter:
         html: bool = True,
     ) -> None:
         self.specs, self.paths, self.budget_s, self.html = list(specs), paths, budget_s, html
-        self.sums: dict[str, operators.RunningSum] = {}
+        self.sums: dict[str, RunningSum] = {}
         self.plots = Figures()  # drawn once, then only their changing parts each epoch
 
     def report(

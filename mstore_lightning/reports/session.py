@@ -118,7 +118,7 @@ class ReportSession:
             self._background.submit(epoch, step, epoch_seconds, self._left_out(epoch))
             return
         if self._reader is None:  # one reader for the whole run: its caches serve later epochs
-            from mstore_lightning.store.reader import open_store
+            from mstore_lightning.facade import open_store
 
             self._reader = open_store(*self._store_args, cache_bytes=CACHE_BYTES)
         dataset = self._dataset

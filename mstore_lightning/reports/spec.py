@@ -3,7 +3,8 @@
 ``GradientCapture(analytics=...)`` takes a list whose items are an operator name, or a one-key
 mapping ``{name: {param: value}}``, or a mapping with a ``name`` key; or a path to a YAML file
 holding such a list (under an optional top-level ``analytics`` key). Everything is validated when
-the callback is built, so a typo fails before training starts.
+the callback is built, so a typo fails before training starts. The operators, their parameters and
+defaults are those of :data:`mstore_lightning.reports.operators.OPERATORS`.
 
 Example:
     >>> [s.name for s in parse_analytics(["norms", {"self_influence": {"k": 5}}])]
@@ -21,24 +22,10 @@ from typing import Any
 
 import yaml
 
-# Operator -> its parameters and their defaults. ``None`` means "decided from the data".
-OPERATORS: dict[str, dict[str, Any]] = {
-    "norms": {"layers": None},
-    "self_influence": {"k": 20, "epochs": "all", "threshold": 3.5, "image_shape": None, "input_key": None},
-    "tracin": {"k": 5, "epochs": "all"},
-    "class_conflicts": {},
-    "outliers": {"threshold": 3.5},
-    "cluster": {"k": 10, "dim": 16, "seed": 0},
-    "storage": {},
-    "topk": {"ids": None, "k": 5, "metric": "cosine"},
-    "similarity": {"ids": [], "metric": "cosine"},
-    "class_gradients": {},
-    "restore": {"ids": [], "layers": None},
-}
+from mstore_lightning.reports.operators import OPERATORS, REQUIRED, parameters
+
 _EPOCH_CHOICES = ("all", "current")
 _METRICS = ("cosine", "dot")
-# Operators that need sample ids from the user: no default could pick them.
-_NEEDS_IDS = ("similarity", "restore")
 
 AnalyticsLike = Sequence[str | Mapping[str, Any]] | str | os.PathLike | None
 
@@ -52,7 +39,7 @@ class AnalyticSpec:
     """One configured epoch-end analytic.
 
     Attributes:
-        name: an operator in :data:`OPERATORS`.
+        name: an operator in :data:`~mstore_lightning.reports.operators.OPERATORS`.
         params: its parameters, defaults filled in.
     """
 
@@ -126,19 +113,19 @@ def _entry(item: Any, i: int) -> AnalyticSpec:
         )
     if not isinstance(params, Mapping):
         raise AnalyticsError(f"`analytics[{i}]` ({name}): parameters must be a mapping, got {params!r}.")
-    allowed = OPERATORS[name]
+    allowed = parameters(name)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         hint = ", ".join(allowed) if allowed else "none"
         raise AnalyticsError(
             f"`analytics[{i}]` ({name}) has unknown parameter(s) {', '.join(unknown)}; it takes: {hint}."
         )
-    merged = {**allowed, **params}
-    _check_params(name, merged, i)
+    merged = {**{k: v for k, v in allowed.items() if v is not REQUIRED}, **params}
+    _check_params(name, merged, i, required=[k for k, v in allowed.items() if v is REQUIRED])
     return AnalyticSpec(name, merged)
 
 
-def _check_params(name: str, p: dict[str, Any], i: int) -> None:
+def _check_params(name: str, p: dict[str, Any], i: int, required: list[str]) -> None:
     where = f"`analytics[{i}]` ({name})"
     for key in ("k", "dim"):
         if key in p and (isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 1):
@@ -168,5 +155,8 @@ def _check_params(name: str, p: dict[str, Any], i: int) -> None:
         or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ids)
     ):
         raise AnalyticsError(f"{where}: `ids` must be a list of sample ids (integers >= 0), got {ids!r}.")
-    if name in _NEEDS_IDS and not ids:
+    if "ids" in required and not ids:
         raise AnalyticsError(f"{where}: give the samples to follow, e.g. {{{name}: {{ids: [3, 17]}}}}.")
+    missing = [key for key in required if key not in p]
+    if missing:  # a parameter without a default, other than ids: fail here, not mid-training
+        raise AnalyticsError(f"{where}: give {', '.join(missing)}; it has no default.")

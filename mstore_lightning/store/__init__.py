@@ -1,6 +1,10 @@
-"""The Zarr v3 gradient store: layout, background writer, reader."""
+"""The Zarr v3 gradient store: layout, background writer, write session, verify, and the read side's
+catalog, chunk reader and public scan.
 
-from mstore_lightning.store.reader import GradientStore, StoreReadError, open_store
+Imports ``core`` and ``config`` only: it knows Zarr and bytes, never capture or analytics.
+"""
+
+from mstore_lightning.core.errors import StoreReadError
 from mstore_lightning.store.session import IncompatibleStoreError, StoreExistsError
 
-__all__ = ["GradientStore", "IncompatibleStoreError", "StoreExistsError", "StoreReadError", "open_store"]
+__all__ = ["IncompatibleStoreError", "StoreExistsError", "StoreReadError"]

@@ -36,68 +36,15 @@ import numpy as np
 import zarr
 from zarr.core.sync import collect_aiterator
 
+from mstore_lightning.core.quant import REF, stored_arrays
 from mstore_lightning.store import layout
-from mstore_lightning.store.dedup import ZERO_ROW
-from mstore_lightning.store.reader import StoreReadError
+from mstore_lightning.store.dedup import NO_REF, ZERO_ROW
+from mstore_lightning.store.verify_report import Problem, VerifyReport
+from mstore_lightning.store.zarr_io import StoreReadError
 
 META = "zarr.json"
-ROW_FIELDS = ("ids", "step", "loss", "label", "lr")  # every rank group's per-row records
-REF = "_ref"
-NO_REF = -1
 _UNKNOWN = -2  # a reference whose chunk could not be decoded: not checked further
 _SHOWN = 5  # rows named in one problem; the rest are counted
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One piece of damage: where it is (an array or group path and a chunk key) and what it is."""
-
-    array: str
-    chunk: str | None
-    what: str
-
-    def __str__(self) -> str:
-        where = f"{self.array}, chunk {self.chunk}" if self.chunk else self.array
-        return f"{where}: {self.what}"
-
-
-@dataclass
-class VerifyReport:
-    """What :func:`verify` found.
-
-    Attributes:
-        uri: the store checked.
-        problems: damage found; empty for a healthy store.
-        notes: facts worth knowing that are not damage (an epoch still open, an ambiguous zero chunk).
-        arrays_checked: arrays whose metadata and chunks were checked.
-        chunks_checked: chunks decoded, or accounted for as unwritten zeros.
-        epochs_committed: committed epochs, ascending.
-        epochs_open: epochs not committed, ascending.
-    """
-
-    uri: str
-    problems: list[Problem] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    arrays_checked: int = 0
-    chunks_checked: int = 0
-    epochs_committed: list[int] = field(default_factory=list)
-    epochs_open: list[int] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def summary(self) -> str:
-        """A human-readable account: the verdict and counts, then every problem and note on a line."""
-        verdict = "OK" if self.ok else f"DAMAGED, {len(self.problems)} problem(s)"
-        lines = [
-            f"{self.uri}: {verdict}",
-            f"  epochs committed: {self.epochs_committed}; open: {self.epochs_open}",
-            f"  {self.arrays_checked} arrays and {self.chunks_checked} chunks checked",
-        ]
-        lines += [f"  problem: {p}" for p in self.problems]
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
 
 
 def verify(
@@ -544,27 +491,23 @@ def epoch_states(uri: str | os.PathLike, storage_options: dict[str, Any] | None 
 
 def _expected(meta: dict[str, Any], recomputed: set[str]) -> dict[str, _Want]:
     """The arrays of one rank group of an epoch, by path under the group, and what each must be."""
-    out = {f"{layout.ROWS}/{f}": _Want() for f in ROW_FIELDS}
+    out = {f"{layout.ROWS}/{f}": _Want() for f in layout.ROW_FIELDS}
     for name, spec in meta.get("layers", {}).items():
         if not spec.get("representation") or name in recomputed:
             continue
         base = f"{layout.LAYERS}/{name}"
-        for array, aspec in spec["arrays"].items():
-            dedup = f"{name}/{array}" if aspec.get("dedup") else None
-            for part, info in aspec["parts"].items():
-                per = info.get("per", "row")
-                out[f"{base}/{part}"] = _Want(
-                    per=per,
-                    dtype=info["dtype"],
-                    row_shape=tuple(info["row_shape"]) if per == "row" else None,
-                    omit_zero=dedup is not None and per == "row",
-                    dedup=dedup if per == "row" else None,
-                    owner=f"{base}/{array}",
-                )
-            if dedup is not None:
-                out[f"{base}/{array}{REF}"] = _Want(
-                    dtype="int32", row_shape=(3,), omit_zero=True, dedup=dedup
-                )
+        for s in stored_arrays(spec["arrays"]):
+            dedup = (
+                f"{name}/{s.owner}" if spec["arrays"][s.owner].get("dedup") and s.role != "table" else None
+            )
+            out[f"{base}/{s.name}"] = _Want(
+                per="chunk" if s.role == "table" else "row",
+                dtype=s.dtype,
+                row_shape=None if s.role == "table" else s.row_shape,
+                omit_zero=s.dedup,
+                dedup=dedup,
+                owner=None if s.role == "ref" else f"{base}/{s.owner}",
+            )
     return out
 
 

@@ -18,11 +18,8 @@ import zarr
 import zarr.storage
 from zarr.core.sync import sync as zarr_sync
 
+from mstore_lightning.core.errors import StoreReadError
 from mstore_lightning.store import layout
-
-
-class StoreReadError(ValueError):
-    """The store, an epoch, a layer or a sample asked for is not there."""
 
 
 class ReadStore(zarr.storage.WrapperStore):

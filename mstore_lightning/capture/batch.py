@@ -1,0 +1,197 @@
+"""One captured batch into the open epoch: each planned layer's rows, their norms and the row fields;
+and whole loaders captured outside training steps (queries, ``timing="checkpoint"``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mstore_lightning.capture.decision import module_device, random_state_kept
+from mstore_lightning.capture.epoch import EpochLog
+from mstore_lightning.capture.finite import nonfinite_samples
+from mstore_lightning.capture.identity import MISSING_IDS
+from mstore_lightning.capture.layerset import LayerSet
+from mstore_lightning.capture.recompute import batch_loss
+from mstore_lightning.capture.rows import RowSink, select_rows, zero_rows
+from mstore_lightning.capture.scaling import grad_multiplier
+from mstore_lightning.capture.selection import SampleSelection, Step
+from mstore_lightning.config import CapturePolicy
+
+
+class BatchWriter:
+    """Writes captured batches of the open epoch through a :class:`~.rows.RowSink`.
+
+    Args:
+        layers: the captured layers; a layer found not to see one row per sample leaves them.
+        selection: the policy's sample selection.
+        sink: the open store's row sink.
+        warn: ``warn(message)`` for layers that never receive a gradient.
+        loss_fn: ``callable(module, batch) -> loss`` for the passes outside training steps.
+    """
+
+    def __init__(
+        self,
+        layers: LayerSet,
+        selection: SampleSelection,
+        sink: RowSink,
+        warn: Callable[[str], Any],
+        loss_fn: Callable[[Any, Any], Any] | None = None,
+    ) -> None:
+        self.layers, self.selection, self.sink = layers, selection, sink
+        self.policy: CapturePolicy = selection.policy
+        self._warn, self._loss_fn = warn, loss_fn
+
+    def write(
+        self,
+        log: EpochLog,
+        uses: dict[str, list],
+        step: Step,
+        multiplier: float,
+        global_step: int,
+        lr: float,
+        split: str = "train",
+        check_finite: bool = False,
+    ) -> None:
+        """Appends the rows of a batch whose ids are known; with ``check_finite``, samples whose
+        factors hold NaN or Inf are counted in ``log``."""
+        sqnorms, covers = self._write_layers(log, uses, multiplier, step, split)
+        if check_finite:
+            bad = nonfinite_samples(uses, len(step.ids), sqnorms, covers)
+            if bad is not None:
+                log.nonfinite.extend(step.ids[bad.cpu().numpy()].tolist())
+        without_loss = split == "query" or self.policy.timing == "checkpoint"  # no per-sample loss here
+        self.sink.append_row_fields(
+            log.epoch, step.ids, step.labels, step.keep, global_step, lr, without_loss, split
+        )
+
+    def write_losses(self, epoch: int, step: Step, per_sample_loss: Any) -> None:
+        """Appends a training step's per-sample losses: a tensor of one per sample, else NaN."""
+        n = len(step.ids)
+        losses = np.full(n, np.nan, dtype=np.float32)
+        if isinstance(per_sample_loss, torch.Tensor) and per_sample_loss.numel() == n:
+            losses = per_sample_loss.detach().float().reshape(-1).cpu().numpy()
+        self.sink.append_row_field(epoch, "loss", select_rows(torch.from_numpy(losses), step.keep))
+
+    def capture_pass(
+        self,
+        module: nn.Module,
+        loader: Iterable[Any],
+        log: EpochLog,
+        split: str,
+        positional: int | None,
+        global_step: int,
+        lr: float,
+        to_device: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """Captures the rows of ``loader``'s samples with the current weights, in eval mode.
+
+        ``positional`` is the loader's batch size when positions in it are dataset indices;
+        ``to_device`` moves a batch to the model's device.
+        """
+        hooks = self.layers.hooks
+        params = [
+            p for plan in self.layers.plans.values() for p in plan.module.parameters() if p.requires_grad
+        ]
+        with self._outside_training(module):
+            for batch_idx, batch in enumerate(loader):
+                batch = to_device(batch) if to_device is not None else batch
+                ids = self.selection.ids(batch)
+                if ids is None and positional is None:
+                    raise RuntimeError(
+                        MISSING_IDS.format(why=f" (in the {split} loader of the end-of-epoch pass)")
+                    )
+                hooks.active = True
+                with torch.enable_grad():
+                    loss = batch_loss(module, batch, self._loss_fn)
+                    torch.autograd.grad(loss, params, allow_unused=True)  # fires the hooks; .grad untouched
+                hooks.active = False
+                uses = hooks.take()
+                if not any(uses.values()):
+                    continue
+                n = self.layers.samples(uses, self.sink.run)
+                if ids is None:
+                    ids = batch_idx * positional + np.arange(n, dtype=np.int64)
+                keep = None
+                if split == "train":  # the policy's sample selection holds in this pass too
+                    keep, why = self.selection.kept(ids)
+                    if why:
+                        continue
+                labels = self.selection.labels(batch, n)
+                step = Step(ids=ids, labels=labels, keep=keep, backward_done=True)
+                multiplier = grad_multiplier(self.policy.loss_reduction, n)
+                self.write(log, uses, step, multiplier, global_step, lr, split)
+
+    @contextlib.contextmanager
+    def _outside_training(self, module: nn.Module) -> Iterator[None]:
+        """Eval mode and the global random state kept, for a pass that is not a training step.
+
+        Iterating a loader draws from the global random generators (a shuffling sampler's seed, every
+        DataLoader's base seed), so they are saved and restored: training goes on exactly as it would
+        without this pass.
+        """
+        was_training = module.training
+        module.eval()
+        # Rows of these passes are never dropped (on_pressure="drop" is for training steps): the
+        # writer's queue bounds their memory by making the pass wait.
+        writer = self.sink.run.writer
+        blocking, writer.block = writer.block, True
+        try:
+            with random_state_kept(module_device(module)):
+                yield
+        finally:
+            writer.block = blocking
+            self.layers.hooks.active = False
+            self.layers.hooks.discard()
+            module.train(was_training)
+
+    def _write_layers(
+        self, log: EpochLog, uses: dict[str, list], mult: float, step: Step, split: str
+    ) -> tuple[torch.Tensor | None, dict[str, int]]:
+        """Appends the batch's rows of every planned layer.
+
+        Returns:
+            The batch's exact squared norms (train rows; ``None`` otherwise), one column per planned
+            layer, and ``{layer: column}`` of the layers whose norm every element of their factors
+            enters: a NaN or Inf factor shows there, so those need no check of their own.
+        """
+        epoch, sink, plans = log.epoch, self.sink, self.layers.plans
+        newly_ready = []
+        covers: dict[str, int] = {}
+        rows_before = sink.run.rows_written(epoch, split)
+        # Exact squared norms of the layers where they are cheap, one column per planned layer.
+        sqnorms = torch.zeros(len(step.ids), len(plans), dtype=torch.float64) if split == "train" else None
+        for column, (name, plan) in enumerate(plans.items()):
+            layer_uses = uses.get(name, [])
+            if not plan.ready:
+                if not layer_uses:
+                    continue
+                from_data = not self.layers.hooks.input_requires_grad.get(name, True)
+                plan.finalize(layer_uses, self.policy, from_data)
+                newly_ready.append(plan)
+            if name in log.recomputed:
+                continue  # its rows are recomputed from the epoch's weights when read
+            if rows_before and not sink.has_layer(epoch, plan, split):  # rows before it first ran
+                sink.append_layer(epoch, plan, zero_rows(plan, rows_before), None, split)
+            rows = plan.rows(layer_uses, mult) if layer_uses else zero_rows(plan, len(step.ids))
+            if sqnorms is not None and plan.sqnorm_at_capture:
+                sqnorms[:, column] = plan.sqnorms(rows).cpu()
+                if layer_uses and plan.norm_covers_factors:
+                    covers[name] = column
+            sink.append_layer(epoch, plan, rows, step.keep, split)
+        if sqnorms is not None and sink.append_sqnorms(epoch, sqnorms, step.keep, rows_before):
+            log.sqnorm_gap = True  # this epoch's stored norms miss rows: readers use the factors
+        if newly_ready:
+            never = [n for n, p in plans.items() if not p.ready]
+            sink.run.update_meta(layers=self.layers.specs())
+            if never:
+                self._warn(
+                    f"GradientCapture: selected layers {never} produced no output gradient in the first "
+                    "captured batch (applied functionally, unused, or frozen upstream); they are not captured "
+                    "until they do."
+                )
+        return sqnorms, covers

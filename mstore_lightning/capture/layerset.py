@@ -1,0 +1,144 @@
+"""The layers a run captures: their plans, the hooks on them, what is not captured, what is recomputed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from mstore_lightning.capture.hooks import HookManager, refuse_compiled
+from mstore_lightning.capture.layers import (
+    LayerPlan,
+    not_per_sample,
+    not_per_sample_record,
+    samples_seen,
+    select_layers,
+)
+from mstore_lightning.config import CapturePolicy, PolicyError
+from mstore_lightning.store import layout
+from mstore_lightning.store.session import RunWriter
+
+
+class LayerSet:
+    """The captured layers of a model, by module name, with the hooks that collect their factors.
+
+    Args:
+        warn: ``warn(message)`` for selected parameters that are not captured.
+
+    Attributes:
+        plans: the captured layers by module name.
+        uncovered: selected parameters that are not captured, each with its reason.
+        recompute: store-or-recompute decisions by layer (see :mod:`.recompute`).
+        hooks: the forward and output-gradient hooks on the planned layers.
+    """
+
+    def __init__(self, warn: Callable[[str], Any]) -> None:
+        self.plans: dict[str, LayerPlan] = {}
+        self.uncovered: list[dict] = []
+        self.recompute: dict[str, dict[str, Any]] = {}
+        self.hooks = HookManager()
+        self._warn = warn
+
+    def select(self, model: nn.Module, policy: CapturePolicy) -> None:
+        """Plans ``model``'s layers by ``policy`` and attaches hooks to them (afresh each time).
+
+        Raises:
+            PolicyError: the policy selects no layer that can be captured.
+            RuntimeError: ``model`` is compiled.
+        """
+        refuse_compiled(model)
+        self.plans, self.uncovered = select_layers(model, policy)
+        for u in self.uncovered:
+            self._warn_uncovered(u)
+        if not self.plans:
+            raise PolicyError(
+                f"The policy's layers {list(policy.layers)} select no layer that can be captured; "
+                "see the warnings above for why."
+            )
+        self.hooks.detach()  # a second fit attaches afresh
+        self.hooks.attach(self.plans)
+        self.recompute = {
+            n: {"decision": "recompute", "why": "policy recompute.layers"}
+            for n, p in self.plans.items()
+            if policy.always_recomputed(n, type(p.module).__name__)
+        }
+
+    def recomputed(self) -> set[str]:
+        """Layers decided to be recomputed rather than stored."""
+        return {n for n, d in self.recompute.items() if d["decision"] == "recompute"}
+
+    def ready(self) -> dict[str, LayerPlan]:
+        """The plans whose representation is chosen (after their first captured batch)."""
+        return {n: p for n, p in self.plans.items() if p.ready}
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        """The JSON specs of the ready layers, as the run metadata records them."""
+        return {n: p.spec() for n, p in self.plans.items() if p.ready}
+
+    def run_meta(
+        self, policy: CapturePolicy, model_name: str, world_size: int, versions: dict[str, str]
+    ) -> dict[str, Any]:
+        """The run's metadata: the policy, these layers, and ``versions`` of the driving framework."""
+        import numcodecs
+        import zarr
+
+        return {
+            "schema_version": layout.SCHEMA_VERSION,
+            "policy": policy.to_dict(),
+            "loss_reduction": policy.loss_reduction,
+            "model": model_name,
+            "model_layers": {n: type(p.module).__name__ for n, p in self.plans.items()},
+            "layers": self.specs(),
+            "uncovered": self.uncovered,
+            "recompute": self.recompute,
+            "world_size": world_size,
+            "versions": {
+                "mstore_lightning": _version(),
+                "torch": torch.__version__,
+                **versions,
+                "zarr": zarr.__version__,
+                "numcodecs": numcodecs.__version__,
+            },
+        }
+
+    def samples(self, uses: dict[str, list], run: RunWriter) -> int:
+        """The batch's sample count; layers that did not see it row by row leave ``uses`` and the plans.
+
+        Such a layer (an input shared by the batch, broadcast after the layer) is reported as uncovered
+        the first time; one that was captured per sample before cannot be dropped without holes.
+        """
+        n = samples_seen(uses)
+        for name, rows in not_per_sample(uses, n).items():
+            del uses[name]
+            plan = self.plans.get(name)
+            if plan is None:
+                continue  # dropped at an earlier batch
+            if plan.ready:
+                raise RuntimeError(
+                    f"Layer {name!r} saw {rows} row(s) in a batch of {n} samples, but one row per sample in "
+                    "earlier batches; capture needs every batch to feed it one row per sample."
+                )
+            del self.plans[name]
+            self.recompute.pop(name, None)
+            record = not_per_sample_record(plan, rows, n)
+            self.uncovered.append(record)
+            self._warn_uncovered(record)
+            run.update_meta(uncovered=self.uncovered)
+        return n
+
+    def _warn_uncovered(self, u: dict) -> None:
+        self._warn(
+            f"GradientCapture does not capture {u['module']} ({u['type']}) parameters {u['params']} "
+            f"({u['numel']} numbers): {u['reason']}. They are recorded as uncovered in the store."
+        )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mstore-lightning")
+    except PackageNotFoundError:
+        return "unknown"

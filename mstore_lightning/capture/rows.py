@@ -1,0 +1,170 @@
+"""Hands a rank's captured rows to the store writer: each layer's arrays and the per-row fields.
+
+The training thread only copies rows into the writer's chunk buffers; the writer thread codes them
+(quantization, then deduplication of rows that can repeat) with the coder :meth:`RowSink.coding`
+builds when an array is opened.
+
+Example::
+
+    sink = RowSink(run, rank=0, dedup=RowIndex())
+    sink.append_layer(epoch, plan, plan.rows(uses, multiplier), keep=None)
+    sink.append_row_fields(epoch, ids, labels, keep=None, global_step=12, lr=0.1)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from mstore_lightning.capture.layers import LayerPlan
+from mstore_lightning.core import quant
+from mstore_lightning.store import layout
+from mstore_lightning.store.dedup import RowIndex, RowRefs
+from mstore_lightning.store.session import RunWriter
+from mstore_lightning.store.writer import Coder, PartSpec
+
+
+class RowSink:
+    """Appends one rank's rows of each epoch to its store, through the run's background writer.
+
+    Args:
+        run: the open store of this process.
+        rank: this process's rank (deduplication references name it).
+        dedup: the run's index of stored input rows (``policy.dedup``), or ``None``.
+        chunk_rows: rows per chunk of each layer, kept across runs by the caller.
+    """
+
+    def __init__(
+        self, run: RunWriter, rank: int, dedup: RowIndex | None, chunk_rows: dict[str, int] | None = None
+    ) -> None:
+        self.run, self.rank, self.dedup = run, rank, dedup
+        self._chunk_rows = {} if chunk_rows is None else chunk_rows
+
+    def has_layer(self, epoch: int, plan: LayerPlan, split: str = "train") -> bool:
+        """Whether ``plan``'s first array was opened in ``epoch`` (the layer ran in a batch)."""
+        group = self.run.rank_group(epoch, split)
+        return self.run.writer.has_array(group, f"{layout.LAYERS}/{plan.name}/{next(iter(plan.arrays))}")
+
+    def append_layer(
+        self,
+        epoch: int,
+        plan: LayerPlan,
+        rows: dict[str, torch.Tensor],
+        keep: torch.Tensor | None,
+        split: str = "train",
+    ) -> None:
+        """Appends a batch's rows of every array of ``plan``, the samples in ``keep`` (all: ``None``)."""
+        # Only copies here: the writer thread quantizes and deduplicates (see coding).
+        chunk_rows = self.layer_chunk_rows(plan)
+        for array, values in rows.items():
+            spec = plan.arrays[array]
+            self.run.append(
+                epoch,
+                f"{layout.LAYERS}/{plan.name}/{array}",
+                quant.buffered(spec, select_rows(values, keep)),
+                quant.buffer_dtype(spec),
+                chunk_rows,
+                coding=functools.partial(self.coding, plan, array, split, epoch),
+                split=split,
+            )
+
+    def coding(self, plan: LayerPlan, array: str, split: str, epoch: int) -> tuple[list[PartSpec], Coder]:
+        """The stored parts of one of a layer's arrays, and the writer-side coder that makes them:
+        quantization, then (for rows that can repeat) deduplication against the run's index."""
+        spec, prefix = plan.arrays[array], f"{layout.LAYERS}/{plan.name}/"
+        dedup = array in plan.dedup_arrays()
+        parts = []
+        for part, info in spec["parts"].items():
+            if info.get("per", "row") != "row":
+                continue  # a chunk codec's tables: the writer makes them with the codes
+            codec = quant.chunk_codec(spec, array, part)
+            shape, dtype = (
+                (codec.row_shape, np.float32) if codec else (tuple(info["row_shape"]), info["dtype"])
+            )
+            # Only training rows are references; and a reference to (epoch 0, rank 0, row 0) is zeros
+            # too, so reference chunks are always written: a missing one is damage.
+            parts.append(PartSpec(prefix + part, shape, np.dtype(dtype), dedup and split == "train", codec))
+        refs = None
+        if dedup:  # query rows are stored in full: references point only at training rows
+            ref = f"{prefix}{array}_ref"
+            parts.append(PartSpec(ref, (3,), np.dtype(np.int32)))
+            index = self.dedup if split == "train" else None
+            refs = RowRefs(index, f"{plan.name}/{array}", ref, epoch, self.rank)
+
+        def coder(rows: np.ndarray, first_row: int) -> dict[str, np.ndarray]:
+            coded = quant.encode(spec, prefix + array, rows)
+            return refs(coded, first_row) if refs is not None else coded
+
+        return parts, coder
+
+    def layer_chunk_rows(self, plan: LayerPlan) -> int:
+        """Rows per chunk of ``plan``'s arrays: one chunk of each holds about ``chunk_bytes``."""
+        if plan.name not in self._chunk_rows:
+            stored = sum(quant.row_nbytes(spec) for spec in plan.arrays.values())
+            buffered = sum(quant.buffered_nbytes(spec) for spec in plan.arrays.values())
+            self._chunk_rows[plan.name] = self.run.writer.chunk_rows_for(stored, buffered)
+        return self._chunk_rows[plan.name]
+
+    def append_sqnorms(
+        self, epoch: int, sqnorms: torch.Tensor, keep: torch.Tensor | None, rows_before: int
+    ) -> bool:
+        """Appends a batch's squared norms, one column per planned layer.
+
+        Returns:
+            Whether the epoch's earlier rows have no stored norms (they were padded with zeros).
+        """
+        group, name = self.run.rank_group(epoch), f"{layout.ROWS}/{layout.SQNORMS}"
+        gap = bool(rows_before) and not self.run.writer.has_array(group, name)
+        if gap:  # rows from before these norms were kept (a resumed run of an older version)
+            self.run.append(epoch, name, torch.zeros(rows_before, sqnorms.shape[1]), np.float32)
+        self.run.append(epoch, name, select_rows(sqnorms.float(), keep), np.float32)
+        return gap
+
+    def append_row_fields(
+        self,
+        epoch: int,
+        ids: np.ndarray,
+        labels: np.ndarray | None,
+        keep: torch.Tensor | None,
+        global_step: int,
+        lr: float,
+        without_loss: bool = False,
+        split: str = "train",
+    ) -> None:
+        """Appends a batch's ids, step, labels (``-1``: unknown) and learning rate; with
+        ``without_loss`` (a pass that computes no per-sample loss) NaN losses too."""
+        n = len(ids)
+        fields = {
+            "ids": torch.from_numpy(ids),
+            "step": torch.full((n,), global_step, dtype=torch.int64),
+            "label": torch.from_numpy(labels) if labels is not None else torch.full((n,), -1),
+            "lr": torch.full((n,), lr, dtype=torch.float64),
+        }
+        if without_loss:
+            fields["loss"] = torch.full((n,), float("nan"), dtype=torch.float32)
+        for name, values in fields.items():
+            self.append_row_field(epoch, name, select_rows(values, keep), split)
+
+    def append_row_field(self, epoch: int, name: str, values: torch.Tensor, split: str = "train") -> None:
+        """Appends rows of one of :data:`layout.ROW_FIELDS`."""
+        chunk_rows = self.run.writer.chunk_rows_for(8 * len(layout.ROW_FIELDS))
+        self.run.append(
+            epoch, f"{layout.ROWS}/{name}", values, layout.ROW_FIELDS[name], chunk_rows, split=split
+        )
+
+
+def select_rows(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``values`` at positions ``keep`` (all of them: ``None``)."""
+    return values if keep is None else values.index_select(0, keep.to(values.device))
+
+
+def zero_rows(plan: LayerPlan, n: int) -> dict[str, torch.Tensor]:
+    """``n`` rows of zeros for each of ``plan``'s arrays."""
+    # A layer that did not run in a batch has zero gradient there; zeros keep rows aligned.
+    out = {}
+    for name, info in plan.arrays.items():
+        dtype = torch.int64 if info["dtype"] == "int64" else torch.float32
+        out[name] = torch.zeros((n, *info["row_shape"]), dtype=dtype)
+    return out

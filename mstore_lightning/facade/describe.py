@@ -1,0 +1,62 @@
+"""A store described in words: what ``GradientStore.describe()``, ``mstore inspect`` and the report show."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mstore_lightning.facade.gradient_store import GradientStore
+
+
+def describe(store: GradientStore) -> str:
+    """Epochs, layers, what each stores and why, bytes, and what is not captured."""
+    lines = [f"gradient store {store.uri}", f"  epochs committed: {store.epochs}"]
+    pol = store.policy
+    lines.append(
+        f"  precision {pol.get('precision')}, loss reduction {pol.get('loss_reduction')}, "
+        f"layers {pol.get('layers')}"
+    )
+    for ep in store.epochs:
+        line = f"  epoch {ep}: {store.row_count(ep)} rows, lr {store.lr(ep):.4g}"
+        dedup = store.dedup_stats(ep).values()
+        if any(d.get("duplicates") for d in dedup):
+            dups, saved = sum(d["duplicates"] for d in dedup), sum(d["bytes_saved"] for d in dedup)
+            line += f", dedup stored {dups:,} input rows as references ({saved:,} B uncompressed saved)"
+        lines.append(line)
+    lines.append("  layers:")
+    for name in store.layers:
+        s = store.layer_spec(name)
+        choice = s.get("choice", {})
+        encodings = sorted({a["encoding"] for a in s["arrays"].values()})
+        head = f"    {name} ({s['module_type']}): {choice.get('kept', s['representation'])}"
+        lines.append(
+            f"{head}, params {s['params']}, {choice.get('bytes_per_sample', 0):,} B/sample raw "
+            f"({'/'.join(encodings)})"
+        )
+        if choice.get("reason"):
+            lines.append(f"      why: {choice['reason']}")
+        if store.approximate(name):
+            lines.append(f"      approximate: {store.approximate(name)}")
+        decision = store.meta.get("recompute", {}).get(name)
+        if decision:
+            lines.append(f"      store or recompute: {explain_decision(decision)}")
+    if store.uncovered:
+        lines.append("  not captured:")
+        for u in store.uncovered:
+            lines.append(
+                f"    {u['module']}.{{{','.join(u['params'])}}} ({u['numel']} numbers): {u['reason']}"
+            )
+    lines.append(f"  bytes on disk: {store.nbytes_stored():,}")
+    return "\n".join(lines)
+
+
+def explain_decision(d: dict[str, Any]) -> str:
+    """One store-or-recompute decision (``meta["recompute"][layer]``) in words."""
+    if "gamma_s_per_gb" not in d:
+        return f"{d['decision']} ({d.get('why', '')})"
+    return (
+        f"{d['decision']} after epoch {d['decided_after_epoch']}: gamma = (t_recompute "
+        f"{d['t_recompute_s']:.3g} s - t_read {d['t_read_s']:.3g} s) x {d['expected_queries']} queries / "
+        f"{d['bytes_per_sample']:,.0f} B = {d['gamma_s_per_gb']:.4g} s/GB vs threshold "
+        f"{d['threshold_s_per_gb']:g} s/GB"
+    )

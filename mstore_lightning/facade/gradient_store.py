@@ -1,0 +1,316 @@
+"""``open_store`` and ``GradientStore``: a read-only store, each method a few lines over the parts.
+
+The catalog says what is stored, the scan streams a layer's rows (stored or recomputed), the
+representations hold the kernels, and ``analytics`` composes them. Nothing is unpickled, and the
+model is never needed (except to recompute layers an epoch did not store).
+
+Example::
+
+    store = open_store("runs/demo.zarr")
+    ids = store.sample_ids(store.epochs[-1])
+    norms = store.norms(store.epochs[-1])
+    worst = ids[np.argsort(norms)[::-1][:20]]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from typing_extensions import Self
+
+from mstore_lightning import analytics
+from mstore_lightning.analytics import kernels
+from mstore_lightning.capture.recompute import Recompute
+from mstore_lightning.facade.describe import describe
+from mstore_lightning.store.scan import Scan
+
+Ids = Sequence[int] | np.ndarray
+
+
+class QueryResult(np.ndarray):
+    """A float array of query results that says which layers made it an estimate.
+
+    Attributes:
+        approximate: ``{layer: why}`` for each layer stored pooled, projected or recomputed; empty
+            when every value is exact up to the storage precision.
+    """
+
+    approximate: dict[str, str]
+
+    def __new__(cls, values: np.ndarray, approximate: dict[str, str]) -> Self:
+        out = np.asarray(values).view(cls)
+        out.approximate = dict(approximate)
+        return out
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.approximate = dict(getattr(obj, "approximate", {}) or {})
+
+
+def open_store(
+    uri: str | os.PathLike, storage_options: dict[str, Any] | None = None, *, cache_bytes: int = 0
+) -> GradientStore:
+    """Opens a gradient store read-only.
+
+    Args:
+        uri: local path or fsspec URL (``s3://...``) of the store.
+        storage_options: passed to fsspec for URLs.
+        cache_bytes: keep up to this many bytes of decoded chunks, least recently used first out,
+            so that several queries on the same epochs read each chunk once. ``0`` (the default)
+            keeps none: memory then follows one chunk, whatever the queries.
+    """
+    return GradientStore(Scan.open(uri, storage_options, cache_bytes))
+
+
+class GradientStore:
+    """A read-only view of a gradient store. Use :func:`open_store` to get one.
+
+    Attributes:
+        scan: the public scan under every query (``scan.catalog`` for what is stored,
+            ``scan.source(epoch, layer)`` for a layer's rows), for operators of your own.
+    """
+
+    def __init__(self, scan: Scan) -> None:
+        self.scan = scan
+        self.catalog = scan.catalog
+        self.uri, self.storage_options = scan.catalog.uri, scan.catalog.storage_options
+        self.meta: dict[str, Any] = scan.catalog.meta
+
+    # ---------------------------------------------------------------- what is there
+    @property
+    def epochs(self) -> list[int]:
+        """Committed epochs, ascending. An epoch still being written is not listed."""
+        return self.catalog.epochs
+
+    @property
+    def layers(self) -> list[str]:
+        """Captured module names."""
+        return self.catalog.layers
+
+    @property
+    def uncovered(self) -> list[dict[str, Any]]:
+        """Selected parameters that are not captured, with the reason for each."""
+        return list(self.meta.get("uncovered", []))
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        return dict(self.meta.get("policy", {}))
+
+    def layer_spec(self, layer: str) -> dict[str, Any]:
+        self.catalog.rep(layer)
+        return dict(self.meta["layers"][layer])
+
+    def approximate(self, layer: str) -> str | None:
+        """Why ``layer``'s results are estimates (pooled or projected), or ``None`` when exact."""
+        return self.catalog.rep(layer).approximate
+
+    def recomputed(self, epoch: int) -> list[str]:
+        """Layers of ``epoch`` stored as weights to recompute from, not as rows."""
+        return self.catalog.recomputed(epoch)
+
+    def lr(self, epoch: int) -> float:
+        """The learning rate in force at the start of ``epoch`` (first optimizer, first group)."""
+        return self.catalog.lr(epoch)
+
+    def sample_ids(self, epoch: int, split: str = "train") -> np.ndarray:
+        """Global dataset index of each captured row of ``epoch``: training rows, or with
+        ``split="query"`` the query samples captured at the epoch's end (``GradientCapture(query=)``)."""
+        return self.catalog.row_field(epoch, "ids", split)
+
+    def row_count(self, epoch: int, split: str = "train") -> int:
+        """Rows of ``epoch``'s ``split``, read from its arrays' metadata alone."""
+        return self.catalog.row_count(epoch, split)
+
+    def has_queries(self, epoch: int) -> bool:
+        """Whether ``epoch`` holds query rows."""
+        return self.catalog.has_queries(epoch)
+
+    def row_field(self, epoch: int, field: str, split: str = "train") -> np.ndarray:
+        """One per-row record of ``epoch``: ``ids``, ``step``, ``loss``, ``label`` or ``lr``."""
+        return self.catalog.row_field(epoch, field, split)
+
+    def preload(self, epochs: Sequence[int], records: Sequence[str] = (), split: str = "train") -> None:
+        """Reads the metadata of ``epochs`` and their row ``records`` in a few round trips, however
+        many epochs: on a store of small epochs those trips, not the bytes, are what a query costs."""
+        self.catalog.preload(epochs, records, split)
+
+    def nonfinite(self, epoch: int) -> np.ndarray:
+        """Ids of ``epoch``'s training samples whose captured gradients hold NaN or Inf (the first
+        1,000 of each process)."""
+        ids = [i for attrs in self.catalog.rank_attrs(epoch, "nonfinite") for i in attrs.get("ids", [])]
+        return np.asarray(sorted(ids), dtype=np.int64)
+
+    def dropped(self, epoch: int) -> int:
+        """Rows of ``epoch`` not stored because the writer was behind (``on_pressure="drop"``)."""
+        return sum(int(attrs.get("rows", 0)) for attrs in self.catalog.rank_attrs(epoch, "dropped"))
+
+    def dedup_stats(self, epoch: int | None = None) -> dict[str, dict[str, int]]:
+        """What deduplication saved, by ``"<layer>/<array>"``, summed over ranks (and epochs).
+
+        Each entry holds ``rows`` looked at, ``duplicates`` stored as references, ``bytes_saved``
+        (uncompressed bytes of those rows) and hash ``collisions`` caught by the byte check.
+        """
+        total: dict[str, dict[str, int]] = {}
+        for ep in [epoch] if epoch is not None else self.epochs:
+            for attrs in self.catalog.rank_attrs(ep, "dedup"):
+                for key, stats in dict(attrs.get("arrays", {})).items():
+                    into = total.setdefault(key, {})
+                    for k, v in stats.items():
+                        into[k] = into.get(k, 0) + int(v)
+        return total
+
+    def nbytes_stored(self, epoch: int | None = None, layer: str | None = None) -> int:
+        """Bytes stored for the whole store, one committed epoch, or one layer (in one epoch or all).
+
+        Sums the sizes of the store's files, or of its objects for a URL store (one listing each).
+        """
+        return self.catalog.nbytes_stored(epoch, layer)
+
+    def describe(self) -> str:
+        """A human-readable summary: epochs, layers, representation, bytes, and what is not captured."""
+        return describe(self)
+
+    # ---------------------------------------------------------------- gradients
+    def restore(self, epoch: int, layer: str, ids: Ids, split: str = "train") -> dict[str, torch.Tensor]:
+        """Per-sample gradients of ``layer``'s captured parameters for samples ``ids``.
+
+        Returns:
+            ``{param name: tensor of shape (len(ids), *param.shape)}``.
+        """
+        src = self.scan.source(epoch, layer, split)
+        src.rep.check_restore()  # a projection refuses before anything is read
+        return src.rep.restore(src.gather(self.catalog.rows_of(epoch, ids, split)))
+
+    def factors(self, epoch: int, layer: str, ids: Ids, split: str = "train") -> dict[str, torch.Tensor]:
+        """The stored arrays of ``layer`` for samples ``ids``, decoded: ``{"a": ..., "d": ...}`` for a
+        factored layer (rows ``(len(ids), uses, ...)``), per-parameter gradients for a full one."""
+        return self.scan.source(epoch, layer, split).gather(self.catalog.rows_of(epoch, ids, split))
+
+    def blocks(self, epoch: int, layer: str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Streams ``layer``'s decoded rows of ``epoch`` one chunk at a time.
+
+        Yields:
+            ``(first, rows)``: the position of the block's first row in :meth:`sample_ids`, and the
+            stored arrays as the layer's family reads them (pooled maps repeated over their blocks).
+        """
+        src = self.scan.source(epoch, layer)
+        for block in src.blocks():
+            yield block.first, src.rep.unpacked(block.load())
+
+    def norms(
+        self,
+        epoch: int,
+        layers: Sequence[str] | None = None,
+        *,
+        split: str = "train",
+        client: Any = None,
+        kept: bool = True,
+    ) -> np.ndarray:
+        """Per-sample gradient L2 norm over ``layers``, aligned with :meth:`sample_ids`.
+
+        Where the capture kept every asked-for layer's squared norms (full gradients, and linear
+        layers with one position per sample), they are read: exact, before any quantization.
+        Otherwise, or with ``kept=False``, they are computed on the stored factors, chunk by chunk,
+        without restoring gradients (what ``dot`` and the other operators see); with a
+        ``distributed.Client``, one Dask task per chunk on its workers.
+        """
+        total = kernels.sqnorms(self.scan, epoch, layers, split, client, kept)
+        return QueryResult(np.sqrt(total), self.scan.approximate(epoch, layers))
+
+    def dot(
+        self,
+        epoch: int,
+        ids_a: Ids,
+        ids_b: Ids,
+        layers: Sequence[str] | None = None,
+        *,
+        split_a: str = "train",
+        split_b: str = "train",
+        client: Any = None,
+    ) -> np.ndarray:
+        """``(len(ids_a), len(ids_b))`` per-sample gradient inner products over ``layers``.
+
+        Computed on the factors as ``Σ_{t,s} (a_t·a'_s)(d_t·d'_s)``; ``ids_b`` streams in blocks.
+        ``split_a="query"`` takes the first ids among the epoch's query rows.
+        """
+        out = kernels.dot(self.scan, epoch, ids_a, ids_b, layers, split_a, split_b, client)
+        return QueryResult(out, self.scan.approximate(epoch, layers))
+
+    # ---------------------------------------------------------------- analytics
+    def cosine(self, epoch: int, ids_a: Ids, ids_b: Ids, layers: Sequence[str] | None = None) -> np.ndarray:
+        """``(len(ids_a), len(ids_b))`` cosines between per-sample gradients."""
+        return analytics.cosine(self.scan, epoch, ids_a, ids_b, layers)
+
+    def class_gradients(self, epoch: int, layers: Sequence[str] | None = None) -> analytics.ClassGradients:
+        """Per-class sums of per-sample gradients; see :func:`mstore_lightning.analytics.class_gradients`."""
+        return analytics.class_gradients(self.scan, epoch, layers)
+
+    def class_conflicts(self, epoch: int, layers: Sequence[str] | None = None) -> analytics.ClassConflicts:
+        """Cosines between class gradients and the samples opposing their class's; see
+        :func:`mstore_lightning.analytics.class_conflicts`."""
+        return analytics.class_conflicts(self.scan, epoch, layers)
+
+    def outliers(
+        self, epoch: int, threshold: float = 3.5, layers: Sequence[str] | None = None
+    ) -> analytics.Outliers:
+        """Samples with unusually large gradients; see :func:`mstore_lightning.analytics.outliers`."""
+        return analytics.outliers(self.scan, epoch, threshold, layers)
+
+    def cluster(
+        self, epoch: int, k: int, dim: int = 16, layers: Sequence[str] | None = None, seed: int = 0
+    ) -> analytics.Clusters:
+        """k-means on seeded gradient sketches; see :func:`mstore_lightning.analytics.cluster`."""
+        return analytics.cluster(self.scan, epoch, k, dim, layers, seed)
+
+    def self_influence(
+        self, epochs: Sequence[int] | None = None, layers: Sequence[str] | None = None, client: Any = None
+    ) -> analytics.Influence:
+        """``(ids, scores)``: ``Σ_e lr_e ‖g_i(e)‖²`` per sample; see :mod:`mstore_lightning.analytics`."""
+        return analytics.self_influence(self.scan, epochs, layers, client)
+
+    def tracin(
+        self,
+        query_ids: Ids,
+        epochs: Sequence[int] | None = None,
+        layers: Sequence[str] | None = None,
+        client: Any = None,
+    ) -> analytics.Influence:
+        """``(ids, scores)`` with scores ``(len(query_ids), len(ids))``: ``Σ_e lr_e ⟨g_train, g_query⟩``."""
+        return analytics.tracin(self.scan, query_ids, epochs, layers, client)
+
+    def topk(
+        self,
+        query_ids: Ids,
+        k: int,
+        epoch: int | None = None,
+        metric: str = "cosine",
+        layers: Sequence[str] | None = None,
+        client: Any = None,
+    ) -> analytics.Neighbours:
+        """Per query, ``k`` training ids and scores, best first (``metric`` ``"cosine"`` or ``"dot"``)."""
+        return analytics.topk(self.scan, query_ids, k, epoch, metric, layers, client)
+
+    # ---------------------------------------------------------------- recompute
+    def attach_recompute(
+        self,
+        model: torch.nn.Module,
+        dataset: Any,
+        *,
+        collate_fn: Any = None,
+        loss_fn: Any = None,
+        batch_size: int = 64,
+    ) -> None:
+        """Gives the store what it needs to recompute layers that an epoch did not store.
+
+        Args:
+            model: a model of the trained architecture; it is copied, and the copy gets each epoch's
+                stored weights, so ``model`` itself is never changed.
+            dataset: the training data, indexable by sample id.
+            collate_fn: builds a batch from items (``default_collate`` by default).
+            loss_fn: ``callable(model, batch) -> loss``; by default ``training_step(batch, 0)``.
+            batch_size: samples per recompute pass.
+        """
+        self.scan.recompute = Recompute(model, dataset, collate_fn, loss_fn, batch_size)
