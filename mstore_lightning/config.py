@@ -21,6 +21,7 @@ from typing import Any, Union
 import numpy as np
 import yaml
 
+from mstore_lightning.core import checks
 from mstore_lightning.core.quant import check_precision
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -221,8 +222,7 @@ class CapturePolicy:
 
 # -------------------------------------------------------------------- helpers
 def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise PolicyError(f"`{name}` can be {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+    checks.choice(name, value, allowed, PolicyError)
 
 
 def _parse_patterns(name: str, value: Any, allow_empty: bool) -> tuple[str, ...]:
@@ -238,16 +238,12 @@ def _parse_patterns(name: str, value: Any, allow_empty: bool) -> tuple[str, ...]
 
 
 def _parse_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise PolicyError(f"`{name}` must be an integer, got {value!r}.")
-    return int(value)
+    return checks.whole(name, value, error=PolicyError)
 
 
 def _parse_positive_int(name: str, value: Any) -> int:
-    value = _parse_int(name, value)
-    if value < 1:
-        raise PolicyError(f"`{name}` must be an integer >= 1, got {value!r}.")
-    return value
+    # Two messages: "an integer" for a value of another type, "an integer >= 1" for one too small.
+    return checks.whole(name, _parse_int(name, value), low=1, error=PolicyError)
 
 
 def _parse_epochs(value: Any) -> Any:
@@ -316,10 +312,14 @@ def _parse_budget(value: Any) -> dict[str, Any] | None:
     if "bytes_per_sample" in value:
         out["bytes_per_sample"] = _parse_positive_int("budget.bytes_per_sample", value["bytes_per_sample"])
     if "max_error" in value:
-        e = value["max_error"]
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < float(e) < 1:
-            raise PolicyError(f"`budget.max_error` must be a number in (0, 1), got {e!r}.")
-        out["max_error"] = float(e)
+        out["max_error"] = checks.number(
+            "budget.max_error",
+            value["max_error"],
+            positive=True,
+            below=1,
+            noun="a number in (0, 1)",
+            error=PolicyError,
+        )
     return out
 
 
@@ -340,9 +340,9 @@ def _parse_recompute(value: Any) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     if "threshold_s_per_gb" in value:
         t = value["threshold_s_per_gb"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not float(t) > 0:
-            raise PolicyError(f"`recompute.threshold_s_per_gb` must be a number > 0, got {t!r}.")
-        out["threshold_s_per_gb"] = float(t)
+        out["threshold_s_per_gb"] = checks.number(
+            "recompute.threshold_s_per_gb", t, positive=True, error=PolicyError
+        )
         out["expected_queries"] = _parse_positive_int(
             "recompute.expected_queries", value.get("expected_queries", 10)
         )

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from mstore_lightning.capture import choice
 from mstore_lightning.core import pooling, projection
+from mstore_lightning.core.representation import Representation
 from mstore_lightning.core.families.registry import Extractor, find_extractor
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
 
@@ -35,6 +36,7 @@ class LayerPlan:
     summary: dict[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] = ()  # one use's per-sample input shape, fixed at the first batch
     _matrices: tuple[Tensor, Tensor] | None = None
+    _rep: Representation | None = None
 
     @property
     def ready(self) -> bool:
@@ -151,12 +153,17 @@ class LayerPlan:
         every element."""
         return self.sqnorm_at_capture and self.representation == "factors" and "weight" in self.params
 
+    @property
+    def rep(self) -> Representation:
+        """The representation chosen (once :attr:`ready`): what the store's readers see."""
+        if self._rep is None:
+            self._rep = Representation.from_spec(self.spec())
+        return self._rep
+
     def sqnorms(self, rows: dict[str, Tensor]) -> Tensor:
         """Per-sample squared gradient norms ``(B,)`` (float64) of one batch's exact rows, before
         any quantization; only where :attr:`sqnorm_at_capture`."""
-        if self.representation == "full":
-            return sum(r.reshape(r.shape[0], -1).double().pow(2).sum(1) for r in rows.values())
-        return self.extractor.sqnorm(self.hyper, self.params, rows).double()
+        return self.rep.sqnorm(rows)
 
     def rows(self, uses: list[tuple[Tensor, Tensor]], multiplier: float) -> dict[str, Tensor]:
         """Per-sample rows of one batch, with ``d`` scaled to each sample's own loss."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from mstore_lightning.core import checks
 from mstore_lightning.reports.operators import OPERATORS, REQUIRED, parameters
 
 _EPOCH_CHOICES = ("all", "current")
@@ -127,13 +128,15 @@ def _entry(item: Any, i: int) -> AnalyticSpec:
 
 def _check_params(name: str, p: dict[str, Any], i: int, required: list[str]) -> None:
     where = f"`analytics[{i}]` ({name})"
+
+    def error(message: str) -> AnalyticsError:
+        return AnalyticsError(f"{where}: {message}")
+
     for key in ("k", "dim"):
-        if key in p and (isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 1):
-            raise AnalyticsError(f"{where}: `{key}` must be a positive integer, got {p[key]!r}.")
-    if "threshold" in p and (
-        isinstance(p["threshold"], bool) or not isinstance(p["threshold"], (int, float))
-    ):
-        raise AnalyticsError(f"{where}: `threshold` must be a number, got {p['threshold']!r}.")
+        if key in p:
+            checks.whole(key, p[key], low=1, noun="a positive integer", error=error)
+    if "threshold" in p:
+        checks.number("threshold", p["threshold"], error=error)
     if "epochs" in p and p["epochs"] not in _EPOCH_CHOICES:
         raise AnalyticsError(f"{where}: `epochs` can be {' or '.join(_EPOCH_CHOICES)}, got {p['epochs']!r}.")
     shape = p.get("image_shape")

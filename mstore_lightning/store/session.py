@@ -12,8 +12,9 @@ import torch
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
-from mstore_lightning.store import layout
+from mstore_lightning.core.checks import choice
 from mstore_lightning.core.quant import TABLE
+from mstore_lightning.store import layout
 from mstore_lightning.store.weights import WEIGHTS, save_weights
 from mstore_lightning.store.writer import (
     DEFAULT_CHUNK_BYTES,
@@ -59,8 +60,7 @@ class RunWriter:
         storage_options: dict[str, Any] | None = None,
         low_priority: bool = True,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"`mode` can be {', '.join(repr(m) for m in MODES)}; got {mode!r}.")
+        choice("mode", mode, MODES)
         self.uri, self.mode, self.rank = str(uri), mode, rank
         self.storage_options = storage_options
         self.writer = BackgroundWriter(
