@@ -36,14 +36,19 @@ class RunningSum:
         """Adds ``values``, whose last axis follows ``ids``; ``epochs`` records what they sum over."""
         ids = np.asarray(ids, dtype=np.int64)
         values = np.asarray(values, dtype=np.float64)
-        if self.values is None or not np.array_equal(ids, self.ids):
-            union = np.union1d(self.ids, ids)
-            if self.values is None or len(union) != len(self.ids):  # new ids: grow
-                grown = np.zeros((*values.shape[:-1], len(union)), dtype=np.float64)
-                if self.values is not None:
-                    grown[..., np.searchsorted(union, self.ids)] = self.values
-                self.ids, self.values = union, grown
-        scatter_add(self.values, np.searchsorted(self.ids, ids), values)
+        if self.values is None:
+            self.ids = np.unique(ids)
+            self.values = np.zeros((*values.shape[:-1], len(self.ids)), dtype=np.float64)
+        at = np.searchsorted(self.ids, ids)
+        known = at < len(self.ids)
+        known[known] = self.ids[at[known]] == ids[known]
+        if not known.all():  # new ids: grow, keeping the sums so far
+            union = np.union1d(self.ids, ids[~known])
+            grown = np.zeros((*values.shape[:-1], len(union)), dtype=np.float64)
+            grown[..., np.searchsorted(union, self.ids)] = self.values
+            self.ids, self.values = union, grown
+            at = np.searchsorted(union, ids)
+        scatter_add(self.values, at, values)
         self.epochs.update(int(e) for e in epochs)
 
     def scores(self) -> np.ndarray:
@@ -55,8 +60,8 @@ def scatter_add(scores: np.ndarray, columns: np.ndarray, values: np.ndarray) -> 
     """``scores[..., columns] += values``, a column named twice counted twice."""
     if len(columns) and columns[-1] - columns[0] == len(columns) - 1 and np.all(columns[1:] > columns[:-1]):
         scores[..., columns[0] : columns[-1] + 1] += values  # a run of columns: no gather, no scatter
-    elif len(np.unique(columns)) == len(columns):
-        scores[..., columns] += values  # np.add.at is an order of magnitude slower
+    elif not len(columns) or np.bincount(columns).max() == 1:
+        scores[..., columns] += values  # each column once: np.add.at is an order of magnitude slower
     else:
         np.add.at(np.moveaxis(scores, -1, 0), columns, np.moveaxis(values, -1, 0))
 

@@ -79,24 +79,12 @@ class CaptureOptions:
         an_iterable("query", self.query, "a DataLoader (or an iterable of batches)")
         for name in ("sample_ids", "labels", "loss_fn"):
             a_callable(name, getattr(self, name))
-        if self.analytics_budget_s is not None:
-            number(
-                "analytics_budget_s",
-                self.analytics_budget_s,
-                positive=True,
-                noun="a positive number of seconds",
-            )
+        self._positive_or_none("analytics_budget_s", "a positive number of seconds")
         self._set("policy", CapturePolicy.coerce(self.policy))
         self._set("analytics", parse_analytics(self.analytics))
         self._set("report_dir", None if self.report_dir is None else os.fspath(self.report_dir))
         self._set("analytics_background", bool(self.analytics_background))
-        if self.analytics_max_overhead is not None:
-            number(
-                "analytics_max_overhead",
-                self.analytics_max_overhead,
-                positive=True,
-                noun="a positive share of training time (0.1 for 10%)",
-            )
+        self._positive_or_none("analytics_max_overhead", "a positive share of training time (0.1 for 10%)")
 
     def recorder_args(self) -> dict[str, Any]:
         """The keyword arguments of :class:`~mstore_lightning.capture.recorder.Recorder` they give."""
@@ -104,3 +92,7 @@ class CaptureOptions:
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # normalising a frozen instance, once, in __post_init__
+
+    def _positive_or_none(self, name: str, noun: str) -> None:
+        if getattr(self, name) is not None:
+            number(name, getattr(self, name), positive=True, noun=noun)

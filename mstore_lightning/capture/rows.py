@@ -74,24 +74,22 @@ class RowSink:
         """The stored parts of one of a layer's arrays, and the writer-side coder that makes them:
         quantization, then (for rows that can repeat) deduplication against the run's index."""
         spec, prefix = plan.arrays[array], f"{layout.LAYERS}/{plan.name}/"
-        dedup = array in plan.dedup_arrays()
-        parts = []
-        for part, info in spec["parts"].items():
-            if info.get("per", "row") != "row":
+        parts, refs = [], None
+        for s in quant.stored_arrays({array: spec}):
+            if s.role == "table":
                 continue  # a chunk codec's tables: the writer makes them with the codes
-            codec = quant.chunk_codec(spec, array, part)
-            shape, dtype = (
-                (codec.row_shape, np.float32) if codec else (tuple(info["row_shape"]), info["dtype"])
-            )
+            if s.role == "ref":  # query rows are stored in full: references point only at training rows
+                parts.append(PartSpec(prefix + s.name, s.row_shape, np.dtype(s.dtype)))
+                index = self.dedup if split == "train" else None
+                refs = RowRefs(index, f"{plan.name}/{array}", prefix + s.name, epoch, self.rank)
+                continue
+            codec = quant.chunk_codec(spec, array, s.name)
+            shape, dtype = (codec.row_shape, np.float32) if codec else (s.row_shape, s.dtype)
             # Only training rows are references; and a reference to (epoch 0, rank 0, row 0) is zeros
             # too, so reference chunks are always written: a missing one is damage.
-            parts.append(PartSpec(prefix + part, shape, np.dtype(dtype), dedup and split == "train", codec))
-        refs = None
-        if dedup:  # query rows are stored in full: references point only at training rows
-            ref = f"{prefix}{array}_ref"
-            parts.append(PartSpec(ref, (3,), np.dtype(np.int32)))
-            index = self.dedup if split == "train" else None
-            refs = RowRefs(index, f"{plan.name}/{array}", ref, epoch, self.rank)
+            parts.append(
+                PartSpec(prefix + s.name, shape, np.dtype(dtype), s.dedup and split == "train", codec)
+            )
 
         def coder(rows: np.ndarray, first_row: int) -> dict[str, np.ndarray]:
             coded = quant.encode(spec, prefix + array, rows)

@@ -258,8 +258,7 @@ def tracin(ctx: Context, k: int = 5, epochs: str = "all") -> Output:
 def class_conflicts(ctx: Context) -> Output:
     """Cosines between class gradients, and the share of samples opposing their class."""
     out = Output()
-    if not (ctx.store.row_field(ctx.epoch, "label") >= 0).any():
-        raise Skipped("no labels recorded: pass GradientCapture(labels=...) to record them")
+    _need_labels(ctx)
     cc = ctx.store.class_conflicts(ctx.epoch)
     known = np.isfinite(cc.alignment)
     out.scalars["class_conflicts/opposing_share"] = (
@@ -423,8 +422,7 @@ def similarity(ctx: Context, ids: list[int], metric: str = "cosine") -> Output:
 def class_gradients(ctx: Context) -> Output:
     """Each class's summed gradient: its sample count and norm."""
     out = Output()
-    if not (ctx.store.row_field(ctx.epoch, "label") >= 0).any():
-        raise Skipped("no labels recorded: pass GradientCapture(labels=...) to record them")
+    _need_labels(ctx)
     frame = ctx.store.class_gradients(ctx.epoch).to_pandas()
     for c, norm in zip(frame["class"], frame["norm"]):
         out.scalars[f"class_gradients/norm/{int(c)}"] = float(norm)
@@ -556,3 +554,8 @@ def _frame(**columns: Any) -> Any:
     frame = pd.DataFrame(columns)
     empty = [c for c in frame.columns if frame[c].dtype.kind == "f" and len(frame) and frame[c].isna().all()]
     return frame.drop(columns=empty)
+
+
+def _need_labels(ctx: Context) -> None:
+    if not (ctx.store.row_field(ctx.epoch, "label") >= 0).any():
+        raise Skipped("no labels recorded: pass GradientCapture(labels=...) to record them")
