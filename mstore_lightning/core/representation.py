@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -89,8 +90,9 @@ class Representation(ABC):
         return {**{k: getattr(self, k) for k in self._KEYS}, "representation": self.tag}
 
     # ---------------------------------------------------------------- what is stored
-    @property
+    @functools.cached_property
     def extractor(self) -> type[Extractor]:
+        """The layer family's rules (looked up once: the kernels ask on every block)."""
         return extractor_for_kind(self.kind)
 
     @property
