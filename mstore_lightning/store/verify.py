@@ -7,8 +7,9 @@ What is checked (see :mod:`mstore_lightning.store.layout` for the layout):
   spec's dtype and row shape and as many rows as its siblings and the epoch's commit (``rows``);
 - every chunk of every committed epoch decodes. Each chunk carries a crc32c checksum, so a flipped
   byte or a truncated file fails. A missing chunk file is damage, except in arrays that leave all-zero
-  chunks unwritten: deduplicated inputs (whose duplicate rows are zeros) and their references, and
-  stored weights;
+  chunks unwritten: deduplicated inputs (whose duplicate rows are zeros) and stored weights;
+- the squared norms kept at capture (``rows/sqnorm``) are there wherever a rank group says readers
+  take norms from them, and every dedup reference chunk is there: reads need both;
 - epochs are committed in order: an uncommitted epoch followed by a committed one lost its commit,
   while an uncommitted *last* epoch is a capture still running (or stopped mid-epoch) and only noted;
 - every deduplication reference ``(epoch, rank, row)`` points back at a row that exists and is stored
@@ -254,6 +255,7 @@ class _Check:
         """Checks one rank group's arrays; returns its row count (None when nothing tells it)."""
         if not self.under.get(path):
             return None  # a rank that captured nothing this epoch
+        want = {**want, **self._kept_norms(path)}
         opened: dict[str, Any] = {}
         for name in want:
             full = f"{path}/{name}"
@@ -288,6 +290,14 @@ class _Check:
         for other in sorted(p for p in extra if self._is_array(p)):
             plans.append(self._plan(other, omit_zero=True))  # not in the layout: decode it all the same
         return rows
+
+    def _kept_norms(self, path: str) -> dict[str, _Want]:
+        """``rows/sqnorm`` of a training rank group whose attributes say readers take norms from it."""
+        group = self._node(path) if path.rsplit("/", 1)[-1][:1] == layout.SPLITS["train"] else None
+        kept = dict(group.attrs).get("sqnorms") if isinstance(group, zarr.Group) else None
+        if not kept or not kept.get("layers"):
+            return {}
+        return {f"{layout.ROWS}/{layout.SQNORMS}": _Want(dtype="float32", row_shape=(len(kept["columns"]),))}
 
     def _agrees(self, path: str, arr: Any, want: _Want, rows: int, opened: dict[str, Any]) -> bool:
         """Whether the array's metadata matches the layout; a mismatch is flagged."""
@@ -328,12 +338,11 @@ class _Check:
     def _check_parents(self, path: str) -> None:
         parts = path.split("/")
         for i in range(1, len(parts)):
-            if "/".join(parts[:i]) not in self.nodes:
-                self._flag(
-                    "/".join(parts[:i]),
-                    None,
-                    "group metadata zarr.json is missing; readers cannot see below it",
-                )
+            parent = "/".join(parts[:i])
+            if parent not in self.nodes:
+                self._flag(parent, None, "group metadata zarr.json is missing; readers cannot see below it")
+            elif not isinstance(node := self._node(parent), zarr.Group) and node is not None:
+                self._flag(parent, None, "is an array where the layout has a group")  # unreadable: flagged
 
     # ---------------------------------------------------------------- chunks
     def _decode(
@@ -406,8 +415,6 @@ class _Check:
                 has_data |= data[part] == 1
                 unknown |= data[part] == -1
                 self._check_unwritten(by_path[part], ref)
-            if any(f"{path}/{key}" not in self.keys for _, key in plan.chunks):
-                self._note_unwritten_refs(plan)
             bad: dict[str, list[str]] = defaultdict(list)
             for row in np.nonzero(~unknown & (in_place[(epoch, group, plan.dedup)] == 0))[0].tolist():
                 target = tuple(int(v) for v in ref[row])
@@ -465,14 +472,6 @@ class _Check:
                     "that is damage unless the sample's input is all zeros"
                 )
 
-    def _note_unwritten_refs(self, plan: _Planned) -> None:
-        for _, key in plan.chunks:
-            if f"{plan.path}/{key}" not in self.keys:
-                self.report.notes.append(
-                    f"{plan.path}, chunk {key}: unwritten, so its rows read as copies of (epoch 0, rank 0, "
-                    "row 0); that is damage unless those samples' inputs are identical"
-                )
-
 
 def epoch_states(uri: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> dict[int, str]:
     """The state of every epoch group of the store: ``"committed"``, ``"open"`` or ``"none"``.
@@ -504,7 +503,8 @@ def _expected(meta: dict[str, Any], recomputed: set[str]) -> dict[str, _Want]:
                 per="chunk" if s.role == "table" else "row",
                 dtype=s.dtype,
                 row_shape=None if s.role == "table" else s.row_shape,
-                omit_zero=s.dedup,
+                # Every reference chunk is written (a reference to row 0 is all zeros): none may be missing.
+                omit_zero=s.dedup and s.role != "ref",
                 dedup=dedup,
                 owner=None if s.role == "ref" else f"{base}/{s.owner}",
             )
