@@ -3,7 +3,8 @@
 Every subcommand takes the store's path or fsspec URL first. Query results carry sample ids (the
 global dataset indices the capture recorded), with each sample's label and loss where the store has
 them. Errors are one line on stderr: exit status 2 for a wrong command line, 1 for a missing, damaged
-or unreadable store or a sample, epoch or layer that is not in it.
+or unreadable store or a sample, epoch or layer that is not in it; 141, silently, when the reader
+of stdout goes away (``mstore inspect STORE | head -1``).
 
 Example::
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -52,7 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         return _fail(str(exc), 2)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below rather than at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`mstore inspect STORE | head -1`): stop quietly and exit 141 (128 +
+        # SIGPIPE), as a shell reports for tools SIGPIPE ends. Python would otherwise print the error
+        # again when it flushes stdout at exit, so stdout is pointed at devnull first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except _UsageError as exc:
         return _fail(str(exc), 2)
     except (
@@ -212,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--factors", action="store_true", help="add the decoded factors as list columns (Parquet only)"
     )
+    export.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     return parser
 
 
@@ -332,6 +343,8 @@ def _export(args: argparse.Namespace) -> int:
         raise _UsageError(f"cannot tell the format from {str(args.output)!r}; pass --format parquet or csv")
     if args.factors and fmt == "csv":
         raise _UsageError("--factors needs --format parquet: CSV has no list columns for the factor vectors")
+    if args.output.exists() and not args.force:
+        raise _UsageError(f"{str(args.output)!r} exists; pass --force to overwrite it")
     store = _open(args, need_epochs=True)
     epoch = store.epochs[-1] if args.epoch is None else args.epoch
     layers = _flat(args.layers) or store.layers

@@ -28,6 +28,12 @@ LOSS_REDUCTIONS = ("mean", "sum")
 REPRESENTATIONS = ("auto", "factors", "full", "projection")
 TIMINGS = ("during", "checkpoint")
 _EPOCH_WORDS = ("all", "last")
+# Upper bounds no real run reaches, so a typo (10**30) fails here rather than as an int64 overflow or
+# an absurd allocation later. Counts fit an int32; projection_dim sizes dim x dim matrices per layer.
+MAX_COUNT = 2**31 - 1
+MAX_PROJECTION_DIM = 65536
+MAX_POOL = 65536  # a pooling block larger than any feature map
+MAX_BYTES_PER_SAMPLE = 2**40  # 1 TiB per sample and layer
 
 # Mapping first: jsonargparse (LightningCLI) tries union members in order and keeps a mapping a dict,
 # which CapturePolicy.coerce then validates with its own messages.
@@ -105,7 +111,9 @@ class CapturePolicy:
         object.__setattr__(self, "layers", _parse_patterns("layers", self.layers, allow_empty=False))
         object.__setattr__(self, "exclude", _parse_patterns("exclude", self.exclude, allow_empty=True))
         object.__setattr__(self, "epochs", _parse_epochs(self.epochs))
-        object.__setattr__(self, "every_n_steps", _parse_positive_int("every_n_steps", self.every_n_steps))
+        object.__setattr__(
+            self, "every_n_steps", _parse_positive_int("every_n_steps", self.every_n_steps, MAX_COUNT)
+        )
         object.__setattr__(self, "samples", _parse_samples(self.samples))
         object.__setattr__(self, "sample_seed", _parse_int("sample_seed", self.sample_seed))
         object.__setattr__(self, "layer_precision", _parse_layer_precision(self.layer_precision))
@@ -117,7 +125,11 @@ class CapturePolicy:
         _check_choice("representation", self.representation, REPRESENTATIONS)
         _check_choice("timing", self.timing, TIMINGS)
         object.__setattr__(self, "budget", _parse_budget(self.budget))
-        object.__setattr__(self, "projection_dim", _parse_positive_int("projection_dim", self.projection_dim))
+        object.__setattr__(
+            self,
+            "projection_dim",
+            _parse_positive_int("projection_dim", self.projection_dim, MAX_PROJECTION_DIM),
+        )
         object.__setattr__(self, "projection_seed", _parse_int("projection_seed", self.projection_seed))
         object.__setattr__(self, "pool", _parse_pool(self.pool))
         object.__setattr__(self, "recompute", _parse_recompute(self.recompute))
@@ -143,7 +155,10 @@ class CapturePolicy:
     def from_yaml(cls, path: str | os.PathLike) -> CapturePolicy:
         """Reads a policy from a YAML file (``yaml.safe_load``)."""
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            try:
+                data = yaml.safe_load(fh)
+            except yaml.YAMLError as exc:
+                raise PolicyError(f"The policy file {checks.yaml_problem(path, exc)}.") from exc
         if data is None:
             data = {}
         if isinstance(data, Mapping) and "policy" in data and len(data) == 1:
@@ -241,9 +256,9 @@ def _parse_int(name: str, value: Any) -> int:
     return checks.whole(name, value, error=PolicyError)
 
 
-def _parse_positive_int(name: str, value: Any) -> int:
+def _parse_positive_int(name: str, value: Any, high: int | None = None) -> int:
     # Two messages: "an integer" for a value of another type, "an integer >= 1" for one too small.
-    return checks.whole(name, _parse_int(name, value), low=1, error=PolicyError)
+    return checks.whole(name, _parse_int(name, value), low=1, high=high, error=PolicyError)
 
 
 def _parse_epochs(value: Any) -> Any:
@@ -255,7 +270,7 @@ def _parse_epochs(value: Any) -> Any:
     if isinstance(value, Mapping):
         if set(value) != {"every"}:
             raise PolicyError(f"`epochs` can be {allowed}; got {dict(value)!r}.")
-        return {"every": _parse_positive_int("epochs.every", value["every"])}
+        return {"every": _parse_positive_int("epochs.every", value["every"], MAX_COUNT)}
     if (
         isinstance(value, Sequence)
         and value
@@ -310,7 +325,9 @@ def _parse_budget(value: Any) -> dict[str, Any] | None:
         raise PolicyError(f"`budget` can be {allowed}; got {value!r}.")
     out = {}
     if "bytes_per_sample" in value:
-        out["bytes_per_sample"] = _parse_positive_int("budget.bytes_per_sample", value["bytes_per_sample"])
+        out["bytes_per_sample"] = _parse_positive_int(
+            "budget.bytes_per_sample", value["bytes_per_sample"], MAX_BYTES_PER_SAMPLE
+        )
     if "max_error" in value:
         out["max_error"] = checks.number(
             "budget.max_error",
@@ -344,7 +361,7 @@ def _parse_recompute(value: Any) -> dict[str, Any] | None:
             "recompute.threshold_s_per_gb", t, positive=True, error=PolicyError
         )
         out["expected_queries"] = _parse_positive_int(
-            "recompute.expected_queries", value.get("expected_queries", 10)
+            "recompute.expected_queries", value.get("expected_queries", 10), MAX_COUNT
         )
     elif "expected_queries" in value:
         raise PolicyError("`recompute.expected_queries` needs `recompute.threshold_s_per_gb`.")
@@ -358,10 +375,10 @@ def _parse_pool(value: Any) -> Any:
     if isinstance(value, Mapping):
         if not value or not all(isinstance(k, str) and k for k in value):
             raise PolicyError(f"`pool` can be {allowed}; got {dict(value)!r}.")
-        return {k: _parse_positive_int(f"pool[{k!r}]", v) for k, v in value.items()}
+        return {k: _parse_positive_int(f"pool[{k!r}]", v, MAX_POOL) for k, v in value.items()}
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise PolicyError(f"`pool` can be {allowed}; got {value!r}.")
-    return _parse_positive_int("pool", value)
+    return _parse_positive_int("pool", value, MAX_POOL)
 
 
 def match_pattern(name: str, type_name: str, pattern: str) -> bool:

@@ -480,3 +480,36 @@ def test_verify_names_altered_attributes(copy):
     report = verify(str(copy))
     assert not report.ok
     assert any(p.array == "epochs/00001" and "crc32c" in p.what for p in report.problems), report.summary()
+
+
+# ---------------------------------------------------------------- pipes and existing files
+def test_a_closed_pipe_ends_quietly(store_path):
+    """`mstore inspect STORE | head -1`: the reader leaves before the output is written; no
+    BrokenPipeError traceback, exit status 141 (128 + SIGPIPE), as for any tool a closed pipe stops.
+
+    The pipe is closed before the command prints (it is still importing): all of inspect's output
+    fits in the pipe's buffer, so a reader that first took a line would leave too late to break it.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mstore_lightning.cli", "inspect", str(store_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    status = proc.wait(timeout=300)
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Broken pipe" not in err, err
+    assert err == "", err
+    assert status == 141  # only the BrokenPipeError handler returns 141: the pipe did break
+
+
+def test_export_refuses_an_existing_file_without_force(capsys, store_path, tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("keep me\n")
+    code, out, err = call(capsys, "export", store_path, "--epoch", 1, "--output", path)
+    assert code == 2 and out == ""
+    assert_one_line_error(err, str(path), "exists", "--force")
+    assert path.read_text() == "keep me\n"
+    code, _, err = call(capsys, "export", store_path, "--epoch", 1, "--output", path, "--force")
+    assert code == 0 and "wrote" in err
+    assert pd.read_csv(path)["id"].tolist() == open_store(store_path).sample_ids(1).tolist()

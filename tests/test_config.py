@@ -77,6 +77,66 @@ def test_every_bad_field_names_field_allowed_and_given(fields, match):
         CapturePolicy.from_dict(fields)
 
 
+@pytest.mark.parametrize(
+    ("fields", "name", "limit", "given"),
+    [
+        ({"every_n_steps": 10**30}, "every_n_steps", 2**31 - 1, 10**30),
+        ({"projection_dim": 10**12}, "projection_dim", 65536, 10**12),
+        ({"budget": {"bytes_per_sample": 2**41}}, "budget.bytes_per_sample", 2**40, 2**41),
+        ({"pool": 10**6}, "pool", 65536, 10**6),
+        ({"pool": {"conv*": 10**6}}, r"pool\['conv\*'\]", 65536, 10**6),
+        ({"epochs": {"every": 2**31}}, "epochs.every", 2**31 - 1, 2**31),
+        (
+            {"recompute": {"threshold_s_per_gb": 1.0, "expected_queries": 10**20}},
+            "recompute.expected_queries",
+            2**31 - 1,
+            10**20,
+        ),
+    ],
+)
+def test_absurd_integers_are_refused_naming_field_limit_and_value(fields, name, limit, given):
+    match = rf"^`{name}` must be an integer <= {limit}, got {given}\.$"
+    with pytest.raises(PolicyError, match=match):
+        CapturePolicy(**fields)
+    with pytest.raises(PolicyError, match=match):
+        CapturePolicy.from_dict(fields)
+
+
+def test_the_upper_bounds_themselves_are_accepted():
+    policy = CapturePolicy(
+        every_n_steps=2**31 - 1,
+        projection_dim=65536,
+        budget={"bytes_per_sample": 2**40},
+        pool=65536,
+        epochs={"every": 2**31 - 1},
+        recompute={"threshold_s_per_gb": 1.0, "expected_queries": 2**31 - 1},
+    )
+    assert CapturePolicy.from_dict(policy.to_dict()) == policy
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ("layers: ['*']\nprecision: !!python/object:os.system\n", 2, "could not determine a constructor"),
+        ("layers: ['*']\nprecision: fp16\nexclude: [a\n  b: c\n", 4, "expected ',' or ']'"),
+        ("precision: fp16\n\tepochs: all\n", 2, "found character '\\t'"),
+    ],
+    ids=["python tag", "unclosed list", "tab"],
+)
+def test_a_bad_yaml_policy_is_a_policy_error_naming_file_and_line(tmp_path, text, line, problem):
+    import yaml
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    for load in (CapturePolicy.from_yaml, CapturePolicy.coerce):
+        with pytest.raises(PolicyError) as info:
+            load(str(path))
+        message = str(info.value)
+        assert message.startswith(f"The policy file {str(path)!r}, line {line}: "), message
+        assert problem in message and "\n" not in message
+        assert isinstance(info.value.__cause__, yaml.YAMLError)
+
+
 def test_unknown_fields_and_bad_sources():
     with pytest.raises(PolicyError, match=r"Unknown policy field\(s\) \['precison'\]; allowed fields are \["):
         CapturePolicy.from_dict({"precison": "fp16"})

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +87,55 @@ def test_raise_stops_training_with_a_clear_error(tmp_path, failing_writes):
     failing_writes["code"] = None
     assert_committed_intact(tmp_path / "s.zarr", [0, 1])
     assert not any(m._forward_hooks for m in task.modules())
+
+
+# A fit in its own process, as a user runs it: the writes of epoch 2 fail as in ``failing_writes``.
+_FAILING_FIT = """
+import errno, sys
+sys.path.insert(0, {tests!r})
+import torch, zarr.storage
+from helpers import EXACT, Task, loader, trainer
+from test_capture_fit import data, mlp
+from mstore_lightning import GradientCapture
+
+real_set = zarr.storage.LocalStore.set
+
+async def set_(self, key, value):
+    if key.startswith("epochs/00002/") and ({chunks_only!r} is False or "/c/" in key):
+        raise OSError(errno.ENOSPC, "No space left on device", key)
+    return await real_set(self, key, value)
+
+zarr.storage.LocalStore.set = set_
+torch.manual_seed(0)
+x, y = data(n=24)
+cap = GradientCapture({store!r}, policy=EXACT, on_error="raise")
+trainer([cap], max_epochs=4).fit(Task(mlp()), loader(x, y, batch_size=6))
+"""
+
+
+@pytest.mark.parametrize("chunks_only", [False, True], ids=["metadata", "chunks"])
+def test_raise_ends_the_traceback_with_one_line_naming_the_intact_epochs(tmp_path, chunks_only):
+    store = tmp_path / "s.zarr"
+    script = _FAILING_FIT.format(tests=str(Path(__file__).parent), chunks_only=chunks_only, store=str(store))
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("mstore_lightning.callbacks.gradient_capture.StoreWriteError: "), run.stderr
+    for needle in (
+        f"Writing the gradient store {str(store)!r} failed: OSError: [Errno 28] No space left on device",
+        "Epochs committed before it (0, 1) are whole and readable",
+        "epoch 2 is left uncommitted",
+    ):
+        assert needle in last, (needle, last)
+    # The cause is kept above it, for debugging.
+    assert "The above exception was the direct cause of the following exception" in run.stderr
+    assert_committed_intact(store, [0, 1])
 
 
 def test_on_error_is_checked(tmp_path):

@@ -115,3 +115,24 @@ def test_a_yaml_analytics_spec_with_python_tags_is_refused(tmp_path):
     with pytest.raises((ValueError, yaml.YAMLError)):
         GradientCapture(tmp_path / "s.zarr", analytics=str(path))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ("- norms\n- self_influence: !!python/object/apply:os.system ['true']\n", 2, "constructor"),
+        ("- norms\n- self_influence: {k: 5\n", 3, "expected ',' or '}'"),
+    ],
+    ids=["python tag", "syntax error"],
+)
+def test_a_bad_yaml_analytics_spec_is_an_analytics_error_naming_file_and_line(tmp_path, text, line, problem):
+    from mstore_lightning.reports.spec import AnalyticsError, parse_analytics
+
+    path = tmp_path / "analytics.yaml"
+    path.write_text(text)
+    with pytest.raises(AnalyticsError) as info:
+        parse_analytics(str(path))
+    message = str(info.value)
+    assert message.startswith(f"The analytics file {str(path)!r}, line {line}: "), message
+    assert problem in message
+    assert isinstance(info.value.__cause__, yaml.YAMLError)

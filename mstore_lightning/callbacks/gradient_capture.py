@@ -383,11 +383,18 @@ class GradientCapture(Callback):
             )
 
     def _store_failed(self, exc: BaseException) -> None:
-        """Stops capture after a failed store write, as ``on_error`` asks."""
+        """Stops capture after a failed store write, as ``on_error`` asks.
+
+        The message is one line that stands alone (the last line of a traceback): what failed, the
+        epochs that are intact, and the open epoch left uncommitted. The cause stays chained.
+        """
         epoch = self.recorder.in_progress
         committed = ", ".join(map(str, self.recorder.committed)) or "none"
+        # The writer thread's WriterError wraps the real failure (an OSError): name that one.
+        cause = exc.__cause__ if isinstance(exc, WriterError) and exc.__cause__ is not None else exc
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
         what = (
-            f"Writing the gradient store {self.store!r} failed: {type(exc).__name__}: {exc}. "
+            f"Writing the gradient store {self.store!r} failed: {reason}. "
             f"Epochs committed before it ({committed}) are whole and readable"
             + (
                 f"; epoch {epoch} is left uncommitted, so readers do not see it."

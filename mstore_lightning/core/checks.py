@@ -32,13 +32,14 @@ def whole(
     value: Any,
     *,
     low: int | None = None,
+    high: int | None = None,
     noun: str | None = None,
     error: type[Exception] = ValueError,
 ) -> int:
-    """``value`` as an ``int``; booleans, floats and values below ``low`` are refused.
+    """``value`` as an ``int``; booleans, floats and values below ``low`` or above ``high`` are refused.
 
     ``noun`` says what is expected ("a positive number of bytes"); by default "an integer", with
-    ``>= low`` where there is a bound.
+    ``>= low`` where there is a bound. A value above ``high`` is told "an integer <= high".
     """
     if (
         isinstance(value, bool)
@@ -47,6 +48,8 @@ def whole(
     ):
         what = noun or ("an integer" if low is None else f"an integer >= {low}")
         raise error(f"`{name}` must be {what}, got {value!r}.")
+    if high is not None and value > high:
+        raise error(f"`{name}` must be an integer <= {high}, got {value!r}.")
     return int(value)
 
 
@@ -88,3 +91,12 @@ def an_iterable(name: str, value: Any, noun: str, error: type[Exception] = Value
     if value is not None and not hasattr(value, "__iter__"):
         raise error(f"`{name}` must be {noun}, got {type(value).__name__}.")
     return value
+
+
+def yaml_problem(path: str | os.PathLike, exc: Exception) -> str:
+    """What a ``yaml.YAMLError`` found in ``path``, with the file and the line (1-based) where it
+    has a mark: a tag ``safe_load`` refuses, or a syntax error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f", line {mark.line + 1}" if mark is not None else ""
+    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    return f"{os.fspath(path)!r}{where}: {what} (read with yaml.safe_load, which builds no Python objects)"

@@ -91,6 +91,8 @@ def _from_yaml(path: str | os.PathLike) -> Any:
             f"`analytics` names a file that does not exist: {os.fspath(path)!r}. Give a list of "
             "operator names, or the path of a YAML file holding one."
         ) from None
+    except yaml.YAMLError as exc:
+        raise AnalyticsError(f"The analytics file {checks.yaml_problem(path, exc)}.") from exc
     if isinstance(data, Mapping) and set(data) == {"analytics"}:
         data = data["analytics"]
     return [] if data is None else data
