@@ -73,7 +73,22 @@ class GradientCapture(Callback):
         sample_ids: ``callable(batch) -> ids`` for batches that are not dicts with an ``"index"`` entry.
         labels: ``callable(batch) -> labels``; by default a dict's ``label``/``y``/``target`` entry or
             the second item of an ``(x, y)`` batch, when it holds one integer per sample.
-        mode: what to do when ``store`` already holds a store: ``"error"``, ``"overwrite"`` or ``"append"``.
+        mode: what to do when ``store`` already holds a store: ``"error"`` refuses it, ``"overwrite"``
+            replaces it (the only mode that deletes), ``"append"`` adds epochs after its committed ones
+            and never rewrites or deletes a committed epoch. The store must match this run: the same
+            schema version, layers (names, module types, parameter shapes) and storage policy
+            (``precision``, ``layer_precision``, ``dedup``, ``representation``, ``budget``,
+            ``projection_dim``, ``projection_seed``, ``pool``, ``loss_reduction``), and each layer's
+            storage chosen at its first batch must match the store's spec; otherwise
+            :class:`IncompatibleStoreError` names the first differing field, before any row is written.
+            A fit not resumed from a checkpoint of this store runs epochs ``0 .. max_epochs - 1``: if
+            its policy captures an epoch the store holds committed, it is refused before training;
+            resume with ``trainer.fit(..., ckpt_path=...)`` so epochs continue, choose a policy
+            ``epochs`` that leaves them out, pass ``mode="overwrite"``, or use another path. A run
+            resumed from a checkpoint of this store keeps every epoch that both the store and the
+            checkpoint list as committed, untouched; it redoes, and so first deletes, the checkpoint's
+            open epoch (keeping the rows the checkpoint recorded) and any epoch committed after the
+            checkpoint was saved. An epoch left uncommitted by a crash is always restarted clean.
         queue_bytes: most bytes of captured rows waiting for the writer; training waits beyond it.
         chunk_bytes: target uncompressed size of one stored chunk. Rows wait for the writer in
             chunk buffers as the training thread hands them over (float32 for int8 and k-bit

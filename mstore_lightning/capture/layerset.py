@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from mstore_lightning.capture.layers import (
 )
 from mstore_lightning.config import CapturePolicy, PolicyError
 from mstore_lightning.store import layout
-from mstore_lightning.store.session import RunWriter
+from mstore_lightning.store.session import RunWriter, check_layer_storage
 
 
 class LayerSet:
@@ -32,6 +33,8 @@ class LayerSet:
         uncovered: selected parameters that are not captured, each with its reason.
         recompute: store-or-recompute decisions by layer (see :mod:`.recompute`).
         hooks: the forward and output-gradient hooks on the planned layers.
+        stored: the layer specs of the existing store this run writes into (empty for a new store):
+            a layer's storage chosen at its first batch must match them (see :meth:`samples`).
     """
 
     def __init__(self, warn: Callable[[str], Any]) -> None:
@@ -39,6 +42,9 @@ class LayerSet:
         self.uncovered: list[dict] = []
         self.recompute: dict[str, dict[str, Any]] = {}
         self.hooks = HookManager()
+        self.stored: dict[str, dict[str, Any]] = {}
+        self._store_uri = ""
+        self._policy: CapturePolicy | None = None
         self._warn = warn
 
     def select(self, model: nn.Module, policy: CapturePolicy) -> None:
@@ -49,6 +55,7 @@ class LayerSet:
             RuntimeError: ``model`` is compiled.
         """
         refuse_compiled(model)
+        self._policy = policy
         self.plans, self.uncovered = select_layers(model, policy)
         for u in self.uncovered:
             self._warn_uncovered(u)
@@ -72,6 +79,17 @@ class LayerSet:
     def ready(self) -> dict[str, LayerPlan]:
         """The plans whose representation is chosen (after their first captured batch)."""
         return {n: p for n, p in self.plans.items() if p.ready}
+
+    def open_fields(self) -> dict[str, dict[str, Any]]:
+        """Each layer's spec fields known before its first batch, checked against an existing store."""
+        return {
+            n: {"module_type": type(p.module).__name__, "param_shapes": p.param_shapes}
+            for n, p in self.plans.items()
+        }
+
+    def use_store(self, uri: str, stored: dict[str, dict[str, Any]]) -> None:
+        """Records the specs of the existing store this run writes into (``{}``: a new store)."""
+        self._store_uri, self.stored = uri, dict(stored)
 
     def specs(self) -> dict[str, dict[str, Any]]:
         """The JSON specs of the ready layers, as the run metadata records them."""
@@ -126,7 +144,25 @@ class LayerSet:
             self.uncovered.append(record)
             self._warn_uncovered(record)
             run.update_meta(uncovered=self.uncovered)
+        self._check_stored(uses)
         return n
+
+    def _check_stored(self, uses: dict[str, list]) -> None:
+        """Before any row of the batch is written: each layer whose storage its first batch chooses
+        must store what the existing store's spec of it says.
+
+        Raises:
+            IncompatibleStoreError: a layer would store another representation, encoding or shape.
+        """
+        if not self.stored or self._policy is None:
+            return
+        for name, plan in self.plans.items():
+            if plan.ready or not uses.get(name) or name not in self.stored:
+                continue
+            trial = dataclasses.replace(plan)  # the choice is made again, for real, when rows are written
+            from_data = not self.hooks.input_requires_grad.get(name, True)
+            trial.finalize(uses[name], self._policy, from_data)
+            check_layer_storage(self._store_uri, name, self.stored[name], trial.spec())
 
     def _warn_uncovered(self, u: dict) -> None:
         self._warn(

@@ -100,6 +100,7 @@ class Recorder:
         self._decided = False  # whether the measured store-or-recompute decision was made
         self._chunk_rows: dict[str, int] = {}
         self._committed: list[int] = []
+        self._max_epochs: int | None = None
         self._dist = Collectives()
         self._run: RunWriter | None = None
         self._batches: BatchWriter | None = None
@@ -161,6 +162,7 @@ class Recorder:
         """
         if self.policy.epochs == "last" and (max_epochs is None or max_epochs < 0):
             raise PolicyError("`epochs='last'` needs Trainer(max_epochs=...) to know which epoch is last.")
+        self._max_epochs = max_epochs
         self._layers.select(model, self.policy)
 
     def start(self, collectives: Collectives | None = None) -> None:
@@ -188,15 +190,33 @@ class Recorder:
     def open(self, meta: dict[str, Any], resume: bool) -> bool:
         """Creates or opens the store (rank 0 first); returns whether it was created.
 
+        ``resume``: the run continues from a checkpoint of this store. Otherwise an existing store
+        (``mode="append"``) must not hold committed any epoch this run's policy would capture in a
+        run of epochs ``0 .. max_epochs - 1``: that is refused here, before anything is written.
+
         Raises:
             StoreExistsError: the store exists and the mode does not allow touching it.
+            IncompatibleStoreError: the store holds another schema, other layers or another storage
+                policy, or (not resumed) committed epochs this run would capture again.
             OSError: the store cannot be written.
         """
-        return self._run.open(meta, resume=resume)
+        created = self._run.open(
+            meta, resume=resume, layers=self._layers.open_fields(), captures=self._would_capture
+        )
+        self._layers.use_store(self.store, {} if created else self._run.meta().get("layers") or {})
+        return created
+
+    def _would_capture(self, epoch: int) -> bool:
+        """Whether a run from epoch 0 to ``max_epochs`` captures ``epoch`` (any epoch: unbounded)."""
+        bounded = self._max_epochs is not None and self._max_epochs >= 0
+        return (not bounded or epoch < self._max_epochs) and self.policy.captures_epoch(
+            epoch, self._max_epochs
+        )
 
     def resume(self, committed: Iterable[int], open_epoch: int | None) -> None:
-        """Continues a run from a checkpoint: keeps its ``committed`` epochs and the rows of
-        ``open_epoch`` it recorded, and drops every other epoch (work this run redoes)."""
+        """Continues a run from a checkpoint of this store: keeps its ``committed`` epochs and the rows
+        of ``open_epoch`` it recorded, and drops every other epoch (work this run redoes). An epoch
+        both the store and the checkpoint list as committed is never touched."""
         recompute = self._layers.recompute
         recompute.update(self._run.meta().get("recompute", {}))
         self._decided = any("gamma_s_per_gb" in d for d in recompute.values())

@@ -26,6 +26,21 @@ from mstore_lightning.store.writer import (
 )
 
 MODES = ("error", "overwrite", "append")
+# Policy fields that decide what a stored row is: a store holds one value of each.
+STORAGE_POLICY = (
+    "precision",
+    "layer_precision",
+    "dedup",
+    "representation",
+    "budget",
+    "projection_dim",
+    "projection_seed",
+    "pool",
+    "loss_reduction",
+)
+# Fields of a layer spec known when the store is opened, and those fixed at the layer's first batch.
+LAYER_FIELDS_AT_OPEN = ("module_type", "param_shapes")
+LAYER_STORAGE_FIELDS = ("representation", "arrays", "projection", "summary")
 
 
 class StoreExistsError(FileExistsError):
@@ -42,7 +57,8 @@ class RunWriter:
     Args:
         uri: local path or fsspec URL of the store.
         mode: ``"error"`` refuses an existing store, ``"overwrite"`` replaces it, ``"append"`` adds
-            epochs to it (an epoch already present is replaced).
+            epochs after its committed ones (it never replaces or deletes a committed epoch; only an
+            uncommitted one, left by a crash, restarts clean).
         rank: this process's rank; each rank writes its own arrays.
         queue_bytes: bound on bytes waiting for the writer thread.
         chunk_bytes: target uncompressed chunk size.
@@ -71,11 +87,30 @@ class RunWriter:
         self._rank_groups: dict[tuple[int, str], zarr.Group] = {}
 
     # ---------------------------------------------------------------- run metadata
-    def open(self, meta: dict[str, Any], resume: bool) -> bool:
-        """Opens the store for writing; ``resume`` continues a run from a checkpoint.
+    def open(
+        self,
+        meta: dict[str, Any],
+        resume: bool,
+        layers: dict[str, dict[str, Any]] | None = None,
+        captures: Callable[[int], bool] | None = None,
+    ) -> bool:
+        """Opens the store for writing; ``resume`` continues a run from a checkpoint of this store.
+
+        Args:
+            meta: this run's metadata.
+            resume: whether the run continues from a checkpoint of this store.
+            layers: the layers this run captures, each with the spec fields known before its first
+                batch (``module_type``, ``param_shapes``), checked against the store's.
+            captures: ``captures(epoch)``: whether this run (when not resumed) would capture ``epoch``.
+                With ``mode="append"``, such an epoch the store holds committed refuses the run.
 
         Returns:
             Whether a new store was created (rather than an existing one opened).
+
+        Raises:
+            StoreExistsError: the store exists and the mode does not allow touching it.
+            IncompatibleStoreError: the store holds another schema, other layers or another storage
+                policy, or (appending, not resumed) committed epochs this run would capture again.
         """
         existing = _existing_meta(self.uri, self.storage_options)
         if existing is not None and not resume and self.mode == "error":
@@ -84,7 +119,10 @@ class RunWriter:
                 "replace it, mode='append' to add epochs to it, or choose another path."
             )
         if existing is not None and (resume or self.mode == "append"):
-            _check_compatible(self.uri, existing, meta)
+            # Every check reads only: a refused run leaves the store as it was.
+            _check_compatible(self.uri, existing, meta, layers or {})
+            if not resume and captures is not None:
+                _check_no_recapture(self.uri, self.storage_options, existing, captures)
             self.root = zarr.open_group(self._store(), mode="r+")
             return False
         if self.rank == 0:
@@ -121,6 +159,7 @@ class RunWriter:
             return
         if self.rank == 0:
             if layout.epoch_key(epoch) in epochs:
+                _check_not_committed(self.uri, self.meta(), epochs[layout.epoch_key(epoch)], epoch)
                 _check_unreferenced(self.uri, epochs, epoch)
                 self._record_committed(drop={epoch})  # first the record, then the data it vouches for
                 del epochs[layout.epoch_key(epoch)]  # an uncommitted or replaced epoch restarts clean
@@ -160,7 +199,12 @@ class RunWriter:
         self.writer.append(group, name, values)
 
     def prune_epochs(self, keep: set[int]) -> None:
-        """Rank 0 deletes every epoch group not in ``keep`` (work a resumed run will redo)."""
+        """Rank 0 deletes every epoch group not in ``keep`` (work a resumed run will redo).
+
+        Only for a run resumed from a checkpoint of this store: ``keep`` holds the checkpoint's
+        committed epochs and its open one, so an epoch both the store and the checkpoint list as
+        committed is never touched; epochs committed after the checkpoint are redone.
+        """
         if self.rank != 0:
             return
         epochs = self.root[layout.EPOCHS]
@@ -277,8 +321,8 @@ def _arrays_under(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.A
     return out
 
 
-def _check_unreferenced(uri: str, epochs: zarr.Group, epoch: int) -> None:
-    """Refuses to replace an epoch whose rows other epochs' deduplicated rows point to."""
+def _referencing(epochs: zarr.Group, epoch: int) -> list[int]:
+    """Epochs whose deduplicated rows point to rows of ``epoch``."""
     users = []
     for _, group in epochs.groups():
         other = int(group.attrs.get("epoch", -1))
@@ -286,12 +330,70 @@ def _check_unreferenced(uri: str, epochs: zarr.Group, epoch: int) -> None:
             epoch in dict(rank.attrs.get("dedup", {})).get("sources", []) for _, rank in group.groups()
         ):
             users.append(other)
-    if users:
+    return sorted(users)
+
+
+def _referenced_note(uri: str, epochs: zarr.Group, epoch: int) -> str:
+    users = _referencing(epochs, epoch)
+    if not users:
+        return ""
+    return (
+        f"Epoch {epoch} of {uri} holds input rows that epochs {users} reference "
+        "(deduplication), so replacing it would corrupt them."
+    )
+
+
+def _check_unreferenced(uri: str, epochs: zarr.Group, epoch: int) -> None:
+    """Refuses to replace an epoch whose rows other epochs' deduplicated rows point to."""
+    note = _referenced_note(uri, epochs, epoch)
+    if note:
         raise IncompatibleStoreError(
-            f"Epoch {epoch} of {uri} holds input rows that epochs {sorted(users)} reference "
-            "(deduplication), so replacing it would corrupt them. Append other epochs, write to a new "
-            "path, or pass mode='overwrite'."
+            f"{note} Append other epochs, write to a new path, or pass mode='overwrite'."
         )
+
+
+def _committed_epochs(meta: dict[str, Any], epochs: zarr.Group) -> set[int]:
+    """Epochs the run metadata lists as committed, and those whose group says so."""
+    found = {int(e) for e in meta.get("committed", [])}
+    for key, group in epochs.groups():
+        if group.attrs.get("state") == layout.COMMITTED:
+            found.add(int(group.attrs.get("epoch", int(key))))
+    return found
+
+
+def _recapture_message(uri: str, committed: list[int], again: list[int], notes: str = "") -> str:
+    return (
+        f"{uri} holds committed epochs {committed}, and this fit, which does not resume from a "
+        f"checkpoint of this store, would capture epochs {again} again; mode='append' never replaces "
+        "or deletes a committed epoch. To continue that run, resume it from its Lightning checkpoint "
+        "(trainer.fit(..., ckpt_path=...)) so its epochs continue after the last committed one; to "
+        "add other epochs, choose a policy `epochs` (and max_epochs) that leave out the committed "
+        "ones; or pass mode='overwrite' to replace the store, or write to another store path."
+        + (f" {notes}" if notes else "")
+    )
+
+
+def _check_no_recapture(
+    uri: str, storage_options: dict[str, Any] | None, meta: dict[str, Any], captures: Callable[[int], bool]
+) -> None:
+    """Refuses an appending run that would capture an epoch the store holds committed."""
+    root = zarr.open_group(layout.zarr_store(uri, storage_options, read_only=True), mode="r")
+    if layout.EPOCHS not in root:
+        committed, again = sorted(int(e) for e in meta.get("committed", [])), []
+    else:
+        epochs = root[layout.EPOCHS]
+        committed = sorted(_committed_epochs(meta, epochs))
+        again = [e for e in committed if captures(e)]
+    if again:
+        notes = " ".join(n for n in (_referenced_note(uri, epochs, e) for e in again) if n)
+        raise IncompatibleStoreError(_recapture_message(uri, committed, again, notes))
+
+
+def _check_not_committed(uri: str, meta: dict[str, Any], group: zarr.Group, epoch: int) -> None:
+    """Refuses to restart an epoch the store holds committed (only a resume redoes, after pruning)."""
+    if epoch in {int(e) for e in meta.get("committed", [])} or group.attrs.get("state") == layout.COMMITTED:
+        committed = sorted(int(e) for e in meta.get("committed", []))
+        raise IncompatibleStoreError(_recapture_message(uri, committed, [epoch]))
 
 
 def _existing_meta(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -320,7 +422,11 @@ def _holds_data(uri: str, store: Any) -> bool:
         return False
 
 
-def _check_compatible(uri: str, existing: dict[str, Any], meta: dict[str, Any]) -> None:
+def _check_compatible(
+    uri: str, existing: dict[str, Any], meta: dict[str, Any], layers: dict[str, dict[str, Any]]
+) -> None:
+    """Refuses a store whose schema, layers or storage policy differ from this run's, naming the
+    first differing field with both values. ``layers`` holds this run's spec fields known at open."""
     if existing.get("schema_version") != layout.SCHEMA_VERSION:
         raise IncompatibleStoreError(
             f"{uri} has store schema version {existing.get('schema_version')}, this library writes "
@@ -328,7 +434,43 @@ def _check_compatible(uri: str, existing: dict[str, Any], meta: dict[str, Any]) 
         )
     old, new = existing.get("model_layers"), meta.get("model_layers")
     if old is not None and new is not None and old != new:
+        name = next(n for n in sorted(set(old) | set(new)) if old.get(n) != new.get(n))
         raise IncompatibleStoreError(
-            f"{uri} was captured from a model with other layers ({sorted(old)[:8]}...); "
+            f"{uri} was captured from a model with other layers ({sorted(old)[:8]}...): layer {name!r} "
+            f"is {old.get(name)!r} in the store, {new.get(name)!r} in this run (None: no such layer); "
             "write this run to a new path or pass mode='overwrite'."
+        )
+    stored_specs = existing.get("layers") or {}
+    for name in sorted(set(stored_specs) & set(layers)):
+        for key in LAYER_FIELDS_AT_OPEN:
+            old_value, new_value = stored_specs[name].get(key), layers[name].get(key)
+            _refuse_if_differs(uri, f"layer {name!r} {key}", old_value, new_value)
+    old_policy, new_policy = existing.get("policy"), meta.get("policy")
+    if isinstance(old_policy, dict) and isinstance(new_policy, dict):
+        for key in STORAGE_POLICY:
+            _refuse_if_differs(uri, f"policy {key!r}", old_policy.get(key), new_policy.get(key))
+
+
+def check_layer_storage(uri: str, name: str, stored: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Refuses a layer whose storage, chosen at its first batch, differs from the store's spec."""
+    for key in LAYER_STORAGE_FIELDS:
+        old, new = stored.get(key), spec.get(key)
+        if key == "projection":  # the predicted error is a float of the choice, not a storage field
+            old, new = (_without(v, "predicted_error") for v in (old, new))
+        if key == "summary":
+            old, new = old or None, new or None
+        _refuse_if_differs(uri, f"layer {name!r} {key}", old, new)
+
+
+def _without(value: Any, key: str) -> Any:
+    return {k: v for k, v in value.items() if k != key} if isinstance(value, dict) else value
+
+
+def _refuse_if_differs(uri: str, field: str, stored: Any, ours: Any) -> None:
+    stored, ours = layout.to_json(stored), layout.to_json(ours)
+    if stored != ours:
+        raise IncompatibleStoreError(
+            f"{uri} cannot take this run's data: {field} is {stored!r} in the store, {ours!r} in this "
+            "run. A store holds one model's layers with one storage policy; write this run to a new "
+            "path or pass mode='overwrite' to replace the store."
         )
