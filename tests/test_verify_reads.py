@@ -90,7 +90,7 @@ def test_a_store_verify_passes_reads_as_before(clean, tmp_path_factory, pick, ho
 
 
 @pytest.mark.slow
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=160, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     pick=st.integers(0, 10**6),
     how=st.sampled_from(["flip", "truncate", "delete", "lie"]),
