@@ -160,7 +160,7 @@ class BatchWriter:
             enters: a NaN or Inf factor shows there, so those need no check of their own.
         """
         epoch, sink, plans = log.epoch, self.sink, self.layers.plans
-        newly_ready = []
+        newly_ready = self.layers.finalize(uses)  # every layer's choice before any row is written
         covers: dict[str, int] = {}
         rows_before = sink.run.rows_written(epoch, split)
         # Exact squared norms of the layers where they are cheap, one column per planned layer.
@@ -168,11 +168,7 @@ class BatchWriter:
         for column, (name, plan) in enumerate(plans.items()):
             layer_uses = uses.get(name, [])
             if not plan.ready:
-                if not layer_uses:
-                    continue
-                from_data = not self.layers.hooks.input_requires_grad.get(name, True)
-                plan.finalize(layer_uses, self.policy, from_data)
-                newly_ready.append(plan)
+                continue  # it has not run yet
             if name in log.recomputed:
                 continue  # its rows are recomputed from the epoch's weights when read
             if rows_before and not sink.has_layer(epoch, plan, split):  # rows before it first ran

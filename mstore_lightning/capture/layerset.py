@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -144,25 +143,27 @@ class LayerSet:
             self.uncovered.append(record)
             self._warn_uncovered(record)
             run.update_meta(uncovered=self.uncovered)
-        self._check_stored(uses)
         return n
 
-    def _check_stored(self, uses: dict[str, list]) -> None:
-        """Before any row of the batch is written: each layer whose storage its first batch chooses
-        must store what the existing store's spec of it says.
+    def finalize(self, uses: dict[str, list]) -> list[LayerPlan]:
+        """Chooses the storage of each layer that sees its first batch, before any row of the batch
+        is written; in an existing store it must be what the store's spec of the layer says.
+
+        Returns:
+            The layers made ready by this batch.
 
         Raises:
             IncompatibleStoreError: a layer would store another representation, encoding or shape.
         """
-        if not self.stored or self._policy is None:
-            return
+        ready = []
         for name, plan in self.plans.items():
-            if plan.ready or not uses.get(name) or name not in self.stored:
+            if plan.ready or not uses.get(name):
                 continue
-            trial = dataclasses.replace(plan)  # the choice is made again, for real, when rows are written
-            from_data = not self.hooks.input_requires_grad.get(name, True)
-            trial.finalize(uses[name], self._policy, from_data)
-            check_layer_storage(self._store_uri, name, self.stored[name], trial.spec())
+            plan.finalize(uses[name], self._policy, not self.hooks.input_requires_grad.get(name, True))
+            if name in self.stored:
+                check_layer_storage(self._store_uri, name, self.stored[name], plan.spec())
+            ready.append(plan)
+        return ready
 
     def _warn_uncovered(self, u: dict) -> None:
         self._warn(
