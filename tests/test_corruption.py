@@ -47,6 +47,15 @@ def answers(store) -> dict:
     return out
 
 
+# One damaged file: which file, what is done to it, where, and with what value.
+DAMAGES = {
+    "pick": st.integers(0, 10**6),
+    "how": st.sampled_from(["flip", "truncate", "delete", "lie"]),
+    "at": st.integers(0, 10**6),
+    "value": st.integers(0, 10**6),
+}
+
+
 def damage(root: Path, pick: int, how: str, at: int, value: int) -> str:
     files = sorted(p for p in root.rglob("*") if p.is_file())
     target = files[pick % len(files)]
@@ -71,12 +80,7 @@ def damage(root: Path, pick: int, how: str, at: int, value: int) -> str:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    pick=st.integers(0, 10**6),
-    how=st.sampled_from(["flip", "truncate", "delete", "lie"]),
-    at=st.integers(0, 10**6),
-    value=st.integers(0, 10**6),
-)
+@given(**DAMAGES)
 def test_damage_is_found_or_harmless(clean, tmp_path_factory, pick, how, at, value):
     path, expected = clean
     root = Path(shutil.copytree(path, tmp_path_factory.mktemp("damaged") / "s.zarr"))

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Subset
 
 from helpers import IndexedTensors, Task, loader, trainer
 from mstore_lightning import GradientCapture, StoreReadError, open_store
 from mstore_lightning.store.verify import verify
 from test_capture_fit import data, mlp
-from test_corruption import damage
+from test_corruption import DAMAGES, damage
 
 QUERIES = [2, 13]
 
@@ -79,24 +78,14 @@ def check_one(clean, tmp_path_factory, pick, how, at, value):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    pick=st.integers(0, 10**6),
-    how=st.sampled_from(["flip", "truncate", "delete", "lie"]),
-    at=st.integers(0, 10**6),
-    value=st.integers(0, 10**6),
-)
+@given(**DAMAGES)
 def test_a_store_verify_passes_reads_as_before(clean, tmp_path_factory, pick, how, at, value):
     check_one(clean, tmp_path_factory, pick, how, at, value)
 
 
 @pytest.mark.slow
 @settings(max_examples=160, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    pick=st.integers(0, 10**6),
-    how=st.sampled_from(["flip", "truncate", "delete", "lie"]),
-    at=st.integers(0, 10**6),
-    value=st.integers(0, 10**6),
-)
+@given(**DAMAGES)
 def test_a_store_verify_passes_reads_as_before_over_many_damages(
     clean, tmp_path_factory, pick, how, at, value
 ):
