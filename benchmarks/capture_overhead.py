@@ -9,11 +9,13 @@ Usage:
     python benchmarks/capture_overhead.py                       # all models, 5 pairs each
     python benchmarks/capture_overhead.py --models mlp --pairs 7
     python benchmarks/capture_overhead.py --batches-scale 0.1   # quick smoke run
+    python benchmarks/capture_overhead.py --versus no-manifest  # what the manifests cost, side by side
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import hashlib
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,7 +350,9 @@ def capture_messages(run: Callable[[], Any]) -> tuple[Any, list[str]]:
     return result, list(dict.fromkeys(found))  # dedupe, keep order
 
 
-def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path) -> dict[str, Any]:
+def bench_model(
+    spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path, versus: str | None = None
+) -> dict[str, Any]:
     """Warms up, then runs ``pairs`` interleaved plain/capture fits of one model.
 
     Args:
@@ -356,6 +360,8 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
         pairs: plain/capture pairs to time.
         batches_scale: multiplies ``spec.batches`` (for quick runs).
         workdir: temporary directory for the store.
+        versus: a switchable part of the store's work (see :data:`VERSUS`); each pair then gets a
+            third fit, a capture without it, so that its cost is timed side by side.
 
     Returns:
         Raw timings, their summary and the store's size.
@@ -373,11 +379,22 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
     capture_warnings = [m for m in capture_msgs if m not in set(plain_msgs)]
 
     plain, capture, plain_cpu, capture_cpu, ratios, store_bytes, hook_ms, wait_ms = ([] for _ in range(8))
+    without, without_ratios = [], []
+    other = workdir / f"{spec.name}-without.zarr"
+    if versus is not None:
+        with VERSUS[versus]():
+            fit_once(spec, data, other)  # its own warm-up
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # already recorded at warm-up
         for i in range(pairs):
             a, a_cpu, _, _ = fit_once(spec, data, None)
+            if versus is not None:
+                with VERSUS[versus]():
+                    c = fit_once(spec, data, other)[0]
+                without.append(c)
             b, b_cpu, b_hook_ms, b_wait_ms = fit_once(spec, data, store)
+            if versus is not None:
+                without_ratios.append(b / c)
             hook_ms.append(b_hook_ms)
             wait_ms.append(b_wait_ms)
             store_bytes.append(dir_bytes(store))
@@ -393,6 +410,21 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
     check = check_store(store, samples)
     raw = compression_cost(store)
     shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(other, ignore_errors=True)
+    compared = {}
+    if versus is not None:
+        compared = {
+            "versus": {
+                "without": versus,
+                "without_s": without,
+                "without_median_s": statistics.median(without),
+                # capture / capture-without, fit by fit: what the switched-off part costs
+                "ratios": without_ratios,
+                "ratio_median": statistics.median(without_ratios),
+                "ratio_min": min(without_ratios),
+                "ratio_max": max(without_ratios),
+            }
+        }
 
     plain_med, capture_med = statistics.median(plain), statistics.median(capture)
     if raw:
@@ -431,6 +463,7 @@ def bench_model(spec: ModelSpec, pairs: int, batches_scale: float, workdir: Path
         **({"raw_file_compression": raw} if raw else {}),
         "capture_warnings": capture_warnings,
         "note": spec.note,
+        **compared,
     }
 
 
@@ -584,6 +617,28 @@ def apply_ablation(name: str) -> None:
         BackgroundWriter._write = write_raw
 
 
+@contextlib.contextmanager
+def without_manifest() -> Iterator[None]:
+    """Captures without manifests: the writer records no digests and writes no manifest (the
+    store reads back as damaged, so only the capture's time is measured)."""
+    from mstore_lightning.store.manifest import ManifestStore
+    from mstore_lightning.store.session import RunWriter
+
+    async def plain_set(self: ManifestStore, key: str, value: Any) -> None:
+        await self._store.set(key, value)
+
+    saved = ManifestStore.set, RunWriter._seal
+    ManifestStore.set, RunWriter._seal = plain_set, lambda self, group: None
+    try:
+        yield
+    finally:
+        ManifestStore.set, RunWriter._seal = saved
+
+
+# Parts of the store's work a third arm switches off, side by side with the full capture.
+VERSUS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {"no-manifest": without_manifest}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses and checks the command line; ``--models`` becomes a list of names."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -604,9 +659,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="switch off part of the store's work to see where the capture's time goes",
     )
+    parser.add_argument(
+        "--versus",
+        choices=sorted(VERSUS),
+        default=None,
+        help="time a third arm per pair, a capture with this part switched off, side by side",
+    )
     args = parser.parse_args(argv)
     if args.ablation != "none" and args.out == DEFAULT_OUT:
         args.out = DEFAULT_OUT.with_name(f"capture_overhead_{args.ablation}.json")
+    if args.versus is not None and args.out == DEFAULT_OUT:
+        args.out = DEFAULT_OUT.with_name(f"capture_overhead_versus_{args.versus}.json")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in SPECS]
     if unknown or not args.models:
@@ -644,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mstore-bench-") as tmp:
         for name in args.models:
             print(f"{name}: {SPECS[name].description}", flush=True)
-            results[name] = bench_model(SPECS[name], args.pairs, args.batches_scale, Path(tmp))
+            results[name] = bench_model(SPECS[name], args.pairs, args.batches_scale, Path(tmp), args.versus)
 
     print()
     print(format_table(results))
@@ -659,6 +722,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"\n{name}: the raw files hold {c['bytes'] / 1e6:,.0f} MB; zstd and crc32c on them take "
                 f"{c['zstd_crc32c_cpu_s']:.2f} CPU-s on one core ({c['zstd_ratio']:.2f}x smaller), "
                 f"{c['share_of_plain_fit']:.2f} of the plain fit's time"
+            )
+    for name, r in results.items():
+        if "versus" in r:
+            v = r["versus"]
+            print(
+                f"\n{name}: capture / capture with {v['without']}: median {v['ratio_median']:.3f}x "
+                f"(min {v['ratio_min']:.3f}x, max {v['ratio_max']:.3f}x over {len(v['ratios'])} pairs; "
+                f"capture {r['capture_median_s']:.3f} s, without {v['without_median_s']:.3f} s)"
             )
     for name, r in results.items():
         if r["note"]:
@@ -679,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": args.pairs,
         "batches_scale": args.batches_scale,
         "ablation": args.ablation,
+        "versus": args.versus,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "models": results,
     }

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
-from helpers import EXACT, Task, loader, trainer
+from helpers import EXACT, Task, loader, reseal, trainer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_capture_fit import data, mlp
@@ -231,6 +231,15 @@ def _drop_commit(root: Path) -> None:
 def _break_reference(root: Path) -> None:
     refs = zarr.open_array(root / "epochs/00002/r0/layers/net.0/a_ref", mode="r+")
     refs[5] = [7, 0, 3]  # epoch 7 does not exist
+    reseal(root, "epochs/00002/r0/layers/net.0/a_ref/c/1/0")  # as a faulty writer would have stored it
+
+
+def _swap_epochs(root: Path) -> None:
+    shutil.copyfile(root / "epochs/00002/r0/rows/ids/c/0", root / "epochs/00001/r0/rows/ids/c/0")
+
+
+def _swap_arrays(root: Path) -> None:
+    shutil.copyfile(root / "epochs/00001/r0/rows/step/c/1", root / "epochs/00001/r0/rows/ids/c/1")
 
 
 def _delete_chunk(root: Path) -> None:
@@ -250,6 +259,8 @@ DAMAGE = {
         "epoch 7 does not exist",
     ),
     "deleted chunk": (_delete_chunk, "epochs/00000/r0/layers/net.0/a", "c/1/0/0", "missing"),
+    "chunk from another epoch": (_swap_epochs, "epochs/00001/r0/rows/ids", "c/0", "copied from another"),
+    "chunk from another array": (_swap_arrays, "epochs/00001/r0/rows/ids", "c/1", "copied from another"),
 }
 
 
@@ -294,11 +305,10 @@ def test_an_open_last_epoch_is_a_note_not_damage(capsys, copy):
 
 def test_queries_on_a_damaged_chunk_fail_in_one_line(capsys, copy):
     _flip(copy)
-    # Top-k gathers its query rows from every chunk at once, so the error names the chunks read; which
-    # one is damaged is `verify`'s to say (test_any_flipped_byte_is_found_in_its_chunk).
+    # Each chunk read is checked against its manifest, so the error names the damaged chunk itself.
     code, _, err = call(capsys, "topk", copy, "--query", "0", "--k", "3", "--epoch", "0")
     assert code == 1
-    assert_one_line_error(err, "epochs/00000/r0/layers/net.0/d", "(counted along rows) is damaged", "checksum")
+    assert_one_line_error(err, "Chunk epochs/00000/r0/layers/net.0/d/c/2/0/0: crc32c checksum mismatch")
     # Self-influence reads the squared norms kept at capture, not the damaged factor chunk.
     code, out, err = call(capsys, "self-influence", copy)
     assert code == 0 and err == "" and out

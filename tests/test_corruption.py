@@ -50,7 +50,7 @@ def answers(store) -> dict:
 # One damaged file: which file, what is done to it, where, and with what value.
 DAMAGES = {
     "pick": st.integers(0, 10**6),
-    "how": st.sampled_from(["flip", "truncate", "delete", "lie"]),
+    "how": st.sampled_from(["flip", "truncate", "delete", "lie", "swap"]),
     "at": st.integers(0, 10**6),
     "value": st.integers(0, 10**6),
 }
@@ -67,6 +67,11 @@ def damage(root: Path, pick: int, how: str, at: int, value: int) -> str:
     elif how == "flip" and raw:
         raw[at % len(raw)] ^= 1 + value % 255
         target.write_bytes(bytes(raw))
+    elif how == "swap" and target.name != "zarr.json":
+        # A valid chunk from another place (another epoch, rank group or array) over this one.
+        chunks = [p for p in files if p.name != "zarr.json" and p != target]
+        if chunks:
+            target.write_bytes(chunks[(at + value) % len(chunks)].read_bytes())
     elif how == "lie" and target.name == "zarr.json":
         meta = json.loads(raw)
         if meta.get("node_type") == "array":

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import manifest_files, stored_manifests
 
 from mstore_lightning import open_store
 from mstore_lightning.store.verify import epoch_states, verify
@@ -99,6 +100,8 @@ def test_rank_zero_commits_once_and_influence_reads_every_rank(ddp_run):
     attrs = store.catalog.epoch_attrs(0)
     assert attrs["world_size"] == 2 and attrs["rows"] == N
     assert verify(str(path)).ok
+    manifests = stored_manifests(path)  # each rank lists its own chunks before rank 0 commits
+    assert {g.rsplit("/", 1)[-1] for g in manifests} == {"r0", "r1"} and manifests == manifest_files(path)
     si = store.self_influence()
     assert si.ids.tolist() == list(range(N))
     expected = np.zeros(N)

@@ -176,6 +176,27 @@ def test_kbit_codes_pack_and_decode_to_their_bin_means(bits, rows, numbers, seed
     assert (np.diff(codes.reshape(-1)[order].astype(int)) >= 0).all()
 
 
+@SETTINGS
+@given(bits=st.integers(1, 8), rows=st.integers(2, 9), numbers=st.integers(1, 20), seed=st.integers(0, 2**31))
+def test_kbit_zero_rows_code_to_zero_bytes_beside_rows_of_data(bits, rows, numbers, seed):
+    """A deduplicated reference is a row of zeros (scale 0); mixed into a chunk of data, its codes
+    must stay zero bytes, which ``verify`` reads as "no data of its own"."""
+    codec = quant.ChunkCodec.for_precision(f"kbit:{bits}", [numbers])
+    gen = torch.Generator().manual_seed(seed)
+    unit = torch.rand(rows, numbers, generator=gen).numpy() * 2 - 1
+    zero = torch.rand(rows, generator=gen).numpy() < 0.5
+    zero[0], zero[-1] = True, False
+    unit[zero] = 0.0
+    packed, table = codec.encode(unit)
+    assert not packed[zero].any()
+    assert packed[~zero].shape[0] == (~zero).sum()
+    got = codec.decode(packed, np.broadcast_to(table, (rows, 2**bits)))
+    codes = quant._unpack(packed, bits, numbers)
+    data, data_codes = unit[~zero], codes[~zero]
+    for code in np.unique(data_codes):  # rows of data decode to the means of their bins, zeros left out
+        np.testing.assert_allclose(got[~zero][data_codes == code], data[data_codes == code].mean(), rtol=1e-5, atol=1e-6)
+
+
 def crest_error(x: torch.Tensor, spec: dict) -> torch.Tensor:
     """The int8 relative-error bound ``κ/254`` of each row (one group per row here)."""
     flat = x.flatten(1).double()

@@ -10,8 +10,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import EXACT, Reference, Task, loader, trainer
+from helpers import EXACT, Reference, Task, loader, manifest_files, stored_manifests, trainer
 from mstore_lightning import GradientCapture, open_store
+from mstore_lightning.store.verify import verify
 from test_capture_fit import assert_matches_reference, data, mlp
 
 
@@ -77,6 +78,7 @@ def test_crash_mid_epoch_resumes_from_epoch_end_checkpoint(tmp_path):
         for layer in store.layers:
             got = store.restore(e, layer, ids)["weight"]
             torch.testing.assert_close(got, ref.stacked(e, ids, f"{layer}.weight"), atol=1e-5, rtol=1e-4)
+    assert stored_manifests(path) == manifest_files(path) and verify(path).ok
 
 
 @pytest.mark.parametrize(("chunk_bytes", "precision"), [(4 << 20, "fp32"), (256, "fp32"), (256, "int8"), (256, "kbit:4")])
@@ -116,3 +118,5 @@ def test_crash_after_mid_epoch_checkpoint_keeps_rows_up_to_it(tmp_path, chunk_by
     assert np.all(np.diff(store.row_field(1, "step")) >= 0)
     norms = store.norms(1)  # every row decodes, the refilled last chunk (codes refitted for kbit) too
     assert norms.shape == (len(store.sample_ids(1)),) and np.isfinite(norms).all() and (norms > 0).all()
+    # The resumed epoch's manifest lists the chunks kept from the crashed process as well as its own.
+    assert stored_manifests(path) == manifest_files(path) and verify(path).ok

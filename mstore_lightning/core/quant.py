@@ -287,9 +287,15 @@ class ChunkCodec:
         return (math.ceil(self.numbers * self.bits / 8),)
 
     def encode(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(packed codes (rows, *code_shape), table (levels,))`` of a chunk of unit values."""
+        """``(packed codes (rows, *code_shape), table (levels,))`` of a chunk of unit values.
+
+        All-zero rows (deduplicated references, zero gradients) have scale 0, so any code decodes
+        them to zeros: they get code 0, keeping their bytes zero as reference rows and unwritten
+        chunks need, and are left out of the fit, which is for the rows that hold data.
+        """
         values = np.ascontiguousarray(block, dtype=np.float32).reshape(len(block), -1)
-        flat = values.reshape(-1)
+        live = values.any(axis=1)
+        flat = values[live].reshape(-1)
         sample = flat
         if flat.size > FIT_SAMPLES:  # a seeded random subset: a stride could hit one column of every row
             sample = flat[np.random.default_rng(flat.size).integers(0, flat.size, FIT_SAMPLES)]
@@ -300,8 +306,9 @@ class ChunkCodec:
         # Bin k holds (edge[k-1], edge[k]]: a value repeated across several quantiles (every row's
         # max, at ±1) gets a bin of its own instead of sharing one with the values above it.
         codes = np.searchsorted(edges, values, side="left").astype(np.uint8)
-        counts = np.bincount(codes.reshape(-1), minlength=self.levels)
-        sums = np.bincount(codes.reshape(-1), weights=flat, minlength=self.levels)
+        codes[~live] = 0
+        counts = np.bincount(codes[live].reshape(-1), minlength=self.levels)
+        sums = np.bincount(codes[live].reshape(-1), weights=flat, minlength=self.levels)
         table = (sums / np.maximum(counts, 1)).astype(np.float32)  # an empty bin is never decoded
         return _pack(codes, self.bits), table
 

@@ -21,6 +21,7 @@ from mstore_lightning.core.representation import Representation
 from mstore_lightning.store import layout
 from mstore_lightning.store.zarr_io import (
     DAMAGE,
+    ReadStore,
     StoreReadError,
     anode,
     check_crc,
@@ -349,6 +350,10 @@ async def _epoch_meta(
         *(anode(group, k) for k in keys),
         *(anode(group, f"{k}/{layout.ROWS}/ids", missing_ok=True) for k in keys),
     )
+    store = group.store_path.store
+    if isinstance(store, ReadStore):  # the manifests ride along with the metadata read here
+        for g in found[: len(keys)]:
+            store.expect(dict(group.attrs), g.path, dict(g.attrs))
     ranks, ids = [], []
     for g, arr in zip(found[: len(keys)], found[len(keys) :]):
         if arr is None and await g.contains(layout.ROWS):

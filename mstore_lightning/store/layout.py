@@ -3,7 +3,7 @@
 ::
 
     run.zarr/                          root group; attrs["mstore"] = run metadata (JSON, schema-versioned)
-      epochs/<eeeee>/                  one group per captured epoch; attrs: state "open" | "committed", lr, rows
+      epochs/<eeeee>/                  one group per captured epoch; attrs: state "open" | "committed", lr, rows, manifest
         r<rank>/rows/{ids,step,loss,label,lr}       per-sample row records of one training process
         r<rank>/layers/<module name>/{a,d}          factors: layer input (prefix) and output gradient (suffix)
         r<rank>/layers/<module name>/{weight,bias}  or full per-sample gradients, whichever is smaller
@@ -11,9 +11,11 @@
         r<rank>/layers/<module name>/a_ref          (epoch, rank, row) of each deduplicated input row
         q<rank>/{rows,layers}/...                   query samples, captured at the epoch's end
 
-Every array is chunked along the row axis and stored with zstd and a crc32c checksum per chunk. An
-epoch is visible to readers only once its group says ``state: committed``; that attribute is written
-after every chunk of the epoch, and local writes replace ``zarr.json`` atomically.
+Every array is chunked along the row axis and stored with zstd and a crc32c checksum per chunk; each
+rank group (and ``weights``) lists its chunks and their digests in its attribute ``manifest`` (see
+:mod:`~mstore_lightning.store.manifest`). An epoch is visible to readers only once its group says
+``state: committed``; that attribute is written after every chunk and manifest of the epoch, and
+local writes replace ``zarr.json`` atomically.
 
 A store is a local directory or an fsspec URL (``s3://bucket/run.zarr``); :func:`zarr_store` opens
 either.

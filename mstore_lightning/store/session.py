@@ -15,6 +15,7 @@ from zarr.core.sync import sync as zarr_sync
 from mstore_lightning.core.checks import choice
 from mstore_lightning.core.quant import TABLE
 from mstore_lightning.store import layout
+from mstore_lightning.store.manifest import FORMAT, MANIFEST, ManifestStore
 from mstore_lightning.store.weights import WEIGHTS, save_weights
 from mstore_lightning.store.writer import (
     DEFAULT_CHUNK_BYTES,
@@ -83,6 +84,8 @@ class RunWriter:
             queue_bytes=queue_bytes, chunk_bytes=chunk_bytes, low_priority=low_priority
         )
         self.root: zarr.Group | None = None
+        self._written: ManifestStore | None = None
+        self._resumed: set[str] = set()  # groups holding chunks an earlier process wrote
         self._epoch_groups: dict[int, zarr.Group] = {}
         self._rank_groups: dict[tuple[int, str], zarr.Group] = {}
 
@@ -224,10 +227,15 @@ class RunWriter:
         self.writer.flush()
 
     def finish_epoch(self, epoch: int) -> dict[str, int]:
-        """Writes every buffered row of ``epoch`` and trims its arrays; returns rows per training array."""
+        """Writes every buffered row of ``epoch``, trims its arrays and writes this process's
+        manifests of them; returns rows per training array."""
         if (epoch, "query") in self._rank_groups:
-            self.writer.finish_arrays(self._rank_groups[(epoch, "query")])
-        return self.writer.finish_arrays(self.rank_group(epoch))
+            query = self._rank_groups[(epoch, "query")]
+            self.writer.finish_arrays(query)
+            self._seal(query)
+        rows = self.writer.finish_arrays(self.rank_group(epoch))
+        self._seal(self.rank_group(epoch))
+        return rows
 
     def meta(self) -> dict[str, Any]:
         """The run metadata as stored."""
@@ -243,8 +251,9 @@ class RunWriter:
 
     def save_weights(self, epoch: int, module: Any) -> None:
         """Rank 0 stores ``module``'s state in ``epoch``, for the layers recomputed from it."""
-        group = self._epoch_groups[epoch]
-        save_weights(group.require_group(WEIGHTS), module)
+        weights = self._epoch_groups[epoch].require_group(WEIGHTS)
+        save_weights(weights, module)
+        self._seal(weights)
 
     def set_rank_attrs(self, epoch: int, **attrs: Any) -> None:
         """Records JSON attributes on this rank's group of ``epoch`` (per-rank statistics)."""
@@ -259,7 +268,9 @@ class RunWriter:
             # One write: the commit marker and the checksum of everything the epoch's attributes say.
             current = {k: v for k, v in group.attrs.items() if k != layout.CRC_KEY}
             group.update_attributes(
-                layout.with_crc({**current, **attrs, "state": layout.COMMITTED, "epoch": epoch})
+                layout.with_crc(
+                    {**current, **attrs, MANIFEST: FORMAT, "state": layout.COMMITTED, "epoch": epoch}
+                )
             )
             self._record_committed(add={epoch})
 
@@ -275,7 +286,9 @@ class RunWriter:
 
     def abandon_epoch(self, epoch: int) -> None:
         """Stops writing ``epoch`` without committing it."""
-        self._epoch_groups.pop(epoch, None)
+        group = self._epoch_groups.pop(epoch, None)
+        if group is not None:
+            self._written.forget(group.path)
         for split in layout.SPLITS:
             rank_group = self._rank_groups.pop((epoch, split), None)
             if rank_group is not None:
@@ -285,8 +298,16 @@ class RunWriter:
         self.writer.close()
 
     # ---------------------------------------------------------------- internals
-    def _store(self) -> Any:
-        return layout.zarr_store(self.uri, self.storage_options)
+    def _store(self) -> ManifestStore:
+        if self._written is None:
+            self._written = ManifestStore(layout.zarr_store(self.uri, self.storage_options))
+        return self._written
+
+    def _seal(self, group: zarr.Group) -> None:
+        """Writes the manifest of the chunks below ``group``, once the writer has stored them all."""
+        listed = zarr_sync(self._written.manifest(group.path, complete=group.path in self._resumed))
+        self._resumed.discard(group.path)
+        group.update_attributes({MANIFEST: listed})
 
     def _resume_arrays(self, group: zarr.Group, rank_key: str, rows: int) -> None:
         """Trims this rank's arrays to the ``rows`` a checkpoint recorded and refills the last chunk."""
@@ -297,6 +318,7 @@ class RunWriter:
             return
         rank_group = group[rank_key]
         self._rank_groups[(group.attrs["epoch"], "train")] = rank_group
+        self._resumed.add(rank_group.path)
         arrays = dict(_arrays_under(rank_group))
         # An array's other parts, and a codec's tables, follow the array's first part.
         followers = {

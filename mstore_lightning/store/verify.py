@@ -8,6 +8,9 @@ What is checked (see :mod:`mstore_lightning.store.layout` for the layout):
 - every chunk of every committed epoch decodes. Each chunk carries a crc32c checksum, so a flipped
   byte or a truncated file fails. A missing chunk file is damage, except in arrays that leave all-zero
   chunks unwritten: deduplicated inputs (whose duplicate rows are zeros) and stored weights;
+- every chunk is the one its group's manifest lists at its place (see :mod:`.manifest`): a chunk
+  copied from another epoch or array, one added after the commit, or one the manifest lists that is
+  gone, is damage. Epochs committed before manifests existed are named in a note;
 - the squared norms kept at capture (``rows/sqnorm``) are there wherever a rank group says readers
   take norms from them, and every dedup reference chunk is there: reads need both;
 - epochs are committed in order: an uncommitted epoch followed by a committed one lost its commit,
@@ -40,8 +43,9 @@ from zarr.core.sync import collect_aiterator
 from mstore_lightning.core.quant import REF, stored_arrays
 from mstore_lightning.store import layout
 from mstore_lightning.store.dedup import NO_REF, ZERO_ROW
+from mstore_lightning.store.manifest import ManifestError
 from mstore_lightning.store.verify_report import Problem, VerifyReport
-from mstore_lightning.store.zarr_io import StoreReadError
+from mstore_lightning.store.zarr_io import ReadStore, StoreReadError
 
 META = "zarr.json"
 _UNKNOWN = -2  # a reference whose chunk could not be decoded: not checked further
@@ -100,7 +104,7 @@ class _Want:
 class _Check:
     def __init__(self, uri: str, storage_options: dict[str, Any] | None) -> None:
         self.uri = uri
-        self.store = _open_raw(uri, storage_options)
+        self.store = ReadStore(_open_raw(uri, storage_options))
         self.report = VerifyReport(uri)
         self.problems: dict[tuple[str, str | None], Problem] = {}
         self.keys: set[str] = set()
@@ -134,6 +138,12 @@ class _Check:
                     "the run's metadata lists this epoch as committed, but its group is missing or not committed",
                 )
             plans = [p for e in committed for p in self._plan_epoch(e, meta)]
+            bare = self.report.epochs_without_manifest
+            if bare:
+                self.report.notes.append(
+                    f"epoch(s) {bare} were committed before manifests existed: their chunks are checked "
+                    "by their own crc32c, which cannot tell a chunk copied from another epoch or array"
+                )
             for path, chunks in self.chunk_files.items():
                 if path not in self.nodes and _epoch_of(path) in [*committed, None]:
                     self._flag(
@@ -235,6 +245,8 @@ class _Check:
         ranks = [g for g in groups if g[:1] in layout.SPLITS.values() and g[1:].isdigit()]
         train = [g for g in ranks if g[:1] == layout.SPLITS["train"]]
         want = _expected(meta, set(self.attrs[epoch].get("recomputed", [])))
+        for group in groups:
+            self._check_manifest(epoch, f"{base}/{group}")
         plans: list[_Planned] = []
         for group in ranks:
             rows = self._plan_rank(epoch, f"{base}/{group}", want, plans, alone=train == [group])
@@ -248,6 +260,29 @@ class _Check:
         if promised is not None and train and held != int(promised):
             self._flag(base, None, f"the epoch's commit says {promised} rows but its arrays hold {held}")
         return [p for p in plans if p is not None]
+
+    def _check_manifest(self, epoch: int, path: str) -> None:
+        """Hands the group's manifest to the reads that follow, which check each chunk against it,
+        and flags the chunks it lists that are gone (reads skip unwritten chunks of some arrays)."""
+        group = self._node(path) if path in self.nodes else None
+        if not isinstance(group, zarr.Group):
+            return  # flagged where the group is needed
+        try:
+            self.store.expect(self.attrs[epoch], path, group.attrs.asdict())
+        except StoreReadError:
+            self.store.manifests[path] = None  # flagged once here, not at every chunk
+            self._flag(path, None, "has no manifest, though its epoch was committed with one")
+            return
+        listed = self.store.manifests[path]
+        if listed is None:
+            if epoch not in self.report.epochs_without_manifest:
+                self.report.epochs_without_manifest.append(epoch)
+            return
+        for key in sorted(listed):
+            full = f"{path}/{key}"
+            if full not in self.keys:
+                array, chunk = _chunk_owner(full) or (full, None)
+                self._flag(array, chunk, "chunk file is missing, though its group's manifest lists it")
 
     def _plan_rank(
         self, epoch: int, path: str, want: dict[str, _Want], plans: list[_Planned], alone: bool
@@ -385,7 +420,9 @@ class _Check:
         try:
             return np.asarray(arr.get_block_selection(coords))
         except Exception as exc:  # noqa: BLE001 - every decoding failure is damage to report
-            if "checksum" in str(exc).lower():
+            if isinstance(exc, ManifestError):
+                what = exc.problem
+            elif "checksum" in str(exc).lower():
                 what = "crc32c checksum mismatch: the chunk file is corrupt (flipped bytes or truncated)"
             else:
                 what = f"chunk cannot be decoded ({_reason(exc)})"

@@ -30,6 +30,8 @@ class VerifyReport:
         chunks_checked: chunks decoded, or accounted for as unwritten zeros.
         epochs_committed: committed epochs, ascending.
         epochs_open: epochs not committed, ascending.
+        epochs_without_manifest: committed epochs written before manifests existed, whose chunks are
+            checked by their own crc32c only (which does not tell a chunk copied from elsewhere).
     """
 
     uri: str
@@ -39,6 +41,7 @@ class VerifyReport:
     chunks_checked: int = 0
     epochs_committed: list[int] = field(default_factory=list)
     epochs_open: list[int] = field(default_factory=list)
+    epochs_without_manifest: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -467,7 +467,17 @@ class BackgroundWriter:
             await asyncio.gather(*(array.setitem(rows, block) for array, rows, block in writes))
 
         if all(_loop_free(array.store_path.store) for array, _, _ in writes):
-            self._own_loop().run_until_complete(write_all())
+            loop = self._own_loop()
+            try:
+                loop.run_until_complete(write_all())
+            finally:
+                # A failed write leaves zarr's sibling writes pending: end them here, so that none
+                # is left to be destroyed, with a warning, when the process exits.
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         else:
             zarr_sync(write_all())
         self.bytes_written += sum(c.nbytes for c in chunks)

@@ -19,24 +19,48 @@ import zarr.storage
 from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.core.errors import StoreReadError
-from mstore_lightning.store import layout
+from mstore_lightning.store import layout, manifest
 
 
 class ReadStore(zarr.storage.WrapperStore):
-    """The store, noting each chunk that a read asked for and did not find.
+    """The store as readers see it: each chunk checked against its group's manifest, and each chunk a
+    read asked for and did not find noted.
 
     zarr reads a missing chunk as fill values. Some of our chunks are absent on purpose (all their
-    rows deduplicated); any other missing chunk is damage, and the reader checks for it.
+    rows deduplicated); in an epoch with manifests, a chunk its manifest lists is required, and any
+    other is read as zeros; in an earlier epoch, the reader checks missing chunks itself.
+
+    The catalog hands over the manifests of the groups it opens (:meth:`expect`); a chunk of a group
+    not seen yet has its group's and its epoch's metadata read first, so no read goes unchecked.
     """
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, shared: ReadStore | None = None) -> None:
         super().__init__(store)
-        self.missing: set[str] = set()
+        self.missing: set[str] = set() if shared is None else shared.missing
+        # group path -> its manifest, or None where its epoch has none
+        self.manifests: dict[str, dict[str, int] | None] = {} if shared is None else shared.manifests
+
+    def _with_store(self, store: Any) -> ReadStore:
+        return type(self)(store, self)
+
+    def expect(self, epoch_attrs: dict[str, Any], group: str, attrs: dict[str, Any]) -> None:
+        """Takes ``group``'s manifest from its attributes (see :func:`manifest.listed`)."""
+        self.manifests[group] = manifest.listed(epoch_attrs, group, attrs)
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         got = await super().get(key, prototype, byte_range)
-        if got is None and "/c/" in key:
-            self.missing.add(key)
+        if not manifest.is_chunk(key):
+            return got
+        group = manifest.group_of(key)
+        if group is not None and group not in self.manifests:
+            epoch_attrs = await manifest.read_attrs(self._store, group.rsplit("/", 1)[0])
+            self.expect(epoch_attrs, group, await manifest.read_attrs(self._store, group))
+        listed = self.manifests.get(group) if group is not None else None
+        if listed is None:
+            if got is None and "/c/" in key:
+                self.missing.add(key)
+        elif byte_range is None:  # a part of a chunk cannot be checked against the whole's digest
+            manifest.check(key, group, listed, got)
         return got
 
 
@@ -128,6 +152,8 @@ def take_many(items: list[tuple[zarr.Array, slice | np.ndarray]]) -> list[np.nda
             if isinstance(where, slice):
                 return np.asarray(await arr._async_array.getitem(where))
             return np.asarray(await arr._async_array.get_orthogonal_selection((where,)))
+        except StoreReadError:
+            raise
         except ValueError as exc:
             raise _damaged(arr, where, exc) from exc
 
@@ -141,6 +167,8 @@ def take(arr: zarr.Array, where: slice | np.ndarray, complete: bool = True) -> n
     """Rows ``where`` of ``arr``; with ``complete``, every chunk read must exist."""
     try:
         got = arr[where] if isinstance(where, slice) else arr.get_orthogonal_selection((where,))
+    except StoreReadError:
+        raise
     except ValueError as exc:  # zarr's crc32c and decompression failures are ValueErrors
         raise _damaged(arr, where, exc) from exc
     if complete:
