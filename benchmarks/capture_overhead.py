@@ -388,12 +388,17 @@ def bench_model(
         warnings.simplefilter("ignore")  # already recorded at warm-up
         for i in range(pairs):
             a, a_cpu, _, _ = fit_once(spec, data, None)
-            if versus is not None:
+            # The two captures swap places every pair: a fit runs slower or faster for following
+            # another, and that must not land on one arm.
+            if versus is not None and i % 2 == 0:
                 with VERSUS[versus]():
                     c = fit_once(spec, data, other)[0]
-                without.append(c)
             b, b_cpu, b_hook_ms, b_wait_ms = fit_once(spec, data, store)
+            if versus is not None and i % 2 == 1:
+                with VERSUS[versus]():
+                    c = fit_once(spec, data, other)[0]
             if versus is not None:
+                without.append(c)
                 without_ratios.append(b / c)
             hook_ms.append(b_hook_ms)
             wait_ms.append(b_wait_ms)
