@@ -8,6 +8,7 @@ cost to the capture itself is ``capture_overhead.py --versus no-manifest``.
 Usage:
     python benchmarks/manifest_cost.py                       # mlp, 3 epochs, 7 pairs
     python benchmarks/manifest_cost.py --batches-scale 0.1 --pairs 3
+    python benchmarks/manifest_cost.py --chunk-bytes 65536       # many small chunks: the worst case
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ from mstore_lightning.store.verify import verify
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def capture(spec: co.ModelSpec, batches: int, epochs: int, path: Path) -> int:
+def capture(spec: co.ModelSpec, batches: int, epochs: int, path: Path, chunk_bytes: int | None) -> int:
     """Captures ``epochs`` epochs of ``spec`` into ``path``; returns the samples per epoch."""
     data = co.make_data(spec, batches)
     torch.manual_seed(co.MODEL_SEED)
-    cap = GradientCapture(store=str(path), policy=co.POLICY, mode="overwrite")
+    sizes = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
+    cap = GradientCapture(store=str(path), policy=co.POLICY, mode="overwrite", **sizes)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--batches-scale", type=float, default=0.5)
+    parser.add_argument("--chunk-bytes", type=int, default=None, help="the capture's chunk size (default: its own)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = max(1, round(spec.batches * args.batches_scale))
     with tempfile.TemporaryDirectory(prefix="mstore-manifest-") as tmp:
         with_manifest, without = Path(tmp) / "with.zarr", Path(tmp) / "without.zarr"
-        samples = capture(spec, batches, args.epochs, with_manifest)
+        samples = capture(spec, batches, args.epochs, with_manifest, args.chunk_bytes)
         shutil.copytree(with_manifest, without)
         manifest_bytes = strip_manifests(without)
         files = chunk_files(with_manifest)
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": spec.description,
         "epochs": args.epochs,
+        "chunk_bytes": args.chunk_bytes,
         "samples_per_epoch": samples,
         "chunk_files": files,
         "store_bytes": store_bytes,
