@@ -231,3 +231,14 @@ def test_the_digest_binds_the_key_and_the_bytes_before_the_chunk_crc():
     assert a != digest("epochs/00002/r0/rows/ids/c/0", np.frombuffer(chunk, dtype=np.uint8))
     # Same length, both ending in their own crc32c: a CRC over the whole would not tell them apart.
     assert a != digest("epochs/00001/r0/rows/ids/c/0", np.frombuffer(other, dtype=np.uint8))
+
+
+def test_a_whole_rank_group_copied_from_another_epoch_fails(copy):
+    """Its manifest comes along, but its digests were taken over the other epoch's keys."""
+    shutil.rmtree(copy / "epochs/00001/r0")
+    shutil.copytree(copy / "epochs/00002/r0", copy / "epochs/00001/r0")
+    report = verify(copy)
+    assert not report.ok
+    assert all("copied from another array or epoch" in p.what for p in report.problems if p.chunk)
+    with pytest.raises(StoreReadError, match="Chunk epochs/00001/r0/rows/ids/c/0: a valid chunk"):
+        open_store(copy).sample_ids(1)
