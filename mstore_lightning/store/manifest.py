@@ -151,8 +151,12 @@ class ManifestStore(zarr.storage.WrapperStore):
             self.digests[key] = digest(key, value.as_numpy_array())
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
-        if not await self._store.exists(key):
-            await self.set(key, value)
+        # The inner store's own call keeps the write atomic; the digest is recorded only when a
+        # key that was absent got these bytes.
+        existed = await self._store.exists(key)
+        await self._store.set_if_not_exists(key, value)
+        if is_chunk(key) and not existed:
+            self.digests[key] = digest(key, value.as_numpy_array())
 
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         for key, value in values:
