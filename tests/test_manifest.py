@@ -240,5 +240,6 @@ def test_a_whole_rank_group_copied_from_another_epoch_fails(copy):
     report = verify(copy)
     assert not report.ok
     assert all("copied from another array or epoch" in p.what for p in report.problems if p.chunk)
-    with pytest.raises(StoreReadError, match="Chunk epochs/00001/r0/rows/ids/c/0: a valid chunk"):
+    # Every chunk of the group is damaged; reads overlap, so whichever is checked first is named.
+    with pytest.raises(StoreReadError, match=r"Chunk epochs/00001/r0/rows/ids/c/\d+: a valid chunk"):
         open_store(copy).sample_ids(1)
