@@ -1,8 +1,9 @@
 """Hands a rank's captured rows to the store writer: each layer's arrays and the per-row fields.
 
-The training thread only copies rows into the writer's chunk buffers; the writer thread codes them
-(quantization, then deduplication of rows that can repeat) with the coder :meth:`RowSink.coding`
-builds when an array is opened.
+The training thread encodes each batch's rows where they were made (casts, or int8 codes with their
+scales: :func:`~mstore_lightning.core.quant.encode_rows`) and hands the bytes to the writer's chunk
+buffers; the writer thread splits them into their stored parts and deduplicates rows that can repeat,
+with the coder :meth:`RowSink.coding` builds when an array is opened.
 
 Example::
 
@@ -56,14 +57,14 @@ class RowSink:
         split: str = "train",
     ) -> None:
         """Appends a batch's rows of every array of ``plan``, the samples in ``keep`` (all: ``None``)."""
-        # Only copies here: the writer thread quantizes and deduplicates (see coding).
+        # Encoded here, in a few vectorised ops; the writer thread deduplicates (see coding).
         chunk_rows = self.layer_chunk_rows(plan)
         for array, values in rows.items():
             spec = plan.arrays[array]
             self.run.append(
                 epoch,
                 f"{layout.LAYERS}/{plan.name}/{array}",
-                quant.buffered(spec, select_rows(values, keep)),
+                quant.encode_rows(spec, select_rows(values, keep)),
                 quant.buffer_dtype(spec),
                 chunk_rows,
                 coding=functools.partial(self.coding, plan, array, split, epoch),
@@ -71,8 +72,9 @@ class RowSink:
             )
 
     def coding(self, plan: LayerPlan, array: str, split: str, epoch: int) -> tuple[list[PartSpec], Coder]:
-        """The stored parts of one of a layer's arrays, and the writer-side coder that makes them:
-        quantization, then (for rows that can repeat) deduplication against the run's index."""
+        """The stored parts of one of a layer's arrays, and the writer-side coder that makes them from
+        the handed-over rows: their parts split, then (for rows that can repeat) deduplicated against
+        the run's index."""
         spec, prefix = plan.arrays[array], f"{layout.LAYERS}/{plan.name}/"
         parts, refs = [], None
         for s in quant.stored_arrays({array: spec}):
@@ -92,7 +94,7 @@ class RowSink:
             )
 
         def coder(rows: np.ndarray, first_row: int) -> dict[str, np.ndarray]:
-            coded = quant.encode(spec, prefix + array, rows)
+            coded = {prefix + k: v for k, v in quant.split_rows(spec, rows).items()}
             return refs(coded, first_row) if refs is not None else coded
 
         return parts, coder

@@ -29,7 +29,7 @@ Example:
     >>> sorted(spec["parts"])
     ['a', 'a_scale']
     >>> x = torch.randn(4, 1, 100)
-    >>> parts = encode(spec, "a", buffered(spec, x).numpy())
+    >>> parts = split_rows(spec, encode_rows(spec, x).numpy())
     >>> bool((decode(spec, "a", parts) - x).abs().max() <= x.abs().max() / 254 + 1e-7)
     True
 """
@@ -142,11 +142,6 @@ def row_nbytes(spec: dict[str, Any]) -> int:
     )
 
 
-def buffered_nbytes(spec: dict[str, Any]) -> int:
-    """Bytes of one row as the training thread hands it to the writer (:func:`buffered`)."""
-    return math.prod(spec["row_shape"]) * buffer_dtype(spec).itemsize
-
-
 def chunk_codec(spec: dict[str, Any], name: str, part: str) -> ChunkCodec | None:
     """The per-chunk codec that writes ``part`` of array ``name``, if its codes are fitted per chunk."""
     return ChunkCodec.from_json(spec["codec"]) if "codec" in spec and part == name else None
@@ -156,31 +151,103 @@ def is_lossless(spec: dict[str, Any]) -> bool:
     return spec["encoding"] in LOSSLESS
 
 
-def buffered(spec: dict[str, Any], x: Tensor) -> Tensor:
-    """What the training thread hands the writer for rows ``x``: the stored values themselves for
-    float and id encodings (bfloat16 as its bits), float32 values for the codes :func:`encode` makes.
+def handed_parts(spec: dict[str, Any]) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """The parts :func:`encode_rows` packs into one handed-over row, in order: ``(name, row shape,
+    dtype)``. Empty for encodings handed over as one array of their own dtype."""
+    if spec["encoding"] != "int8" and "codec" not in spec:
+        return []
+    main, scale = (p for p, info in spec["parts"].items() if info.get("per", "row") == "row")
+    row_shape = tuple(spec["row_shape"])
+    scale_shape = tuple(spec["parts"][scale]["row_shape"])
+    # A chunk codec's values are handed over in [-1, 1]; its codes need the whole chunk.
+    dtype = np.dtype(np.int8 if spec["encoding"] == "int8" else np.float32)
+    return [(main, row_shape, dtype), (scale, scale_shape, np.dtype(np.float32))]
 
-    Converting is all the training thread does; coding waits for the writer thread.
+
+def buffer_dtype(spec: dict[str, Any]) -> np.dtype:
+    """The dtype of rows as :func:`encode_rows` hands them over (raw bytes where parts are packed)."""
+    if handed_parts(spec):
+        return np.dtype(np.uint8)
+    return np.dtype(spec["dtype"])
+
+
+def buffered_nbytes(spec: dict[str, Any]) -> int:
+    """Bytes of one row as the training thread hands it to the writer (:func:`encode_rows`)."""
+    packed = handed_parts(spec)
+    if packed:
+        return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in packed)
+    return math.prod(spec["row_shape"]) * buffer_dtype(spec).itemsize
+
+
+def encode_rows(spec: dict[str, Any], x: Tensor) -> Tensor:
+    """Rows ``x`` ``(n, *row_shape)`` in their stored form, made where ``x`` lives, in a few
+    vectorised ops: what the training thread hands the writer.
+
+    Floats and ids are cast (bfloat16 as its bits). ``int8`` codes and their scales, and a chunk
+    codec's values in ``[-1, 1]`` with theirs, are packed side by side into one ``uint8`` row each
+    (:func:`handed_parts`); the writer splits them with :func:`split_rows`. On the CPU the codes
+    equal :func:`encode`'s bit for bit: the same float32 operations in the same order.
     """
     encoding = spec["encoding"]
     if encoding in _TORCH_DTYPES:
         return x.to(_TORCH_DTYPES[encoding])
     if encoding == "bfloat16-bits":
         return x.to(torch.bfloat16).view(torch.int16)
-    return x.float()
+    n = x.shape[0]
+    groups = x.to(torch.float32).reshape(n, *_group_shape(spec))
+    amax = groups.abs().amax(dim=-1, keepdim=True)
+    one = torch.full((), 127.0 if encoding == "int8" else 1.0, dtype=torch.float32, device=x.device)
+    # Tensor divisions, not divisions by a Python number, which torch may turn into a product with
+    # the reciprocal and so round differently from NumPy. NaN or Inf rows keep a non-finite scale.
+    inv = torch.where(amax > 0, one / amax, torch.zeros((), dtype=torch.float32, device=x.device))
+    values = groups * inv
+    (_, shape, dtype), (_, scale_shape, _) = handed_parts(spec)
+    numbers, scales = math.prod(shape), math.prod(scale_shape)
+    width = numbers * dtype.itemsize
+    out = torch.empty((n, width + 4 * scales), dtype=torch.uint8, device=x.device)
+    if n == 0:
+        return out
+    if encoding == "int8":
+        out[:, :width].view(torch.int8).copy_(values.round_().reshape(n, numbers))
+        scale = (amax / one).reshape(n, scales)
+    else:
+        out[:, :width].copy_(values.reshape(n, numbers).view(torch.uint8))
+        scale = amax.reshape(n, scales)
+    out[:, width:].copy_(scale.view(torch.uint8))
+    return out
 
 
-def buffer_dtype(spec: dict[str, Any]) -> np.dtype:
-    """The dtype of :func:`buffered` rows."""
-    return (
-        np.dtype(spec["dtype"])
-        if spec["encoding"] in (*_TORCH_DTYPES, "bfloat16-bits")
-        else np.dtype(np.float32)
-    )
+def _group_shape(spec: dict[str, Any]) -> tuple[int, ...]:
+    """One row's shape as its scale groups: the leading axes, then every number of a group."""
+    lead = spec["scale_axes"]
+    return (*spec["row_shape"][:lead], math.prod(spec["row_shape"][lead:]))
+
+
+def split_rows(spec: dict[str, Any], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored parts of rows handed over by :func:`encode_rows`, keyed by part name (views where
+    the bytes allow)."""
+    packed = handed_parts(spec)
+    if not packed:
+        return {spec_name(spec): rows}
+    n, at, out = rows.shape[0], 0, {}
+    for name, shape, dtype in packed:
+        width = math.prod(shape) * dtype.itemsize
+        piece = rows[:, at : at + width]
+        if dtype.itemsize > 1:  # wider numbers need their own aligned bytes
+            piece = np.ascontiguousarray(piece)
+        out[name] = piece.view(dtype).reshape(n, *shape)
+        at += width
+    return out
+
+
+def spec_name(spec: dict[str, Any]) -> str:
+    """The name of ``spec``'s main part."""
+    return next(iter(spec["parts"]))
 
 
 def encode(spec: dict[str, Any], name: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The stored parts of :func:`buffered` rows ``(n, *row_shape)``, keyed by part name.
+    """The stored parts of float32 rows ``(n, *row_shape)`` held in NumPy, keyed by part name: the
+    NumPy twin of :func:`encode_rows`, and the reference its codes are checked against.
 
     For ``kbit``/``threshold`` the main part holds values normalised to ``[-1, 1]``, which the chunk's
     :class:`ChunkCodec` turns into codes once the chunk is whole.
@@ -189,9 +256,7 @@ def encode(spec: dict[str, Any], name: str, rows: np.ndarray) -> dict[str, np.nd
     if encoding != "int8" and "codec" not in spec:
         return {name: rows}  # stored as buffered
     n = rows.shape[0]
-    groups = np.ascontiguousarray(rows, dtype=np.float32).reshape(
-        n, *spec["row_shape"][: spec["scale_axes"]], -1
-    )
+    groups = np.ascontiguousarray(rows, dtype=np.float32).reshape(n, *_group_shape(spec))
     work = np.abs(groups)
     amax = work.max(axis=-1, keepdims=True, initial=0.0)
     with np.errstate(divide="ignore", invalid="ignore"):

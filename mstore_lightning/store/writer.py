@@ -219,6 +219,12 @@ class BackgroundWriter:
                     f"this run writes it as {[p.name for p in parts]}; resume with the version that "
                     "started the run, or start a new store."
                 )
+            if (arr.row_shape, arr.dtype) != (tuple(row_shape), dtype):
+                raise ValueError(
+                    f"The resumed store's {name!r} was handed over as rows of shape {arr.row_shape} "
+                    f"and dtype {arr.dtype}, but this run hands over {tuple(row_shape)} {dtype}; resume "
+                    "with the version that started the run, or start a new store."
+                )
             for part, spec in zip(arr.parts, parts):
                 part.spec = spec
             arr.coder = coder
