@@ -22,7 +22,9 @@ def round_trip(spec: dict, x: torch.Tensor) -> torch.Tensor:
     parts = quant.split_rows(spec, quant.encode_rows(spec, x).numpy())
     assert set(parts) == set(spec["parts"])
     for k, v in parts.items():
-        assert list(v.shape[1:]) == spec["parts"][k]["row_shape"] and str(v.dtype) == spec["parts"][k]["dtype"]
+        assert (
+            list(v.shape[1:]) == spec["parts"][k]["row_shape"] and str(v.dtype) == spec["parts"][k]["dtype"]
+        )
     return quant.decode(spec, "a", parts)
 
 
@@ -36,7 +38,9 @@ def bfloat16_bits(x: np.ndarray) -> np.ndarray:
 @given(
     shape=st.lists(st.integers(1, 30), min_size=1, max_size=4),
     n=st.integers(0, 6),
-    precision=st.sampled_from(["fp32", "fp16", "bf16", "int8", "kbit:1", "kbit:3", "kbit:8", "threshold:0.3"]),
+    precision=st.sampled_from(
+        ["fp32", "fp16", "bf16", "int8", "kbit:1", "kbit:3", "kbit:8", "threshold:0.3"]
+    ),
     exponent=st.integers(-60, 60),
     special=st.sampled_from([None, "zero", "nan", "inf", "tie"]),
     seed=st.integers(0, 2**31),
@@ -93,7 +97,7 @@ def test_int8_error_is_within_half_a_step_and_crest_factor_bound(shape, n, expon
     lead = spec["scale_axes"]
     assert math.prod(shape[lead:]) >= quant.GROUP_MIN or lead == 0
     groups = x.reshape(n, *shape[:lead], -1).double()
-    err = (round_trip(spec, x).double().reshape(groups.shape) - groups)
+    err = round_trip(spec, x).double().reshape(groups.shape) - groups
     amax = groups.abs().amax(-1)
     slack = 1 + 1e-4  # float32 arithmetic in encode and decode
     assert (err.abs().amax(-1) <= amax / 254 * slack).all()
@@ -111,7 +115,9 @@ def test_int8_error_is_within_half_a_step_and_crest_factor_bound(shape, n, expon
 )
 def test_float_precisions_round_to_nearest(shape, precision, seed):
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
-    bits, subnormal_step = {"fp32": (24, 2.0**-149), "fp16": (11, 2.0**-24), "bf16": (8, 2.0**-133)}[precision]
+    bits, subnormal_step = {"fp32": (24, 2.0**-149), "fp16": (11, 2.0**-24), "bf16": (8, 2.0**-133)}[
+        precision
+    ]
     got = round_trip(quant.array_spec("a", shape, precision), x)
     assert ((got - x).abs() <= torch.clamp_min(x.abs() * 2.0**-bits, subnormal_step / 2)).all()
 
@@ -206,7 +212,9 @@ def zarr_scale(store, layer: str, name: str) -> np.ndarray:
     import zarr
 
     group = zarr.open_group(store.uri, mode="r")
-    return group[f"epochs/00000/r0/layers/{layer}/{name}_scale"][int(np.nonzero(store.sample_ids(0) == 0)[0][0])]
+    return group[f"epochs/00000/r0/layers/{layer}/{name}_scale"][
+        int(np.nonzero(store.sample_ids(0) == 0)[0][0])
+    ]
 
 
 @SETTINGS
@@ -245,7 +253,9 @@ def test_kbit_zero_rows_code_to_zero_bytes_beside_rows_of_data(bits, rows, numbe
     codes = quant._unpack(packed, bits, numbers)
     data, data_codes = unit[~zero], codes[~zero]
     for code in np.unique(data_codes):  # rows of data decode to the means of their bins, zeros left out
-        np.testing.assert_allclose(got[~zero][data_codes == code], data[data_codes == code].mean(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            got[~zero][data_codes == code], data[data_codes == code].mean(), rtol=1e-5, atol=1e-6
+        )
 
 
 def crest_error(x: torch.Tensor, spec: dict) -> torch.Tensor:
@@ -266,7 +276,9 @@ def test_int8_linear_gradients_norms_and_dot_stay_within_the_documented_bounds(i
             ea, ed = crest_error(f["a"], spec["a"]), crest_error(f["d"], spec["d"])
             eps = ea + ed + ea * ed
             got = torch.cat([g.flatten(1) for g in store.restore(epoch, layer, ids).values()], 1).double()
-            want = torch.cat([ref.stacked(epoch, ids, f"{layer}.{p}").flatten(1) for p in ("weight", "bias")], 1)
+            want = torch.cat(
+                [ref.stacked(epoch, ids, f"{layer}.{p}").flatten(1) for p in ("weight", "bias")], 1
+            )
             want = want.double()
             norm = want.norm(dim=1)
             slack = 1e-5 * norm  # float32 rounding of the reference itself
@@ -275,7 +287,10 @@ def test_int8_linear_gradients_norms_and_dot_stay_within_the_documented_bounds(i
             assert ((norms - norm).abs() <= eps * norm + slack).all()
             dot = torch.from_numpy(store.dot(epoch, ids, ids, layers=[layer]))
             got_norm = got.norm(dim=1)
-            bound = eps[:, None] * norm[:, None] * got_norm[None, :] + eps[None, :] * norm[None, :] * norm[:, None]
+            bound = (
+                eps[:, None] * norm[:, None] * got_norm[None, :]
+                + eps[None, :] * norm[None, :] * norm[:, None]
+            )
             assert ((dot - want @ want.T).abs() <= bound + 1e-5 * norm[:, None] * norm[None, :]).all()
 
 

@@ -228,6 +228,44 @@ def fit_store(path: Path, **policy) -> None:
     trainer([GradientCapture(path, policy={**EXACT, **policy})], max_epochs=2).fit(Task(mlp()), loader(x, y))
 
 
+def test_each_array_takes_the_compressor_its_first_chunk_measured_and_any_zarr_reader_decodes_it(tmp_path):
+    path = tmp_path / "s.zarr"
+    rng = np.random.default_rng(0)
+    arrays = {
+        "codes": rng.integers(-127, 128, (4096, 256), dtype=np.int8),  # at its entropy: not worth it
+        "relu": np.maximum(rng.standard_normal((4096, 128)), 0).astype(np.float32),
+        "ids": np.arange(4096 * 64, dtype=np.int64).reshape(4096, 64),
+    }
+    w = BackgroundWriter(chunk_bytes=1 << 20)
+    for epoch in (0, 1):
+        group = zarr.open_group(path, mode="a").require_group(f"e{epoch}")
+        for name, rows in arrays.items():
+            w.open_array(group, name, rows.shape[1:], rows.dtype)
+            w.append(group, name, torch.from_numpy(rows[::-1].copy() if epoch else rows))
+        w.finish_arrays(group)
+    w.close()
+    chosen = {}
+    for epoch in (0, 1):
+        for name, rows in arrays.items():
+            arr = zarr.open_array(path / f"e{epoch}" / name, mode="r")  # a plain Zarr reader
+            np.testing.assert_array_equal(arr[:], rows[::-1] if epoch else rows)
+            record = arr.attrs["compression"]
+            codecs = [c.to_dict()["name"] for c in arr.compressors]
+            assert codecs[-1] == "crc32c" and len(codecs) == (1 if record["chosen"] == "none" else 2)
+            assert record["sample_bytes"] >= 256 << 10 and record["measured"]
+            chosen.setdefault(name, record)
+            assert record == chosen[name]  # measured on the first epoch's first chunk, then kept
+    best = {n: max(m["ratio"] for m in r["measured"].values()) for n, r in chosen.items()}
+    assert chosen["codes"]["chosen"] == "none" and best["codes"] < 1 / (1 - 0.15)
+    for name in ("relu", "ids"):
+        measured = chosen[name]["measured"]
+        assert chosen[name]["chosen"] != "none" and measured[chosen[name]["chosen"]]["ratio"] > 1.5
+        faster = [
+            m for m in measured.values() if m["mb_per_s"] > measured[chosen[name]["chosen"]]["mb_per_s"]
+        ]
+        assert all(1 - 1 / m["ratio"] < 0.9 * (1 - 1 / best[name]) for m in faster)
+
+
 def test_layout_codecs_and_json_only_metadata(tmp_path):
     path = tmp_path / "s.zarr"
     fit_store(path, precision="fp16")
@@ -241,7 +279,8 @@ def test_layout_codecs_and_json_only_metadata(tmp_path):
     assert spec["representation"] == "factors" and spec["arrays"]["a"]["dtype"] == "float16"
     arr = root["epochs/00000/r0/layers/net.0/a"]
     names = [c.to_dict()["name"] for c in arr.compressors]
-    assert names == ["zstd", "crc32c"]
+    assert names == ["zstd", "crc32c"]  # a first chunk too small to measure: the default
+    assert arr.attrs["compression"] == {"chosen": "zstd:1", "sample_bytes": 0, "measured": {}}
     assert root["epochs/00000"].attrs["lr"] == pytest.approx(0.1)
     # Every metadata document is JSON, and nothing else but chunk data lives in the store.
     for f in path.rglob("*"):

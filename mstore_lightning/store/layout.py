@@ -11,7 +11,8 @@
         r<rank>/layers/<module name>/a_ref          (epoch, rank, row) of each deduplicated input row
         q<rank>/{rows,layers}/...                   query samples, captured at the epoch's end
 
-Every array is chunked along the row axis and stored with zstd and a crc32c checksum per chunk; each
+Every array is chunked along the row axis and stored with a crc32c checksum per chunk, after the
+compressor its first chunk measured best (none, zstd or blosc: see :mod:`~.codecs`); each
 rank group (and ``weights``) lists its chunks and their digests in its attribute ``manifest`` (see
 :mod:`~mstore_lightning.store.manifest`). An epoch is visible to readers only once its group says
 ``state: committed``; that attribute is written after every chunk and manifest of the epoch, and
@@ -33,7 +34,7 @@ import numpy as np
 import zarr
 import zarr.storage
 
-from mstore_lightning.store.codecs import compressors
+from mstore_lightning.store.codecs import DEFAULT, compressors
 
 SCHEMA_VERSION = 1
 ZARR_FORMAT = 3  # opened as such: no probing for Zarr v2 metadata, one request per node on object stores
@@ -105,8 +106,10 @@ def create_row_array(
     chunk_rows: int,
     skip_empty: bool = False,
     attributes: dict[str, Any] | None = None,
+    compressor: str = DEFAULT,
 ) -> zarr.Array:
-    """Creates an array of ``rows`` rows, chunked along rows only, with its ``attributes``.
+    """Creates an array of ``rows`` rows, chunked along rows only, with its ``attributes``, compressed
+    with ``compressor`` (a name in :data:`~.codecs.COMPRESSORS`).
 
     ``skip_empty`` leaves all-zero chunks unwritten (deduplicated rows are zeros); elsewhere the
     check would scan every chunk for nothing, since gradient rows are almost never all zero.
@@ -117,7 +120,7 @@ def create_row_array(
         chunks=(chunk_rows, *row_shape),
         dtype=dtype,
         fill_value=0,
-        compressors=compressors(),
+        compressors=compressors(compressor),
         config={"write_empty_chunks": not skip_empty},
         attributes=attributes,
     )

@@ -39,6 +39,7 @@ import zarr
 import zarr.storage
 from zarr.core.sync import sync as zarr_sync
 
+from mstore_lightning.store import codecs
 from mstore_lightning.store.layout import create_row_array
 from mstore_lightning.core.quant import TABLE, ChunkCodec
 
@@ -165,6 +166,7 @@ class BackgroundWriter:
         self._loop: asyncio.AbstractEventLoop | None = None  # the writer thread's own, for local stores
         self._arrays: dict[tuple[int, str], _RowArray] = {}
         self._adopted: set[tuple[int, str]] = set()  # resumed arrays still waiting for their coder
+        self._compression: dict[str, codecs.Choice] = {}  # measured per part path, kept across epochs
         self._largest_buffer = 0
         self._queue: queue.Queue[_Chunk | Callable[[], None] | None] = queue.Queue()
         self._pending_bytes = 0
@@ -506,16 +508,33 @@ class BackgroundWriter:
         arr.coded = (start, {k: v.copy() for k, v in coded.items()}) if chunk.rows < arr.chunk_rows else None
         writes = []
         for part in arr.parts:
-            block = coded[part.spec.name]
-            if part.array is None:
-                _create(arr, part, stop if chunk.last else max(stop, 4 * arr.chunk_rows))
-            if stop > part.capacity:
-                _resize(part, max(stop, 2 * part.capacity), arr.chunk_rows)
+            block, table = coded[part.spec.name], None
             if part.spec.codec is not None:
                 block, table = part.spec.codec.encode(block)
+            if part.array is None:
+                _create(
+                    arr,
+                    part,
+                    stop if chunk.last else max(stop, 4 * arr.chunk_rows),
+                    self._compressor(part, block),
+                )
+            if stop > part.capacity:
+                _resize(part, max(stop, 2 * part.capacity), arr.chunk_rows)
+            if table is not None:
                 part.table[start // arr.chunk_rows] = table
             writes.append((part.array.async_array, slice(start, stop), block))
         return writes
+
+    def _compressor(self, part: _Part, block: np.ndarray) -> codecs.Choice:
+        """The compressor of a part created now: measured on ``block``, its first chunk, unless a
+        chunk of the same array in an earlier epoch was measured already."""
+        name = part.spec.name
+        if name not in self._compression:
+            choice = codecs.choose(block)
+            if not choice.measured:  # too small to judge: the next epoch's first chunk may say more
+                return choice
+            self._compression[name] = choice
+        return self._compression[name]
 
     def _own_loop(self) -> asyncio.AbstractEventLoop:
         """The writer thread's event loop; zarr compresses on its default pool, at this priority."""
@@ -568,10 +587,11 @@ def _buffer_bytes(arr: _RowArray) -> int:
     return arr.chunk_rows * int(np.prod(arr.row_shape, dtype=np.int64)) * arr.dtype.itemsize
 
 
-def _create(arr: _RowArray, part: _Part, rows: int) -> None:
+def _create(arr: _RowArray, part: _Part, rows: int, compression: codecs.Choice | None = None) -> None:
     spec = part.spec
     shape, dtype = spec.stored
-    attributes: dict[str, Any] = {}
+    compression = compression or codecs.Choice(codecs.DEFAULT)
+    attributes: dict[str, Any] = {codecs.COMPRESSION_ATTR: compression.to_json()}
     if part is arr.parts[0]:
         attributes[PARTS_ATTR] = {
             "parts": [{"name": p.spec.name, "skip_empty": p.spec.skip_empty} for p in arr.parts],
@@ -580,7 +600,15 @@ def _create(arr: _RowArray, part: _Part, rows: int) -> None:
     if spec.codec is not None:
         attributes["codec"] = spec.codec.to_json()
     part.array = create_row_array(
-        arr.group, spec.name, rows, shape, dtype, arr.chunk_rows, spec.skip_empty, attributes
+        arr.group,
+        spec.name,
+        rows,
+        shape,
+        dtype,
+        arr.chunk_rows,
+        spec.skip_empty,
+        attributes,
+        compression.name,
     )
     part.capacity = rows
     if spec.codec is not None:
