@@ -85,6 +85,13 @@ def check_layer(layer: nn.Module, inputs: list[torch.Tensor], representation: st
     assert set(got) == set(plan.params) == set(ref)
     for p in plan.params:
         torch.testing.assert_close(got[p], ref[p], atol=ATOL, rtol=RTOL)
+    if plan.representation == "full":  # every way the capture may form them, whichever it timed faster
+        assert plan.full_method in ext.full_methods
+        for method in ext.full_methods:
+            plan.full_method = method
+            formed = plan.rows(uses, 1.0)
+            for p in plan.params:
+                torch.testing.assert_close(formed[p], ref[p], atol=ATOL, rtol=RTOL)
     flat_ref = torch.cat([ref[p].reshape(ref[p].shape[0], -1) for p in plan.params], 1).double()
     if plan.representation == "factors":
         torch.testing.assert_close(

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from helpers import EXACT, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
 from mstore_lightning.store import layout
-from mstore_lightning.store.writer import BackgroundWriter, PartSpec, WriterError
+from mstore_lightning.store.buffers import PartSpec
+from mstore_lightning.store.writer import BackgroundWriter, WriterError
 from test_capture_fit import data, mlp
 
 

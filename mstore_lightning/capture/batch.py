@@ -160,7 +160,8 @@ class BatchWriter:
             enters: a NaN or Inf factor shows there, so those need no check of their own.
         """
         epoch, sink, plans = log.epoch, self.sink, self.layers.plans
-        newly_ready = self.layers.finalize(uses)  # every layer's choice before any row is written
+        # Every layer's choice before any row is written.
+        newly_ready = self.layers.finalize(uses, sink.run.writer.write_rate)
         covers: dict[str, int] = {}
         rows_before = sink.run.rows_written(epoch, split)
         # Exact squared norms of the layers where they are cheap, one column per planned layer.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mstore_lightning.capture import choice
-from mstore_lightning.core import pooling, projection
+from mstore_lightning.core import pooling, projection, quant
 from mstore_lightning.core.representation import Representation
 from mstore_lightning.core.families.registry import Extractor, find_extractor
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
@@ -35,6 +36,7 @@ class LayerPlan:
     projection: dict[str, Any] | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] = ()  # one use's per-sample input shape, fixed at the first batch
+    full_method: str = "restore"  # how full per-sample gradients are formed (the fastest measured)
     _matrices: tuple[Tensor, Tensor] | None = None
     _rep: Representation | None = None
 
@@ -56,6 +58,7 @@ class LayerPlan:
             "input_shape": list(self.input_shape),
             "arrays": self.arrays,
             "choice": self.choice,
+            "full_method": self.full_method,
         }
         if self.projection is not None:
             out["projection"] = self.projection
@@ -80,6 +83,7 @@ class LayerPlan:
             projection=spec.get("projection"),
             summary=spec.get("summary", {}),
             input_shape=tuple(spec["input_shape"]),
+            full_method=spec.get("full_method", "restore"),
         )
         if plan.projection is not None:
             p = plan.projection
@@ -87,9 +91,20 @@ class LayerPlan:
         return plan
 
     def finalize(
-        self, uses: list[tuple[Tensor, Tensor]], policy: CapturePolicy, input_from_data: bool = False
+        self,
+        uses: list[tuple[Tensor, Tensor]],
+        policy: CapturePolicy,
+        input_from_data: bool = False,
+        write_rate: float | None = None,
+        follow: str | None = None,
     ) -> None:
-        """Chooses what to store from the first captured batch's shapes (see :mod:`.choice`).
+        """Chooses what to store from the first captured batch (see :mod:`.choice`).
+
+        With ``write_rate`` (the writer's bytes per second) and ``policy.representation="auto"``, the
+        exact forms within the byte budget are timed on this batch, each formed and encoded the
+        fastest way it can be, and the one whose time plus its bytes at ``write_rate`` is least is
+        kept. Without it (a distributed run, whose processes must choose alike) the smaller is kept.
+        ``follow`` keeps the representation a store already holds for the layer.
 
         With ``policy.dedup`` and ``input_from_data`` (no trained parameter feeds the layer input: the
         first layer, or one after frozen layers) the input is marked for deduplication, since its rows
@@ -113,6 +128,23 @@ class LayerPlan:
             policy.projection_seed,
         )
         chosen, reason = choice.pick(cands, policy.representation, policy.budget, policy.projection_dim)
+        exact = [c for c in cands if c.representation in ("factors", "full") and not c.summary]
+        costs: dict[str, dict[str, float]] = {}
+        if follow is not None and policy.representation == "auto" and chosen in exact:
+            chosen = next((c for c in exact if c.representation == follow), chosen)
+            reason = f"the store holds this layer as {follow}"
+        elif policy.representation == "auto" and chosen in exact and len(exact) > 1 and write_rate:
+            max_bytes = (policy.budget or {}).get("bytes_per_sample")
+            fits = [c for c in exact if max_bytes is None or c.nbytes <= max_bytes]
+            costs = self._costs(fits, uses, write_rate)
+            cheapest = min(fits, key=lambda c: costs[c.representation]["total_ms"])
+            if cheapest is not chosen:
+                reason = f"least measured cost, over {reason}"
+            else:
+                reason = f"{reason}; least measured cost too"
+            chosen = cheapest
+        if chosen.representation == "full" and len(self.extractor.full_methods) > 1 and "full" not in costs:
+            costs = {**costs, **self._costs([chosen], uses, write_rate or 0.0)}
         self.representation, self.arrays = chosen.representation, chosen.arrays
         self.projection, self.summary = chosen.projection, chosen.summary
         if self.projection is not None:
@@ -128,6 +160,45 @@ class LayerPlan:
             "reason": reason,
             "considered": {c.describe(): {"bytes": c.nbytes, "error": round(c.error, 4)} for c in cands},
         }
+        if costs:
+            self.choice["measured"] = {"write_mb_per_s": round((write_rate or 0) / 1e6, 1), **costs}
+
+    def _costs(
+        self, cands: list[choice.Candidate], uses: list[tuple[Tensor, Tensor]], write_rate: float
+    ) -> dict[str, dict[str, float]]:
+        """Measured cost of each exact candidate on this batch: forming and encoding its rows (for
+        full gradients, by each of the family's methods, keeping the fastest in
+        :attr:`full_method`), plus writing its bytes at ``write_rate``."""
+        a = _stack([u[0] for u in uses], len(uses))
+        d = _stack([u[1] for u in uses], len(uses)).float()
+        out = {}
+        for cand in cands:
+            methods = self.extractor.full_methods if cand.representation == "full" else ("factors",)
+            timed = {}
+            for method in methods:
+
+                def form(method: str = method, cand: choice.Candidate = cand) -> None:
+                    if method == "factors":
+                        rows = self.extractor.factor_rows(self.hyper, a, d)
+                    else:
+                        rows = self.extractor.full_rows(self.hyper, self.params, a, d, method)
+                    for name, values in rows.items():
+                        quant.encode_rows(cand.arrays[name], values)
+
+                timed[method] = _timed(form, a.device)
+            fastest = min(timed, key=timed.get)
+            if cand.representation == "full":
+                self.full_method = fastest
+            write = cand.nbytes * a.shape[0] / write_rate if write_rate else 0.0
+            out[cand.representation] = {
+                **{
+                    f"form_ms_{m}" if len(timed) > 1 else "form_ms": round(1e3 * t, 3)
+                    for m, t in timed.items()
+                },
+                "write_ms": round(1e3 * write, 3),
+                "total_ms": round(1e3 * (timed[fastest] + write), 3),
+            }
+        return out
 
     def dedup_arrays(self) -> list[str]:
         """Arrays whose rows are deduplicated."""
@@ -192,7 +263,7 @@ class LayerPlan:
                     "d": pooling.pool(d, self.summary["pool"]),
                 }
             return self.extractor.factor_rows(self.hyper, a, d)
-        return self.extractor.full_rows(self.hyper, self.params, a, d)
+        return self.extractor.full_rows(self.hyper, self.params, a, d, self.full_method)
 
 
 def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, LayerPlan], list[dict]]:
@@ -309,6 +380,20 @@ def _why_not(
     if ext is None:
         return f"no extractor is registered for {type(module).__name__}"
     return ext.unsupported(module)
+
+
+def _timed(fn: Any, device: torch.device, repeats: int = 2) -> float:
+    """Least seconds of ``repeats`` calls of ``fn`` after a first, warming one."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _stack(ts: list[Tensor], uses: int) -> Tensor:

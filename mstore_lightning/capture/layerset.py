@@ -45,6 +45,8 @@ class LayerSet:
         self._store_uri = ""
         self._policy: CapturePolicy | None = None
         self._warn = warn
+        # Timings differ between processes; the processes of a distributed run must store alike.
+        self.route_by_cost = True
 
     def select(self, model: nn.Module, policy: CapturePolicy) -> None:
         """Plans ``model``'s layers by ``policy`` and attaches hooks to them (afresh each time).
@@ -145,9 +147,12 @@ class LayerSet:
             run.update_meta(uncovered=self.uncovered)
         return n
 
-    def finalize(self, uses: dict[str, list]) -> list[LayerPlan]:
+    def finalize(self, uses: dict[str, list], write_rate: float | None = None) -> list[LayerPlan]:
         """Chooses the storage of each layer that sees its first batch, before any row of the batch
         is written; in an existing store it must be what the store's spec of the layer says.
+
+        ``write_rate`` (the writer's bytes per second) lets ``representation="auto"`` weigh each
+        exact form's measured cost (see :meth:`LayerPlan.finalize`); only where :attr:`route_by_cost`.
 
         Returns:
             The layers made ready by this batch.
@@ -159,7 +164,14 @@ class LayerSet:
         for name, plan in self.plans.items():
             if plan.ready or not uses.get(name):
                 continue
-            plan.finalize(uses[name], self._policy, not self.hooks.input_requires_grad.get(name, True))
+            stored = self.stored.get(name, {}).get("representation")
+            plan.finalize(
+                uses[name],
+                self._policy,
+                not self.hooks.input_requires_grad.get(name, True),
+                write_rate if self.route_by_cost else None,
+                follow=stored,
+            )
             if name in self.stored:
                 check_layer_storage(self._store_uri, name, self.stored[name], plan.spec())
             ready.append(plan)

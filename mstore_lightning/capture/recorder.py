@@ -204,6 +204,7 @@ class Recorder:
             meta, resume=resume, layers=self._layers.open_fields(), captures=self._would_capture
         )
         self._layers.use_store(self.store, {} if created else self._run.meta().get("layers") or {})
+        self._layers.route_by_cost = self._dist.world_size == 1
         return created
 
     def _would_capture(self, epoch: int) -> bool:

@@ -22,9 +22,9 @@ import torch
 from mstore_lightning.capture.layers import LayerPlan
 from mstore_lightning.core import quant
 from mstore_lightning.store import layout
+from mstore_lightning.store.buffers import Coder, PartSpec
 from mstore_lightning.store.dedup import RowIndex, RowRefs
 from mstore_lightning.store.session import RunWriter
-from mstore_lightning.store.writer import Coder, PartSpec
 
 
 class RowSink:

@@ -35,6 +35,10 @@ def describe(store: GradientStore) -> str:
         )
         if choice.get("reason"):
             lines.append(f"      why: {choice['reason']}")
+        if choice.get("measured"):
+            lines.append(f"      measured on the first batch: {explain_costs(choice['measured'])}")
+        if s.get("full_method", "restore") != "restore" and s["representation"] == "full":
+            lines.append(f"      full gradients formed by: {s['full_method']}")
         if store.approximate(name):
             lines.append(f"      approximate: {store.approximate(name)}")
         decision = store.meta.get("recompute", {}).get(name)
@@ -48,6 +52,22 @@ def describe(store: GradientStore) -> str:
             )
     lines.append(f"  bytes on disk: {store.nbytes_stored():,}")
     return "\n".join(lines)
+
+
+def explain_costs(measured: dict[str, Any]) -> str:
+    """A layer's measured costs of forming and writing each exact form (``choice["measured"]``)."""
+    parts = []
+    for form, cost in measured.items():
+        if not isinstance(cost, dict):
+            continue
+        forming = ", ".join(
+            f"{k.removeprefix('form_ms').lstrip('_') or 'form'} {v:.3g} ms"
+            for k, v in cost.items()
+            if k.startswith("form_ms")
+        )
+        parts.append(f"{form}: {forming} + write {cost['write_ms']:.3g} ms = {cost['total_ms']:.3g} ms")
+    rate = measured.get("write_mb_per_s")
+    return "; ".join(parts) + (f" (writer at {rate:g} MB/s)" if rate else "")
 
 
 def explain_decision(d: dict[str, Any]) -> str:

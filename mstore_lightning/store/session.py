@@ -15,16 +15,10 @@ from zarr.core.sync import sync as zarr_sync
 from mstore_lightning.core.checks import choice
 from mstore_lightning.core.quant import TABLE
 from mstore_lightning.store import layout
+from mstore_lightning.store.buffers import PARTS_ATTR, Coder, PartSpec
 from mstore_lightning.store.manifest import FORMAT, MANIFEST, ManifestStore
 from mstore_lightning.store.weights import WEIGHTS, save_weights
-from mstore_lightning.store.writer import (
-    DEFAULT_CHUNK_BYTES,
-    DEFAULT_QUEUE_BYTES,
-    PARTS_ATTR,
-    BackgroundWriter,
-    Coder,
-    PartSpec,
-)
+from mstore_lightning.store.writer import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_BYTES, BackgroundWriter
 
 MODES = ("error", "overwrite", "append")
 # Policy fields that decide what a stored row is: a store holds one value of each.

@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,101 +38,35 @@ import zarr
 import zarr.storage
 from zarr.core.sync import sync as zarr_sync
 
-from mstore_lightning.store import codecs
-from mstore_lightning.store.layout import create_row_array
 from mstore_lightning.core.quant import TABLE, ChunkCodec
+from mstore_lightning.store import codecs
+from mstore_lightning.store.buffers import (
+    PARTS_ATTR,
+    Chunk,
+    Coder,
+    Part,
+    PartSpec,
+    RowArray,
+    buffer_bytes,
+    copy_rows,
+    create_part,
+    resize_part,
+    row_bytes,
+)
 
 DEFAULT_QUEUE_BYTES = 64 << 20  # small enough that recycled buffers stay warm
 MAX_BATCH = 32  # chunks handed to zarr at once
 DEFAULT_CHUNK_BYTES = 4 << 20  # zarr costs ~1.5 ms a chunk beyond compression; big chunks amortise it
+# Handed-over bytes a second the writer stores before it has measured its own rate.
+DEFAULT_WRITE_RATE = 200e6
+RATE_AFTER_BYTES = 16 << 20  # bytes written before the measured rate replaces the default
 BUFFER_FACTOR = 4  # a buffer holds up to this many times a chunk's stored bytes (float32 for int8)
-PARTS_ATTR = "parts"  # on an array's first part: every part's name, for a resumed run to find them
 LOW_PRIORITY = 19  # the writer's nice value, where the platform lets a thread set its own
 CODEC_THREADS = min(8, os.cpu_count() or 1)  # more threads than cores only add switching
-
-Coder = Callable[[np.ndarray, int], dict[str, np.ndarray]]
 
 
 class WriterError(RuntimeError):
     """The background writer failed; the epoch being written is not committed."""
-
-
-@dataclass(frozen=True)
-class PartSpec:
-    """One stored Zarr array of a buffered array.
-
-    Args:
-        name: its path under the group.
-        row_shape: shape of one stored row.
-        dtype: stored dtype.
-        skip_empty: leave chunks of nothing but zeros unwritten (rows that are references).
-        codec: codes fitted per chunk; the part's rows are the values to code, and a ``<name>_table``
-            array holds one table per chunk.
-    """
-
-    name: str
-    row_shape: tuple[int, ...]
-    dtype: np.dtype
-    skip_empty: bool = False
-    codec: ChunkCodec | None = None
-
-    @property
-    def stored(self) -> tuple[tuple[int, ...], np.dtype]:
-        """Shape and dtype of one row in the Zarr array (a codec stores packed uint8 codes)."""
-        if self.codec is not None:
-            return self.codec.code_shape, np.dtype(np.uint8)
-        return self.row_shape, self.dtype
-
-
-@dataclass
-class _Part:
-    spec: PartSpec
-    array: Any = None  # created on the writer thread at the first chunk
-    table: Any = None
-    capacity: int = 0  # rows the Zarr array can hold (writer thread only)
-
-
-@dataclass
-class _Chunk:
-    array: _RowArray
-    start: int
-    buffer: np.ndarray
-    rows: int
-    last: bool = False  # the array's last chunk: an array created for it gets its final size
-
-    @property
-    def nbytes(self) -> int:
-        return self.buffer[: self.rows].nbytes
-
-
-@dataclass
-class _RowArray:
-    """One buffered array being filled row by row, its stored parts, and its recycled buffers."""
-
-    group: zarr.Group
-    name: str
-    row_shape: tuple[int, ...]  # of a buffered row
-    dtype: np.dtype
-    chunk_rows: int
-    parts: list[_Part]
-    coder: Coder | None = None  # buffered rows (and the first one's row number) -> stored rows per part
-    rows: int = 0  # rows appended so far
-    fill: int = 0  # rows in the current buffer
-    current: np.ndarray | None = None
-    free: list[np.ndarray] = field(default_factory=list)
-    # The stored rows of a chunk written in part: its first row, and its rows per part (writer thread).
-    coded: tuple[int, dict[str, np.ndarray]] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def take_buffer(self) -> np.ndarray:
-        with self.lock:
-            if self.free:
-                return self.free.pop()
-        return np.empty((self.chunk_rows, *self.row_shape), dtype=self.dtype)
-
-    def give_back(self, buffer: np.ndarray) -> None:
-        with self.lock:
-            self.free.append(buffer)
 
 
 class BackgroundWriter:
@@ -164,15 +97,16 @@ class BackgroundWriter:
         self.chunk_bytes = int(chunk_bytes)
         self.low_priority = low_priority
         self._loop: asyncio.AbstractEventLoop | None = None  # the writer thread's own, for local stores
-        self._arrays: dict[tuple[int, str], _RowArray] = {}
+        self._arrays: dict[tuple[int, str], RowArray] = {}
         self._adopted: set[tuple[int, str]] = set()  # resumed arrays still waiting for their coder
         self._compression: dict[str, codecs.Choice] = {}  # measured per part path, kept across epochs
         self._largest_buffer = 0
-        self._queue: queue.Queue[_Chunk | Callable[[], None] | None] = queue.Queue()
+        self._queue: queue.Queue[Chunk | Callable[[], None] | None] = queue.Queue()
         self._pending_bytes = 0
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self.bytes_written = 0
+        self.busy_seconds = 0.0  # the writer thread's time in writes
         self.wait_seconds = 0.0
         # False: ``append`` never waits; the caller drops rows instead (it checks ``behind``).
         self.block = True
@@ -233,10 +167,10 @@ class BackgroundWriter:
             self._adopted.discard(key)
             return
         if chunk_rows is None:
-            chunk_rows = self.chunk_rows_for(_row_bytes(parts), int(np.prod(row_shape)) * dtype.itemsize)
-        arr = _RowArray(group, name, tuple(row_shape), dtype, chunk_rows, [_Part(p) for p in parts], coder)
+            chunk_rows = self.chunk_rows_for(row_bytes(parts), int(np.prod(row_shape)) * dtype.itemsize)
+        arr = RowArray(group, name, tuple(row_shape), dtype, chunk_rows, [Part(p) for p in parts], coder)
         self._arrays[key] = arr
-        self._largest_buffer = max(self._largest_buffer, _buffer_bytes(arr))
+        self._largest_buffer = max(self._largest_buffer, buffer_bytes(arr))
 
     def adopt_array(self, group: zarr.Group, name: str, array: zarr.Array, rows: int) -> None:
         """Continues writing an existing array (all its parts) from row ``rows``; later rows are
@@ -253,17 +187,17 @@ class BackgroundWriter:
             specs.append(PartSpec(info["name"], shape, dtype, bool(info["skip_empty"]), codec))
         buffer = layout["buffer"] or {"row_shape": specs[0].row_shape, "dtype": str(specs[0].dtype)}
         chunk_rows = int(array.chunks[0])
-        arr = _RowArray(
+        arr = RowArray(
             group,
             name,
             tuple(buffer["row_shape"]),
             np.dtype(buffer["dtype"]),
             chunk_rows,
-            [_Part(s, array=group[s.name], table=group[s.name + TABLE] if s.codec else None) for s in specs],
+            [Part(s, array=group[s.name], table=group[s.name + TABLE] if s.codec else None) for s in specs],
         )
         arr.rows = rows
         for part in arr.parts:
-            _resize(part, rows, chunk_rows)
+            resize_part(part, rows, chunk_rows)
         start = rows - rows % chunk_rows
         if rows > start:  # the last chunk is partial: its stored rows are kept, and rewritten whole
             coded = {}
@@ -279,7 +213,7 @@ class BackgroundWriter:
             arr.fill = rows - start
         self._arrays[(id(group), name)] = arr
         self._adopted.add((id(group), name))
-        self._largest_buffer = max(self._largest_buffer, _buffer_bytes(arr))
+        self._largest_buffer = max(self._largest_buffer, buffer_bytes(arr))
 
     def has_array(self, group: zarr.Group, name: str) -> bool:
         """Whether ``name`` has rows here: opened, or resumed from a checkpoint."""
@@ -310,7 +244,7 @@ class BackgroundWriter:
                 arr.current = arr.take_buffer()
                 arr.fill = 0
             take = min(n - done, arr.chunk_rows - arr.fill)
-            _copy_rows(arr.current[arr.fill : arr.fill + take], values[done : done + take])
+            copy_rows(arr.current[arr.fill : arr.fill + take], values[done : done + take])
             arr.fill += take
             arr.rows += take
             done += take
@@ -358,8 +292,8 @@ class BackgroundWriter:
             for arr in mine.values():
                 for part in arr.parts:
                     if part.array is None:
-                        _create(arr, part, max(arr.rows, 0))
-                    _resize(part, arr.rows, arr.chunk_rows)
+                        create_part(arr, part, max(arr.rows, 0))
+                    resize_part(part, arr.rows, arr.chunk_rows)
 
         self.run_on_writer(trim)
         for key in mine:
@@ -380,6 +314,14 @@ class BackgroundWriter:
             self._thread.join(timeout)
 
     @property
+    def write_rate(self) -> float:
+        """Handed-over bytes stored per second of the writer's time: measured once it has written
+        :data:`RATE_AFTER_BYTES`, :data:`DEFAULT_WRITE_RATE` before."""
+        if self.bytes_written < RATE_AFTER_BYTES or self.busy_seconds <= 0:
+            return DEFAULT_WRITE_RATE
+        return self.bytes_written / self.busy_seconds
+
+    @property
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
@@ -391,7 +333,7 @@ class BackgroundWriter:
         return self._pending_bytes > 0 and self._pending_bytes + chunk > self.queue_bytes
 
     # ---------------------------------------------------------------- internals
-    def _submit_current(self, arr: _RowArray, keep: bool = False, last: bool = False) -> None:
+    def _submit_current(self, arr: RowArray, keep: bool = False, last: bool = False) -> None:
         start = arr.rows - arr.fill
         buffer = arr.current
         if keep:
@@ -400,7 +342,7 @@ class BackgroundWriter:
             arr.current = buffer.copy()
         else:
             arr.current = None
-        chunk = _Chunk(arr, start, buffer, arr.fill, last)
+        chunk = Chunk(arr, start, buffer, arr.fill, last)
         self._reserve(chunk.nbytes)
         self._queue.put(chunk)
         if not keep:
@@ -454,7 +396,7 @@ class BackgroundWriter:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(nxt, _Chunk) and not any(_same_chunk(nxt, c) for c in batch):
+                if isinstance(nxt, Chunk) and not any(_same_chunk(nxt, c) for c in batch):
                     batch.append(nxt)
                 else:
                     carried = nxt
@@ -468,7 +410,14 @@ class BackgroundWriter:
                     self._release(chunk.nbytes)
                     chunk.array.give_back(chunk.buffer)
 
-    def _write(self, chunks: list[_Chunk]) -> None:
+    def _write(self, chunks: list[Chunk]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._write_batch(chunks)
+        finally:
+            self.busy_seconds += time.perf_counter() - t0
+
+    def _write_batch(self, chunks: list[Chunk]) -> None:
         writes = [w for c in chunks for w in self._prepare(c)]
 
         async def write_all() -> None:
@@ -490,7 +439,7 @@ class BackgroundWriter:
             zarr_sync(write_all())
         self.bytes_written += sum(c.nbytes for c in chunks)
 
-    def _prepare(self, chunk: _Chunk) -> list[tuple[Any, slice, np.ndarray]]:
+    def _prepare(self, chunk: Chunk) -> list[tuple[Any, slice, np.ndarray]]:
         """Codes the chunk's new rows, sizes its parts' arrays, and returns what to write to each."""
         arr = chunk.array
         start, stop = chunk.start, chunk.start + chunk.rows
@@ -512,20 +461,20 @@ class BackgroundWriter:
             if part.spec.codec is not None:
                 block, table = part.spec.codec.encode(block)
             if part.array is None:
-                _create(
+                create_part(
                     arr,
                     part,
                     stop if chunk.last else max(stop, 4 * arr.chunk_rows),
                     self._compressor(part, block),
                 )
             if stop > part.capacity:
-                _resize(part, max(stop, 2 * part.capacity), arr.chunk_rows)
+                resize_part(part, max(stop, 2 * part.capacity), arr.chunk_rows)
             if table is not None:
                 part.table[start // arr.chunk_rows] = table
             writes.append((part.array.async_array, slice(start, stop), block))
         return writes
 
-    def _compressor(self, part: _Part, block: np.ndarray) -> codecs.Choice:
+    def _compressor(self, part: Part, block: np.ndarray) -> codecs.Choice:
         """The compressor of a part created now: measured on ``block``, its first chunk, unless a
         chunk of the same array in an earlier epoch was measured already."""
         name = part.spec.name
@@ -570,63 +519,5 @@ def _loop_free(store: Any) -> bool:
     return isinstance(store, (zarr.storage.LocalStore, zarr.storage.MemoryStore))
 
 
-def _same_chunk(a: _Chunk, b: _Chunk) -> bool:
+def _same_chunk(a: Chunk, b: Chunk) -> bool:
     return a.array is b.array and a.start == b.start
-
-
-def _row_bytes(parts: list[PartSpec]) -> int:
-    """Stored bytes of one row over ``parts``."""
-    total = 0
-    for p in parts:
-        shape, dtype = p.stored
-        total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    return total
-
-
-def _buffer_bytes(arr: _RowArray) -> int:
-    return arr.chunk_rows * int(np.prod(arr.row_shape, dtype=np.int64)) * arr.dtype.itemsize
-
-
-def _create(arr: _RowArray, part: _Part, rows: int, compression: codecs.Choice | None = None) -> None:
-    spec = part.spec
-    shape, dtype = spec.stored
-    compression = compression or codecs.Choice(codecs.DEFAULT)
-    attributes: dict[str, Any] = {codecs.COMPRESSION_ATTR: compression.to_json()}
-    if part is arr.parts[0]:
-        attributes[PARTS_ATTR] = {
-            "parts": [{"name": p.spec.name, "skip_empty": p.spec.skip_empty} for p in arr.parts],
-            "buffer": {"row_shape": list(arr.row_shape), "dtype": arr.dtype.str},
-        }
-    if spec.codec is not None:
-        attributes["codec"] = spec.codec.to_json()
-    part.array = create_row_array(
-        arr.group,
-        spec.name,
-        rows,
-        shape,
-        dtype,
-        arr.chunk_rows,
-        spec.skip_empty,
-        attributes,
-        compression.name,
-    )
-    part.capacity = rows
-    if spec.codec is not None:
-        part.table = create_row_array(
-            arr.group, spec.name + TABLE, -(-rows // arr.chunk_rows), (spec.codec.levels,), np.float32, 1024
-        )
-
-
-def _resize(part: _Part, rows: int, chunk_rows: int) -> None:
-    """Sets the part's row count (a codec's tables follow in whole chunks)."""
-    if part.array.shape[0] != rows:
-        part.array.resize((rows, *part.spec.stored[0]))
-    tables = -(-rows // chunk_rows)
-    if part.table is not None and part.table.shape[0] != tables:
-        part.table.resize((tables, part.spec.codec.levels))
-    part.capacity = rows
-
-
-def _copy_rows(dst: np.ndarray, src: torch.Tensor) -> None:
-    # torch converts dtypes an order of magnitude faster than numpy's astype.
-    torch.from_numpy(dst).copy_(src)

@@ -1,13 +1,16 @@
 """``nn.Conv1d/2d/3d`` with stride, padding (``'same'`` and every padding mode), dilation and groups.
 
 The store keeps the raw layer input and output gradient; the unfolded input (``im2col``) is
-recomputed on read, since it is ``∏ kernel`` times larger.
+recomputed on read, since it is ``∏ kernel`` times larger. Full per-sample gradients are formed
+either from it (``restore``) or as the weight gradient of one convolution whose groups are the
+samples (``grouped_conv``), which never materialises ``im2col``; the capture times both.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -18,6 +21,7 @@ from mstore_lightning.core.families.registry import Hyper, register
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvExtractor(KroneckerExtractor):
     kind = "conv"
+    full_methods = ("restore", "grouped_conv")
 
     @classmethod
     def hyper(cls, module: nn.Module) -> Hyper:
@@ -66,6 +70,53 @@ class ConvExtractor(KroneckerExtractor):
     def weight_from(cls, hyper: Hyper, g: Tensor) -> Tensor:
         c_in = hyper["in_channels"] // hyper["groups"]
         return g.reshape(g.shape[0], hyper["out_channels"], c_in, *hyper["kernel_size"])
+
+    @classmethod
+    def full_rows(
+        cls, hyper: Hyper, params: list[str], a: Tensor, d: Tensor, method: str = "restore"
+    ) -> dict[str, Tensor]:
+        if method != "grouped_conv":
+            return super().full_rows(hyper, params, a, d)
+        uses = a.shape[1]
+        out: dict[str, Tensor] = {}
+        if "weight" in params:
+            weight = None
+            for u in range(uses):
+                g = grouped_weight_grad(as_float(a[:, u]), as_float(d[:, u]), hyper)
+                weight = g if weight is None else weight.add_(g)
+            out["weight"] = weight
+        if "bias" in params:
+            out["bias"] = as_float(d).sum(1).flatten(2).sum(-1)
+        return out
+
+
+_WEIGHT_GRAD = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
+
+
+def grouped_weight_grad(x: Tensor, d: Tensor, hyper: Hyper) -> Tensor:
+    """Per-sample weight gradients ``(B, O, I/G, *k)`` of inputs ``x (B, I, *S)`` and output
+    gradients ``d (B, O, *L)``: one convolution's weight gradient, its ``B·G`` groups the samples'."""
+    b, nd = x.shape[0], len(hyper["kernel_size"])
+    pads = [p for pair in reversed(hyper["padding"]) for p in pair]
+    if any(pads):  # padded here: 'same' may be uneven, and other modes are not zeros
+        mode = "constant" if hyper["padding_mode"] == "zeros" else hyper["padding_mode"]
+        x = F.pad(x, pads, mode=mode)
+    c_out, groups = hyper["out_channels"], hyper["groups"]
+    shape = (b * c_out, hyper["in_channels"] // groups, *hyper["kernel_size"])
+    g = _WEIGHT_GRAD[nd](
+        x.reshape(1, -1, *x.shape[2:]),
+        shape,
+        d.reshape(1, -1, *d.shape[2:]),
+        stride=hyper["stride"],
+        padding=0,
+        dilation=hyper["dilation"],
+        groups=b * groups,
+    )
+    return g.reshape(b, c_out, *shape[1:])
 
 
 def unfold(x: Tensor, hyper: Hyper) -> Tensor:

@@ -65,9 +65,16 @@ class Extractor(ABC):
         """Arrays stored in the factor representation, for a ``(B, U, ...)`` stack of uses."""
         return {"a": a, "d": d}
 
+    # Ways to form full per-sample gradients on the training thread; the capture times each on its
+    # first batch and keeps the fastest.
+    full_methods: ClassVar[tuple[str, ...]] = ("restore",)
+
     @classmethod
-    def full_rows(cls, hyper: Hyper, params: list[str], a: Tensor, d: Tensor) -> Rows:
-        """Per-sample gradients ``{param: (B, *shape)}`` from ``(B, U, ...)`` factors."""
+    def full_rows(
+        cls, hyper: Hyper, params: list[str], a: Tensor, d: Tensor, method: str = "restore"
+    ) -> Rows:
+        """Per-sample gradients ``{param: (B, *shape)}`` from ``(B, U, ...)`` factors, formed by
+        ``method`` (one of :attr:`full_methods`)."""
         return cls.restore(hyper, params, {"a": a, "d": d})
 
     @classmethod
