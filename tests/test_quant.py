@@ -19,7 +19,7 @@ SETTINGS = settings(max_examples=60, deadline=None)
 
 
 def round_trip(spec: dict, x: torch.Tensor) -> torch.Tensor:
-    parts = quant.split_rows(spec, quant.encode_rows(spec, x).numpy())
+    parts = quant.split_rows(spec, quant.encode_rows(spec, x).data.numpy())
     assert set(parts) == set(spec["parts"])
     for k, v in parts.items():
         assert (
@@ -57,7 +57,8 @@ def test_codes_made_in_the_step_equal_the_numpy_reference_bit_for_bit(
         if special == "zero":
             x[0] = 0.0
     spec = quant.array_spec("a", shape, precision)
-    handed = quant.encode_rows(spec, x)
+    encoded = quant.encode_rows(spec, x)
+    handed = encoded.data
     assert handed.dtype == torch.from_numpy(np.empty(0, quant.buffer_dtype(spec))).dtype
     assert handed.shape[1:].numel() * handed.element_size() == quant.buffered_nbytes(spec)
     got = quant.split_rows(spec, handed.numpy())
@@ -71,6 +72,11 @@ def test_codes_made_in_the_step_equal_the_numpy_reference_bit_for_bit(
         ref = quant.encode(spec, "a", values)
     assert set(got) == set(ref)
     finite = np.isfinite(values).reshape(n, math.prod(shape)).all(axis=1)
+    flags = encoded.nonfinite()
+    if precision in ("fp32", "fp16", "bf16"):
+        assert flags is None
+    else:  # the group maxima flag exactly the rows holding NaN or Inf
+        assert flags.tolist() == (~finite).tolist()
     for k in ref:
         assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape
         if k.endswith("_scale"):  # a non-finite row keeps a non-finite scale in both

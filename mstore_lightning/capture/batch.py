@@ -59,9 +59,9 @@ class BatchWriter:
     ) -> None:
         """Appends the rows of a batch whose ids are known; with ``check_finite``, samples whose
         factors hold NaN or Inf are counted in ``log``."""
-        sqnorms, covers = self._write_layers(log, uses, multiplier, step, split)
+        sqnorms, covers, flagged = self._write_layers(log, uses, multiplier, step, split)
         if check_finite:
-            bad = nonfinite_samples(uses, len(step.ids), sqnorms, covers)
+            bad = nonfinite_samples(uses, len(step.ids), sqnorms, covers, flagged, step.keep)
             if bad is not None:
                 log.nonfinite.extend(step.ids[bad.cpu().numpy()].tolist())
         without_loss = split == "query" or self.policy.timing == "checkpoint"  # no per-sample loss here
@@ -151,18 +151,21 @@ class BatchWriter:
 
     def _write_layers(
         self, log: EpochLog, uses: dict[str, list], mult: float, step: Step, split: str
-    ) -> tuple[torch.Tensor | None, dict[str, int]]:
+    ) -> tuple[torch.Tensor | None, dict[str, int], dict[str, torch.Tensor]]:
         """Appends the batch's rows of every planned layer.
 
         Returns:
             The batch's exact squared norms (train rows; ``None`` otherwise), one column per planned
-            layer, and ``{layer: column}`` of the layers whose norm every element of their factors
-            enters: a NaN or Inf factor shows there, so those need no check of their own.
+            layer; ``{layer: column}`` of the layers whose norm every element of their factors
+            enters: a NaN or Inf factor shows there, so those need no check of their own; and
+            ``{layer: mask}`` of the layers whose encoding flagged their appended rows that hold NaN
+            or Inf (see :meth:`RowSink.append_layer`), which need no check either.
         """
         epoch, sink, plans = log.epoch, self.sink, self.layers.plans
         # Every layer's choice before any row is written.
         newly_ready = self.layers.finalize(uses, sink.run.writer.write_rate)
         covers: dict[str, int] = {}
+        flagged: dict[str, torch.Tensor] = {}
         rows_before = sink.run.rows_written(epoch, split)
         # Exact squared norms of the layers where they are cheap, one column per planned layer.
         sqnorms = torch.zeros(len(step.ids), len(plans), dtype=torch.float64) if split == "train" else None
@@ -177,9 +180,11 @@ class BatchWriter:
             rows = plan.rows(layer_uses, mult) if layer_uses else zero_rows(plan, len(step.ids))
             if sqnorms is not None and plan.sqnorm_at_capture:
                 sqnorms[:, column] = plan.sqnorms(rows).cpu()
-                if layer_uses and plan.norm_covers_factors:
-                    covers[name] = column
-            sink.append_layer(epoch, plan, rows, step.keep, split)
+            flags = sink.append_layer(epoch, plan, rows, step.keep, split)
+            if flags is not None and layer_uses:
+                flagged[name] = flags
+            elif sqnorms is not None and plan.sqnorm_at_capture and layer_uses and plan.norm_covers_factors:
+                covers[name] = column
         if sqnorms is not None and sink.append_sqnorms(epoch, sqnorms, step.keep, rows_before):
             log.sqnorm_gap = True  # this epoch's stored norms miss rows: readers use the factors
         if newly_ready:
@@ -191,4 +196,4 @@ class BatchWriter:
                     "captured batch (applied functionally, unused, or frozen upstream); they are not captured "
                     "until they do."
                 )
-        return sqnorms, covers
+        return sqnorms, covers, flagged

@@ -41,17 +41,34 @@ def nonfinite_rows(factors: Sequence[Tensor]) -> Tensor | None:
 
 
 def nonfinite_samples(
-    uses: Mapping[str, list], n: int, sqnorms: Tensor | None = None, covers: Mapping[str, int] | None = None
+    uses: Mapping[str, list],
+    n: int,
+    sqnorms: Tensor | None = None,
+    covers: Mapping[str, int] | None = None,
+    flagged: Mapping[str, Tensor] | None = None,
+    keep: Tensor | None = None,
 ) -> Tensor | None:
-    """A boolean mask of a batch's ``n`` samples whose captured factors (``uses``, per layer) hold
-    NaN or Inf, or ``None`` when none do.
+    """A boolean mask of a batch's ``n`` samples whose captured rows hold NaN or Inf, or ``None``
+    when none do.
 
-    The layers in ``covers`` (``{layer: column of sqnorms}``) are checked through their squared norms,
-    already computed: a non-finite factor makes the norm non-finite. Only rows whose norm is not
-    finite (NaN, Inf, or finite values whose squares overflowed) get the exact check.
+    The layers in ``flagged`` (``{layer: mask}`` over the kept rows, ``keep``; all without) were
+    flagged by their encoding, which saw every number of their rows. The layers in ``covers``
+    (``{layer: column of sqnorms}``) are checked through their squared norms, already computed: a
+    non-finite factor makes the norm non-finite. Only rows whose norm is not finite (NaN, Inf, or
+    finite values whose squares overflowed) get the exact check. Other layers' factors are checked.
     """
-    covers = covers or {}
-    bad = nonfinite_rows([t for name, calls in uses.items() if name not in covers for t in factors(calls)])
+    covers, flagged = covers or {}, flagged or {}
+    skip = set(covers) | set(flagged)
+    bad = nonfinite_rows([t for name, calls in uses.items() if name not in skip for t in factors(calls)])
+    if flagged:
+        masks = list(flagged.values())
+        rows = masks[0].clone()
+        for m in masks[1:]:
+            rows |= m
+        if bool(rows.any()):
+            bad = torch.zeros(n, dtype=torch.bool) if bad is None else bad.cpu()
+            where = torch.arange(n) if keep is None else keep.cpu()
+            bad[where[rows.cpu()]] = True
     if covers and sqnorms is not None:
         columns = sqnorms if len(covers) == sqnorms.shape[1] else sqnorms[:, list(covers.values())]
         finite = torch.isfinite(columns)

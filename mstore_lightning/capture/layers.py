@@ -183,7 +183,7 @@ class LayerPlan:
                     else:
                         rows = self.extractor.full_rows(self.hyper, self.params, a, d, method)
                     for name, values in rows.items():
-                        quant.encode_rows(cand.arrays[name], values)
+                        quant.encode_rows(cand.arrays[name], values)  # noqa: B018 - timed
 
                 timed[method] = _timed(form, a.device)
             fastest = min(timed, key=timed.get)

@@ -55,21 +55,34 @@ class RowSink:
         rows: dict[str, torch.Tensor],
         keep: torch.Tensor | None,
         split: str = "train",
-    ) -> None:
-        """Appends a batch's rows of every array of ``plan``, the samples in ``keep`` (all: ``None``)."""
+    ) -> torch.Tensor | None:
+        """Appends a batch's rows of every array of ``plan``, the samples in ``keep`` (all: ``None``).
+
+        Returns:
+            Which of the appended rows hold NaN or Inf, where every floating-point array's encoding
+            tells (int8 and chunk codes: their group maxima); else ``None``.
+        """
         # Encoded here, in a few vectorised ops; the writer thread deduplicates (see coding).
         chunk_rows = self.layer_chunk_rows(plan)
+        flags: torch.Tensor | None = None
+        told = True
         for array, values in rows.items():
             spec = plan.arrays[array]
+            encoded = quant.encode_rows(spec, select_rows(values, keep))
             self.run.append(
                 epoch,
                 f"{layout.LAYERS}/{plan.name}/{array}",
-                quant.encode_rows(spec, select_rows(values, keep)),
+                encoded.data,
                 quant.buffer_dtype(spec),
                 chunk_rows,
                 coding=functools.partial(self.coding, plan, array, split, epoch),
                 split=split,
             )
+            if spec["encoding"] != "int64":
+                mask = encoded.nonfinite()
+                told = told and mask is not None
+                flags = mask if flags is None or mask is None else flags | mask
+        return flags if told else None
 
     def coding(self, plan: LayerPlan, array: str, split: str, epoch: int) -> tuple[list[PartSpec], Coder]:
         """The stored parts of one of a layer's arrays, and the writer-side coder that makes them from

@@ -29,7 +29,7 @@ Example:
     >>> sorted(spec["parts"])
     ['a', 'a_scale']
     >>> x = torch.randn(4, 1, 100)
-    >>> parts = split_rows(spec, encode_rows(spec, x).numpy())
+    >>> parts = split_rows(spec, encode_rows(spec, x).data.numpy())
     >>> bool((decode(spec, "a", parts) - x).abs().max() <= x.abs().max() / 254 + 1e-7)
     True
 """
@@ -179,7 +179,30 @@ def buffered_nbytes(spec: dict[str, Any]) -> int:
     return math.prod(spec["row_shape"]) * buffer_dtype(spec).itemsize
 
 
-def encode_rows(spec: dict[str, Any], x: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class Encoded:
+    """Rows as :func:`encode_rows` hands them over.
+
+    Attributes:
+        data: the handed-over rows (one ``uint8`` row of packed parts, or the cast values).
+        group_max: for scaled encodings, each group's ``max |x|`` ``(n, *scale_shape)``: NaN or Inf
+            exactly where a group holds NaN or Inf, so it flags non-finite rows for free.
+    """
+
+    data: Tensor
+    group_max: Tensor | None = None
+
+    def nonfinite(self) -> Tensor | None:
+        """Rows holding NaN or Inf (a boolean mask), where the encoding tells."""
+        if self.group_max is None:
+            return None
+        groups = self.group_max.reshape(
+            self.group_max.shape[0], self.group_max[0].numel() if len(self.group_max) else 1
+        )
+        return ~torch.isfinite(groups).all(dim=1)
+
+
+def encode_rows(spec: dict[str, Any], x: Tensor) -> Encoded:
     """Rows ``x`` ``(n, *row_shape)`` in their stored form, made where ``x`` lives, in a few
     vectorised ops: what the training thread hands the writer.
 
@@ -190,23 +213,27 @@ def encode_rows(spec: dict[str, Any], x: Tensor) -> Tensor:
     """
     encoding = spec["encoding"]
     if encoding in _TORCH_DTYPES:
-        return x.to(_TORCH_DTYPES[encoding])
+        return Encoded(x.to(_TORCH_DTYPES[encoding]))
     if encoding == "bfloat16-bits":
-        return x.to(torch.bfloat16).view(torch.int16)
+        return Encoded(x.to(torch.bfloat16).view(torch.int16))
     n = x.shape[0]
     groups = x.to(torch.float32).reshape(n, *_group_shape(spec))
-    amax = groups.abs().amax(dim=-1, keepdim=True)
-    one = torch.full((), 127.0 if encoding == "int8" else 1.0, dtype=torch.float32, device=x.device)
-    # Tensor divisions, not divisions by a Python number, which torch may turn into a product with
-    # the reciprocal and so round differently from NumPy. NaN or Inf rows keep a non-finite scale.
-    inv = torch.where(amax > 0, one / amax, torch.zeros((), dtype=torch.float32, device=x.device))
-    values = groups * inv
     (_, shape, dtype), (_, scale_shape, _) = handed_parts(spec)
     numbers, scales = math.prod(shape), math.prod(scale_shape)
     width = numbers * dtype.itemsize
     out = torch.empty((n, width + 4 * scales), dtype=torch.uint8, device=x.device)
     if n == 0:
-        return out
+        return Encoded(out, groups.new_zeros((0, *scale_shape)))
+    # max|x| as max(max x, -min x): two reductions beat abs then max, and are exact; adding 0
+    # turns the -0 of an all-zero group into +0, so zero rows stay zero bytes.
+    amax = torch.maximum(groups.amax(dim=-1, keepdim=True), groups.amin(dim=-1, keepdim=True).neg_()).add_(
+        0.0
+    )
+    one = torch.full((), 127.0 if encoding == "int8" else 1.0, dtype=torch.float32, device=x.device)
+    # Tensor divisions, not divisions by a Python number, which torch may turn into a product with
+    # the reciprocal and so round differently from NumPy. NaN or Inf rows keep a non-finite scale.
+    inv = torch.where(amax > 0, one / amax, torch.zeros((), dtype=torch.float32, device=x.device))
+    values = groups * inv
     if encoding == "int8":
         out[:, :width].view(torch.int8).copy_(values.round_().reshape(n, numbers))
         scale = (amax / one).reshape(n, scales)
@@ -214,7 +241,7 @@ def encode_rows(spec: dict[str, Any], x: Tensor) -> Tensor:
         out[:, :width].copy_(values.reshape(n, numbers).view(torch.uint8))
         scale = amax.reshape(n, scales)
     out[:, width:].copy_(scale.view(torch.uint8))
-    return out
+    return Encoded(out, amax.reshape(n, *scale_shape))
 
 
 def _group_shape(spec: dict[str, Any]) -> tuple[int, ...]:

@@ -318,4 +318,8 @@ class ProjectedSketch(_Projected):
 
 
 def _flat_sqnorm(rows: Rows, names: Any) -> Tensor:
-    return sum(rows[p].reshape(rows[p].shape[0], -1).double().pow(2).sum(1) for p in names)
+    # Accumulated in float64 inside the reduction: no float64 copy of the rows, no overflow.
+    return sum(
+        torch.linalg.vector_norm(rows[p].reshape(rows[p].shape[0], -1), dim=1, dtype=torch.float64).square()
+        for p in names
+    )

@@ -101,10 +101,13 @@ def grouped_weight_grad(x: Tensor, d: Tensor, hyper: Hyper) -> Tensor:
     """Per-sample weight gradients ``(B, O, I/G, *k)`` of inputs ``x (B, I, *S)`` and output
     gradients ``d (B, O, *L)``: one convolution's weight gradient, its ``B·G`` groups the samples'."""
     b, nd = x.shape[0], len(hyper["kernel_size"])
-    pads = [p for pair in reversed(hyper["padding"]) for p in pair]
-    if any(pads):  # padded here: 'same' may be uneven, and other modes are not zeros
+    padding = [lo for lo, _ in hyper["padding"]]
+    even = all(lo == hi for lo, hi in hyper["padding"])
+    if any(lo or hi for lo, hi in hyper["padding"]) and (hyper["padding_mode"] != "zeros" or not even):
+        # Padded here: 'same' may be uneven, and other modes are not zeros.
+        pads = [p for pair in reversed(hyper["padding"]) for p in pair]
         mode = "constant" if hyper["padding_mode"] == "zeros" else hyper["padding_mode"]
-        x = F.pad(x, pads, mode=mode)
+        x, padding = F.pad(x, pads, mode=mode), [0] * nd
     c_out, groups = hyper["out_channels"], hyper["groups"]
     shape = (b * c_out, hyper["in_channels"] // groups, *hyper["kernel_size"])
     g = _WEIGHT_GRAD[nd](
@@ -112,7 +115,7 @@ def grouped_weight_grad(x: Tensor, d: Tensor, hyper: Hyper) -> Tensor:
         shape,
         d.reshape(1, -1, *d.shape[2:]),
         stride=hyper["stride"],
-        padding=0,
+        padding=padding,
         dilation=hyper["dilation"],
         groups=b * groups,
     )
