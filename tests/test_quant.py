@@ -327,3 +327,20 @@ def test_a_value_repeated_across_quantiles_keeps_a_bin_of_its_own(bits):
     got = codec.decode(packed, np.broadcast_to(table, (512, 2**bits)))
     np.testing.assert_array_equal(got[unit == -1], -1.0)
     assert (got[unit > 0] >= 0).all()
+
+
+@pytest.mark.parametrize("precision", ["int8", "kbit:4"])
+def test_large_batches_take_the_two_pass_maximum_and_stay_bit_exact(precision):
+    shape = [8, 4096]  # 8 x 4,096 numbers a row: past SPLIT_MAX_NUMBERS with 16 rows
+    x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
+    assert x.numel() >= quant.SPLIT_MAX_NUMBERS
+    x[2] = 0.0
+    x[3, 1, 7], x[4, 0, 0], x[5, 7, 4095] = float("nan"), float("inf"), -float("inf")
+    spec = quant.array_spec("a", shape, precision)
+    encoded = quant.encode_rows(spec, x)
+    got, ref = quant.split_rows(spec, encoded.data.numpy()), quant.encode(spec, "a", x.numpy())
+    finite = [i for i in range(16) if i not in (3, 4, 5)]
+    for k in ref:
+        assert np.array_equal(got[k][finite].view(np.uint8), ref[k][finite].view(np.uint8))
+    assert not encoded.data[2].any()  # a zero row is zero bytes: +0 scales, not -0
+    assert encoded.nonfinite().nonzero().flatten().tolist() == [3, 4, 5]

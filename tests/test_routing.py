@@ -3,6 +3,8 @@ the writer's rate, within the byte budget; and the fastest way to form full grad
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ def fixed_times(monkeypatch):
     """Forming times by method, in seconds, in place of timing them."""
     times = {}
 
-    def timed(fn, device, repeats=2):
+    def timed(fn, device, repeats=2, limit=math.inf):
         return times[fn.__defaults__[0]]
 
     monkeypatch.setattr(layers_mod, "_timed", timed)
@@ -60,8 +62,15 @@ def test_the_least_total_of_forming_and_writing_is_kept(fixed_times):
     fixed_times.update(factors=0.001, restore=0.002, grouped_conv=0.0015)
     plan.finalize(uses, CapturePolicy(precision="int8"), write_rate=1e8)
     assert plan.representation == "full" and plan.full_method == "grouped_conv"
-    totals = {k: v["total_ms"] for k, v in plan.choice["measured"].items() if isinstance(v, dict)}
-    assert totals["full"] < totals["factors"]
+    measured, considered = plan.choice["measured"], plan.choice["considered"]
+    write_ms = {k: 1e3 * considered[k]["bytes"] * 8 / 1e8 for k in ("full", "factors")}
+    assert measured["full"]["total_ms"] == pytest.approx(1.5 + write_ms["full"], abs=1e-3)
+    # Smallest first: the factors' writes alone cost more than the full gradients' total.
+    assert write_ms["factors"] > measured["full"]["total_ms"]
+    assert measured["factors"] == {
+        "write_ms": pytest.approx(write_ms["factors"], abs=1e-3),
+        "skipped": "writes cost more",
+    }
     assert "grouped_conv 1.5 ms" in explain_costs(plan.choice["measured"])
 
 
@@ -91,10 +100,31 @@ def test_real_timings_are_recorded_and_the_kept_form_has_the_least_total():
     plan.finalize(uses, CapturePolicy(precision="int8"), write_rate=2e8)
     measured = plan.choice["measured"]
     assert {"factors", "full"} <= set(measured) and measured["write_mb_per_s"] == 200
-    totals = {k: v["total_ms"] for k, v in measured.items() if isinstance(v, dict)}
+    totals = {k: v.get("total_ms", math.inf) for k, v in measured.items() if isinstance(v, dict)}
     assert totals[plan.representation] == min(totals.values())
     forms = {k: v for k, v in measured["full"].items() if k.startswith("form_ms_")}
     assert plan.full_method == min(forms, key=forms.get).removeprefix("form_ms_")
     assert measured["full"]["write_ms"] == pytest.approx(
         1e3 * plan.choice["considered"]["full"]["bytes"] * 8 / 2e8, abs=1e-3
     )
+
+
+def test_a_form_whose_writes_alone_cost_more_is_never_formed(monkeypatch):
+    formed = []
+
+    def timed(fn, device, repeats=2, limit=math.inf):
+        formed.append(fn.__defaults__[0])
+        return 0.001
+
+    monkeypatch.setattr(layers_mod, "_timed", timed)
+    # A wide linear layer: its full gradient (256 x 512) would take long to form, and 64 of them
+    # at 100 MB/s take 84 ms to write, more than the factors' whole cost.
+    plan, uses = first_batch(nn.Linear(512, 256), torch.randn(64, 512))
+    plan.finalize(uses, CapturePolicy(precision="int8"), write_rate=1e8)
+    assert plan.representation == "factors" and formed == ["factors"]
+    full_bytes = plan.choice["considered"]["full"]["bytes"]  # weight and bias codes, and scales
+    assert plan.choice["measured"]["full"] == {
+        "write_ms": pytest.approx(1e3 * full_bytes * 64 / 1e8, abs=1e-3),
+        "skipped": "writes cost more",
+    }
+    assert "more than the cheaper form" in explain_costs(plan.choice["measured"])

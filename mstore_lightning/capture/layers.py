@@ -137,7 +137,7 @@ class LayerPlan:
             max_bytes = (policy.budget or {}).get("bytes_per_sample")
             fits = [c for c in exact if max_bytes is None or c.nbytes <= max_bytes]
             costs = self._costs(fits, uses, write_rate)
-            cheapest = min(fits, key=lambda c: costs[c.representation]["total_ms"])
+            cheapest = min(fits, key=lambda c: costs[c.representation].get("total_ms", math.inf))
             if cheapest is not chosen:
                 reason = f"least measured cost, over {reason}"
             else:
@@ -168,11 +168,20 @@ class LayerPlan:
     ) -> dict[str, dict[str, float]]:
         """Measured cost of each exact candidate on this batch: forming and encoding its rows (for
         full gradients, by each of the family's methods, keeping the fastest in
-        :attr:`full_method`), plus writing its bytes at ``write_rate``."""
+        :attr:`full_method`), plus writing its bytes at ``write_rate``.
+
+        Candidates go smallest first; one whose writes alone cost more than a cheaper total is not
+        formed at all (a full gradient of a wide layer takes as long to form as many steps).
+        """
         a = _stack([u[0] for u in uses], len(uses))
         d = _stack([u[1] for u in uses], len(uses)).float()
-        out = {}
-        for cand in cands:
+        out: dict[str, dict[str, float]] = {}
+        best = math.inf
+        for cand in sorted(cands, key=lambda c: c.nbytes):
+            write = cand.nbytes * a.shape[0] / write_rate if write_rate else 0.0
+            if write >= best:
+                out[cand.representation] = {"write_ms": round(1e3 * write, 3), "skipped": "writes cost more"}
+                continue
             methods = self.extractor.full_methods if cand.representation == "full" else ("factors",)
             timed = {}
             for method in methods:
@@ -183,20 +192,21 @@ class LayerPlan:
                     else:
                         rows = self.extractor.full_rows(self.hyper, self.params, a, d, method)
                     for name, values in rows.items():
-                        quant.encode_rows(cand.arrays[name], values)  # noqa: B018 - timed
+                        quant.encode_rows(cand.arrays[name], values)
 
-                timed[method] = _timed(form, a.device)
+                timed[method] = _timed(form, a.device, limit=best - write)
             fastest = min(timed, key=timed.get)
             if cand.representation == "full":
                 self.full_method = fastest
-            write = cand.nbytes * a.shape[0] / write_rate if write_rate else 0.0
+            total = timed[fastest] + write
+            best = min(best, total)
             out[cand.representation] = {
                 **{
                     f"form_ms_{m}" if len(timed) > 1 else "form_ms": round(1e3 * t, 3)
                     for m, t in timed.items()
                 },
                 "write_ms": round(1e3 * write, 3),
-                "total_ms": round(1e3 * (timed[fastest] + write), 3),
+                "total_ms": round(1e3 * total, 3),
             }
         return out
 
@@ -382,17 +392,20 @@ def _why_not(
     return ext.unsupported(module)
 
 
-def _timed(fn: Any, device: torch.device, repeats: int = 2) -> float:
-    """Least seconds of ``repeats`` calls of ``fn`` after a first, warming one."""
+def _timed(fn: Any, device: torch.device, repeats: int = 2, limit: float = math.inf) -> float:
+    """Least seconds of ``repeats`` calls of ``fn`` after a first, warming one; only the first
+    when it alone takes past ``limit`` seconds."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
     best = math.inf
-    for _ in range(repeats):
+    for k in range(repeats + 1):
         sync()
         t0 = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        if k == 0 and elapsed > limit:
+            return elapsed
+        best = min(best, elapsed) if k else best
     return best
 
 

@@ -65,6 +65,9 @@ def explain_costs(measured: dict[str, Any]) -> str:
             for k, v in cost.items()
             if k.startswith("form_ms")
         )
+        if "total_ms" not in cost:  # not formed: its writes alone cost more than a cheaper form
+            parts.append(f"{form}: write {cost['write_ms']:.3g} ms, more than the cheaper form's total")
+            continue
         parts.append(f"{form}: {forming} + write {cost['write_ms']:.3g} ms = {cost['total_ms']:.3g} ms")
     rate = measured.get("write_mb_per_s")
     return "; ".join(parts) + (f" (writer at {rate:g} MB/s)" if rate else "")
