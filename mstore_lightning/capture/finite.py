@@ -61,14 +61,9 @@ def nonfinite_samples(
     skip = set(covers) | set(flagged)
     bad = nonfinite_rows([t for name, calls in uses.items() if name not in skip for t in factors(calls)])
     if flagged:
-        masks = list(flagged.values())
-        rows = masks[0].clone()
-        for m in masks[1:]:
-            rows |= m
+        rows = torch.stack(list(flagged.values())).any(dim=0).cpu()
         if bool(rows.any()):
-            bad = torch.zeros(n, dtype=torch.bool) if bad is None else bad.cpu()
-            where = torch.arange(n) if keep is None else keep.cpu()
-            bad[where[rows.cpu()]] = True
+            bad = _marked(bad, n, (torch.arange(n) if keep is None else keep.cpu())[rows])
     if covers and sqnorms is not None:
         columns = sqnorms if len(covers) == sqnorms.shape[1] else sqnorms[:, list(covers.values())]
         finite = torch.isfinite(columns)
@@ -77,8 +72,14 @@ def nonfinite_samples(
             own = [t.index_select(0, suspect.to(t.device)) for name in covers for t in factors(uses[name])]
             exact = nonfinite_rows(own)
             if exact is not None:
-                bad = torch.zeros(n, dtype=torch.bool) if bad is None else bad.cpu()
-                bad[suspect[exact.cpu()]] = True
+                bad = _marked(bad, n, suspect[exact.cpu()])
+    return bad
+
+
+def _marked(bad: Tensor | None, n: int, samples: Tensor) -> Tensor:
+    """``bad`` (all clear: ``None``) on the CPU, with ``samples`` of the batch's ``n`` marked."""
+    bad = torch.zeros(n, dtype=torch.bool) if bad is None else bad.cpu()
+    bad[samples.cpu()] = True
     return bad
 
 

@@ -64,8 +64,7 @@ class RowSink:
         """
         # Encoded here, in a few vectorised ops; the writer thread deduplicates (see coding).
         chunk_rows = self.layer_chunk_rows(plan)
-        flags: torch.Tensor | None = None
-        told = True
+        masks: list[torch.Tensor | None] = []
         for array, values in rows.items():
             spec = plan.arrays[array]
             encoded = quant.encode_rows(spec, select_rows(values, keep))
@@ -78,11 +77,11 @@ class RowSink:
                 coding=functools.partial(self.coding, plan, array, split, epoch),
                 split=split,
             )
-            if spec["encoding"] != "int64":
-                mask = encoded.nonfinite()
-                told = told and mask is not None
-                flags = mask if flags is None or mask is None else flags | mask
-        return flags if told else None
+            if spec["encoding"] != "int64":  # ids are never NaN
+                masks.append(encoded.nonfinite())
+        if not masks or any(m is None for m in masks):
+            return None
+        return torch.stack(masks).any(dim=0)
 
     def coding(self, plan: LayerPlan, array: str, split: str, epoch: int) -> tuple[list[PartSpec], Coder]:
         """The stored parts of one of a layer's arrays, and the writer-side coder that makes them from

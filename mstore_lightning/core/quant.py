@@ -185,8 +185,9 @@ class Encoded:
 
     Attributes:
         data: the handed-over rows (one ``uint8`` row of packed parts, or the cast values).
-        group_max: for scaled encodings, each group's ``max |x|`` ``(n, *scale_shape)``: NaN or Inf
-            exactly where a group holds NaN or Inf, so it flags non-finite rows for free.
+        group_max: for scaled encodings, each group's ``max |x|``, one row of groups per row
+            ``(n, groups)``: NaN or Inf exactly where a group holds NaN or Inf, so it flags
+            non-finite rows for free.
     """
 
     data: Tensor
@@ -196,10 +197,7 @@ class Encoded:
         """Rows holding NaN or Inf (a boolean mask), where the encoding tells."""
         if self.group_max is None:
             return None
-        groups = self.group_max.reshape(
-            self.group_max.shape[0], self.group_max[0].numel() if len(self.group_max) else 1
-        )
-        return ~torch.isfinite(groups).all(dim=1)
+        return ~torch.isfinite(self.group_max).all(dim=1)
 
 
 def encode_rows(spec: dict[str, Any], x: Tensor) -> Encoded:
@@ -223,12 +221,12 @@ def encode_rows(spec: dict[str, Any], x: Tensor) -> Encoded:
     width = numbers * dtype.itemsize
     out = torch.empty((n, width + 4 * scales), dtype=torch.uint8, device=x.device)
     if n == 0:
-        return Encoded(out, groups.new_zeros((0, *scale_shape)))
+        return Encoded(out, groups.new_zeros((0, scales)))
     amax = _group_max(groups)
     one = torch.full((), 127.0 if encoding == "int8" else 1.0, dtype=torch.float32, device=x.device)
     # Tensor divisions, not divisions by a Python number, which torch may turn into a product with
     # the reciprocal and so round differently from NumPy. NaN or Inf rows keep a non-finite scale.
-    inv = torch.where(amax > 0, one / amax, torch.zeros((), dtype=torch.float32, device=x.device))
+    inv = torch.where(amax > 0, one / amax, 0.0)
     values = groups * inv
     if encoding == "int8":
         out[:, :width].view(torch.int8).copy_(values.round_().reshape(n, numbers))
@@ -237,7 +235,7 @@ def encode_rows(spec: dict[str, Any], x: Tensor) -> Encoded:
         out[:, :width].copy_(values.reshape(n, numbers).view(torch.uint8))
         scale = amax.reshape(n, scales)
     out[:, width:].copy_(scale.view(torch.uint8))
-    return Encoded(out, amax.reshape(n, *scale_shape))
+    return Encoded(out, amax.reshape(n, scales))
 
 
 SPLIT_MAX_NUMBERS = 1 << 18  # from here on, max and min in two passes beat abs then max (measured)

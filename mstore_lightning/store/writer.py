@@ -1,9 +1,10 @@
 """Chunk-aligned, bounded-memory background writing of per-sample rows into Zarr arrays.
 
 The training thread only copies: each array fills a preallocated chunk-sized buffer with the rows as
-handed over (float32 values to be quantized, say). Whole chunks, and the last partial one at a flush,
-go to one writer thread, which codes them into their stored parts (quantization codes and scales,
-deduplication references), compresses and writes them; all the chunks waiting go to zarr in one call.
+handed over (int8 codes and scales packed as bytes, say). Whole chunks, and the last partial one at a
+flush, go to one writer thread, which splits them into their stored parts (with k-bit codes fitted
+per chunk, and deduplication references), compresses where it pays and writes them; all the chunks
+waiting go to zarr in one call.
 
 Buffers are recycled, so a step writes into memory already touched (fresh pages are several times
 slower to fill than reused ones). The bytes waiting in the queue are bounded: when the writer falls
@@ -60,7 +61,7 @@ DEFAULT_CHUNK_BYTES = 4 << 20  # zarr costs ~1.5 ms a chunk beyond compression; 
 # Handed-over bytes a second the writer stores before it has measured its own rate.
 DEFAULT_WRITE_RATE = 200e6
 RATE_AFTER_BYTES = 16 << 20  # bytes written before the measured rate replaces the default
-BUFFER_FACTOR = 4  # a buffer holds up to this many times a chunk's stored bytes (float32 for int8)
+BUFFER_FACTOR = 4  # a buffer holds up to this many times a chunk's stored bytes (float32 for k-bit)
 LOW_PRIORITY = 19  # the writer's nice value, where the platform lets a thread set its own
 CODEC_THREADS = min(8, os.cpu_count() or 1)  # more threads than cores only add switching
 
@@ -116,7 +117,7 @@ class BackgroundWriter:
     # ---------------------------------------------------------------- training side
     def chunk_rows_for(self, row_bytes: int, buffered_bytes: int = 0) -> int:
         """Rows per chunk for rows of ``row_bytes`` stored bytes, buffered as ``buffered_bytes``
-        (rows buffered wider than they are stored, float32 values of int8 codes say, get chunks whose
+        (rows buffered wider than they are stored, float32 values of k-bit codes say, get chunks whose
         buffers hold at most :data:`BUFFER_FACTOR` times a chunk)."""
         width = max(1, row_bytes, -(-buffered_bytes // BUFFER_FACTOR))
         return int(min(max(1, self.chunk_bytes // width), 1 << 16))
