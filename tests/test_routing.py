@@ -101,7 +101,10 @@ def test_real_timings_are_recorded_and_the_kept_form_has_the_least_total():
     measured = plan.choice["measured"]
     assert {"factors", "full"} <= set(measured) and measured["write_mb_per_s"] == 200
     totals = {k: v.get("total_ms", math.inf) for k, v in measured.items() if isinstance(v, dict)}
-    assert totals[plan.representation] == min(totals.values())
+    smaller = min(("factors", "full"), key=lambda k: plan.choice["considered"][k]["bytes"])
+    # The least total is kept only when it beats the smaller form by the margin; else the smaller.
+    wins = min(totals.values()) * layers_mod.ROUTE_MARGIN < totals[smaller]
+    assert plan.representation == (min(totals, key=totals.get) if wins else smaller)
     forms = {k: v for k, v in measured["full"].items() if k.startswith("form_ms_")}
     assert plan.full_method == min(forms, key=forms.get).removeprefix("form_ms_")
     assert measured["full"]["write_ms"] == pytest.approx(

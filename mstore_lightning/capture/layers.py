@@ -19,6 +19,9 @@ from mstore_lightning.core.families.registry import Extractor, find_extractor
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
 
 
+ROUTE_MARGIN = 2.0  # a form replaces the size rule's choice only when measured this many times cheaper
+
+
 @dataclass
 class LayerPlan:
     """One captured module: its extractor and, once its first batch is seen, what it stores."""
@@ -137,12 +140,17 @@ class LayerPlan:
             max_bytes = (policy.budget or {}).get("bytes_per_sample")
             fits = [c for c in exact if max_bytes is None or c.nbytes <= max_bytes]
             costs = self._costs(fits, uses, write_rate)
-            cheapest = min(fits, key=lambda c: costs[c.representation].get("total_ms", math.inf))
-            if cheapest is not chosen:
+            total = {c.representation: costs[c.representation].get("total_ms", math.inf) for c in fits}
+            cheapest = min(fits, key=lambda c: total[c.representation])
+            # Timings are noisy: near a tie the size rule's choice stands, so that runs agree.
+            if (
+                chosen not in fits
+                or total[cheapest.representation] * ROUTE_MARGIN < total[chosen.representation]
+            ):
                 reason = f"least measured cost, over {reason}"
+                chosen = cheapest
             else:
-                reason = f"{reason}; least measured cost too"
-            chosen = cheapest
+                reason = f"{reason}; no form measured {ROUTE_MARGIN:g}x cheaper"
         if chosen.representation == "full" and len(self.extractor.full_methods) > 1 and "full" not in costs:
             costs = {**costs, **self._costs([chosen], uses, write_rate or 0.0)}
         self.representation, self.arrays = chosen.representation, chosen.arrays
