@@ -59,11 +59,11 @@ class BatchWriter:
     ) -> None:
         """Appends the rows of a batch whose ids are known; with ``check_finite``, samples whose
         factors hold NaN or Inf are counted in ``log``."""
-        sqnorms, covers, flagged = self._write_layers(log, uses, multiplier, step, split)
+        flagged = self._write_layers(log, uses, multiplier, step, split)
         if check_finite:
-            bad = nonfinite_samples(uses, len(step.ids), sqnorms, covers, flagged, step.keep)
-            if bad is not None:
-                log.nonfinite.extend(step.ids[bad.cpu().numpy()].tolist())
+            bad = nonfinite_samples(uses, len(step.ids), flagged, step.keep)
+            if bad is not None:  # read at the epoch's end: reading it now would wait for the device
+                log.nonfinite_masks.append((step.ids, bad))
         without_loss = split == "query" or self.policy.timing == "checkpoint"  # no per-sample loss here
         self.sink.append_row_fields(
             log.epoch, step.ids, step.labels, step.keep, global_step, lr, without_loss, split
@@ -72,10 +72,11 @@ class BatchWriter:
     def write_losses(self, epoch: int, step: Step, per_sample_loss: Any) -> None:
         """Appends a training step's per-sample losses: a tensor of one per sample, else NaN."""
         n = len(step.ids)
-        losses = np.full(n, np.nan, dtype=np.float32)
         if isinstance(per_sample_loss, torch.Tensor) and per_sample_loss.numel() == n:
-            losses = per_sample_loss.detach().float().reshape(-1).cpu().numpy()
-        self.sink.append_row_field(epoch, "loss", select_rows(torch.from_numpy(losses), step.keep))
+            losses = per_sample_loss.detach().reshape(-1).float()  # handed over where it is
+        else:
+            losses = torch.full((n,), float("nan"), dtype=torch.float32)
+        self.sink.append_row_field(epoch, "loss", select_rows(losses, step.keep))
 
     def capture_pass(
         self,
@@ -151,24 +152,20 @@ class BatchWriter:
 
     def _write_layers(
         self, log: EpochLog, uses: dict[str, list], mult: float, step: Step, split: str
-    ) -> tuple[torch.Tensor | None, dict[str, int], dict[str, torch.Tensor]]:
-        """Appends the batch's rows of every planned layer.
+    ) -> dict[str, torch.Tensor]:
+        """Appends the batch's rows of every planned layer, and (train rows) their exact squared
+        norms where they are cheap, one column per planned layer.
 
         Returns:
-            The batch's exact squared norms (train rows; ``None`` otherwise), one column per planned
-            layer; ``{layer: column}`` of the layers whose norm every element of their factors
-            enters: a NaN or Inf factor shows there, so those need no check of their own; and
             ``{layer: mask}`` of the layers whose encoding flagged their appended rows that hold NaN
-            or Inf (see :meth:`RowSink.append_layer`), which need no check either.
+            or Inf (see :meth:`RowSink.append_layer`): they need no check of their own.
         """
         epoch, sink, plans = log.epoch, self.sink, self.layers.plans
         # Every layer's choice before any row is written.
         newly_ready = self.layers.finalize(uses, sink.run.writer.write_rate)
-        covers: dict[str, int] = {}
         flagged: dict[str, torch.Tensor] = {}
         rows_before = sink.run.rows_written(epoch, split)
-        # Exact squared norms of the layers where they are cheap, one column per planned layer.
-        sqnorms = torch.zeros(len(step.ids), len(plans), dtype=torch.float64) if split == "train" else None
+        norms: dict[int, torch.Tensor] = {}  # {column: squared norms}, on the rows' device
         for column, (name, plan) in enumerate(plans.items()):
             layer_uses = uses.get(name, [])
             if not plan.ready:
@@ -178,15 +175,15 @@ class BatchWriter:
             if rows_before and not sink.has_layer(epoch, plan, split):  # rows before it first ran
                 sink.append_layer(epoch, plan, zero_rows(plan, rows_before), None, split)
             rows = plan.rows(layer_uses, mult) if layer_uses else zero_rows(plan, len(step.ids))
-            if sqnorms is not None and plan.sqnorm_at_capture:
-                sqnorms[:, column] = plan.sqnorms(rows).cpu()
+            if split == "train" and plan.sqnorm_at_capture:
+                norms[column] = plan.sqnorms(rows)
             flags = sink.append_layer(epoch, plan, rows, step.keep, split)
             if flags is not None and layer_uses:
                 flagged[name] = flags
-            elif sqnorms is not None and plan.sqnorm_at_capture and layer_uses and plan.norm_covers_factors:
-                covers[name] = column
-        if sqnorms is not None and sink.append_sqnorms(epoch, sqnorms, step.keep, rows_before):
-            log.sqnorm_gap = True  # this epoch's stored norms miss rows: readers use the factors
+        if split == "train":
+            sqnorms = _columns(norms, len(step.ids), len(plans))
+            if sink.append_sqnorms(epoch, sqnorms, step.keep, rows_before):
+                log.sqnorm_gap = True  # this epoch's stored norms miss rows: readers use the factors
         if newly_ready:
             never = [n for n, p in plans.items() if not p.ready]
             sink.run.update_meta(layers=self.layers.specs())
@@ -196,4 +193,13 @@ class BatchWriter:
                     "captured batch (applied functionally, unused, or frozen upstream); they are not captured "
                     "until they do."
                 )
-        return sqnorms, covers, flagged
+        return flagged
+
+
+def _columns(norms: dict[int, torch.Tensor], n: int, width: int) -> torch.Tensor:
+    """A batch's ``(n, width)`` float64 squared norms from ``{column: norms}``; zeros elsewhere."""
+    device = next(iter(norms.values())).device if norms else None
+    out = torch.zeros(n, width, dtype=torch.float64, device=device)
+    for column, values in norms.items():
+        out[:, column] = values
+    return out

@@ -12,7 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from mstore_lightning.capture.layers import LayerPlan
+from mstore_lightning.core.transfer import host_array
 from mstore_lightning.store.dedup import RowIndex
 from mstore_lightning.store.session import RunWriter
 
@@ -28,7 +31,8 @@ class EpochLog:
         positional_bs: the batch size when positions in the training loader are dataset indices.
         loader_note: how the training loader samples, for the message when batches carry no ids.
         started: ``time.perf_counter()`` at the epoch's start.
-        nonfinite: ids of the samples whose factors hold NaN or Inf (one per row).
+        nonfinite_masks: each step's ids, and which of its samples' factors hold NaN or Inf,
+            where its rows are (on CUDA, read only at the epoch's end: see :attr:`nonfinite`).
         dropped: rows not stored because the writer was behind (``on_pressure="drop"``).
         sqnorm_gap: the stored norms miss rows, so readers compute norms from the factors.
     """
@@ -39,9 +43,17 @@ class EpochLog:
     positional_bs: int | None = None
     loader_note: str = ""
     started: float = field(default_factory=time.perf_counter)
-    nonfinite: list[int] = field(default_factory=list)
+    nonfinite_masks: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
     dropped: int = 0
     sqnorm_gap: bool = False
+
+    @property
+    def nonfinite(self) -> list[int]:
+        """Ids of the samples whose factors hold NaN or Inf (one per row)."""
+        out: list[int] = []
+        for ids, mask in self.nonfinite_masks:
+            out.extend(host_array(ids)[mask.cpu().numpy()].tolist())
+        return out
 
     @property
     def seconds(self) -> float:
@@ -89,9 +101,10 @@ class EpochLog:
                 "selected none, or no batch ran); it is committed empty.",
                 stacklevel=2,
             )
-        if self.nonfinite:
-            bad = sorted(set(self.nonfinite))
-            run.set_rank_attrs(epoch, nonfinite={"rows": len(self.nonfinite), "ids": bad[:1000]})
+        nonfinite = self.nonfinite
+        if nonfinite:
+            bad = sorted(set(nonfinite))
+            run.set_rank_attrs(epoch, nonfinite={"rows": len(nonfinite), "ids": bad[:1000]})
             warnings.warn(
                 f"GradientCapture: {len(bad)} sample(s) of epoch {epoch} have NaN or Inf gradients (ids "
                 f"{bad[:10]}{' ...' if len(bad) > 10 else ''}). They are stored as they are: their norms "

@@ -1,4 +1,5 @@
-"""Which samples of a batch have NaN or Inf among their captured factors."""
+"""Which samples of a batch have NaN or Inf among their captured factors, found without reading
+values back from the device: the masks stay where the rows are until the epoch's end."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ from torch import Tensor
 
 
 def nonfinite_rows(factors: Sequence[Tensor]) -> Tensor | None:
-    """A boolean mask of the rows (dim 0) that hold NaN or Inf in any of ``factors``.
+    """A boolean mask of the rows (dim 0) that hold NaN or Inf in any of ``factors``, on their device.
 
-    One row sum per tensor does the work: NaN and Inf survive a sum. A sum of finite values can also
-    overflow, so only the rows it flags (almost never any) get the exact, costlier check.
+    Each row's maximum and minimum decide: NaN and Inf survive them, and finite values never overflow
+    (a row sum can). Nothing is read back, so on CUDA the training thread does not wait.
 
     Args:
-        factors: floating-point tensors sharing their first dimension (the batch).
+        factors: floating-point tensors sharing their first dimension (the batch) and device.
 
     Returns:
-        The mask, or ``None`` when no row is non-finite.
+        The mask, or ``None`` without factors.
 
     Example:
         >>> a = torch.ones(3, 4); a[1, 2] = float("nan")
@@ -28,58 +29,36 @@ def nonfinite_rows(factors: Sequence[Tensor]) -> Tensor | None:
     rows = [t.detach().reshape(t.shape[0], -1) for t in factors]
     if not rows:
         return None
-    total = rows[0].sum(dim=1, dtype=torch.float32)
-    for t in rows[1:]:
-        total += t.sum(dim=1, dtype=torch.float32).to(total.device)
-    suspect = (~torch.isfinite(total)).nonzero().squeeze(1)
-    if suspect.numel() == 0:
-        return None
-    bad = torch.zeros(total.shape[0], dtype=torch.bool, device=total.device)
+    bad = torch.zeros(rows[0].shape[0], dtype=torch.bool, device=rows[0].device)
     for t in rows:
-        bad[suspect] |= (~torch.isfinite(t.index_select(0, suspect.to(t.device))).all(dim=1)).to(bad.device)
-    return bad if bool(bad.any()) else None
+        if t.shape[1]:
+            bad |= ~(torch.isfinite(t.amax(dim=1)) & torch.isfinite(t.amin(dim=1))).to(bad.device)
+    return bad
 
 
 def nonfinite_samples(
     uses: Mapping[str, list],
     n: int,
-    sqnorms: Tensor | None = None,
-    covers: Mapping[str, int] | None = None,
     flagged: Mapping[str, Tensor] | None = None,
     keep: Tensor | None = None,
 ) -> Tensor | None:
-    """A boolean mask of a batch's ``n`` samples whose captured rows hold NaN or Inf, or ``None``
-    when none do.
+    """A boolean mask of a batch's ``n`` samples whose captured rows hold NaN or Inf, on the rows'
+    device, or ``None`` without captured rows.
 
     The layers in ``flagged`` (``{layer: mask}`` over the kept rows, ``keep``; all without) were
-    flagged by their encoding, which saw every number of their rows. The layers in ``covers``
-    (``{layer: column of sqnorms}``) are checked through their squared norms, already computed: a
-    non-finite factor makes the norm non-finite. Only rows whose norm is not finite (NaN, Inf, or
-    finite values whose squares overflowed) get the exact check. Other layers' factors are checked.
+    flagged by their encoding, which saw every number of their rows. Other layers' factors are
+    checked by :func:`nonfinite_rows`.
     """
-    covers, flagged = covers or {}, flagged or {}
-    skip = set(covers) | set(flagged)
-    bad = nonfinite_rows([t for name, calls in uses.items() if name not in skip for t in factors(calls)])
+    flagged = flagged or {}
+    bad = nonfinite_rows([t for name, calls in uses.items() if name not in flagged for t in factors(calls)])
     if flagged:
-        rows = torch.stack(list(flagged.values())).any(dim=0).cpu()
-        if bool(rows.any()):
-            bad = _marked(bad, n, (torch.arange(n) if keep is None else keep.cpu())[rows])
-    if covers and sqnorms is not None:
-        columns = sqnorms if len(covers) == sqnorms.shape[1] else sqnorms[:, list(covers.values())]
-        finite = torch.isfinite(columns)
-        suspect = None if bool(finite.all()) else (~finite.all(dim=1)).nonzero().squeeze(1)
-        if suspect is not None:
-            own = [t.index_select(0, suspect.to(t.device)) for name in covers for t in factors(uses[name])]
-            exact = nonfinite_rows(own)
-            if exact is not None:
-                bad = _marked(bad, n, suspect[exact.cpu()])
-    return bad
-
-
-def _marked(bad: Tensor | None, n: int, samples: Tensor) -> Tensor:
-    """``bad`` (all clear: ``None``) on the CPU, with ``samples`` of the batch's ``n`` marked."""
-    bad = torch.zeros(n, dtype=torch.bool) if bad is None else bad.cpu()
-    bad[samples.cpu()] = True
+        rows = torch.stack(list(flagged.values())).any(dim=0)
+        if bad is None:
+            bad = torch.zeros(n, dtype=torch.bool, device=rows.device)
+        if keep is None:
+            bad |= rows.to(bad.device)
+        else:
+            bad[keep.to(bad.device)] |= rows.to(bad.device)
     return bad
 
 

@@ -14,6 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
+from mstore_lightning.core.transfer import DeviceCopies, HostCopy
+
+COPIES = DeviceCopies()  # the side streams that bring ids and labels back from CUDA
+
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 MISSING_IDS = (
@@ -24,8 +28,12 @@ MISSING_IDS = (
 )
 
 
-def batch_ids(batch: Any, fn: Callable[[Any], Any] | None) -> np.ndarray | None:
-    """The batch's sample ids as int64, or ``None`` when the batch does not carry them."""
+def batch_ids(batch: Any, fn: Callable[[Any], Any] | None) -> np.ndarray | HostCopy | None:
+    """The batch's sample ids as int64, or ``None`` when the batch does not carry them.
+
+    Ids on CUDA come back as a :class:`~mstore_lightning.core.transfer.HostCopy` in flight: reading
+    them back would make the step wait for the device.
+    """
     if fn is not None:
         ids = fn(batch)
         if ids is None:
@@ -36,14 +44,21 @@ def batch_ids(batch: Any, fn: Callable[[Any], Any] | None) -> np.ndarray | None:
         ids = batch["index"]
     else:
         return None
+    if isinstance(ids, torch.Tensor) and ids.is_cuda:
+        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(
+                f"Sample ids must be a 1-D integer sequence, got {ids.dtype} of shape {tuple(ids.shape)}."
+            )
+        return HostCopy(ids.detach().long(), COPIES)
     ids = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"Sample ids must be a 1-D integer sequence, got {ids.dtype} of shape {ids.shape}.")
     return ids.astype(np.int64, copy=False)
 
 
-def batch_labels(batch: Any, n: int, fn: Callable[[Any], Any] | None) -> np.ndarray | None:
-    """Integer class labels of the batch when they can be found, else ``None``."""
+def batch_labels(batch: Any, n: int, fn: Callable[[Any], Any] | None) -> np.ndarray | HostCopy | None:
+    """Integer class labels of the batch when they can be found, else ``None`` (on CUDA: in flight,
+    as ids are)."""
     if fn is not None:
         lab = fn(batch)
     elif isinstance(batch, Mapping):
@@ -53,6 +68,8 @@ def batch_labels(batch: Any, n: int, fn: Callable[[Any], Any] | None) -> np.ndar
     else:
         lab = None
     if isinstance(lab, torch.Tensor) and lab.ndim == 1 and lab.shape[0] == n and not lab.is_floating_point():
+        if lab.is_cuda:
+            return HostCopy(lab.detach().long(), COPIES)
         return lab.detach().cpu().numpy().astype(np.int64)
     if (
         isinstance(lab, np.ndarray)

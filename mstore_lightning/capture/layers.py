@@ -13,11 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from mstore_lightning.capture import choice
-from mstore_lightning.core import pooling, projection, quant
-from mstore_lightning.core.representation import Representation
-from mstore_lightning.core.families.registry import Extractor, find_extractor
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
-
+from mstore_lightning.core import pooling, projection, quant
+from mstore_lightning.core.families.registry import Extractor, find_extractor
+from mstore_lightning.core.representation import Representation
 
 ROUTE_MARGIN = 2.0  # a form replaces the size rule's choice only when measured this many times cheaper
 
@@ -233,14 +232,6 @@ class LayerPlan:
             return True
         positions = self.uses * math.prod(self.input_shape[:-1])
         return self.extractor.kind in ("linear", "conv1d_transposed") and positions == 1
-
-    @property
-    def norm_covers_factors(self) -> bool:
-        """Whether every element of the layer's factors enters :meth:`sqnorms`, ``(‖a‖² + β) ‖d‖²``
-        for one position: so a NaN or Inf factor makes the norm NaN or Inf. Not so when only the
-        bias is captured (``a`` does not enter) or for full gradients, whose parameters may not use
-        every element."""
-        return self.sqnorm_at_capture and self.representation == "factors" and "weight" in self.params
 
     @property
     def rep(self) -> Representation:

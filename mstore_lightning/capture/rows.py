@@ -21,6 +21,7 @@ import torch
 
 from mstore_lightning.capture.layers import LayerPlan
 from mstore_lightning.core import quant
+from mstore_lightning.core.transfer import HostCopy, as_rows
 from mstore_lightning.store import layout
 from mstore_lightning.store.buffers import Coder, PartSpec
 from mstore_lightning.store.dedup import RowIndex, RowRefs
@@ -137,8 +138,8 @@ class RowSink:
     def append_row_fields(
         self,
         epoch: int,
-        ids: np.ndarray,
-        labels: np.ndarray | None,
+        ids: np.ndarray | HostCopy,
+        labels: np.ndarray | HostCopy | None,
         keep: torch.Tensor | None,
         global_step: int,
         lr: float,
@@ -149,9 +150,9 @@ class RowSink:
         ``without_loss`` (a pass that computes no per-sample loss) NaN losses too."""
         n = len(ids)
         fields = {
-            "ids": torch.from_numpy(ids),
+            "ids": as_rows(ids),
             "step": torch.full((n,), global_step, dtype=torch.int64),
-            "label": torch.from_numpy(labels) if labels is not None else torch.full((n,), -1),
+            "label": as_rows(labels) if labels is not None else torch.full((n,), -1),
             "lr": torch.full((n,), lr, dtype=torch.float64),
         }
         if without_loss:

@@ -11,14 +11,15 @@ import torch
 
 from mstore_lightning.capture.identity import MISSING_IDS, batch_ids, batch_labels, batch_size
 from mstore_lightning.config import CapturePolicy
+from mstore_lightning.core.transfer import HostCopy, host_array
 
 
 @dataclass
 class Step:
     """What one captured batch has told us so far."""
 
-    ids: np.ndarray | None  # None: numbered by position once the batch size is seen
-    labels: np.ndarray | None
+    ids: np.ndarray | HostCopy | None  # None: numbered by position once the batch size is seen
+    labels: np.ndarray | HostCopy | None
     keep: torch.Tensor | None  # positions of kept samples; None keeps all
     batch_idx: int = 0
     amp_scale: float = 1.0
@@ -88,17 +89,22 @@ class SampleSelection:
             )
         return ""
 
-    def ids(self, batch: Any) -> np.ndarray | None:
+    def ids(self, batch: Any) -> np.ndarray | HostCopy | None:
         """The batch's sample ids as int64, or ``None`` when it carries none."""
         return batch_ids(batch, self._ids_fn)
 
-    def labels(self, batch: Any, n: int) -> np.ndarray | None:
+    def labels(self, batch: Any, n: int) -> np.ndarray | HostCopy | None:
         """The batch's ``n`` integer labels when they can be found, else ``None``."""
         return batch_labels(batch, n, self._labels_fn)
 
-    def kept(self, ids: np.ndarray) -> tuple[torch.Tensor | None, str]:
-        """Positions of the samples the policy keeps among ``ids`` (``None``: all), or why none."""
-        mask = self.policy.sample_mask(ids)
+    def kept(self, ids: np.ndarray | HostCopy) -> tuple[torch.Tensor | None, str]:
+        """Positions of the samples the policy keeps among ``ids`` (``None``: all), or why none.
+
+        Only a policy that keeps some samples reads ids on CUDA back, and so waits for the device.
+        """
+        if self.policy.samples == "all" and len(ids):
+            return None, ""
+        mask = self.policy.sample_mask(host_array(ids))
         if not mask.any():
             return None, "the policy's samples select none of the batch"
         return (None if mask.all() else torch.from_numpy(np.nonzero(mask)[0])), ""

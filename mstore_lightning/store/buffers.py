@@ -1,8 +1,9 @@
 """The arrays a :class:`~.writer.BackgroundWriter` fills: their stored parts, their recycled chunk
 buffers, and the Zarr arrays made for them.
 
-The training thread copies rows into an array's current buffer; full buffers travel to the writer
-thread as :class:`Chunk` and come back to the array's free list once written.
+The training thread copies rows into an array's current buffer (pinned, for rows on CUDA); full
+buffers travel to the writer thread as :class:`Chunk`, with the event their copies finish at, and
+come back to the array's free list once written.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import zarr
 
 from mstore_lightning.core.quant import TABLE, ChunkCodec
+from mstore_lightning.core.transfer import DeviceCopies
 from mstore_lightning.store import codecs
 from mstore_lightning.store.layout import create_row_array
 
@@ -67,6 +69,13 @@ class Chunk:
     buffer: np.ndarray
     rows: int
     last: bool = False  # the array's last chunk: an array created for it gets its final size
+    ready: Any = None  # the event the buffer's device copies are done at (CUDA rows); None: done
+
+    def wait_ready(self) -> None:
+        """Waits until the device copies into the buffer are done (writer thread)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
 
     @property
     def nbytes(self) -> int:
@@ -91,12 +100,15 @@ class RowArray:
     # The stored rows of a chunk written in part: its first row, and its rows per part (writer thread).
     coded: tuple[int, dict[str, np.ndarray]] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The CUDA device rows come from, set by the first append; its buffers are pinned.
+    device: torch.device | None = None
 
     def take_buffer(self) -> np.ndarray:
         with self.lock:
             if self.free:
                 return self.free.pop()
-        return np.empty((self.chunk_rows, *self.row_shape), dtype=self.dtype)
+        shape = (self.chunk_rows, *self.row_shape)
+        return DeviceCopies.host_buffer(shape, self.dtype, pinned=self.device is not None)
 
     def give_back(self, buffer: np.ndarray) -> None:
         with self.lock:
@@ -154,8 +166,3 @@ def resize_part(part: Part, rows: int, chunk_rows: int) -> None:
     if part.table is not None and part.table.shape[0] != tables:
         part.table.resize((tables, part.spec.codec.levels))
     part.capacity = rows
-
-
-def copy_rows(dst: np.ndarray, src: torch.Tensor) -> None:
-    # torch converts dtypes an order of magnitude faster than numpy's astype.
-    torch.from_numpy(dst).copy_(src)

@@ -1,7 +1,9 @@
 """Chunk-aligned, bounded-memory background writing of per-sample rows into Zarr arrays.
 
 The training thread only copies: each array fills a preallocated chunk-sized buffer with the rows as
-handed over (int8 codes and scales packed as bytes, say). Whole chunks, and the last partial one at a
+handed over (int8 codes and scales packed as bytes, say). Rows on CUDA are copied without a wait, on
+a side stream into pinned buffers, and the writer waits for each chunk's copies before it reads
+them (:mod:`mstore_lightning.core.transfer`). Whole chunks, and the last partial one at a
 flush, go to one writer thread, which splits them into their stored parts (with k-bit codes fitted
 per chunk, and deduplication references), compresses where it pays and writes them; all the chunks
 waiting go to zarr in one call.
@@ -40,6 +42,7 @@ import zarr.storage
 from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.core.quant import TABLE, ChunkCodec
+from mstore_lightning.core.transfer import DeviceCopies
 from mstore_lightning.store import codecs
 from mstore_lightning.store.buffers import (
     PARTS_ATTR,
@@ -49,7 +52,6 @@ from mstore_lightning.store.buffers import (
     PartSpec,
     RowArray,
     buffer_bytes,
-    copy_rows,
     create_part,
     resize_part,
     row_bytes,
@@ -109,6 +111,7 @@ class BackgroundWriter:
         self.bytes_written = 0
         self.busy_seconds = 0.0  # the writer thread's time in writes
         self.wait_seconds = 0.0
+        self.copies = DeviceCopies()
         # False: ``append`` never waits; the caller drops rows instead (it checks ``behind``).
         self.block = True
         self._thread = threading.Thread(target=self._run, name="mstore-writer", daemon=True)
@@ -239,13 +242,17 @@ class BackgroundWriter:
                 f"Rows for {name!r} have shape {tuple(values.shape[1:])}, but the array holds rows of "
                 f"shape {arr.row_shape}."
             )
+        if values.is_cuda and arr.device is None:
+            if arr.rows:  # its buffers so far are not pinned
+                arr.free.clear()
+            arr.device = values.device
         done = 0
         while done < n:
             if arr.current is None:
                 arr.current = arr.take_buffer()
                 arr.fill = 0
             take = min(n - done, arr.chunk_rows - arr.fill)
-            copy_rows(arr.current[arr.fill : arr.fill + take], values[done : done + take])
+            self.copies.copy(arr.current[arr.fill : arr.fill + take], values[done : done + take])
             arr.fill += take
             arr.rows += take
             done += take
@@ -337,13 +344,17 @@ class BackgroundWriter:
     def _submit_current(self, arr: RowArray, keep: bool = False, last: bool = False) -> None:
         start = arr.rows - arr.fill
         buffer = arr.current
+        ready = self.copies.record(arr.device)
         if keep:
             # A partial chunk at a flush: the buffer goes to the writer, a copy keeps filling here,
             # and the chunk is rewritten whole when it fills.
-            arr.current = buffer.copy()
+            if ready is not None:
+                ready.synchronize()  # a flush waits for the device anyway
+            arr.current = arr.take_buffer()
+            arr.current[: arr.fill] = buffer[: arr.fill]
         else:
             arr.current = None
-        chunk = Chunk(arr, start, buffer, arr.fill, last)
+        chunk = Chunk(arr, start, buffer, arr.fill, last, ready)
         self._reserve(chunk.nbytes)
         self._queue.put(chunk)
         if not keep:
@@ -419,6 +430,8 @@ class BackgroundWriter:
             self.busy_seconds += time.perf_counter() - t0
 
     def _write_batch(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            chunk.wait_ready()
         writes = [w for c in chunks for w in self._prepare(c)]
 
         async def write_all() -> None:
