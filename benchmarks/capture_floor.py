@@ -14,8 +14,10 @@ with int8 capture of every layer, in six arms run in turn each round (medians ov
   drops them;
 - ``full``: + the writer splits, deduplicates, compresses where it pays, and writes to Zarr.
 
-Each arm's share is its time over the arm before it. The first step of every arm (kernels warmed,
-each layer's form measured) is left out; the epoch's end (flush, commit) is in.
+Each arm's share is its step time over the arm before it. The first step of every arm (kernels
+warmed, each layer's form measured) is left out, and the epoch's end (the writer's backlog, the Zarr
+arrays' creation, the commit) is timed apart: it is paid once an epoch, and weighs nothing in a long
+one.
 
 Usage:
     python benchmarks/capture_floor.py                 # 1 and 2 torch threads, 5 rounds
@@ -34,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,9 @@ from mstore_lightning.core import quant
 from mstore_lightning.store.writer import BackgroundWriter
 
 sys.path.insert(0, str(Path(__file__).parent))
-import capture_overhead as co  # noqa: E402 - the models and the machine description are its
+import itertools
+
+import capture_overhead as co
 
 ARMS = ("plain", "hooks", "form", "encode", "hand", "full")
 STEPS = {"mlp": 300, "cnn": 60, "transformer": 50}
@@ -107,8 +111,9 @@ def arm(name: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def run(spec: co.ModelSpec, name: str, data: co.SyntheticData, steps: int, work: Path) -> float:
-    """Seconds of ``steps`` training steps (after one untimed step) and the epoch's end, in arm ``name``."""
+def run(spec: co.ModelSpec, name: str, data: co.SyntheticData, steps: int, work: Path) -> tuple[float, float]:
+    """Seconds of ``steps`` training steps (after one untimed step), and of the epoch's end (the
+    writer's backlog, the arrays' creation and the commit), in arm ``name``."""
     torch.manual_seed(co.MODEL_SEED)
     net = spec.build()
     opt = torch.optim.SGD(net.parameters(), lr=LR)
@@ -143,14 +148,15 @@ def run(spec: co.ModelSpec, name: str, data: co.SyntheticData, steps: int, work:
         t0 = time.perf_counter()
         for i in range(1, steps + 1):
             step(i)
+        t1 = time.perf_counter()
         if recorder is not None:
             recorder.finish_epoch(net, global_step=steps + 1)
-        seconds = time.perf_counter() - t0
+        seconds, end = t1 - t0, time.perf_counter() - t1
         if recorder is not None:
             recorder.detach()
             recorder.close()
     shutil.rmtree(store, ignore_errors=True)
-    return seconds
+    return seconds, end
 
 
 def bench(spec: co.ModelSpec, rounds: int, threads: int, work: Path) -> dict[str, Any]:
@@ -158,10 +164,13 @@ def bench(spec: co.ModelSpec, rounds: int, threads: int, work: Path) -> dict[str
     steps = STEPS[spec.name]
     data = co.make_data(spec, steps + 1)
     times: dict[str, list[float]] = {a: [] for a in ARMS}
+    ends: dict[str, list[float]] = {a: [] for a in ARMS}
     for r in range(rounds):
         order = ARMS if r % 2 == 0 else ARMS[::-1]  # drift hits every arm alike
         for name in order:
-            times[name].append(run(spec, name, data, steps, work) / steps)
+            seconds, end = run(spec, name, data, steps, work)
+            times[name].append(seconds / steps)
+            ends[name].append(end)
         print(
             f"  {spec.name} {threads}t round {r + 1}: "
             + " ".join(f"{a} {times[a][-1] * 1e3:.1f}" for a in ARMS),
@@ -170,7 +179,7 @@ def bench(spec: co.ModelSpec, rounds: int, threads: int, work: Path) -> dict[str
     med = {a: statistics.median(v) for a, v in times.items()}
     added = med["full"] - med["plain"]
     shares = {}
-    for before, after in zip(ARMS, ARMS[1:]):
+    for before, after in itertools.pairwise(ARMS):
         delta = med[after] - med[before]
         shares[after] = {"ms_per_step": delta * 1e3, "share_of_added": delta / added if added > 0 else None}
     return {
@@ -179,6 +188,7 @@ def bench(spec: co.ModelSpec, rounds: int, threads: int, work: Path) -> dict[str
         "ms_per_step": {a: [t * 1e3 for t in v] for a, v in times.items()},
         "median_ms_per_step": {a: m * 1e3 for a, m in med.items()},
         "ratio_to_plain": {a: m / med["plain"] for a, m in med.items()},
+        "epoch_end_s": {a: statistics.median(v) for a, v in ends.items()},
         "stage": shares,
     }
 
@@ -190,12 +200,15 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(f"{r['model']:<12}{r['threads']:>4}" + "".join(f"{med[a]:>9.2f}" for a in ARMS))
         lines.append(f"{'':<16}" + "".join(f"{ratio[a]:>8.2f}x" for a in ARMS))
         lines.append(
-            f"{'':<16}{'share of the added time:':<}"
+            f"{'':<16}share of the added step time: "
             + ", ".join(
                 f"{a} {r['stage'][a]['share_of_added']:.0%}"
                 for a in ARMS[1:]
                 if r["stage"][a]["share_of_added"] is not None
             )
+        )
+        lines.append(
+            f"{'':<16}epoch's end (s): " + ", ".join(f"{a} {r['epoch_end_s'][a]:.2f}" for a in ARMS[1:])
         )
     return "\n".join(lines)
 
