@@ -59,8 +59,9 @@ READ_BLOCK = 32  # samples restored at once: a VGG conv's per-sample gradients a
 # ---------------------------------------------------------------------------------------------- models
 def build_vgg() -> nn.Module:
     """VGG-style CNN on 3x32x32: 3x3 convs 64-128-256-512-512, a 2x2 max-pool after each of the first
-    four, so the last conv runs with 512 channels at 2x2, then a linear classifier. No BatchNorm: batch
-    statistics couple the samples, so BatchNorm has no per-sample gradient to capture."""
+    four, so the last conv runs with 512 channels at 2x2, then a linear classifier. No BatchNorm: in
+    training mode its batch statistics couple the samples, so the layers below it would hold
+    batch-coupled rows."""
     return nn.Sequential(
         nn.Conv2d(3, 64, 3, padding=1),
         nn.ReLU(),

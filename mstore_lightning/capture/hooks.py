@@ -44,17 +44,26 @@ class HookManager:
         # Whether a layer's input depends on a trained parameter; an input that does not is a
         # function of the data alone, so its rows can repeat (deduplication looks only at those).
         self.input_requires_grad: dict[str, bool] = {}
+        # While set, each call's output node is kept (planned layers, and training-mode BatchNorms):
+        # the first batch's graph shows which layers BatchNorm couples (see capture.coupling).
+        self.keep_graph = False
+        self.layer_nodes: dict[str, list[Any]] = {}
+        self.norm_nodes: dict[str, list[Any]] = {}
+        self.graph: tuple[dict[str, list[Any]], dict[str, list[Any]]] = ({}, {})  # as of the last take
 
     @property
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def attach(self, plans: Mapping[str, LayerPlan]) -> None:
+    def attach(self, plans: Mapping[str, LayerPlan], norms: Mapping[str, nn.Module] | None = None) -> None:
+        """Hooks ``plans``' modules; and ``norms`` (BatchNorms) to see which layers they couple."""
         if self._handles:
             raise RuntimeError("Hooks are already attached; detach them before attaching again.")
         for name, plan in plans.items():
             self._pending[name] = []
             self._handles.append(plan.module.register_forward_hook(self._forward_hook(name, plan)))
+        for name, module in (norms or {}).items():
+            self._handles.append(module.register_forward_hook(self._norm_hook(name)))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -64,11 +73,14 @@ class HookManager:
         self.active = False
 
     def take(self) -> dict[str, list[tuple[Tensor, Tensor]]]:
-        """The calls whose gradient arrived since the last take, per layer in forward order."""
+        """The calls whose gradient arrived since the last take, per layer in forward order.
+
+        The output nodes kept with :attr:`keep_graph` move to :attr:`graph` (the last batch's only)."""
         out = {}
         for name, uses in self._pending.items():
             fired = sorted((u for u in uses if u.d is not None), key=lambda u: u.order)
             out[name] = [(u.a, u.d) for u in fired]
+        self.graph = (dict(self.layer_nodes), dict(self.norm_nodes))
         self.discard()
         return out
 
@@ -76,6 +88,8 @@ class HookManager:
         for uses in self._pending.values():
             uses.clear()
         self._order = 0
+        self.layer_nodes.clear()
+        self.norm_nodes.clear()
 
     def _forward_hook(self, name: str, plan: LayerPlan) -> Any:
         pending = self._pending[name]
@@ -87,10 +101,20 @@ class HookManager:
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return
             self.input_requires_grad[name] = any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
-            use = _Use(extractor.prefix(hyper, inputs), self._order)
+            use = _Use(extractor.prefix(hyper, inputs, module), self._order)
             self._order += 1
             pending.append(use)
             output.register_hook(use.set_grad)
+            if self.keep_graph:
+                self.layer_nodes.setdefault(name, []).append(output.grad_fn)
+
+        return hook
+
+    def _norm_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            keep = self.keep_graph and self.active and module.training and isinstance(output, Tensor)
+            if keep and output.grad_fn is not None:
+                self.norm_nodes.setdefault(name, []).append(output.grad_fn)
 
         return hook
 

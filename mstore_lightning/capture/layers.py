@@ -39,6 +39,8 @@ class LayerPlan:
     summary: dict[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] = ()  # one use's per-sample input shape, fixed at the first batch
     full_method: str = "restore"  # how full per-sample gradients are formed (the fastest measured)
+    # Training-mode BatchNorms its output gradient passes through (see capture.coupling).
+    batch_coupled: list[str] = field(default_factory=list)
     _matrices: tuple[Tensor, Tensor] | None = None
     _rep: Representation | None = None
 
@@ -66,6 +68,8 @@ class LayerPlan:
             out["projection"] = self.projection
         if self.summary:
             out["summary"] = self.summary
+        if self.batch_coupled:
+            out["batch_coupled"] = list(self.batch_coupled)
         return out
 
     @classmethod
@@ -86,6 +90,7 @@ class LayerPlan:
             summary=spec.get("summary", {}),
             input_shape=tuple(spec["input_shape"]),
             full_method=spec.get("full_method", "restore"),
+            batch_coupled=list(spec.get("batch_coupled", [])),
         )
         if plan.projection is not None:
             p = plan.projection
@@ -384,8 +389,6 @@ def _why_not(
     parent = modules.get(name.rpartition(".")[0]) if "." in name else None
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention applies its out_proj functionally, so module hooks never see it"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return "batch statistics couple the samples of a batch, so per-sample gradients are not separable"
     if ext is None:
         return f"no extractor is registered for {type(module).__name__}"
     return ext.unsupported(module)

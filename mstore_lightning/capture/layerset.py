@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from mstore_lightning.capture.coupling import coupled_layers, is_training_batch_norm
 from mstore_lightning.capture.hooks import HookManager, refuse_compiled
 from mstore_lightning.capture.layers import (
     LayerPlan,
@@ -58,15 +60,17 @@ class LayerSet:
         refuse_compiled(model)
         self._policy = policy
         self.plans, self.uncovered = select_layers(model, policy)
-        for u in self.uncovered:
-            self._warn_uncovered(u)
+        if self.uncovered:
+            self._warn(uncovered_summary(self.uncovered, self.plans))
         if not self.plans:
             raise PolicyError(
                 f"The policy's layers {list(policy.layers)} select no layer that can be captured; "
                 "see the warnings above for why."
             )
         self.hooks.detach()  # a second fit attaches afresh
-        self.hooks.attach(self.plans)
+        norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        self.hooks.attach(self.plans, norms)
+        self.hooks.keep_graph = bool(norms)
         self.recompute = {
             n: {"decision": "recompute", "why": "policy recompute.layers"}
             for n, p in self.plans.items()
@@ -172,16 +176,65 @@ class LayerSet:
                 write_rate if self.route_by_cost else None,
                 follow=stored,
             )
-            if name in self.stored:
-                check_layer_storage(self._store_uri, name, self.stored[name], plan.spec())
             ready.append(plan)
+        if ready:
+            self._mark_coupled(ready)
+        for plan in ready:
+            if plan.name in self.stored:
+                check_layer_storage(self._store_uri, plan.name, self.stored[plan.name], plan.spec())
         return ready
+
+    def _mark_coupled(self, ready: list[LayerPlan]) -> None:
+        """Records which of ``ready`` BatchNorm in training mode couples, from the batch's graph,
+        and says so once."""
+        layer_nodes, norm_nodes = self.hooks.graph
+        self.hooks.graph = ({}, {})
+        if not self.hooks.keep_graph:
+            return
+        names = {p.name for p in ready}
+        training = {p.name for p in ready if is_training_batch_norm(p.module)}
+        coupled = coupled_layers({n: v for n, v in layer_nodes.items() if n in names}, norm_nodes, training)
+        for plan in ready:
+            plan.batch_coupled = coupled.get(plan.name, [])
+        self.hooks.keep_graph = any(not p.ready for p in self.plans.values())
+        if coupled:
+            bns = sorted({b for v in coupled.values() for b in v})
+            self._warn(
+                f"GradientCapture: {len(coupled)} captured layer(s) have rows coupled by BatchNorm in "
+                f"training mode ({', '.join(bns[:5])}{' ...' if len(bns) > 5 else ''}): "
+                f"{', '.join(list(coupled)[:8])}{' ...' if len(coupled) > 8 else ''}. Batch statistics mix "
+                "the samples, so their rows sum to the batch gradient but are not each sample's own; "
+                "describe() and every result from them say so. For per-sample gradients, use GroupNorm "
+                "or LayerNorm, or BatchNorm in eval mode (frozen statistics, as in fine-tuning)."
+            )
 
     def _warn_uncovered(self, u: dict) -> None:
         self._warn(
             f"GradientCapture does not capture {u['module']} ({u['type']}) parameters {u['params']} "
             f"({u['numel']} numbers): {u['reason']}. They are recorded as uncovered in the store."
         )
+
+
+def uncovered_summary(uncovered: list[dict], plans: dict[str, LayerPlan]) -> str:
+    """One message for every selected parameter not captured: grouped by module type and reason,
+    with counts, sizes and the share of the selected parameters."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for u in uncovered:
+        groups.setdefault((u["type"], u["reason"]), []).append(u)
+    missing = sum(u["numel"] for u in uncovered)
+    captured = sum(math.prod(s) for p in plans.values() for s in p.param_shapes.values())
+    share = missing / max(1, missing + captured)
+    lines = [
+        f"GradientCapture does not capture {missing:,} of the {missing + captured:,} selected parameter "
+        f"numbers ({share:.1%}), in {len(uncovered)} module(s):"
+    ]
+    for (kind, reason), us in sorted(groups.items(), key=lambda g: -sum(u["numel"] for u in g[1])):
+        names = ", ".join(u["module"] or "(the model)" for u in us[:3]) + (" ..." if len(us) > 3 else "")
+        params = sorted({p for u in us for p in u["params"]})
+        numel = sum(u["numel"] for u in us)
+        lines.append(f"  - {kind} x{len(us)} ({names}; {', '.join(params)}; {numel:,} numbers): {reason}")
+    lines.append("They are recorded as uncovered in the store: store.uncovered and describe() list them all.")
+    return "\n".join(lines)
 
 
 def _version() -> str:

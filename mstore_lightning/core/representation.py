@@ -42,7 +42,21 @@ from mstore_lightning.core.families.registry import Extractor, extractor_for_kin
 from mstore_lightning.core.quant import StoredArray, stored_arrays
 
 Rows = dict[str, Tensor]
-MATRIX = "__matrix__"  # a class sum's weight part in the (G, O, I) layout its factors multiply in
+MATRIX = "__matrix__"
+COUPLED_NOTE = (
+    "batch-coupled: its output gradient passes through BatchNorm in training mode ({bns}), so each row "
+    "mixes other samples' losses; the rows sum to the batch gradient but are not each sample's own"
+)
+
+
+def coupled_note(bns: tuple[str, ...] | list[str]) -> str | None:
+    """The ``approximate`` note of a layer whose rows ``bns`` (training-mode BatchNorms) coupled."""
+    if not bns:
+        return None
+    shown = ", ".join(bns[:3]) + (f" and {len(bns) - 3} more" if len(bns) > 3 else "")
+    return COUPLED_NOTE.format(
+        bns=shown
+    )  # a class sum's weight part in the (G, O, I) layout its factors multiply in
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,8 @@ class Representation(ABC):
         param_shapes: their shapes.
         hyper: the family's JSON hyperparameters.
         arrays: how each stored logical array is encoded (``core.quant.array_spec``).
+        batch_coupled: the training-mode BatchNorms the layer's output gradient passed through (or
+            the layer itself, a training-mode BatchNorm): its rows mix the batch's samples.
     """
 
     name: str
@@ -64,6 +80,7 @@ class Representation(ABC):
     param_shapes: dict[str, list[int]]
     hyper: dict[str, Any]
     arrays: dict[str, dict[str, Any]] = field(repr=False)
+    batch_coupled: tuple[str, ...] = ()
 
     tag: ClassVar[str]
     _KEYS: ClassVar[tuple[str, ...]] = ("name", "kind", "params", "param_shapes", "hyper", "arrays")
@@ -73,6 +90,7 @@ class Representation(ABC):
     def from_spec(spec: dict[str, Any]) -> Representation:
         """The representation a layer spec (``store.layer_spec(name)``) records."""
         base = {k: spec[k] for k in Representation._KEYS}
+        base["batch_coupled"] = tuple(spec.get("batch_coupled", ()))
         tag = spec["representation"]
         if tag == "factors" and spec.get("summary", {}).get("pool"):
             return PooledFactors(**base, summary=dict(spec["summary"]))
@@ -87,7 +105,10 @@ class Representation(ABC):
 
     def to_spec(self) -> dict[str, Any]:
         """The keys of the layer spec this representation owns."""
-        return {**{k: getattr(self, k) for k in self._KEYS}, "representation": self.tag}
+        out = {**{k: getattr(self, k) for k in self._KEYS}, "representation": self.tag}
+        if self.batch_coupled:
+            out["batch_coupled"] = list(self.batch_coupled)
+        return out
 
     # ---------------------------------------------------------------- what is stored
     @functools.cached_property
@@ -103,6 +124,12 @@ class Representation(ABC):
     @property
     def approximate(self) -> str | None:
         """Why results from this layer are estimates, or ``None`` when exact up to precision."""
+        why = [w for w in (self.estimate, coupled_note(self.batch_coupled)) if w]
+        return "; ".join(why) or None
+
+    @property
+    def estimate(self) -> str | None:
+        """Why this form of storage gives estimates, or ``None`` when it is exact."""
         return None
 
     def check_restore(self) -> None:
@@ -221,7 +248,7 @@ class PooledFactors(Factors):
         return {**super().to_spec(), "summary": self.summary}
 
     @property
-    def approximate(self) -> str | None:
+    def estimate(self) -> str | None:
         return f"pooled {self.summary['pool']}x: block means of the convolution maps"
 
     def unpacked(self, rows: Rows) -> Rows:
@@ -260,7 +287,7 @@ class _Projected(Representation):
         return {**super().to_spec(), "projection": self.projection}
 
     @property
-    def approximate(self) -> str | None:
+    def estimate(self) -> str | None:
         p = self.projection
         return (
             f"Kronecker projection {p['k_out']}x{p['k_in']} (seed {p['seed']}): unbiased, relative "
@@ -275,7 +302,7 @@ class _Projected(Representation):
 
     def _unrestorable(self) -> StoreReadError:
         return StoreReadError(
-            f"Layer {self.name!r} is stored as a {self.approximate}; its gradients cannot be restored. "
+            f"Layer {self.name!r} is stored as a {self.estimate}; its gradients cannot be restored. "
             "norms, dot and the analytics work on it; capture it with representation='factors' or a "
             "larger budget to restore it."
         )

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -35,7 +36,8 @@ class QueryResult(np.ndarray):
     """A float array of query results that says which layers made it an estimate.
 
     Attributes:
-        approximate: ``{layer: why}`` for each layer stored pooled, projected or recomputed; empty
+        approximate: ``{layer: why}`` for each layer stored pooled, projected or recomputed, or whose
+            rows BatchNorm in training mode coupled (``batch-coupled``); empty
             when every value is exact up to the storage precision.
     """
 
@@ -242,7 +244,8 @@ class GradientStore:
     # ---------------------------------------------------------------- analytics
     def cosine(self, epoch: int, ids_a: Ids, ids_b: Ids, layers: Sequence[str] | None = None) -> np.ndarray:
         """``(len(ids_a), len(ids_b))`` cosines between per-sample gradients."""
-        return analytics.cosine(self.scan, epoch, ids_a, ids_b, layers)
+        out = analytics.cosine(self.scan, epoch, ids_a, ids_b, layers)
+        return QueryResult(out, self.scan.approximate(epoch, layers))
 
     def class_gradients(self, epoch: int, layers: Sequence[str] | None = None) -> analytics.ClassGradients:
         """Per-class sums of per-sample gradients; see :func:`mstore_lightning.analytics.class_gradients`."""
@@ -257,7 +260,8 @@ class GradientStore:
         self, epoch: int, threshold: float = 3.5, layers: Sequence[str] | None = None
     ) -> analytics.Outliers:
         """Samples with unusually large gradients; see :func:`mstore_lightning.analytics.outliers`."""
-        return analytics.outliers(self.scan, epoch, threshold, layers)
+        out = analytics.outliers(self.scan, epoch, threshold, layers)
+        return dataclasses.replace(out, scores=self._flagged(out.scores, [epoch], layers))
 
     def cluster(
         self, epoch: int, k: int, dim: int = 16, layers: Sequence[str] | None = None, seed: int = 0
@@ -269,7 +273,8 @@ class GradientStore:
         self, epochs: Sequence[int] | None = None, layers: Sequence[str] | None = None, client: Any = None
     ) -> analytics.Influence:
         """``(ids, scores)``: ``Σ_e lr_e ‖g_i(e)‖²`` per sample; see :mod:`mstore_lightning.analytics`."""
-        return analytics.self_influence(self.scan, epochs, layers, client)
+        out = analytics.self_influence(self.scan, epochs, layers, client)
+        return analytics.Influence(out.ids, self._flagged(out.scores, epochs, layers))
 
     def tracin(
         self,
@@ -279,7 +284,8 @@ class GradientStore:
         client: Any = None,
     ) -> analytics.Influence:
         """``(ids, scores)`` with scores ``(len(query_ids), len(ids))``: ``Σ_e lr_e ⟨g_train, g_query⟩``."""
-        return analytics.tracin(self.scan, query_ids, epochs, layers, client)
+        out = analytics.tracin(self.scan, query_ids, epochs, layers, client)
+        return analytics.Influence(out.ids, self._flagged(out.scores, epochs, layers))
 
     def topk(
         self,
@@ -291,7 +297,18 @@ class GradientStore:
         client: Any = None,
     ) -> analytics.Neighbours:
         """Per query, ``k`` training ids and scores, best first (``metric`` ``"cosine"`` or ``"dot"``)."""
-        return analytics.topk(self.scan, query_ids, k, epoch, metric, layers, client)
+        out = analytics.topk(self.scan, query_ids, k, epoch, metric, layers, client)
+        epochs = [epoch] if epoch is not None else None
+        return analytics.Neighbours(out.ids, self._flagged(out.scores, epochs, layers))
+
+    def _flagged(
+        self, scores: np.ndarray, epochs: Sequence[int] | None, layers: Sequence[str] | None
+    ) -> QueryResult:
+        """``scores`` as a :class:`QueryResult` naming the layers that made them estimates."""
+        why: dict[str, str] = {}
+        for epoch in self.epochs if epochs is None else epochs:
+            why.update(self.scan.approximate(epoch, layers))
+        return QueryResult(scores, why)
 
     # ---------------------------------------------------------------- recompute
     def attach_recompute(

@@ -3,7 +3,7 @@
 These normalise each sample on its own, so per-sample gradients are well defined:
 ``∇γ = Σ d ∘ x̂`` and ``∇β = Σ d`` over the positions that share a parameter. The full gradient is as
 small as the parameters, always smaller than the factors, so it is what the store keeps.
-(``BatchNorm`` couples the samples of a batch and is reported as uncovered instead.)
+(``BatchNorm``, whose training-mode statistics couple the samples of a batch: ``batchnorm.py``.)
 """
 
 from __future__ import annotations

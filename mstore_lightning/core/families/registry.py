@@ -56,8 +56,9 @@ class Extractor(ABC):
 
     # ----------------------------------------------------------- capture (hot path)
     @classmethod
-    def prefix(cls, hyper: Hyper, inputs: tuple[Any, ...]) -> Tensor:
-        """What the forward hook keeps; rows along dim 0."""
+    def prefix(cls, hyper: Hyper, inputs: tuple[Any, ...], module: nn.Module | None = None) -> Tensor:
+        """What the forward hook keeps, rows along dim 0; ``module`` is the layer, for families whose
+        prefix depends on its state at the call (BatchNorm's statistics)."""
         return inputs[0].detach()
 
     @classmethod
@@ -149,7 +150,7 @@ def extractor_for_kind(kind: str) -> type[Extractor]:
 
 def _load_builtin() -> None:
     # Imported lazily: the family modules import this one to register themselves.
-    from mstore_lightning.core.families import conv, embedding, gpt2_conv1d, linear, norm  # noqa: F401
+    from mstore_lightning.core.families import batchnorm, conv, embedding, gpt2_conv1d, linear, norm  # noqa: F401
 
 
 def flat_gram(x: Tensor, y: Tensor) -> Tensor:
