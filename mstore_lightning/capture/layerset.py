@@ -224,10 +224,11 @@ def uncovered_summary(uncovered: list[dict], plans: dict[str, LayerPlan]) -> str
     missing = sum(u["numel"] for u in uncovered)
     captured = sum(math.prod(s) for p in plans.values() for s in p.param_shapes.values())
     share = missing / max(1, missing + captured)
-    lines = [
+    head = (
         f"GradientCapture does not capture {missing:,} of the {missing + captured:,} selected parameter "
         f"numbers ({share:.1%}), in {len(uncovered)} module(s):"
-    ]
+    )
+    lines = [head]
     for (kind, reason), us in sorted(groups.items(), key=lambda g: -sum(u["numel"] for u in g[1])):
         names = ", ".join(u["module"] or "(the model)" for u in us[:3]) + (" ..." if len(us) > 3 else "")
         params = sorted({p for u in us for p in u["params"]})
