@@ -19,10 +19,12 @@ _LAZY = {
     "GradientCapture": "mstore_lightning.callbacks",
     "StoreWriteError": "mstore_lightning.callbacks",
     "IndexedDataset": "mstore_lightning.capture",
+    "DiskSpaceError": "mstore_lightning.capture",
 }
 
 __all__ = [
     "CapturePolicy",
+    "DiskSpaceError",
     "GradientCapture",
     "GradientStore",
     "IncompatibleStoreError",

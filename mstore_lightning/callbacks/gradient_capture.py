@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import lightning
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from mstore_lightning.callbacks.options import CaptureOptions
@@ -191,7 +191,7 @@ class GradientCapture(Callback):
         self.analytics_max_overhead = options.analytics_max_overhead
         self.on_error, self.on_pressure = options.on_error, options.on_pressure
         self.recorder = Recorder(
-            options.store, options.policy, warn=rank_zero_warn, **options.recorder_args()
+            options.store, options.policy, warn=rank_zero_warn, info=rank_zero_info, **options.recorder_args()
         )
         self._failed: str | None = None  # why capture stopped, after a store write failed
         self._resume: dict[str, Any] | None = None  # the checkpoint's state, until the run resumes
@@ -368,7 +368,9 @@ class GradientCapture(Callback):
             log.debug("mstore: epoch %d is not captured: %s", epoch, why)
             return
         lr_groups = [[float(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
-        self.recorder.begin_epoch(epoch, resume_rows, lr_groups, trainer.train_dataloader)
+        self.recorder.begin_epoch(
+            epoch, resume_rows, lr_groups, trainer.train_dataloader, batches=trainer.num_training_batches
+        )
 
     def _open_store(self, meta: dict[str, Any], resume: bool) -> bool:
         """Rank 0 creates or opens the store; returns whether it was created."""

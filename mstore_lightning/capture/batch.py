@@ -4,6 +4,7 @@ and whole loaders captured outside training steps (queries, ``timing="checkpoint
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -16,11 +17,14 @@ from mstore_lightning.capture.epoch import EpochLog
 from mstore_lightning.capture.finite import nonfinite_samples
 from mstore_lightning.capture.identity import MISSING_IDS
 from mstore_lightning.capture.layerset import LayerSet
+from mstore_lightning.capture.plan import StoragePlan, rows_per_epoch, storage_plan
 from mstore_lightning.capture.recompute import batch_loss
 from mstore_lightning.capture.rows import RowSink, select_rows, zero_rows
 from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.capture.selection import SampleSelection, Step
 from mstore_lightning.config import CapturePolicy
+
+_LOG = logging.getLogger("mstore_lightning")
 
 
 class BatchWriter:
@@ -32,6 +36,7 @@ class BatchWriter:
         sink: the open store's row sink.
         warn: ``warn(message)`` for layers that never receive a gradient.
         loss_fn: ``callable(module, batch) -> loss`` for the passes outside training steps.
+        info: ``info(message)`` for the storage plan.
     """
 
     def __init__(
@@ -41,10 +46,12 @@ class BatchWriter:
         sink: RowSink,
         warn: Callable[[str], Any],
         loss_fn: Callable[[Any, Any], Any] | None = None,
+        info: Callable[[str], Any] = _LOG.info,
     ) -> None:
         self.layers, self.selection, self.sink = layers, selection, sink
         self.policy: CapturePolicy = selection.policy
-        self._warn, self._loss_fn = warn, loss_fn
+        self._warn, self._loss_fn, self._info = warn, loss_fn, info
+        self.plan: StoragePlan | None = None  # made once, when the first layers are ready
 
     def write(
         self,
@@ -164,6 +171,8 @@ class BatchWriter:
         # Every layer's choice before any row is written.
         newly_ready = self.layers.finalize(uses, sink.run.writer.write_rate)
         flagged: dict[str, torch.Tensor] = {}
+        if newly_ready and self.plan is None and split == "train":
+            self._plan(log, len(step.ids))  # before any row is written: it may refuse the epoch
         rows_before = sink.run.rows_written(epoch, split)
         norms: dict[int, torch.Tensor] = {}  # {column: squared norms}, on the rows' device
         for column, (name, plan) in enumerate(plans.items()):
@@ -194,6 +203,18 @@ class BatchWriter:
                     "until they do."
                 )
         return flagged
+
+    def _plan(self, log: EpochLog, batch_size: int) -> None:
+        """Logs the storage plan once, records it in the store, and refuses an epoch that cannot fit.
+
+        Raises:
+            DiskSpaceError: the epoch's rows would exceed the local store's free space.
+        """
+        rows = rows_per_epoch(log.batches, batch_size, self.policy)
+        self.plan = storage_plan(self.layers.ready(), rows, self.sink.run.uri)
+        self._info(self.plan.describe())
+        self.sink.run.update_meta(plan=self.plan.to_json())
+        self.plan.check_fits(self.policy)
 
 
 def _columns(norms: dict[int, torch.Tensor], n: int, width: int) -> torch.Tensor:

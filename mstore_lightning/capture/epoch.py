@@ -35,6 +35,7 @@ class EpochLog:
             where its rows are (on CUDA, read only at the epoch's end: see :attr:`nonfinite`).
         dropped: rows not stored because the writer was behind (``on_pressure="drop"``).
         sqnorm_gap: the stored norms miss rows, so readers compute norms from the factors.
+        batches: training batches in the epoch, where the loader tells (for the storage plan).
     """
 
     epoch: int
@@ -46,6 +47,7 @@ class EpochLog:
     nonfinite_masks: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
     dropped: int = 0
     sqnorm_gap: bool = False
+    batches: float | None = None  # training batches in the epoch, where the loader tells
 
     @property
     def nonfinite(self) -> list[int]:

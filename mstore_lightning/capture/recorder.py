@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -54,6 +55,9 @@ __all__ = ["Collectives", "Recorder", "Step"]
 Decision = tuple[bool, str]  # whether, and why not when not
 
 
+_LOG = logging.getLogger("mstore_lightning")
+
+
 class Recorder:
     """Captures per-sample gradient factors of a model's selected layers into a store.
 
@@ -71,6 +75,7 @@ class Recorder:
         dedup_bytes: most bytes of stored input rows kept to find later duplicates.
         on_pressure: ``"block"`` waits for a writer that is behind; ``"drop"`` drops the step's rows.
         warn: ``warn(message)`` for what the user should know (once per run under DDP).
+        info: ``info(message)`` for the storage plan, logged once after the first captured batch.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class Recorder:
         dedup_bytes: int = DEFAULT_DEDUP_BYTES,
         on_pressure: str = "block",
         warn: Callable[[str], Any] = warnings.warn,
+        info: Callable[[str], Any] = _LOG.info,
     ) -> None:
         self.store, self.policy = os.fspath(store), policy
         self._selection = SampleSelection(policy, sample_ids, labels)
@@ -95,7 +101,7 @@ class Recorder:
         self._mode, self._storage_options = mode, storage_options
         self._queue_bytes, self._chunk_bytes, self._dedup_bytes = queue_bytes, chunk_bytes, dedup_bytes
         self._block = on_pressure == "block"
-        self._warn = warn
+        self._warn, self._info = warn, info
         self._layers = LayerSet(warn)
         self._decided = False  # whether the measured store-or-recompute decision was made
         self._chunk_rows: dict[str, int] = {}
@@ -181,7 +187,9 @@ class Recorder:
         self._run.writer.block = self._block
         self._dedup = RowIndex(self._dedup_bytes) if self.policy.dedup else None
         sink = RowSink(self._run, self._dist.rank, self._dedup, self._chunk_rows)
-        self._batches = BatchWriter(self._layers, self._selection, sink, self._warn, self._loss_fn)
+        self._batches = BatchWriter(
+            self._layers, self._selection, sink, self._warn, self._loss_fn, self._info
+        )
 
     def run_meta(self, model_name: str, **versions: str) -> dict[str, Any]:
         """The run's metadata; ``versions`` adds the driving framework's (``lightning="2.4.0"``)."""
@@ -274,6 +282,7 @@ class Recorder:
         resume_rows: int | None = None,
         lr_groups: list[list[float]] | None = None,
         loader: Any = None,
+        batches: float | None = None,
     ) -> None:
         """Opens ``epoch`` in the store: fresh, or with the ``resume_rows`` a checkpoint kept.
 
@@ -282,6 +291,8 @@ class Recorder:
             resume_rows: rows of this epoch a checkpoint recorded, when resuming within it.
             lr_groups: each optimizer's learning rates by parameter group, recorded with the epoch.
             loader: the training loader (whether positions in it are dataset indices).
+            batches: training batches in the epoch (the storage plan's rows); by default the
+                loader's length where it has one.
         """
         self._epoch = None
         self._in_progress = epoch
@@ -295,6 +306,7 @@ class Recorder:
         self._log = EpochLog(
             epoch, lr_groups or [], recomputed, positional_batch_size(loader), describe_sampler(loader)
         )
+        self._log.batches = batches if batches is not None else _length(loader)
 
     def capture_pass(
         self,
@@ -411,3 +423,10 @@ class Recorder:
         self._batches.write_losses(self._epoch, step, per_sample_loss)
         if self.wants_decision():
             self._probe = batch  # measures the recompute cost at the epoch's end, then is dropped
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
