@@ -8,20 +8,21 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from helpers import EXACT, Reference, Task, loader, trainer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_capture_fit import data, mlp
 
-from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import (
     GradientCapture,
     IncompatibleStoreError,
+    PolicyError,
     StoreExistsError,
     StoreWriteError,
     open_store,
 )
 from mstore_lightning.capture.finite import nonfinite_rows
 from mstore_lightning.store import layout
-from test_capture_fit import data, mlp
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -153,3 +154,13 @@ def test_a_store_of_another_schema_version_is_refused_and_kept(tmp_path):
     ):
         trainer([GradientCapture(path, policy=EXACT, mode="append")]).fit(Task(mlp()), loader(x, y))
     assert _untouched(path) == before
+
+
+@pytest.mark.parametrize(("loss", "policy"), [("sum", "mean"), ("mean", "sum")])
+def test_a_loss_reduced_the_other_way_stops_the_first_step(tmp_path, loss, policy):
+    x, y = data(n=16)
+    cap = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "loss_reduction": policy})
+    with pytest.raises(PolicyError, match=rf"first captured step's loss is the {loss} of its 8 per-sample") as e:
+        trainer([cap], max_epochs=1).fit(Task(mlp(), reduction=loss), loader(x, y, batch_size=8))
+    assert f"CapturePolicy(loss_reduction={loss!r})" in str(e.value) and "a factor of 8" in str(e.value)
+    assert open_store(tmp_path / "s.zarr").epochs == []

@@ -330,7 +330,8 @@ class GradientCapture(Callback):
         if self._reports is not None:
             self._reports.poll(trainer.loggers)
         per_sample = outputs.get("per_sample_loss") if isinstance(outputs, dict) else None
-        self.recorder.end_step(per_sample, batch)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self.recorder.end_step(per_sample, batch, loss)
 
     # ------------------------------------------------------------------ checkpoints
     @override

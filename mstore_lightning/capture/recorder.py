@@ -42,7 +42,7 @@ from mstore_lightning.capture.identity import describe_sampler, positional_batch
 from mstore_lightning.capture.layers import LayerPlan
 from mstore_lightning.capture.layerset import LayerSet
 from mstore_lightning.capture.rows import RowSink
-from mstore_lightning.capture.scaling import grad_multiplier
+from mstore_lightning.capture.scaling import grad_multiplier, reduction_mismatch
 from mstore_lightning.capture.selection import SampleSelection, Step
 from mstore_lightning.config import CapturePolicy, PolicyError
 from mstore_lightning.store import layout
@@ -104,6 +104,7 @@ class Recorder:
         self._warn, self._info = warn, info
         self._layers = LayerSet(warn)
         self._decided = False  # whether the measured store-or-recompute decision was made
+        self._reduction_checked = False  # the loss_reduction check runs on the first captured step
         self._chunk_rows: dict[str, int] = {}
         self._committed: list[int] = []
         self._max_epochs: int | None = None
@@ -412,9 +413,27 @@ class Recorder:
         self._batches.write(self._log, uses, step, mult, global_step, lr, check_finite=True)
         return True, ""
 
-    def end_step(self, per_sample_loss: Any = None, batch: Any = None) -> None:
+    def end_step(self, per_sample_loss: Any = None, batch: Any = None, loss: Any = None) -> None:
         """Ends the step: stores its per-sample losses (a tensor of one per sample; NaN without) and
-        keeps ``batch`` when the store-or-recompute decision is to measure on it."""
+        keeps ``batch`` when the store-or-recompute decision is to measure on it.
+
+        On the first captured step, the batch ``loss`` (as ``training_step`` returned it) is checked
+        against the per-sample losses for the policy's ``loss_reduction``.
+
+        Raises:
+            PolicyError: the loss was reduced the other way (every row would be off by the batch size).
+        """
+        if not self._reduction_checked and self._step is not None and self._step.backward_done:
+            self._reduction_checked = True
+            shown = reduction_mismatch(self.policy.loss_reduction, loss, per_sample_loss)
+            if shown is not None:
+                n = per_sample_loss.numel()
+                raise PolicyError(
+                    f"GradientCapture: the policy says loss_reduction={self.policy.loss_reduction!r}, but the "
+                    f"first captured step's loss is the {shown} of its {n} per-sample losses, so every stored "
+                    f"gradient and norm would be off by a factor of {n}. Set "
+                    f"CapturePolicy(loss_reduction={shown!r}). Nothing of this epoch was committed."
+                )
         step, self._step = self._step, None
         self._layers.hooks.active = False
         if step is None or not step.backward_done or step.dropped or self._epoch is None:
