@@ -94,6 +94,7 @@ class HookManager:
     def _forward_hook(self, name: str, plan: LayerPlan) -> Any:
         pending = self._pending[name]
         extractor, hyper = plan.extractor, plan.hyper
+        takes_module = extractor.prefix_takes_module
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if not self.active or not torch.is_grad_enabled():
@@ -101,7 +102,8 @@ class HookManager:
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return
             self.input_requires_grad[name] = any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
-            use = _Use(extractor.prefix(hyper, inputs, module), self._order)
+            a = extractor.prefix(hyper, inputs, module) if takes_module else extractor.prefix(hyper, inputs)
+            use = _Use(a, self._order)
             self._order += 1
             pending.append(use)
             output.register_hook(use.set_grad)

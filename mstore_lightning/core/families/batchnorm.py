@@ -23,6 +23,7 @@ from mstore_lightning.core.families.registry import Hyper, register
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 class BatchNormExtractor(_NormExtractor):
     kind = "batch_norm"
+    prefix_takes_module = True
 
     @classmethod
     def hyper(cls, module: nn.Module) -> Hyper:

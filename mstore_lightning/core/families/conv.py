@@ -46,7 +46,7 @@ class ConvExtractor(KroneckerExtractor):
         }
 
     @classmethod
-    def prefix(cls, hyper: Hyper, inputs: tuple, module: nn.Module | None = None) -> Tensor:
+    def prefix(cls, hyper: Hyper, inputs: tuple) -> Tensor:
         x = inputs[0]
         if x.ndim != len(hyper["kernel_size"]) + 2:
             raise ValueError(

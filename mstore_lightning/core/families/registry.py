@@ -55,10 +55,13 @@ class Extractor(ABC):
         return None
 
     # ----------------------------------------------------------- capture (hot path)
+    #: whether :meth:`prefix` takes the module too (its state at the call: BatchNorm's statistics);
+    #: extractors written for two arguments keep working
+    prefix_takes_module: ClassVar[bool] = False
+
     @classmethod
-    def prefix(cls, hyper: Hyper, inputs: tuple[Any, ...], module: nn.Module | None = None) -> Tensor:
-        """What the forward hook keeps, rows along dim 0; ``module`` is the layer, for families whose
-        prefix depends on its state at the call (BatchNorm's statistics)."""
+    def prefix(cls, hyper: Hyper, inputs: tuple[Any, ...]) -> Tensor:
+        """What the forward hook keeps; rows along dim 0."""
         return inputs[0].detach()
 
     @classmethod
