@@ -55,6 +55,10 @@ def test_the_plan_is_logged_once_and_recorded(tmp_path, caplog):
     assert plan["bytes_per_sample"] == (512 + 259) * 4 + fields
     assert plan["rows_per_epoch"] == 60 and plan["bytes_per_epoch"] == 60 * plan["bytes_per_sample"]
     assert "total 3.1 KB/sample; 60 rows an epoch: 187.7 KB an epoch" in plans[0].replace(",", "")
+    assert (
+        "storage plan (before compression): 3,128 B/sample, 60 rows and 187,680 B an epoch"
+        in store.describe()
+    )
 
 
 def test_an_epoch_that_cannot_fit_is_refused_before_it_is_written(small_disk):

@@ -16,6 +16,12 @@ def describe(store: GradientStore) -> str:
         f"  precision {pol.get('precision')}, loss reduction {pol.get('loss_reduction')}, "
         f"layers {pol.get('layers')}"
     )
+    plan = store.meta.get("plan")
+    if plan:
+        line = f"  storage plan (before compression): {plan['bytes_per_sample']:,} B/sample"
+        if plan.get("rows_per_epoch") is not None:
+            line += f", {plan['rows_per_epoch']:,} rows and {plan['bytes_per_epoch']:,} B an epoch"
+        lines.append(line)
     for ep in store.epochs:
         line = f"  epoch {ep}: {store.row_count(ep)} rows, lr {store.lr(ep):.4g}"
         dedup = store.dedup_stats(ep).values()
