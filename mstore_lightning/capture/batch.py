@@ -4,7 +4,6 @@ and whole loaders captured outside training steps (queries, ``timing="checkpoint
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -24,8 +23,6 @@ from mstore_lightning.capture.scaling import grad_multiplier
 from mstore_lightning.capture.selection import SampleSelection, Step
 from mstore_lightning.config import CapturePolicy
 
-_LOG = logging.getLogger("mstore_lightning")
-
 
 class BatchWriter:
     """Writes captured batches of the open epoch through a :class:`~.rows.RowSink`.
@@ -35,8 +32,8 @@ class BatchWriter:
         selection: the policy's sample selection.
         sink: the open store's row sink.
         warn: ``warn(message)`` for layers that never receive a gradient.
-        loss_fn: ``callable(module, batch) -> loss`` for the passes outside training steps.
         info: ``info(message)`` for the storage plan.
+        loss_fn: ``callable(module, batch) -> loss`` for the passes outside training steps.
     """
 
     def __init__(
@@ -45,8 +42,8 @@ class BatchWriter:
         selection: SampleSelection,
         sink: RowSink,
         warn: Callable[[str], Any],
+        info: Callable[[str], Any],
         loss_fn: Callable[[Any, Any], Any] | None = None,
-        info: Callable[[str], Any] = _LOG.info,
     ) -> None:
         self.layers, self.selection, self.sink = layers, selection, sink
         self.policy: CapturePolicy = selection.policy

@@ -110,7 +110,8 @@ class LayerPlan:
         With ``write_rate`` (the writer's bytes per second) and ``policy.representation="auto"``, the
         exact forms within the byte budget are timed on this batch, each formed and encoded the
         fastest way it can be, and the one whose time plus its bytes at ``write_rate`` is least
-        replaces the size rule's choice when :data:`ROUTE_MARGIN` times cheaper. Without it (a distributed run, whose processes must choose alike) the smaller is kept.
+        replaces the size rule's choice when :data:`ROUTE_MARGIN` times cheaper. Without it (a
+        distributed run, whose processes must choose alike) the smaller is kept.
         ``follow`` keeps the representation a store already holds for the layer.
 
         With ``policy.dedup`` and ``input_from_data`` (no trained parameter feeds the layer input: the

@@ -134,7 +134,7 @@ def rows_per_epoch(batches: int | None, batch_size: int, policy: CapturePolicy) 
 
 def free_space(store: str) -> int | None:
     """Free bytes on the disk of a local store (its nearest existing directory); ``None`` for URLs."""
-    if "://" in store and not store.startswith("file://"):
+    if layout.is_url(store) and not store.startswith("file://"):
         return None
     path = os.path.abspath(store.removeprefix("file://"))
     while not os.path.exists(path) and os.path.dirname(path) != path:

@@ -189,7 +189,7 @@ class Recorder:
         self._dedup = RowIndex(self._dedup_bytes) if self.policy.dedup else None
         sink = RowSink(self._run, self._dist.rank, self._dedup, self._chunk_rows)
         self._batches = BatchWriter(
-            self._layers, self._selection, sink, self._warn, self._loss_fn, self._info
+            self._layers, self._selection, sink, self._warn, self._info, self._loss_fn
         )
 
     def run_meta(self, model_name: str, **versions: str) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from mstore_lightning.core.families.registry import Extractor, extractor_for_kin
 from mstore_lightning.core.quant import StoredArray, stored_arrays
 
 Rows = dict[str, Tensor]
-MATRIX = "__matrix__"
+MATRIX = "__matrix__"  # a class sum's weight part in the (G, O, I) layout its factors multiply in
 COUPLED_NOTE = (
     "batch-coupled: its output gradient passes through BatchNorm in training mode ({bns}), so each row "
     "mixes other samples' losses; the rows sum to the batch gradient but are not each sample's own"
@@ -54,9 +54,7 @@ def coupled_note(bns: tuple[str, ...] | list[str]) -> str | None:
     if not bns:
         return None
     shown = ", ".join(bns[:3]) + (f" and {len(bns) - 3} more" if len(bns) > 3 else "")
-    return COUPLED_NOTE.format(
-        bns=shown
-    )  # a class sum's weight part in the (G, O, I) layout its factors multiply in
+    return COUPLED_NOTE.format(bns=shown)
 
 
 @dataclass(frozen=True)

@@ -72,9 +72,8 @@ class HostCopy:
 
     def __init__(self, tensor: torch.Tensor, copies: DeviceCopies) -> None:
         self.tensor = tensor
-        self.dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
-        self.ndim = tensor.dim()
-        self._host = copies.host_buffer(tuple(tensor.shape), self.dtype, pinned=True)
+        dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+        self._host = copies.host_buffer(tuple(tensor.shape), dtype, pinned=True)
         copies.copy(self._host, tensor)
         self._ready = copies.record(tensor.device)
 

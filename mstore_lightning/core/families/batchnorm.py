@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from mstore_lightning.core.families.norm import _NormExtractor
 from mstore_lightning.core.families.registry import Hyper, register
 
+SYNC_TRAINING = "SyncBatchNorm in training mode normalises by statistics gathered from every process"
+
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 class BatchNormExtractor(_NormExtractor):
@@ -33,20 +35,19 @@ class BatchNormExtractor(_NormExtractor):
     def unsupported(cls, module: nn.Module) -> str | None:
         if not module.affine:
             return "it has no affine parameters"
-        if isinstance(module, nn.SyncBatchNorm) and module.training and _distributed():
-            return "SyncBatchNorm in training mode normalises by statistics gathered from every process"
+        if _cross_process(module):
+            return SYNC_TRAINING
         return None
 
     @classmethod
     def prefix(cls, hyper: Hyper, inputs: tuple, module: nn.Module | None = None) -> Tensor:
         x = inputs[0].detach()
-        batch_stats = module is None or module.training or module.running_mean is None
-        if isinstance(module, nn.SyncBatchNorm) and module.training and _distributed():
+        if _cross_process(module):  # it was in eval mode at setup, which allowed it
             raise RuntimeError(
-                "SyncBatchNorm in training mode normalises by statistics gathered from every process, "
-                "which one process cannot see; capture it in eval mode, or leave it out of `layers`."
+                f"{SYNC_TRAINING}, which one process cannot see; capture it in eval mode, or leave it "
+                "out of `layers`."
             )
-        if batch_stats:
+        if module is None or module.training or module.running_mean is None:
             return F.batch_norm(x, None, None, training=True, eps=hyper["eps"])
         return F.batch_norm(x, module.running_mean, module.running_var, training=False, eps=hyper["eps"])
 
@@ -59,7 +60,10 @@ class BatchNormExtractor(_NormExtractor):
         return [d for d in range(x.ndim) if d != 1][1:], (hyper["num_features"],)
 
 
-def _distributed() -> bool:
+def _cross_process(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a SyncBatchNorm training across processes (statistics of them all)."""
     import torch.distributed as dist
 
+    if not (isinstance(module, nn.SyncBatchNorm) and module.training):
+        return False
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
