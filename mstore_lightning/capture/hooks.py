@@ -8,25 +8,39 @@ here, never on the user's modules.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from mstore_lightning.capture import attention
 from mstore_lightning.capture.layers import LayerPlan
 
 
 class _Use:
-    __slots__ = ("a", "d", "order")
+    """One call: its prefix, and the gradients of its ``parts`` outputs, made into ``d`` by ``combine``."""
 
-    def __init__(self, a: Tensor, order: int) -> None:
-        self.a, self.d, self.order = a, None, order
+    __slots__ = ("a", "combine", "grads", "order")
 
-    def set_grad(self, grad: Tensor) -> None:
-        grad = grad.detach()
-        self.d = grad if self.d is None else self.d + grad
+    def __init__(self, a: Tensor, order: int, parts: int = 1, combine: Callable | None = None) -> None:
+        self.a, self.order, self.grads, self.combine = a, order, [None] * parts, combine
+
+    def hook(self, part: int = 0) -> Callable[[Tensor], None]:
+        def set_grad(grad: Tensor) -> None:
+            grad, g = grad.detach(), self.grads[part]
+            self.grads[part] = grad if g is None else g + grad
+
+        return set_grad
+
+    @property
+    def fired(self) -> bool:
+        return any(g is not None for g in self.grads)
+
+    @property
+    def d(self) -> Tensor:
+        return self.grads[0] if self.combine is None else self.combine(self.grads)
 
 
 class HookManager:
@@ -59,9 +73,15 @@ class HookManager:
         """Hooks ``plans``' modules; and ``norms`` (BatchNorms) to see which layers they couple."""
         if self._handles:
             raise RuntimeError("Hooks are already attached; detach them before attaching again.")
+        fed: dict[int, tuple[nn.Module, dict[str, str]]] = {}
         for name, plan in plans.items():
             self._pending[name] = []
-            self._handles.append(plan.module.register_forward_hook(self._forward_hook(name, plan)))
+            if plan.owner is not None:  # fed by its attention module's capture-time forward
+                fed.setdefault(id(plan.owner), (plan.owner, {}))[1][plan.role] = name
+            else:
+                self._handles.append(plan.module.register_forward_hook(self._forward_hook(name, plan)))
+        for owner, roles in fed.values():
+            self._handles.append(attention.Routed(owner, _AttentionFeed(self, roles)))
         for name, module in (norms or {}).items():
             self._handles.append(module.register_forward_hook(self._norm_hook(name)))
 
@@ -78,7 +98,7 @@ class HookManager:
         The output nodes kept with :attr:`keep_graph` move to :attr:`graph` (the last batch's only)."""
         out = {}
         for name, uses in self._pending.items():
-            fired = sorted((u for u in uses if u.d is not None), key=lambda u: u.order)
+            fired = sorted((u for u in uses if u.fired), key=lambda u: u.order)
             out[name] = [(u.a, u.d) for u in fired]
         self.graph = (dict(self.layer_nodes), dict(self.norm_nodes))
         self.discard()
@@ -92,7 +112,6 @@ class HookManager:
         self.norm_nodes.clear()
 
     def _forward_hook(self, name: str, plan: LayerPlan) -> Any:
-        pending = self._pending[name]
         extractor, hyper = plan.extractor, plan.hyper
         takes_module = extractor.prefix_takes_module
 
@@ -103,14 +122,19 @@ class HookManager:
                 return
             self.input_requires_grad[name] = any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
             a = extractor.prefix(hyper, inputs, module) if takes_module else extractor.prefix(hyper, inputs)
-            use = _Use(a, self._order)
-            self._order += 1
-            pending.append(use)
-            output.register_hook(use.set_grad)
-            if self.keep_graph:
-                self.layer_nodes.setdefault(name, []).append(output.grad_fn)
+            self.add_use(name, a, [output])
 
         return hook
+
+    def add_use(self, name: str, a: Tensor, outputs: list[Tensor], combine: Callable | None = None) -> None:
+        """Records one call of layer ``name``: prefix ``a``, and a hook on each output's gradient."""
+        use = _Use(a, self._order, len(outputs), combine)
+        self._order += 1
+        self._pending[name].append(use)
+        for part, out in enumerate(outputs):
+            out.register_hook(use.hook(part))
+            if self.keep_graph:
+                self.layer_nodes.setdefault(name, []).append(out.grad_fn)
 
     def _norm_hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -119,6 +143,40 @@ class HookManager:
                 self.norm_nodes.setdefault(name, []).append(output.grad_fn)
 
         return hook
+
+
+class _AttentionFeed:
+    """Turns the projections :func:`attention.attend` hands over into uses of the planned layers."""
+
+    def __init__(self, hooks: HookManager, roles: dict[str, str]) -> None:
+        self.hooks, self.roles = hooks, roles
+
+    def enabled(self) -> bool:
+        return self.hooks.active and torch.is_grad_enabled()
+
+    def linear(self, role: str, x: Tensor | None, out: Tensor, seq: tuple[int, int] | None = None) -> None:
+        name = self.roles.get(role)
+        if name is None:
+            return
+        # Sequence-first (T, N, F) to rows (N, T, F); a bias alone has the input 1. The hook goes on
+        # ``out`` itself: a view of it would never receive a gradient.
+        shape = (*seq, -1) if seq else out.shape
+        a = (
+            out.new_ones((shape[1], shape[0], 1))
+            if x is None
+            else x.detach().view(shape[:2] + (-1,)).transpose(0, 1)
+        )
+        self.hooks.input_requires_grad[name] = x is not None and x.requires_grad
+        self.hooks.add_use(name, a, [out], lambda grads: grads[0].view(shape[:2] + (-1,)).transpose(0, 1))
+
+    def packed(self, inputs: list[Tensor], outputs: list[Tensor], groups: list[list[int]]) -> None:
+        name = self.roles.get("in_proj")
+        if name is None:
+            return
+        self.hooks.input_requires_grad[name] = any(x.requires_grad for x in inputs)
+        a = attention.packed_inputs(inputs, groups)
+        shapes = [x.detach() for x in inputs]
+        self.hooks.add_use(name, a, outputs, lambda grads: attention.packed_grads(grads, shapes, groups))
 
 
 def refuse_compiled(model: nn.Module) -> None:

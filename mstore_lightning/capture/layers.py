@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mstore_lightning.capture import choice
+from mstore_lightning.capture import attention, choice
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
 from mstore_lightning.core import pooling, projection, quant
-from mstore_lightning.core.families.registry import Extractor, find_extractor
+from mstore_lightning.core.families.registry import Extractor, extractor_for_kind, find_extractor
 from mstore_lightning.core.representation import Representation
 
 ROUTE_MARGIN = 2.0  # a form replaces the size rule's choice only when measured this many times cheaper
@@ -41,6 +41,11 @@ class LayerPlan:
     full_method: str = "restore"  # how full per-sample gradients are formed (the fastest measured)
     # Training-mode BatchNorms its output gradient passes through (see capture.coupling).
     batch_coupled: list[str] = field(default_factory=list)
+    # A layer fed by an attention module's capture-time forward (see capture.attention): the module,
+    # its name, and which of its projections this layer is.
+    owner: nn.Module | None = None
+    owner_name: str | None = None
+    role: str | None = None
     _matrices: tuple[Tensor, Tensor] | None = None
     _rep: Representation | None = None
 
@@ -70,11 +75,23 @@ class LayerPlan:
             out["summary"] = self.summary
         if self.batch_coupled:
             out["batch_coupled"] = list(self.batch_coupled)
+        if self.owner_name is not None:
+            out["fed_by"] = {"module": self.owner_name, "role": self.role}
         return out
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], module: nn.Module, extractor: type[Extractor]) -> LayerPlan:
-        """The plan a store recorded, bound to ``module`` (to recompute its rows)."""
+    def from_spec(
+        cls, spec: dict[str, Any], modules: Mapping[str, nn.Module], extractor: type[Extractor]
+    ) -> LayerPlan:
+        """The plan a store recorded, bound to its module in ``modules`` (a model's ``named_modules``),
+        to recompute its rows.
+
+        Raises:
+            KeyError: ``modules`` has no module the layer was captured from.
+        """
+        fed = spec.get("fed_by")
+        owner = modules[fed["module"]] if fed else None
+        module = modules[spec["name"]] if spec["name"] in modules or not fed else owner
         plan = cls(
             name=spec["name"],
             module=module,
@@ -91,6 +108,9 @@ class LayerPlan:
             input_shape=tuple(spec["input_shape"]),
             full_method=spec.get("full_method", "restore"),
             batch_coupled=list(spec.get("batch_coupled", [])),
+            owner=owner,
+            owner_name=fed["module"] if fed else None,
+            role=fed["role"] if fed else None,
         )
         if plan.projection is not None:
             p = plan.projection
@@ -313,8 +333,22 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
         if not policy.matches(name, type(module).__name__):
             continue
         own = {pn: p for pn, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if isinstance(module, nn.MultiheadAttention):
+            covered = _plan_attention(name, module, plans)
+            missing = [pn for pn in own if pn not in covered]
+            if missing:
+                uncovered.append(
+                    {
+                        "module": name,
+                        "type": type(module).__name__,
+                        "params": missing,
+                        "numel": int(sum(own[pn].numel() for pn in missing)),
+                        "reason": "no extractor covers these parameters",
+                    }
+                )
+            continue
         ext = find_extractor(module)
-        reason = _why_not(name, module, ext, modules)
+        reason = _why_not(module, ext)
         covered = [] if reason else [pn for pn in ext.param_names(module) if pn in own]
         shared = [pn for pn in covered if len(owners[id(own[pn])]) > 1]
         if shared:
@@ -333,6 +367,8 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
                 }
             )
         if covered:
+            parent = name.rpartition(".")[0]
+            fed = isinstance(modules.get(parent), nn.MultiheadAttention)  # its out_proj: applied functionally
             plans[name] = LayerPlan(
                 name=name,
                 module=module,
@@ -340,8 +376,31 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
                 hyper=ext.hyper(module),
                 params=covered,
                 param_shapes={pn: list(own[pn].shape) for pn in covered},
+                owner=modules[parent] if fed else None,
+                owner_name=parent if fed else None,
+                role="out_proj" if fed else None,
             )
     return plans, uncovered
+
+
+def _plan_attention(name: str, module: nn.MultiheadAttention, plans: dict[str, LayerPlan]) -> set[str]:
+    """Adds the layers of ``module``'s own parameters to ``plans``; returns the parameters covered."""
+    covered: set[str] = set()
+    for layer in attention.virtual_layers(module):
+        ext = extractor_for_kind(layer["kind"])
+        plans[f"{name}.{layer['suffix']}"] = LayerPlan(
+            name=f"{name}.{layer['suffix']}",
+            module=module,
+            extractor=ext,
+            hyper=layer["hyper"],
+            params=layer["params"],
+            param_shapes=layer["param_shapes"],
+            owner=module,
+            owner_name=name,
+            role=layer["role"],
+        )
+        covered.update(layer["covers"])
+    return covered
 
 
 def samples_seen(uses: Mapping[str, list[tuple[Tensor, Tensor]]]) -> int:
@@ -384,12 +443,7 @@ def not_per_sample_record(plan: LayerPlan, rows: int, n: int) -> dict[str, Any]:
     }
 
 
-def _why_not(
-    name: str, module: nn.Module, ext: type[Extractor] | None, modules: dict[str, nn.Module]
-) -> str | None:
-    parent = modules.get(name.rpartition(".")[0]) if "." in name else None
-    if isinstance(parent, nn.MultiheadAttention):
-        return "nn.MultiheadAttention applies its out_proj functionally, so module hooks never see it"
+def _why_not(module: nn.Module, ext: type[Extractor] | None) -> str | None:
     if ext is None:
         return f"no extractor is registered for {type(module).__name__}"
     return ext.unsupported(module)

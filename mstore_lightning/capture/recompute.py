@@ -222,12 +222,14 @@ class Recompute:
         if self.loaded != epoch:
             load_weights(catalog.root[f"{layout.EPOCHS}/{layout.epoch_key(epoch)}/{WEIGHTS}"], self.model)
             self.loaded = epoch
-        modules = dict(self.model.named_modules())
-        if rep.name not in modules:
+        try:
+            plan = LayerPlan.from_spec(
+                catalog.meta["layers"][rep.name], dict(self.model.named_modules()), rep.extractor
+            )
+        except KeyError:
             raise StoreReadError(
                 f"The attached model has no module {rep.name!r}; attach the trained architecture."
-            )
-        plan = LayerPlan.from_spec(catalog.meta["layers"][rep.name], modules[rep.name], rep.extractor)
+            ) from None
         recomputer = Recomputer(
             self.model,
             self.dataset,

@@ -105,6 +105,21 @@ class GradientStore:
         self.catalog.rep(layer)
         return dict(self.meta["layers"][layer])
 
+    def parameters(self, layer: str) -> dict[str, str]:
+        """The model parameter that each key of :meth:`restore` for ``layer`` is.
+
+        A module's own parameters are ``"<layer>.<key>"``. The layers of an ``nn.MultiheadAttention``
+        (its in-projection ``<name>.in_proj``, or ``q_proj``/``k_proj``/``v_proj``, and ``bias_k``/
+        ``bias_v``) name the attention module's parameter, with the rows of a slice.
+
+        Example:
+            ``store.parameters("enc.self_attn.in_proj")`` is
+            ``{"weight": "enc.self_attn.in_proj_weight", "bias": "enc.self_attn.in_proj_bias"}``.
+        """
+        spec = self.layer_spec(layer)
+        of, owner = spec["hyper"].get("params_of", {}), spec.get("fed_by", {}).get("module")
+        return {p: f"{owner}.{of[p]}" if p in of else f"{layer}.{p}" for p in spec["params"]}
+
     def approximate(self, layer: str) -> str | None:
         """Why ``layer``'s results are estimates (pooled or projected), or ``None`` when exact."""
         return self.catalog.rep(layer).approximate

@@ -153,7 +153,15 @@ def extractor_for_kind(kind: str) -> type[Extractor]:
 
 def _load_builtin() -> None:
     # Imported lazily: the family modules import this one to register themselves.
-    from mstore_lightning.core.families import batchnorm, conv, embedding, gpt2_conv1d, linear, norm  # noqa: F401
+    from mstore_lightning.core.families import (  # noqa: F401
+        attention,
+        batchnorm,
+        conv,
+        embedding,
+        gpt2_conv1d,
+        linear,
+        norm,
+    )
 
 
 def flat_gram(x: Tensor, y: Tensor) -> Tensor:
