@@ -231,10 +231,8 @@ def test_bert_classifier_restores_exactly(length, batch, padded):
     task = TextTask(bert(), "cls")
     with tempfile.TemporaryDirectory() as tmp:
         store, ref = fit(Path(tmp) / "s.zarr", task, TokenData(2 * batch + 1, length, padded), batch)
-        assert_accounted(store, task, {"model.bert.embeddings.position_embeddings": ["weight"]})
-        (pos,) = store.uncovered
-        assert "shared by the whole batch" in pos["reason"]
-        assert pos["numel"] == task.model.bert.embeddings.position_embeddings.weight.numel()
+        assert_accounted(store, task, {})  # every parameter, the position table included
+        assert store.layer_spec("model.bert.embeddings.position_embeddings")["broadcast"] is True
         assert "model.bert.encoder.layer.1.attention.self.query" in store.layers
         assert_exact(store, ref, task)
 
@@ -250,14 +248,17 @@ def test_position_ids_given_per_sample_make_the_position_table_exact(tmp_path, m
     assert_exact(store, ref, task)
 
 
-def test_a_layer_that_stops_seeing_one_row_per_sample_stops_training(tmp_path):
-    """A first batch of one sample shows no broadcast; the next batch's would go unseen, so capture fails."""
+def test_a_position_table_is_expanded_whatever_the_batch_size(tmp_path):
+    """A first batch of one sample shows no broadcast; the next batch's is expanded to its four samples."""
     torch.manual_seed(0)
     task = TextTask(bert(), "cls")
     data = TokenData(5, 6, padded=False)
+    ref = TextReference()
     cap = GradientCapture(tmp_path / "s.zarr", policy=EXACT)
-    with pytest.raises(RuntimeError, match=r"position_embeddings' saw 1 row\(s\) in a batch of 4 samples"):
-        trainer([cap]).fit(task, DataLoader(data, batch_sampler=[[0], [1, 2, 3, 4]]))
+    trainer([ref, cap]).fit(task, DataLoader(data, batch_sampler=[[0], [1, 2, 3, 4]]))
+    store = open_store(tmp_path / "s.zarr")
+    assert_accounted(store, task, {})
+    assert_exact(store, ref, task)
 
 
 def test_bert_factors_with_deduplicated_and_all_zero_inputs_restore_exactly(tmp_path):
@@ -291,7 +292,8 @@ def test_gpt2_lm_restores_exactly(length, batch, padded):
     task = TextTask(gpt2(tie=False), "lm")
     with tempfile.TemporaryDirectory() as tmp:
         store, ref = fit(Path(tmp) / "s.zarr", task, TokenData(2 * batch + 1, length, padded), batch)
-        assert_accounted(store, task, {"model.transformer.wpe": ["weight"]})
+        assert_accounted(store, task, {})
+        assert store.layer_spec("model.transformer.wpe")["broadcast"] is True
         for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
             assert store.layer_spec(f"model.transformer.h.1.{name}")["kind"] == "conv1d_transposed"
         assert_exact(store, ref, task)
@@ -311,7 +313,6 @@ def test_tied_lm_head_is_reported_with_its_size(tmp_path):
         task,
         {
             "model.transformer.wte": ["weight"],
-            "model.transformer.wpe": ["weight"],
             "model.lm_head": ["weight"],
         },
     )

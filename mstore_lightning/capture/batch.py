@@ -110,6 +110,7 @@ class BatchWriter:
                     raise RuntimeError(
                         MISSING_IDS.format(why=f" (in the {split} loader of the end-of-epoch pass)")
                     )
+                hooks.batch_rows = len(ids) if ids is not None else None
                 hooks.active = True
                 with torch.enable_grad():
                     loss = batch_loss(module, batch, self._loss_fn)

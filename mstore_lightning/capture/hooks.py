@@ -64,6 +64,12 @@ class HookManager:
         self.layer_nodes: dict[str, list[Any]] = {}
         self.norm_nodes: dict[str, list[Any]] = {}
         self.graph: tuple[dict[str, list[Any]], dict[str, list[Any]]] = ({}, {})  # as of the last take
+        # The batch's sample count, when the caller knows it before the forward (its ids); else the
+        # rows of the forward's first captured call. A position table looked up once for the batch
+        # is expanded to it (see _forward_hook).
+        self.batch_rows: int | None = None
+        self._rows_seen: int | None = None
+        self.broadcast: set[str] = set()  # layers whose single-row output was expanded to the batch
 
     @property
     def attached(self) -> bool:
@@ -108,21 +114,35 @@ class HookManager:
         for uses in self._pending.values():
             uses.clear()
         self._order = 0
+        self._rows_seen = None
         self.layer_nodes.clear()
         self.norm_nodes.clear()
 
     def _forward_hook(self, name: str, plan: LayerPlan) -> Any:
         extractor, hyper = plan.extractor, plan.hyper
         takes_module = extractor.prefix_takes_module
+        expands = extractor.kind == "embedding"
 
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Tensor | None:
             if not self.active or not torch.is_grad_enabled():
-                return
+                return None
             if not isinstance(output, Tensor) or not output.requires_grad:
-                return
+                return None
             self.input_requires_grad[name] = any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
             a = extractor.prefix(hyper, inputs, module) if takes_module else extractor.prefix(hyper, inputs)
+            rows = self.batch_rows or self._rows_seen
+            if rows is None:
+                self._rows_seen = rows = output.shape[0]
+            if output.shape[0] == 1 < rows and a.shape[0] == 1 and expands:
+                # Ids shared by the batch (position ids of shape (1, T)): the output is broadcast
+                # after the layer, so expanding it here (a view) changes no value downstream, and its
+                # gradient arrives per sample instead of summed.
+                output, a = output.expand(rows, *output.shape[1:]), a.expand(rows, *a.shape[1:])
+                self.broadcast.add(name)
+                self.add_use(name, a, [output])
+                return output
             self.add_use(name, a, [output])
+            return None
 
         return hook
 

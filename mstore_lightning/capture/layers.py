@@ -43,6 +43,8 @@ class LayerPlan:
     batch_coupled: list[str] = field(default_factory=list)
     # A layer fed by an attention module's capture-time forward (see capture.attention): the module,
     # its name, and which of its projections this layer is.
+    # Its ids are shared by the batch and its output broadcast after it: expanded to the batch at capture.
+    broadcast: bool = False
     owner: nn.Module | None = None
     owner_name: str | None = None
     role: str | None = None
@@ -75,6 +77,8 @@ class LayerPlan:
             out["summary"] = self.summary
         if self.batch_coupled:
             out["batch_coupled"] = list(self.batch_coupled)
+        if self.broadcast:
+            out["broadcast"] = True
         if self.owner_name is not None:
             out["fed_by"] = {"module": self.owner_name, "role": self.role}
         return out
@@ -108,6 +112,7 @@ class LayerPlan:
             input_shape=tuple(spec["input_shape"]),
             full_method=spec.get("full_method", "restore"),
             batch_coupled=list(spec.get("batch_coupled", [])),
+            broadcast=bool(spec.get("broadcast", False)),
             owner=owner,
             owner_name=fed["module"] if fed else None,
             role=fed["role"] if fed else None,

@@ -169,6 +169,7 @@ class LayerSet:
             if plan.ready or not uses.get(name):
                 continue
             stored = self.stored.get(name, {}).get("representation")
+            plan.broadcast = name in self.hooks.broadcast
             plan.finalize(
                 uses[name],
                 self._policy,

@@ -116,14 +116,16 @@ class Recomputer:
         ids = [int(i) for i in ids]
         parts: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in self.plans}
         for lo in range(0, len(ids), self.batch_size):
-            batch = self.collate_fn([self.dataset[i] for i in ids[lo : lo + self.batch_size]])
-            for name, rows in self._batch_rows(batch).items():
+            part = ids[lo : lo + self.batch_size]
+            batch = self.collate_fn([self.dataset[i] for i in part])
+            for name, rows in self._batch_rows(batch, len(part)).items():
                 parts[name].append(rows)
         return {n: {k: torch.cat([p[k] for p in ps]) for k in ps[0]} for n, ps in parts.items() if ps}
 
-    def _batch_rows(self, batch: Any) -> dict[str, dict[str, torch.Tensor]]:
+    def _batch_rows(self, batch: Any, rows: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
         hooks = HookManager()
         hooks.attach(self.plans)
+        hooks.batch_rows = rows
         was_training = self.module.training
         self.module.eval()
         try:

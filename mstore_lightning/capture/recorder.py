@@ -373,6 +373,7 @@ class Recorder:
         """Makes ``step`` the one being captured (``None``: none) and turns the hooks on for it."""
         self._step = step
         if step is not None:
+            self._layers.hooks.batch_rows = len(step.ids) if step.ids is not None else None
             self._layers.hooks.active = True
 
     def set_amp_scale(self, scale: float) -> None:

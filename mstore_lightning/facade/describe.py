@@ -47,6 +47,14 @@ def describe(store: GradientStore) -> str:
             lines.append(f"      full gradients formed by: {s['full_method']}")
         if store.approximate(name):
             lines.append(f"      approximate: {store.approximate(name)}")
+        if s.get("fed_by"):
+            of = ", ".join(f"{k} = {v}" for k, v in store.parameters(name).items())
+            lines.append(f"      {s['fed_by']['role']} of {s['fed_by']['module']}: {of}")
+        if s.get("broadcast"):
+            lines.append(
+                "      ids shared by the batch: its output is expanded to the batch during capture (a "
+                "view), so each sample's output gradient (batch x positions x width numbers a step) is kept"
+            )
         decision = store.meta.get("recompute", {}).get(name)
         if decision:
             lines.append(f"      store or recompute: {explain_decision(decision)}")
