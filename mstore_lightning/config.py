@@ -33,7 +33,9 @@ _EPOCH_WORDS = ("all", "last")
 MAX_COUNT = 2**31 - 1
 MAX_PROJECTION_DIM = 65536
 MAX_POOL = 65536  # a pooling block larger than any feature map
-MAX_BYTES_PER_SAMPLE = 2**40  # 1 TiB per sample and layer
+MAX_BYTES_PER_SAMPLE = 2**40  # 1 TiB per sample
+# The default whole-capture budget, 1 MiB a sample: see benchmarks/default_budget.py for the measurement.
+DEFAULT_BUDGET = {"bytes_per_sample": 1 << 20}
 
 # Mapping first: jsonargparse (LightningCLI) tries union members in order and keeps a mapping a dict,
 # which CapturePolicy.coerce then validates with its own messages.
@@ -69,8 +71,13 @@ class CapturePolicy:
         representation: ``"auto"`` stores, per layer, the factors or the full per-sample gradient,
             whichever is smaller (or what ``budget`` asks); ``"factors"``, ``"full"`` or
             ``"projection"`` force one. See :mod:`mstore_lightning.capture.choice`.
-        budget: ``{"bytes_per_sample": n}`` and/or ``{"max_error": e}``: per layer, the stored bytes a
-            sample may take, and the relative error of inner products a projection may add.
+        budget: what a sample may cost: ``"bytes_per_sample"``, the stored bytes (before compression)
+            of one sample over the whole capture; ``"layer_bytes_per_sample"``, a cap on each layer's;
+            ``"max_error"``, the relative error of inner products a layer's projection may add. Every
+            layer is kept exact while the whole capture fits; the layers that do not fit are projected,
+            largest first, until it does (see :mod:`mstore_lightning.capture.choice`). The default,
+            :data:`DEFAULT_BUDGET`, keeps ordinary models exact and a GPT-2-sized one within a disk;
+            ``None`` keeps every layer exact whatever it costs.
         projection_dim: size of both sides of a forced projection (``representation="projection"``
             without a budget), capped at the layer's own sizes.
         projection_seed: seed of the projection matrices (recorded; the matrices are not stored).
@@ -99,7 +106,7 @@ class CapturePolicy:
     loss_reduction: str = "mean"
     representation: str = "auto"
     dedup: bool = True
-    budget: Any = None
+    budget: Any = field(default_factory=lambda: dict(DEFAULT_BUDGET))
     projection_dim: int = 64
     projection_seed: int = 0
     pool: Any = 1
@@ -318,16 +325,19 @@ def _parse_layer_precision(value: Any) -> dict[str, str] | None:
 
 
 def _parse_budget(value: Any) -> dict[str, Any] | None:
-    allowed = "None or a mapping with 'bytes_per_sample' (int > 0) and/or 'max_error' (in (0, 1))"
+    allowed = (
+        "None or a mapping with 'bytes_per_sample' (the whole capture's, int > 0), "
+        "'layer_bytes_per_sample' (each layer's, int > 0) and/or 'max_error' (in (0, 1))"
+    )
     if value is None:
         return None
-    if not isinstance(value, Mapping) or not value or set(value) - {"bytes_per_sample", "max_error"}:
+    keys = {"bytes_per_sample", "layer_bytes_per_sample", "max_error"}
+    if not isinstance(value, Mapping) or not value or set(value) - keys:
         raise PolicyError(f"`budget` can be {allowed}; got {value!r}.")
     out = {}
-    if "bytes_per_sample" in value:
-        out["bytes_per_sample"] = _parse_positive_int(
-            "budget.bytes_per_sample", value["bytes_per_sample"], MAX_BYTES_PER_SAMPLE
-        )
+    for key in ("bytes_per_sample", "layer_bytes_per_sample"):
+        if key in value:
+            out[key] = _parse_positive_int(f"budget.{key}", value[key], MAX_BYTES_PER_SAMPLE)
     if "max_error" in value:
         out["max_error"] = checks.number(
             "budget.max_error",

@@ -48,6 +48,7 @@ def test_yaml_may_nest_under_policy_and_is_safe_loaded(tmp_path):
         ({"budget": {"bytes": 10}}, r"`budget` can be None or a mapping with 'bytes_per_sample'.*got \{'bytes': 10\}"),
         ({"budget": {"bytes_per_sample": 0}}, r"`budget.bytes_per_sample` must be an integer >= 1, got 0"),
         ({"budget": {"max_error": 1.5}}, r"`budget.max_error` must be a number in \(0, 1\), got 1.5"),
+        ({"budget": {"layer_bytes_per_sample": -1}}, r"`budget.layer_bytes_per_sample` must be an integer >= 1"),
         ({"projection_dim": 0}, r"`projection_dim` must be an integer >= 1, got 0"),
         ({"pool": 0}, r"`pool` must be an integer >= 1, got 0"),
         ({"pool": "2"}, r"`pool` can be an int >= 1 for every convolution, or a mapping.*got '2'"),

@@ -75,7 +75,7 @@ def runs(tmp_path_factory):
         "exact": {**EXACT, "representation": "factors"},
         "projection": {**EXACT, "representation": "projection", "projection_dim": 8, "projection_seed": 5},
         "pooled": {**EXACT, "pool": {"*conv": 2}},
-        "budget": {**EXACT, "budget": {"bytes_per_sample": 2048}},
+        "budget": {**EXACT, "budget": {"layer_bytes_per_sample": 2048}},
     }
     caps = [GradientCapture(path / f"{k}.zarr", policy=v) for k, v in policies.items()]
     trainer([ref, *caps], max_epochs=1).fit(Task(Net()), loader(x, y, batch_size=8))
@@ -155,14 +155,14 @@ def cands(bytes_exact: int = 100_000):
 @given(max_bytes=st.integers(16, 10_000), max_error=st.floats(0.05, 0.95))
 def test_budget_rules(max_bytes, max_error):
     cs = cands()
-    by_bytes, why = choice.pick(cs, "auto", {"bytes_per_sample": max_bytes}, 64)
+    by_bytes, why = choice.pick(cs, "auto", {"layer_bytes_per_sample": max_bytes}, 64)
     fitting = [c for c in cs if c.nbytes <= max_bytes]
     if fitting:  # the most accurate that fits
         assert by_bytes.nbytes <= max_bytes and by_bytes.error == min(c.error for c in fitting)
     by_error, _ = choice.pick(cs, "auto", {"max_error": max_error}, 64)
     assert by_error.error <= max_error
     assert by_error.nbytes == min(c.nbytes for c in cs if c.error <= max_error)
-    both, why = choice.pick(cs, "auto", {"bytes_per_sample": max_bytes, "max_error": max_error}, 64)
+    both, why = choice.pick(cs, "auto", {"layer_bytes_per_sample": max_bytes, "max_error": max_error}, 64)
     ok = [c for c in cs if c.nbytes <= max_bytes and c.error <= max_error]
     if ok:
         assert both.nbytes == min(c.nbytes for c in ok)

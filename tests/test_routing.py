@@ -77,7 +77,7 @@ def test_the_least_total_of_forming_and_writing_is_kept(fixed_times):
 def test_the_byte_budget_bounds_what_is_timed(fixed_times):
     plan, uses = conv_batch()
     fixed_times.update(factors=0.0, restore=1.0, grouped_conv=1.0)
-    policy = CapturePolicy(precision="int8", budget={"bytes_per_sample": 2000})
+    policy = CapturePolicy(precision="int8", budget={"layer_bytes_per_sample": 2000})
     plan.finalize(uses, policy, write_rate=1e15)
     assert plan.representation == "full" and set(plan.choice["measured"]) == {"write_mb_per_s", "full"}
 

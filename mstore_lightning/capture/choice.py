@@ -1,14 +1,18 @@
 """The per-layer choice of what to store: factors, the full gradient, a projection, or pooled factors.
 
 Exact candidates are the factors (``T·(in+out)`` numbers a sample) and the full per-sample gradient
-(``in·out``). Without a budget the smaller one is kept. With ``policy.budget``:
+(``in·out``). Without a budget the smaller one is kept. With a per-layer budget
+(``policy.budget``'s ``layer_bytes_per_sample`` and ``max_error``):
 
-- ``bytes_per_sample`` alone: the most accurate candidate that fits (an exact one if it can, else the
-  projection with the largest dimension that fits);
+- ``layer_bytes_per_sample`` alone: the most accurate candidate that fits (an exact one if it can,
+  else the projection with the largest dimension that fits);
 - ``max_error`` alone: the smallest candidate whose predicted relative error of inner products is
   within it (exact ones have none);
 - both: the smallest candidate within both; when none is, the most accurate that fits the bytes, and
   the choice says the tolerance is missed.
+
+The whole capture's ``bytes_per_sample`` is met across layers (:func:`fit_total`): each layer takes its
+per-layer choice, and while the total is over, the largest layers are projected, largest first.
 
 Sizes are stored bytes before compression at the policy's precision, scales included. Every choice
 comes with its reason, which the store keeps and ``describe()`` prints.
@@ -22,9 +26,9 @@ from typing import Any
 from torch import Tensor
 
 from mstore_lightning.core import projection as proj
+from mstore_lightning.core import quant
 from mstore_lightning.core.families.kron import KroneckerExtractor
 from mstore_lightning.core.families.registry import Extractor
-from mstore_lightning.core import quant
 
 _DIMS = tuple(2**j for j in range(1, 13))  # projection sizes tried: 2 .. 4096
 
@@ -122,7 +126,9 @@ def candidates(
 def pick(
     cands: list[Candidate], representation: str, budget: dict[str, Any] | None, dim: int
 ) -> tuple[Candidate, str]:
-    """The candidate a policy keeps, and why."""
+    """The candidate a policy keeps, and why; ``budget``'s per-layer fields apply here, its whole-capture
+    ``bytes_per_sample`` in :func:`fit_total`."""
+    budget = {k: v for k, v in (budget or {}).items() if k in ("layer_bytes_per_sample", "max_error")}
     exact = [c for c in cands if c.representation != "projection"]
     smallest_exact = min(exact, key=lambda c: c.nbytes)
     sizes = ", ".join(f"{c.describe()} {c.nbytes:,} B" for c in exact)
@@ -140,13 +146,13 @@ def pick(
         cands = projections
     if not budget:
         return smallest_exact, f"smallest exact form ({sizes})"
-    max_bytes, max_error = budget.get("bytes_per_sample"), budget.get("max_error")
+    max_bytes, max_error = budget.get("layer_bytes_per_sample"), budget.get("max_error")
     fits = [c for c in cands if max_bytes is None or c.nbytes <= max_bytes]
     within = [c for c in fits if max_error is None or c.error <= max_error]
     limits = " and ".join(
         s
         for s in (
-            f"{max_bytes:,} B/sample" if max_bytes is not None else "",
+            f"{max_bytes:,} B/sample for the layer" if max_bytes is not None else "",
             f"error {max_error:g}" if max_error is not None else "",
         )
         if s
@@ -165,3 +171,34 @@ def pick(
 def pooled_shape(shape: list[int], pool: int) -> list[int]:
     """``(U, C, *S)`` with every spatial size divided by ``pool`` (rounded up)."""
     return [*shape[:2], *[-(-s // pool) for s in shape[2:]]]
+
+
+def fit_total(
+    sizes: dict[str, int], projections: dict[str, list[Candidate]], fixed: int, total: int
+) -> dict[str, Candidate]:
+    """Projections that bring a whole capture within ``total`` bytes a sample, largest layer first.
+
+    Args:
+        sizes: each adjustable layer's bytes a sample as chosen per layer.
+        projections: each adjustable layer's projection candidates.
+        fixed: bytes a sample that cannot change (layers without a projection, or already stored).
+        total: the whole capture's budget.
+
+    Returns:
+        ``{layer: projection}`` for the layers to project: each takes the most accurate projection
+        that fits what the budget leaves it (or its smallest, when none does), until the total fits.
+    """
+    now = fixed + sum(sizes.values())
+    out: dict[str, Candidate] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        if now <= total:
+            break
+        smaller = [c for c in projections.get(name, []) if c.nbytes < sizes[name]]
+        if not smaller:
+            continue
+        room = total - (now - sizes[name])
+        fits = [c for c in smaller if c.nbytes <= room]
+        pick = min(fits, key=lambda c: (c.error, c.nbytes)) if fits else min(smaller, key=lambda c: c.nbytes)
+        out[name] = pick
+        now += pick.nbytes - sizes[name]
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import Counter
@@ -49,6 +50,7 @@ class LayerPlan:
     owner_name: str | None = None
     role: str | None = None
     _matrices: tuple[Tensor, Tensor] | None = None
+    _cands: list[choice.Candidate] = field(default_factory=list)
     _rep: Representation | None = None
 
     @property
@@ -167,7 +169,7 @@ class LayerPlan:
             chosen = next((c for c in exact if c.representation == follow), chosen)
             reason = f"the store holds this layer as {follow}"
         elif policy.representation == "auto" and chosen in exact and len(exact) > 1 and write_rate:
-            max_bytes = (policy.budget or {}).get("bytes_per_sample")
+            max_bytes = (policy.budget or {}).get("layer_bytes_per_sample")
             fits = [c for c in exact if max_bytes is None or c.nbytes <= max_bytes]
             costs = self._costs(fits, uses, write_rate)
             total = {c.representation: costs[c.representation].get("total_ms", math.inf) for c in fits}
@@ -183,23 +185,38 @@ class LayerPlan:
                 reason = f"{reason}; no form measured {ROUTE_MARGIN:g}x cheaper"
         if chosen.representation == "full" and len(self.extractor.full_methods) > 1 and "full" not in costs:
             costs = {**costs, **self._costs([chosen], uses, write_rate or 0.0)}
-        self.representation, self.arrays = chosen.representation, chosen.arrays
-        self.projection, self.summary = chosen.projection, chosen.summary
+        self._cands = cands
+        self._keep(chosen, reason, policy.dedup and input_from_data)
+        if costs:
+            self.choice["measured"] = {"write_mb_per_s": round((write_rate or 0) / 1e6, 1), **costs}
+
+    def _keep(self, chosen: choice.Candidate, reason: str, dedup: bool) -> None:
+        self.representation, self.arrays = chosen.representation, copy.deepcopy(chosen.arrays)
+        self.projection, self.summary = copy.deepcopy(chosen.projection), chosen.summary
         if self.projection is not None:
             self.projection["predicted_error"] = chosen.error
             self._matrices = projection.projection_matrices(
                 self.projection, self.name, self.projection["dim_in"], self.projection["dim_out"]
             )
-        if policy.dedup and input_from_data and self.representation == "factors" and not self.summary:
+        if dedup and self.representation == "factors" and not self.summary:
             self.arrays["a"]["dedup"] = True
         self.choice = {
             "kept": chosen.describe(),
             "bytes_per_sample": chosen.nbytes,
             "reason": reason,
-            "considered": {c.describe(): {"bytes": c.nbytes, "error": round(c.error, 4)} for c in cands},
+            "considered": {
+                c.describe(): {"bytes": c.nbytes, "error": round(c.error, 4)} for c in self._cands
+            },
         }
-        if costs:
-            self.choice["measured"] = {"write_mb_per_s": round((write_rate or 0) / 1e6, 1), **costs}
+
+    @property
+    def projections(self) -> list[choice.Candidate]:
+        """The projections considered at :meth:`finalize` (empty for a family without one)."""
+        return [c for c in self._cands if c.representation == "projection"]
+
+    def project(self, chosen: choice.Candidate, why: str) -> None:
+        """Keeps projection ``chosen`` instead of the per-layer choice (a whole-capture budget)."""
+        self._keep(chosen, why, False)
 
     def _costs(
         self, cands: list[choice.Candidate], uses: list[tuple[Tensor, Tensor]], write_rate: float

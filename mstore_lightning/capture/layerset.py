@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mstore_lightning.capture import choice
 from mstore_lightning.capture.coupling import coupled_layers, is_training_batch_norm
 from mstore_lightning.capture.hooks import HookManager, refuse_compiled
 from mstore_lightning.capture.layers import (
@@ -179,11 +180,46 @@ class LayerSet:
             )
             ready.append(plan)
         if ready:
+            self._fit_budget(ready)
             self._mark_coupled(ready)
         for plan in ready:
             if plan.name in self.stored:
                 check_layer_storage(self._store_uri, plan.name, self.stored[plan.name], plan.spec())
         return ready
+
+    def _fit_budget(self, ready: list[LayerPlan]) -> None:
+        """Projects the largest of ``ready`` while the whole capture is over ``budget.bytes_per_sample``.
+
+        Layers ready before, layers an existing store holds, and forced representations stay as chosen.
+        """
+        total = (self._policy.budget or {}).get("bytes_per_sample")
+        if total is None:
+            return
+        free = self._policy.representation == "auto"
+        adjustable = {
+            p.name: p
+            for p in ready
+            if free and p.name not in self.stored and p.representation != "projection"
+        }
+        sizes = {n: p.choice["bytes_per_sample"] for n, p in adjustable.items()}
+        fixed = sum(
+            p.choice["bytes_per_sample"] for p in self.plans.values() if p.ready and p.name not in adjustable
+        )
+        picks = choice.fit_total(sizes, {n: p.projections for n, p in adjustable.items()}, fixed, total)
+        for name, cand in picks.items():
+            adjustable[name].project(
+                cand,
+                f"whole-capture budget {total:,} B/sample: the largest layers are projected, largest "
+                f"first, until the capture fits (exact: {sizes[name]:,} B)",
+            )
+        after = fixed + sum(p.choice["bytes_per_sample"] for p in adjustable.values())
+        if picks:
+            self._warn(
+                f"GradientCapture: the exact rows would take {fixed + sum(sizes.values()):,} B a sample, over "
+                f"the budget of {total:,}; {len(picks)} layer(s) are stored as seeded projections "
+                f"({', '.join(list(picks)[:4])}{' ...' if len(picks) > 4 else ''}), {after:,} B a sample in all, "
+                f"with the predicted errors describe() shows. budget=None keeps every layer exact."
+            )
 
     def _mark_coupled(self, ready: list[LayerPlan]) -> None:
         """Records which of ``ready`` BatchNorm in training mode couples, from the batch's graph,

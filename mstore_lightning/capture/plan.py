@@ -93,8 +93,8 @@ class StoragePlan:
             f"GradientCapture: the first epoch would not fit in {self.store}: {self.rows_per_epoch:,} rows "
             f"x {_size(self.bytes_per_sample)}/sample = {_size(need)} before compression, and "
             f"{_size(self.free_bytes)} is free. Nothing of this epoch was written. To fit, keep about "
-            f"{_size(fit)} a sample or fewer rows: budget={{'bytes_per_sample': {_budget_hint(self, fit)}}} "
-            f"(per layer) projects the largest layers ({', '.join(largest)}); layers=[...] leaves some out; "
+            f"{_size(fit)} a sample or fewer rows: budget={{'bytes_per_sample': {fit}}} projects the "
+            f"largest layers ({', '.join(largest)}) until the capture fits; layers=[...] leaves some out; "
             f"samples={min(0.99, share):.2g} captures that share of the samples; every_n_steps="
             f"{max(2, math.ceil(1 / share))} captures one step in that many;{_precision_hint(policy)} or free "
             f"space, or write to a larger disk (the policy now: precision={policy.precision!r}, "
@@ -165,13 +165,6 @@ def _precision_hint(policy: CapturePolicy) -> str:
     if policy.precision in ("fp16", "bf16"):
         return " precision='int8' stores about half;"
     return ""
-
-
-def _budget_hint(plan: StoragePlan, per_sample: int) -> int:
-    # A per-layer cap that brings the total near ``per_sample``: the share of the largest layer.
-    largest = max((v["bytes_per_sample"] for v in plan.layers.values()), default=per_sample)
-    scale = per_sample / max(1, plan.bytes_per_sample)
-    return max(64, int(largest * scale))
 
 
 def _size(n: float | None) -> str:
