@@ -178,6 +178,10 @@ def fit_total(
 ) -> dict[str, Candidate]:
     """Projections that bring a whole capture within ``total`` bytes a sample, largest layer first.
 
+    While the capture is over, the layer that is now the largest steps down to its next smaller
+    projection. The large layers so shrink together, each keeping the widest sketch the budget allows,
+    rather than one of them being crushed to fit beside the others.
+
     Args:
         sizes: each adjustable layer's bytes a sample as chosen per layer.
         projections: each adjustable layer's projection candidates.
@@ -185,20 +189,22 @@ def fit_total(
         total: the whole capture's budget.
 
     Returns:
-        ``{layer: projection}`` for the layers to project: each takes the most accurate projection
-        that fits what the budget leaves it (or its smallest, when none does), until the total fits.
+        ``{layer: projection}`` for the layers to project. When even the smallest projections do not
+        fit (``fixed`` alone is over), every projectable layer takes its smallest.
     """
-    now = fixed + sum(sizes.values())
+    current = dict(sizes)
+    steps = {
+        n: sorted((c for c in projections.get(n, []) if c.nbytes < sizes[n]), key=lambda c: -c.nbytes)
+        for n in sizes
+    }
+    now = fixed + sum(current.values())
     out: dict[str, Candidate] = {}
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        if now <= total:
+    while now > total:
+        shrinkable = [n for n in current if any(c.nbytes < current[n] for c in steps[n])]
+        if not shrinkable:
             break
-        smaller = [c for c in projections.get(name, []) if c.nbytes < sizes[name]]
-        if not smaller:
-            continue
-        room = total - (now - sizes[name])
-        fits = [c for c in smaller if c.nbytes <= room]
-        pick = min(fits, key=lambda c: (c.error, c.nbytes)) if fits else min(smaller, key=lambda c: c.nbytes)
-        out[name] = pick
-        now += pick.nbytes - sizes[name]
+        name = max(shrinkable, key=lambda n: (current[n], n))
+        nxt = next(c for c in steps[name] if c.nbytes < current[name])
+        now += nxt.nbytes - current[name]
+        current[name], out[name] = nxt.nbytes, nxt
     return out
