@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mstore_lightning.capture import attention
+from mstore_lightning.capture import attention, recurrent
 from mstore_lightning.capture.layers import LayerPlan
 
 
@@ -38,9 +38,11 @@ class _Use:
     def fired(self) -> bool:
         return any(g is not None for g in self.grads)
 
-    @property
-    def d(self) -> Tensor:
-        return self.grads[0] if self.combine is None else self.combine(self.grads)
+    def resolved(self) -> tuple[Tensor, Tensor]:
+        """``(a, d)``: ``d`` made from the outputs' gradients, then ``a`` (which may be computed
+        from them: a recurrent module's re-run)."""
+        d = self.grads[0] if self.combine is None else self.combine(self.grads)
+        return (self.a() if callable(self.a) else self.a), d
 
 
 class HookManager:
@@ -87,7 +89,11 @@ class HookManager:
             else:
                 self._handles.append(plan.module.register_forward_hook(self._forward_hook(name, plan)))
         for owner, roles in fed.values():
-            self._handles.append(attention.Routed(owner, _AttentionFeed(self, roles)))
+            if isinstance(owner, nn.RNNBase):
+                hook = self._recurrent_hook(roles)
+                self._handles.append(owner.register_forward_hook(hook, with_kwargs=True))
+            else:
+                self._handles.append(attention.Routed(owner, _AttentionFeed(self, roles)))
         for name, module in (norms or {}).items():
             self._handles.append(module.register_forward_hook(self._norm_hook(name)))
 
@@ -105,7 +111,7 @@ class HookManager:
         out = {}
         for name, uses in self._pending.items():
             fired = sorted((u for u in uses if u.fired), key=lambda u: u.order)
-            out[name] = [(u.a, u.d) for u in fired]
+            out[name] = [u.resolved() for u in fired]
         self.graph = (dict(self.layer_nodes), dict(self.norm_nodes))
         self.discard()
         return out
@@ -152,9 +158,39 @@ class HookManager:
         self._order += 1
         self._pending[name].append(use)
         for part, out in enumerate(outputs):
+            if not out.requires_grad:
+                continue
             out.register_hook(use.hook(part))
             if self.keep_graph:
                 self.layer_nodes.setdefault(name, []).append(out.grad_fn)
+
+    def _recurrent_hook(self, roles: dict[str, str]) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not self.active or not torch.is_grad_enabled():
+                return
+            x, hx = args[0], args[1] if len(args) > 1 else kwargs.get("hx")
+            if not isinstance(x, Tensor) or x.dim() != 3:
+                raise RuntimeError(
+                    f"GradientCapture captures {type(module).__name__} on padded, batched tensors; this call "
+                    f"got {type(x).__name__ if not isinstance(x, Tensor) else f'a {x.dim()}-D tensor'}. Pad "
+                    "the sequences (torch.nn.utils.rnn.pad_packed_sequence), or leave the module out of "
+                    "the policy's layers."
+                )
+            out, state = output
+            outs = [out, *(state if isinstance(state, tuple) else (state,))]
+            if not any(o.requires_grad for o in outs):
+                return
+            call = recurrent.Call(module, x, hx)
+            for role, name in roles.items():
+                self.input_requires_grad[name] = role.startswith("hh") or x.requires_grad
+                self.add_use(
+                    name,
+                    lambda role=role: call.rows(role, [])[0],
+                    [o for o in outs],
+                    lambda grads, role=role: call.rows(role, grads)[1],
+                )
+
+        return hook
 
     def _norm_hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mstore_lightning.capture import attention, choice
+from mstore_lightning.capture import attention, choice, recurrent
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
 from mstore_lightning.core import pooling, projection, quant
 from mstore_lightning.core.families.registry import Extractor, extractor_for_kind, find_extractor
@@ -355,8 +355,8 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
         if not policy.matches(name, type(module).__name__):
             continue
         own = {pn: p for pn, p in module.named_parameters(recurse=False) if p.requires_grad}
-        if isinstance(module, nn.MultiheadAttention):
-            covered = _plan_attention(name, module, plans)
+        if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
+            covered, why = _plan_fed(name, module, plans)
             missing = [pn for pn in own if pn not in covered]
             if missing:
                 uncovered.append(
@@ -365,7 +365,7 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
                         "type": type(module).__name__,
                         "params": missing,
                         "numel": int(sum(own[pn].numel() for pn in missing)),
-                        "reason": "no extractor covers these parameters",
+                        "reason": why or "no extractor covers these parameters",
                     }
                 )
             continue
@@ -405,10 +405,19 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
     return plans, uncovered
 
 
-def _plan_attention(name: str, module: nn.MultiheadAttention, plans: dict[str, LayerPlan]) -> set[str]:
-    """Adds the layers of ``module``'s own parameters to ``plans``; returns the parameters covered."""
+def _plan_fed(name: str, module: nn.Module, plans: dict[str, LayerPlan]) -> tuple[set[str], str | None]:
+    """Adds the layers of an attention or recurrent module's own parameters to ``plans``.
+
+    Returns:
+        The parameters covered, and why the module is not captured (``None`` when it is).
+    """
+    if isinstance(module, nn.RNNBase):
+        why = recurrent.supported(module)
+        layers = [] if why else recurrent.virtual_layers(module)
+    else:
+        why, layers = None, attention.virtual_layers(module)
     covered: set[str] = set()
-    for layer in attention.virtual_layers(module):
+    for layer in layers:
         ext = extractor_for_kind(layer["kind"])
         plans[f"{name}.{layer['suffix']}"] = LayerPlan(
             name=f"{name}.{layer['suffix']}",
@@ -422,7 +431,7 @@ def _plan_attention(name: str, module: nn.MultiheadAttention, plans: dict[str, L
             role=layer["role"],
         )
         covered.update(layer["covers"])
-    return covered
+    return covered, why
 
 
 def samples_seen(uses: Mapping[str, list[tuple[Tensor, Tensor]]]) -> int:
