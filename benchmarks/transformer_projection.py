@@ -6,7 +6,9 @@ several :class:`~mstore_lightning.GradientCapture` callbacks in one ``Trainer``,
 same forward and backward passes:
 
 - ``factors`` and ``full`` (fp32): the two exact representations, forced on every layer;
-- ``auto`` (fp32): the library's default choice, the smaller exact form per layer;
+- ``auto`` (fp32, ``budget=None``): the smaller exact form per layer;
+- ``default`` (fp32): the default policy, whose whole-capture budget projects the largest layers
+  once the exact rows pass it;
 - ``projection k`` (fp32, and int8 for one ``k``): the seeded Kronecker sketch ``P_outᵀ G P_in`` of every
   linear layer, once per projection seed; embeddings and LayerNorms have no projection and stay exact.
 
@@ -154,7 +156,8 @@ def variants(dims: list[int], seeds: int, int8_dim: int | None) -> dict[str, dic
     out = {
         "factors": {**base, "representation": "factors"},
         "full": {**base, "representation": "full"},
-        "auto": dict(base),
+        "auto": {**base, "budget": None},
+        "default": dict(base),
     }
     for k in dims:
         for seed in range(seeds):
