@@ -177,10 +177,7 @@ SPECS = {
             batch_size=32,
             batches=100,
             target=1.25,
-            note=(
-                "nn.MultiheadAttention applies out_proj functionally and holds in_proj_weight as a raw "
-                "Parameter, so the capture reports them as uncovered; that warning is expected."
-            ),
+            note="every parameter is captured, nn.MultiheadAttention's in-projection and out_proj included.",
         ),
     )
 }
