@@ -476,7 +476,10 @@ def not_per_sample_record(plan: LayerPlan, rows: int, n: int) -> dict[str, Any]:
 
 def _why_not(module: nn.Module, ext: type[Extractor] | None) -> str | None:
     if ext is None:
-        return f"no extractor is registered for {type(module).__name__}"
+        return (
+            f"no extractor is registered for {type(module).__name__}: its parameters are used inside its "
+            "own forward, not through a submodule, where no hook can split their gradient by sample"
+        )
     return ext.unsupported(module)
 
 
