@@ -11,6 +11,7 @@ from mstore_lightning.analytics.classes import (
 )
 from mstore_lightning.analytics.geometry import Clusters, Outliers, cluster, cosine, outliers, sketches
 from mstore_lightning.analytics.influence import Influence, Neighbours, self_influence, topk, tracin
+from mstore_lightning.analytics.suspects import Suspects, suspects
 
 __all__ = [
     "ClassConflicts",
@@ -19,6 +20,7 @@ __all__ = [
     "Influence",
     "Neighbours",
     "Outliers",
+    "Suspects",
     "class_conflicts",
     "class_gradients",
     "cluster",
@@ -26,6 +28,7 @@ __all__ = [
     "outliers",
     "self_influence",
     "sketches",
+    "suspects",
     "topk",
     "tracin",
 ]

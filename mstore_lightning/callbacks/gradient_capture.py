@@ -135,8 +135,10 @@ class GradientCapture(Callback):
         >>> trainer = L.Trainer(max_epochs=3, callbacks=[capture])     # doctest: +SKIP
         >>> trainer.fit(model, train_loader)                            # doctest: +SKIP
 
-    To record per-sample losses, return them from ``training_step`` as
-    ``{"loss": loss, "per_sample_loss": losses.detach()}``.
+    Per-sample losses and margins (``z_y − max_{j≠y} z_j``) are recorded by themselves for a
+    cross-entropy classifier whose logit layer is captured (its rows show them). Otherwise return
+    them from ``training_step``: ``{"loss": loss, "logits": logits}`` gives both,
+    ``{"loss": loss, "per_sample_loss": losses.detach()}`` the losses (see ``capture.signals``).
     """
 
     def __init__(
@@ -330,8 +332,9 @@ class GradientCapture(Callback):
         if self._reports is not None:
             self._reports.poll(trainer.loggers)
         per_sample = outputs.get("per_sample_loss") if isinstance(outputs, dict) else None
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        self.recorder.end_step(per_sample, batch, loss)
+        self.recorder.end_step(per_sample, batch, loss, logits)
 
     # ------------------------------------------------------------------ checkpoints
     @override

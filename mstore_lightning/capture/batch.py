@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mstore_lightning.capture import signals
 from mstore_lightning.capture.decision import module_device, random_state_kept
 from mstore_lightning.capture.epoch import EpochLog
 from mstore_lightning.capture.finite import nonfinite_samples
@@ -49,6 +50,10 @@ class BatchWriter:
         self.policy: CapturePolicy = selection.policy
         self._warn, self._loss_fn, self._info = warn, loss_fn, info
         self.plan: StoragePlan | None = None  # made once, when the first layers are ready
+        # The layer whose rows are softmax(z) - onehot(y), found on the first captured step with
+        # labels ("": none); with it (or logits from training_step) each row gets a loss and margin.
+        self.logit_layer: str | None = None
+        self.margins: bool | None = None  # whether rows/margin is kept: decided by the first step
 
     def write(
         self,
@@ -63,6 +68,8 @@ class BatchWriter:
     ) -> None:
         """Appends the rows of a batch whose ids are known; with ``check_finite``, samples whose
         factors hold NaN or Inf are counted in ``log``."""
+        if split == "train":
+            step.signals = self._signals(uses, step, multiplier)
         flagged = self._write_layers(log, uses, multiplier, step, split)
         if check_finite:
             bad = nonfinite_samples(uses, len(step.ids), flagged, step.keep)
@@ -73,14 +80,51 @@ class BatchWriter:
             log.epoch, step.ids, step.labels, step.keep, global_step, lr, without_loss, split
         )
 
-    def write_losses(self, epoch: int, step: Step, per_sample_loss: Any) -> None:
-        """Appends a training step's per-sample losses: a tensor of one per sample, else NaN."""
+    def write_losses(self, epoch: int, step: Step, per_sample_loss: Any, logits: Any = None) -> None:
+        """Appends a training step's per-sample losses and margins.
+
+        The loss is ``per_sample_loss`` (a tensor of one per sample) where given, else cross-entropy on
+        ``logits``, else what the logit layer's rows show (see :mod:`.signals`), else NaN. Margins
+        come from ``logits`` or those rows, and are stored when the run's first step had them.
+        """
         n = len(step.ids)
+        derived = step.signals
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] == n:
+            labels = signals.as_labels(step.labels, logits.device)
+            if labels is not None:
+                derived = signals.from_logits(logits, labels)
+        if self.margins is None:  # the first step decides whether this run keeps margins
+            self.margins = derived is not None
         if isinstance(per_sample_loss, torch.Tensor) and per_sample_loss.numel() == n:
             losses = per_sample_loss.detach().reshape(-1).float()  # handed over where it is
+        elif derived is not None:
+            losses = derived[0]
         else:
             losses = torch.full((n,), float("nan"), dtype=torch.float32)
         self.sink.append_row_field(epoch, "loss", select_rows(losses, step.keep))
+        if self.margins:
+            margins = derived[1] if derived is not None else torch.full((n,), float("nan"))
+            self.sink.append_margins(epoch, select_rows(margins.float(), step.keep))
+
+    def _signals(self, uses: dict[str, list], step: Step, multiplier: float) -> tuple[Any, Any] | None:
+        """``(loss, margin)`` of the step's samples from the logit layer's rows, where there is one."""
+        if self.logit_layer == "" or step.labels is None:
+            return None
+        if self.logit_layer is None:
+            found = []
+            for name, calls in uses.items():
+                if len(calls) == 1 and calls[0][1].dim() == 2:
+                    d = calls[0][1].float() * multiplier
+                    if signals.is_softmax_gradient(d, signals.as_labels(step.labels, d.device)):
+                        found.append(name)
+            self.logit_layer = found[0] if len(found) == 1 else ""
+            if not self.logit_layer:
+                return None
+        calls = uses.get(self.logit_layer)
+        if not calls:
+            return None
+        d = calls[0][1].float() * multiplier
+        return signals.from_softmax_gradient(d, signals.as_labels(step.labels, d.device))
 
     def capture_pass(
         self,

@@ -414,9 +414,12 @@ class Recorder:
         self._batches.write(self._log, uses, step, mult, global_step, lr, check_finite=True)
         return True, ""
 
-    def end_step(self, per_sample_loss: Any = None, batch: Any = None, loss: Any = None) -> None:
-        """Ends the step: stores its per-sample losses (a tensor of one per sample; NaN without) and
-        keeps ``batch`` when the store-or-recompute decision is to measure on it.
+    def end_step(
+        self, per_sample_loss: Any = None, batch: Any = None, loss: Any = None, logits: Any = None
+    ) -> None:
+        """Ends the step: stores its per-sample losses and margins (see ``BatchWriter.write_losses``;
+        ``logits`` as ``training_step`` returned them, if it did) and keeps ``batch`` when the
+        store-or-recompute decision is to measure on it.
 
         On the first captured step, the batch ``loss`` (as ``training_step`` returned it) is checked
         against the per-sample losses for the policy's ``loss_reduction``.
@@ -440,7 +443,7 @@ class Recorder:
         if step is None or not step.backward_done or step.dropped or self._epoch is None:
             self._layers.hooks.discard()  # e.g. training_step returned None and backward never ran
             return
-        self._batches.write_losses(self._epoch, step, per_sample_loss)
+        self._batches.write_losses(self._epoch, step, per_sample_loss, logits)
         if self.wants_decision():
             self._probe = batch  # measures the recompute cost at the epoch's end, then is dropped
 

@@ -160,6 +160,11 @@ class RowSink:
         for name, values in fields.items():
             self.append_row_field(epoch, name, select_rows(values, keep), split)
 
+    def append_margins(self, epoch: int, margins: torch.Tensor) -> None:
+        """Appends a training step's margins (``rows/margin``, see ``capture.signals``)."""
+        chunk_rows = self.run.writer.chunk_rows_for(8 * len(layout.ROW_FIELDS))
+        self.run.append(epoch, f"{layout.ROWS}/{layout.MARGINS}", margins, np.float32, chunk_rows)
+
     def append_row_field(self, epoch: int, name: str, values: torch.Tensor, split: str = "train") -> None:
         """Appends rows of one of :data:`layout.ROW_FIELDS`."""
         chunk_rows = self.run.writer.chunk_rows_for(8 * len(layout.ROW_FIELDS))

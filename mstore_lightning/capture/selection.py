@@ -25,6 +25,7 @@ class Step:
     amp_scale: float = 1.0
     backward_done: bool = False
     dropped: bool = False  # not stored: the writer was behind (on_pressure="drop")
+    signals: Any = None  # (loss, margin) per sample, where the rows show them (see capture.signals)
 
 
 class SampleSelection:

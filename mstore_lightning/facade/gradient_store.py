@@ -302,6 +302,18 @@ class GradientStore:
         out = analytics.tracin(self.scan, query_ids, epochs, layers, client)
         return analytics.Influence(out.ids, self._flagged(out.scores, epochs, layers))
 
+    def suspects(
+        self, epochs: Sequence[int] | None = None, k: int | None = None, layers: Sequence[str] | None = None
+    ) -> analytics.Suspects:
+        """Every training id ranked most suspicious first, with the signals behind each score and
+        the flags ``conflicting`` and ``duplicate_conflict`` (see ``analytics.suspects``).
+
+        Example:
+            >>> top = store.suspects(k=20)                                   # doctest: +SKIP
+            >>> top.to_pandas()[["id", "score", "loss", "margin", "conflicting"]]  # doctest: +SKIP
+        """
+        return analytics.suspects(self.scan, epochs, k, layers)
+
     def topk(
         self,
         query_ids: Ids,

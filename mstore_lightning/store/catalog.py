@@ -217,6 +217,11 @@ class Catalog:
         wanted = [(e, n) for n in records for e in epochs if (e, n, split) not in self._fields]
         self._read_records(wanted, split, required=False)
 
+    def optional_records(self, epoch: int, name: str, split: str = "train") -> list[np.ndarray] | None:
+        """``rows/<name>`` of each rank of ``epoch``, or ``None`` when the epoch does not store it."""
+        self._read_records([(epoch, name)], split, required=False)
+        return self._records.get((epoch, name, split))
+
     def rank_records(self, epoch: int, name: str, split: str = "train") -> list[np.ndarray]:
         """``rows/<name>`` of each rank of ``epoch``, read once and kept."""
         self._read_records([(epoch, name)], split)

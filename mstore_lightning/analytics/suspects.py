@@ -1,0 +1,239 @@
+"""One ranking of the training samples to look at first, with the signals behind each place.
+
+Every signal is read from the store; none needs the model, more training or another pass:
+
+- ``loss``: the sample's mean loss over the epochs (high is suspicious). A mislabeled sample is one
+  the model cannot fit without memorising it, so its loss stays high while the rest fall.
+- ``margin``: the area under the margin, the mean over epochs of ``z_y − max_{j≠y} z_j`` (low is
+  suspicious; Pleiss et al., 2020): where another class keeps winning, the label is likely wrong.
+- ``self_influence``: ``Σ_e lr_e ‖g_i(e)‖²`` (high is suspicious; TracIn's self-influence): how hard
+  the sample pulls on the weights.
+- ``alignment``: the cosine of the sample's gradient with its own class's summed gradient at the last
+  epoch (low is suspicious): a sample whose gradient opposes its class pulls the class elsewhere.
+
+Losses and margins come from the rows the capture stored (see ``capture.signals``); a store without
+them ranks on the gradient signals alone.
+
+**How they are combined.** Each signal is turned into a rank percentile among the samples (``1``: the
+most suspicious), and the score is their mean: a Borda count. Ranks put signals of different units
+on one scale without a fitted weight, so the combination carries no parameter tuned to any data set;
+a sample scores high only when several independent views agree, which makes the ranking robust to
+the signal that is noisy on a given task. Ties share their mean rank, and ids break remaining ties,
+so the ranking is deterministic.
+
+**Flags.** ``conflicting``: the sample's gradient opposes its class's (``alignment < 0``).
+``duplicate_conflict``: its input is (near) identical to another sample's that carries another label,
+found on the stored input rows of the first layer fed by data (cosine ``>= 0.999``); ``groups`` lists
+each such group of ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mstore_lightning.analytics.classes import class_conflicts
+from mstore_lightning.analytics.frames import frame
+from mstore_lightning.analytics.influence import self_influence
+from mstore_lightning.analytics.kernels import as_scan
+from mstore_lightning.store.layout import MARGINS
+
+# Signal name -> +1 when high is suspicious, -1 when low is.
+DIRECTION = {"loss": 1.0, "margin": -1.0, "self_influence": 1.0, "alignment": -1.0}
+DUPLICATE_COSINE = 0.999
+MAX_DUPLICATE_ROWS = 50_000  # the pairwise search is quadratic; past this it is skipped, with a note
+
+
+@dataclass
+class Suspects:
+    """Training ids ranked most suspicious first.
+
+    Attributes:
+        ids: the training ids, most suspicious first.
+        scores: the combined score of each (mean rank percentile, in ``(0, 1]``; higher is worse).
+        signals: each signal's value per id, aligned with ``ids`` (NaN where it is unknown).
+        flags: ``conflicting`` and ``duplicate_conflict`` per id, aligned with ``ids``.
+        groups: ids of (near) identical inputs that carry different labels, one list per group.
+        notes: what was left out, and why.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    signals: dict[str, np.ndarray]
+    flags: dict[str, np.ndarray] = field(default_factory=dict)
+    groups: list[list[int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def top(self, k: int) -> Suspects:
+        """The first ``k`` suspects."""
+        keep = slice(0, k)
+        return Suspects(
+            self.ids[keep],
+            self.scores[keep],
+            {n: v[keep] for n, v in self.signals.items()},
+            {n: v[keep] for n, v in self.flags.items()},
+            self.groups,
+            self.notes,
+        )
+
+    def to_pandas(self) -> Any:
+        """One row per id, most suspicious first: rank, id, score, each signal and each flag."""
+        return frame(
+            {
+                "rank": np.arange(1, len(self.ids) + 1),
+                "id": self.ids,
+                "score": self.scores,
+                **self.signals,
+                **self.flags,
+            }
+        )
+
+
+def suspects(
+    store: Any, epochs: Sequence[int] | None = None, k: int | None = None, layers: Sequence[str] | None = None
+) -> Suspects:
+    """Every training id ranked from most to least suspicious (see the module's docstring).
+
+    Args:
+        store: a store or its scan.
+        epochs: the epochs whose rows are read (all committed by default).
+        k: keep only the ``k`` most suspicious.
+        layers: the layers the gradient signals read (all by default).
+    """
+    scan = as_scan(store)
+    cat = scan.catalog
+    epochs = list(cat.epochs if epochs is None else epochs)
+    if not epochs:
+        raise ValueError("The store has no committed epoch to rank samples from.")
+    influence = self_influence(scan, epochs, layers)
+    ids = influence.ids
+    signals: dict[str, np.ndarray] = {"self_influence": np.asarray(influence.scores, dtype=np.float64)}
+    notes: list[str] = []
+    for name, record in (("loss", "loss"), ("margin", MARGINS)):
+        values = _mean_by_id(cat, epochs, record, ids)
+        if values is None or np.isnan(values).all():
+            notes.append(f"no {name} was recorded; the ranking goes without it")
+        else:
+            signals[name] = values
+    last = epochs[-1]
+    labels = cat.row_field(last, "label")
+    alignment = np.full(len(ids), np.nan)
+    if (labels >= 0).any():
+        conflicts = class_conflicts(scan, last, layers)
+        at = np.searchsorted(ids, conflicts.ids)
+        alignment[at] = conflicts.alignment
+        signals["alignment"] = alignment
+    else:
+        notes.append("no labels were recorded: no class alignment, and no duplicate check")
+    scores = combine(signals)
+    order = np.lexsort((ids, -scores))  # highest score first; ids break ties
+    flags = {"conflicting": np.nan_to_num(alignment, nan=1.0) < 0}
+    groups: list[list[int]] = []
+    if (labels >= 0).any():
+        groups, note = duplicate_groups(scan, last)
+        if note:
+            notes.append(note)
+    in_group = np.zeros(len(ids), dtype=bool)
+    members = np.array(sorted({i for g in groups for i in g}), dtype=np.int64)
+    in_group[np.searchsorted(ids, members)] = True
+    flags["duplicate_conflict"] = in_group
+    out = Suspects(
+        ids[order],
+        scores[order],
+        {n: v[order] for n, v in signals.items()},
+        {n: v[order] for n, v in flags.items()},
+        groups,
+        notes,
+    )
+    return out.top(k) if k is not None else out
+
+
+def combine(signals: dict[str, np.ndarray]) -> np.ndarray:
+    """The mean rank percentile of each sample over ``signals`` (``1``: most suspicious on all).
+
+    A signal unknown for a sample (NaN) leaves it out of that sample's mean.
+    """
+    n = len(next(iter(signals.values())))
+    total, count = np.zeros(n), np.zeros(n)
+    for name, values in signals.items():
+        known = ~np.isnan(values)
+        if not known.any():
+            continue
+        total[known] += _percentile_ranks(DIRECTION[name] * values[known])
+        count[known] += 1
+    return np.divide(total, count, out=np.zeros(n), where=count > 0)
+
+
+def _percentile_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks in ``(0, 1]`` (largest value: ``1``), ties sharing their mean rank."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    uniq, inverse = np.unique(values, return_inverse=True)
+    if len(uniq) < len(values):  # mean rank within each tie
+        ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+    return ranks / len(values)
+
+
+def _mean_by_id(cat: Any, epochs: Sequence[int], record: str, ids: np.ndarray) -> np.ndarray | None:
+    """The mean over ``epochs`` of row record ``record`` for each of ``ids`` (NaN where never seen)."""
+    total, count = np.zeros(len(ids)), np.zeros(len(ids))
+    cat.preload(epochs, ("ids", record))
+    found = False
+    for e in epochs:
+        parts = cat.optional_records(e, record)
+        if parts is None:
+            continue
+        found = True
+        values = np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+        at = np.searchsorted(ids, cat.row_field(e, "ids"))
+        ok = ~np.isnan(values)
+        np.add.at(total, at[ok], values[ok])
+        np.add.at(count, at[ok], 1)
+    if not found:
+        return None
+    return np.divide(total, count, out=np.full(len(ids), np.nan), where=count > 0)
+
+
+def duplicate_groups(scan: Any, epoch: int) -> tuple[list[list[int]], str | None]:
+    """Groups of ids whose inputs are (near) identical but whose labels differ, and a note when the
+    search was left out."""
+    source = next((s for s in scan.sources(epoch, None) if s.rep.arrays.get("a", {}).get("dedup")), None)
+    if source is None:
+        return [], "no layer stores its input as the data gives it: no duplicate check"
+    ids, labels = scan.catalog.row_field(epoch, "ids"), scan.catalog.row_field(epoch, "label")
+    if len(ids) > MAX_DUPLICATE_ROWS:
+        return [], f"the duplicate check is left out past {MAX_DUPLICATE_ROWS:,} rows"
+    a = torch.cat([b.load()["a"].reshape(b.rows, -1).double() for b in source.blocks()])
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    parent = np.arange(len(ids))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    step = 2048
+    for lo in range(0, len(ids), step):
+        near = (a[lo : lo + step] @ a.T >= DUPLICATE_COSINE).numpy()
+        for i, j in zip(*np.nonzero(near)):
+            i, j = lo + int(i), int(j)
+            if i < j:
+                parent[root(i)] = root(j)
+    members: dict[int, list[int]] = {}
+    for i in range(len(ids)):
+        members.setdefault(root(i), []).append(i)
+    groups = [
+        sorted(int(ids[i]) for i in rows)
+        for rows in members.values()
+        if len(rows) > 1 and len({int(labels[i]) for i in rows}) > 1
+    ]
+    return sorted(groups), None
