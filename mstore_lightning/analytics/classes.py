@@ -61,8 +61,11 @@ class ClassConflicts:
         return frame({"id": self.ids, "alignment": self.alignment})
 
 
-def class_gradients(store: Any, epoch: int, layers: Sequence[str] | None = None) -> ClassGradients:
-    """Sums of per-sample gradients over the samples of each labelled class in ``epoch``."""
+def class_gradients(
+    store: Any, epoch: int, layers: Sequence[str] | None = None, weights: np.ndarray | None = None
+) -> ClassGradients:
+    """Sums of per-sample gradients over the samples of each labelled class in ``epoch``; with
+    ``weights`` (one per row), of the gradients scaled by them."""
     scan = as_scan(store)
     labels = scan.catalog.row_field(epoch, "label")
     classes = np.unique(labels[labels >= 0])
@@ -71,6 +74,8 @@ def class_gradients(store: Any, epoch: int, layers: Sequence[str] | None = None)
         rep, sums = src.rep, {}
         for block in src.blocks():
             rows = block.load()
+            if weights is not None:
+                rows = rep.scaled(rows, torch.from_numpy(weights[block.first : block.first + block.rows]))
             block_labels = labels[block.first : block.first + block.rows]
             for k, c in enumerate(classes):
                 mask = torch.from_numpy(block_labels == c)
@@ -90,10 +95,19 @@ def class_gradients(store: Any, epoch: int, layers: Sequence[str] | None = None)
     return ClassGradients(classes, grads, counts, matrices)
 
 
-def class_conflicts(store: Any, epoch: int, layers: Sequence[str] | None = None) -> ClassConflicts:
-    """Cosines between class gradients, and each sample's alignment with its class's gradient."""
+def class_conflicts(
+    store: Any, epoch: int, layers: Sequence[str] | None = None, unit: bool = False
+) -> ClassConflicts:
+    """Cosines between class gradients, and each sample's alignment with its class's gradient.
+
+    With ``unit``, a class's gradient is the sum of its samples' *unit* gradients: each sample one
+    vote for a direction, so the few samples with large gradients (the mislabeled ones, late in
+    training) do not make the class's direction their own.
+    """
     scan = as_scan(store)
-    cg = class_gradients(scan, epoch, layers)
+    sample_norms = np.sqrt(kernels.sqnorms(scan, epoch, layers))
+    weights = 1.0 / np.maximum(sample_norms, np.finfo(np.float64).tiny) if unit else None
+    cg = class_gradients(scan, epoch, layers, weights)
     flat = cg.flat()
     norms = flat.norm(dim=1)
     cosine = (flat @ flat.T) / torch.outer(norms, norms).clamp_min(torch.finfo(torch.float64).tiny)
@@ -112,7 +126,6 @@ def class_conflicts(store: Any, epoch: int, layers: Sequence[str] | None = None)
                     matrix = cg.matrices[rep.name][k] if rep.name in cg.matrices else None
                     sums = {p: g[k] for p, g in cg.grads[rep.name].items()}
                     dots[block.first + np.nonzero(mask)[0]] += rep.dot_class(sel, sums, matrix).numpy()
-    sample_norms = np.sqrt(kernels.sqnorms(scan, epoch, layers))
     known = labels >= 0
     alignment = np.full(len(labels), np.nan)
     class_norm = norms.numpy()[[index[int(c)] for c in labels[known]]]

@@ -8,8 +8,11 @@ Every signal is read from the store; none needs the model, more training or anot
   suspicious; Pleiss et al., 2020): where another class keeps winning, the label is likely wrong.
 - ``self_influence``: ``Σ_e lr_e ‖g_i(e)‖²`` (high is suspicious; TracIn's self-influence): how hard
   the sample pulls on the weights.
-- ``alignment``: the cosine of the sample's gradient with its own class's summed gradient at the last
-  epoch (low is suspicious): a sample whose gradient opposes its class pulls the class elsewhere.
+- ``alignment``: the cosine of the sample's gradient with its own class's direction at the last
+  epoch, the sum of the class's *unit* gradients (low is suspicious): a sample whose gradient opposes
+  what most of its class asks for pulls the class elsewhere. Unit gradients give each sample one
+  vote; late in training the few mislabeled samples hold most of a class's gradient, and a plain sum
+  would make their direction the class's.
 
 Losses and margins come from the rows the capture stored (see ``capture.signals``); a store without
 them ranks on the gradient signals alone.
@@ -126,7 +129,7 @@ def suspects(
     labels = cat.row_field(last, "label")
     alignment = np.full(len(ids), np.nan)
     if (labels >= 0).any():
-        conflicts = class_conflicts(scan, last, layers)
+        conflicts = class_conflicts(scan, last, layers, unit=True)
         at = np.searchsorted(ids, conflicts.ids)
         alignment[at] = conflicts.alignment
         signals["alignment"] = alignment

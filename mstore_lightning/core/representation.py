@@ -152,6 +152,11 @@ class Representation(ABC):
         gx, gy = self.restore(x), self.restore(y)
         return sum(flat_gram(gx[p], gy[p]) for p in self.params)
 
+    def scaled(self, rows: Rows, w: Tensor) -> Rows:
+        """Rows whose gradients are the given rows' times ``w`` (one factor per row): every
+        stored array is linear in the gradient here; factor forms override it."""
+        return {n: v * w.to(v.dtype).reshape(-1, *([1] * (v.dim() - 1))) for n, v in rows.items()}
+
     def class_sum(self, rows: Rows) -> Rows:
         """The sum of the rows' gradients ``{param: shape}``; families with a factor form add
         ``MATRIX``: the weight part in the ``(G, O, I)`` layout of the factors."""
@@ -188,6 +193,11 @@ class Factors(Representation):
 
     def gram(self, x: Rows, y: Rows) -> Tensor:
         return self.extractor.gram(self.hyper, self.params, self.unpacked(x), self.unpacked(y))
+
+    def scaled(self, rows: Rows, w: Tensor) -> Rows:
+        # A gradient is linear in its output-gradient factor d; the input factor stays as stored.
+        d = rows["d"]
+        return {**rows, "d": d * w.to(d.dtype).reshape(-1, *([1] * (d.dim() - 1)))}
 
     def _matrices(self, rows: Rows) -> tuple[Tensor, Tensor] | None:
         ext = self.extractor
@@ -323,6 +333,10 @@ class ProjectedFactors(_Projected):
 
     def _terms(self) -> tuple[bool, bool]:
         return "weight" in self.params, "bias" in self.params
+
+    def scaled(self, rows: Rows, w: Tensor) -> Rows:
+        d = rows["d"]
+        return {**rows, "d": d * w.to(d.dtype).reshape(-1, *([1] * (d.dim() - 1)))}
 
     def sqnorm(self, rows: Rows) -> Tensor:
         return kron_sqnorm(rows["a"], rows["d"], *self._terms()).double()

@@ -1,0 +1,206 @@
+"""``store.suspects()``: each signal against a brute-force computation, the combination against an
+independent rank aggregation, determinism, and the flags on data built to have them."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from helpers import EXACT, Task, loader, per_sample_grads, trainer
+from scipy.stats import rankdata
+from torch import nn
+
+from mstore_lightning import GradientCapture, open_store
+from mstore_lightning.analytics.suspects import combine
+
+
+class PlainLoss(Task):
+    """Returns the batch loss alone: the capture must find losses and margins by itself."""
+
+    def training_step(self, batch: dict, batch_idx: int):
+        return nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+
+class Smoothed(Task):
+    """Label smoothing breaks the softmax - onehot form; the logits it returns give the margins."""
+
+    def training_step(self, batch: dict, batch_idx: int):
+        logits = self(batch["x"])
+        return {
+            "loss": nn.functional.cross_entropy(logits, batch["y"], label_smoothing=0.1),
+            "logits": logits,
+        }
+
+
+class Truth(L.Callback):
+    """Before each step: every sample's cross-entropy, logit margin and per-sample gradient."""
+
+    def __init__(self) -> None:
+        self.loss, self.margin = defaultdict(dict), defaultdict(dict)
+        self.grads: dict[int, dict[int, dict[str, torch.Tensor]]] = defaultdict(dict)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with torch.no_grad():
+            z = pl_module(batch["x"])
+        y = batch["y"]
+        loss = nn.functional.cross_entropy(z, y, reduction="none")
+        own = z.gather(1, y[:, None])[:, 0]
+        other = z.scatter(1, y[:, None], float("-inf")).amax(1)
+        g = per_sample_grads(pl_module, batch["x"], y)
+        for row, sid in enumerate(batch["index"].tolist()):
+            e = trainer.current_epoch
+            self.loss[e][sid], self.margin[e][sid] = float(loss[row]), float(own[row] - other[row])
+            self.grads[e][sid] = {k: v[row] for k, v in g.items()}
+
+
+def blobs(n: int = 48, seed: int = 0, flips: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    centres = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]])
+    x = centres[y] + 0.5 * torch.randn(n, 4, generator=g)
+    flipped = np.zeros(n, dtype=bool)
+    if flips:
+        rows = torch.randperm(n, generator=g)[:flips]
+        y = y.clone()
+        y[rows] = (y[rows] + 1) % 3
+        flipped[rows.numpy()] = True
+    return x, y, flipped
+
+
+def net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _fit(tmp_path, task: Task, x, y, epochs: int = 3, callbacks=()) -> object:
+    torch.manual_seed(0)
+    trainer([*callbacks, GradientCapture(tmp_path / "s.zarr", policy=EXACT)], max_epochs=epochs).fit(
+        task, loader(x, y, batch_size=8)
+    )
+    return open_store(tmp_path / "s.zarr")
+
+
+def test_every_signal_equals_its_brute_force_computation(tmp_path):
+    x, y, _ = blobs(flips=5)
+    truth = Truth()
+    store = _fit(tmp_path, PlainLoss(net()), x, y, callbacks=[truth])
+    sus = store.suspects()
+    ids = sus.ids
+    epochs = store.epochs
+    want_loss = np.array([np.mean([truth.loss[e][i] for e in epochs]) for i in ids])
+    want_margin = np.array([np.mean([truth.margin[e][i] for e in epochs]) for i in ids])
+    np.testing.assert_allclose(sus.signals["loss"], want_loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sus.signals["margin"], want_margin, rtol=1e-4, atol=1e-5)
+    flat = {
+        e: {i: torch.cat([g.flatten() for g in truth.grads[e][i].values()]).double() for i in ids}
+        for e in epochs
+    }
+    want_si = np.array([sum(store.lr(e) * float(flat[e][i].pow(2).sum()) for e in epochs) for i in ids])
+    np.testing.assert_allclose(sus.signals["self_influence"], want_si, rtol=1e-4)
+    last = epochs[-1]
+    labels = {int(i): int(c) for i, c in zip(store.sample_ids(last), store.row_field(last, "label"))}
+    unit = {i: flat[last][i] / flat[last][i].norm() for i in ids}
+    class_sum = {c: sum(unit[i] for i in ids if labels[int(i)] == c) for c in set(labels.values())}
+    want_align = np.array(
+        [
+            float(
+                flat[last][i]
+                @ class_sum[labels[int(i)]]
+                / (flat[last][i].norm() * class_sum[labels[int(i)]].norm())
+            )
+            for i in ids
+        ]
+    )
+    np.testing.assert_allclose(sus.signals["alignment"], want_align, rtol=1e-4, atol=1e-6)
+    # The score: the mean over signals of rank percentiles, by scipy's average ranks.
+    oriented = [want_loss, -want_margin, want_si, -want_align]
+    want_score = np.mean([rankdata(v, method="average") / len(v) for v in oriented], axis=0)
+    np.testing.assert_allclose(sus.scores, want_score, rtol=1e-9)
+    assert np.all(np.diff(sus.scores) <= 0)
+
+
+def test_logits_from_the_step_give_margins_when_the_rows_cannot(tmp_path):
+    x, y, _ = blobs()
+    truth = Truth()
+    store = _fit(tmp_path, Smoothed(net()), x, y, epochs=1, callbacks=[truth])
+    ids = store.sample_ids(0)
+    sus = store.suspects(epochs=[0])
+    by_id = dict(zip(sus.ids.tolist(), sus.signals["margin"]))
+    np.testing.assert_allclose(
+        [by_id[i] for i in ids], [truth.margin[0][i] for i in ids], rtol=1e-4, atol=1e-5
+    )
+    # Its loss is the cross-entropy of the logits, not the smoothed loss that was trained.
+    np.testing.assert_allclose(
+        store.row_field(0, "loss"), [truth.loss[0][i] for i in ids], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_a_loss_that_is_not_cross_entropy_ranks_on_the_gradients_and_says_so(tmp_path):
+    x, _, _ = blobs()
+    target = torch.randn(len(x), 3)
+    store = _fit(tmp_path, Task(net(), loss="mse"), x, target, epochs=1)
+    sus = store.suspects()
+    assert "margin" not in sus.signals and any("no margin" in n for n in sus.notes)
+    assert len(sus.ids) == len(x)
+
+
+def test_rankings_are_deterministic_and_k_keeps_the_first(tmp_path):
+    x, y, _ = blobs(flips=4)
+    store = _fit(tmp_path, PlainLoss(net()), x, y)
+    a, b = store.suspects(), open_store(tmp_path / "s.zarr").suspects()
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    top = store.suspects(k=5)
+    np.testing.assert_array_equal(top.ids, a.ids[:5])
+    frame = top.to_pandas()
+    assert list(frame["id"]) == top.ids.tolist() and {"loss", "margin", "conflicting"} <= set(frame.columns)
+
+
+def test_ties_share_their_rank_and_ids_break_them():
+    scores = combine({"loss": np.array([1.0, 2.0, 2.0, 3.0])})
+    np.testing.assert_allclose(scores, [0.25, 0.625, 0.625, 1.0])
+    assert np.isnan(combine({"loss": np.array([np.nan, 1.0])})).sum() == 0
+
+
+def opposed(n: int = 40, flips: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Two classes at +mu and -mu: a flipped sample's gradient points against its new class's."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(n) % 2
+    x = (1 - 2 * y.float())[:, None] * torch.tensor([3.0, 3.0, 0, 0]) + 0.3 * torch.randn(n, 4, generator=g)
+    flipped = np.zeros(n, dtype=bool)
+    flipped[:flips] = True
+    y = torch.where(torch.from_numpy(flipped), 1 - y, y)
+    return x, y, flipped
+
+
+def test_gradients_opposing_their_class_are_flagged_and_clean_data_is_quiet(tmp_path):
+    x, y, flipped = opposed(flips=4)
+    sus = _fit(tmp_path / "noisy", PlainLoss(nn.Linear(4, 2)), x, y, epochs=4).suspects()
+    conflicting = set(sus.ids[sus.flags["conflicting"]].tolist())
+    assert conflicting == set(np.nonzero(flipped)[0].tolist())
+    clean = _fit(tmp_path / "clean", PlainLoss(nn.Linear(4, 2)), *opposed()[:2], epochs=4).suspects()
+    assert not clean.flags["conflicting"].any()
+    assert clean.groups == [] and not clean.flags["duplicate_conflict"].any()
+
+
+def test_duplicate_inputs_with_other_labels_are_grouped(tmp_path):
+    x, y, _ = blobs(n=48)
+    x[10], y[10] = x[3], (y[3] + 1) % 3  # the same input as sample 3, another label
+    x[20], y[20] = x[5] * (1 + 1e-6), y[5]  # a near copy that agrees: not a conflict
+    sus = _fit(tmp_path, PlainLoss(net()), x, y, epochs=1).suspects()
+    assert sus.groups == [[3, 10]]
+    flagged = set(sus.ids[sus.flags["duplicate_conflict"]].tolist())
+    assert flagged == {3, 10}
+
+
+@pytest.mark.parametrize("epochs", [[0], None])
+def test_suspects_reads_only_the_epochs_asked_for(tmp_path, epochs):
+    x, y, _ = blobs()
+    store = _fit(tmp_path, PlainLoss(net()), x, y, epochs=2)
+    sus = store.suspects(epochs=epochs)
+    want = np.mean(
+        [store.row_field(e, "loss")[np.argsort(store.sample_ids(e))] for e in (epochs or store.epochs)], 0
+    )
+    np.testing.assert_allclose(np.sort(sus.signals["loss"]), np.sort(want), rtol=1e-6)
