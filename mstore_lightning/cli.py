@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  mstore verify runs/demo.zarr\n"
             "  mstore topk runs/demo.zarr --query 3,17 --k 5\n"
             "  mstore self-influence runs/demo.zarr --top 20 --format csv --output suspicious.csv\n"
+            "  mstore suspects runs/demo.zarr --top 20\n"
             "  mstore export runs/demo.zarr --epoch 2 --format parquet --output epoch2.parquet\n\n"
             "Run 'mstore COMMAND --help' for the options of one command."
         ),
@@ -183,7 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
         "  mstore self-influence runs/demo.zarr --epochs 2 --format json --output self.json",
         output,
     )  # fmt: skip
-    for sub in (tracin, self_influence):
+    suspects = add(
+        "suspects", _suspects,
+        "Every training sample ranked most suspicious first (likely mislabeled, ambiguous or out of place), "
+        "from its loss, margin, self-influence and gradient alignment with its class, with the flags "
+        "'conflicting' (gradient opposes its class's) and 'duplicate_conflict' (an identical input "
+        "carries another label). Prints the top 20 unless --top or --all is given.",
+        "  mstore suspects runs/demo.zarr\n"
+        "  mstore suspects runs/demo.zarr --all --format csv --output suspects.csv",
+        output,
+    )  # fmt: skip
+    suspects.add_argument("--all", action="store_true", help="every training sample, not the top 20")
+    for sub in (tracin, self_influence, suspects):
         sub.add_argument(
             "--epochs", type=_ids, nargs="+", metavar="EPOCHS", help="epochs to sum (default: all committed)"
         )
@@ -326,6 +338,26 @@ def _self_influence(args: argparse.Namespace) -> int:
     order = best(scores, len(scores) if args.top is None else args.top)
     columns: dict[str, Any] = {"rank": np.arange(1, len(order) + 1), "id": ids[order], "score": scores[order]}
     columns.update(_sample_fields(store, epochs, ids[order]))
+    return _emit(args, _frame(columns))
+
+
+def _suspects(args: argparse.Namespace) -> int:
+    store = _open(args, need_epochs=True)
+    epochs, layers = _epochs(store, args.epochs), _flat(args.layers)
+    sus = store.suspects(epochs=epochs, layers=layers)
+    k = None if args.all else (args.top or 20)
+    top = sus if k is None else sus.top(k)
+    columns: dict[str, Any] = {"rank": np.arange(1, len(top) + 1), "id": top.ids, "score": top.scores}
+    columns.update(_sample_fields(store, epochs, top.ids, fields=("label",)))
+    columns.update(top.signals)
+    columns.update(top.flags)
+    if not args.quiet:
+        shown = (
+            "every sample" if k is None else f"the top {len(top)} of {len(sus)} samples (--all for every one)"
+        )
+        print(f"suspects over epochs {epochs}: {shown}", file=sys.stderr)
+        for note in sus.notes:
+            print(f"note: {note}", file=sys.stderr)
     return _emit(args, _frame(columns))
 
 

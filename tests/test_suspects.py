@@ -3,10 +3,14 @@ independent rank aggregation, determinism, and the flags on data built to have t
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 from collections import defaultdict
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers import EXACT, Task, loader, per_sample_grads, trainer
@@ -15,6 +19,7 @@ from torch import nn
 
 from mstore_lightning import GradientCapture, open_store
 from mstore_lightning.analytics.suspects import combine
+from mstore_lightning.reports import report_paths
 
 
 class PlainLoss(Task):
@@ -204,3 +209,35 @@ def test_suspects_reads_only_the_epochs_asked_for(tmp_path, epochs):
         [store.row_field(e, "loss")[np.argsort(store.sample_ids(e))] for e in (epochs or store.epochs)], 0
     )
     np.testing.assert_allclose(np.sort(sus.signals["loss"]), np.sort(want), rtol=1e-6)
+
+
+def test_the_report_operator_and_the_cli_show_the_same_ranking(tmp_path):
+    x, y, _ = blobs(n=40, flips=4)
+    torch.manual_seed(0)
+    path = tmp_path / "s.zarr"
+    cap = GradientCapture(path, policy=EXACT, analytics=[{"suspects": {"k": 5}}])
+    trainer([cap], max_epochs=2).fit(PlainLoss(net()), loader(x, y, batch_size=8))
+    store = open_store(path)
+    want = store.suspects()
+    paths = report_paths(path)
+    summary = paths.read_summary(1)
+    (record,) = [r for r in summary["analytics"] if r["name"] == "suspects"]
+    assert record["status"] == "ok"
+    assert {"suspects/conflicting_share", "suspects/duplicate_conflict_share"} <= set(record["scalars"])
+    top = pd.read_csv(paths.epoch_dir(1) / "suspects_top.csv")
+    assert top["id"].tolist() == want.ids[:5].tolist()
+    np.testing.assert_allclose(top["score"], want.scores[:5])
+    shares = pd.read_csv(paths.epoch_dir(1) / "suspects_classes.csv")
+    assert shares["share_of_suspects"].sum() == pytest.approx(1.0)
+    cli = [sys.executable, "-m", "mstore_lightning.cli", "suspects", str(path)]
+    shown = subprocess.run(cli, capture_output=True, text=True, check=True, timeout=300)
+    assert "the top 20 of 40 samples (--all for every one)" in shown.stderr
+    assert len(shown.stdout.strip().splitlines()) == 1 + 20
+    every = subprocess.run(
+        [*cli, "--all", "--format", "csv", "-q"], capture_output=True, text=True, check=True
+    )
+    frame = pd.read_csv(io.StringIO(every.stdout))
+    assert frame["id"].tolist() == want.ids.tolist()
+    assert {"loss", "margin", "self_influence", "alignment", "conflicting", "duplicate_conflict"} <= set(
+        frame.columns
+    )

@@ -26,8 +26,9 @@ so the ranking is deterministic.
 
 **Flags.** ``conflicting``: the sample's gradient opposes its class's (``alignment < 0``).
 ``duplicate_conflict``: its input is (near) identical to another sample's that carries another label,
-found on the stored input rows of the first layer fed by data (cosine ``>= 0.999``); ``groups`` lists
-each such group of ids.
+found on the stored input rows of the first layer fed by data (``‖a_i − a_j‖ <= 1%`` of the larger
+norm: within int8 rounding, far inside the spread of any real class); ``groups`` lists each such
+group of ids.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ from mstore_lightning.analytics.classes import class_conflicts
 from mstore_lightning.analytics.frames import frame
 from mstore_lightning.analytics.influence import self_influence
 from mstore_lightning.analytics.kernels import as_scan
-from mstore_lightning.store.layout import MARGINS
+from mstore_lightning.store.layout import MARGINS, SQNORMS
 
 # Signal name -> +1 when high is suspicious, -1 when low is.
 DIRECTION = {"loss": 1.0, "margin": -1.0, "self_influence": 1.0, "alignment": -1.0}
-DUPLICATE_COSINE = 0.999
+DUPLICATE_DISTANCE = 0.01  # relative: ||a_i - a_j|| <= this x max(||a_i||, ||a_j||)
 MAX_DUPLICATE_ROWS = 50_000  # the pairwise search is quadratic; past this it is skipped, with a note
 
 
@@ -115,6 +116,7 @@ def suspects(
     epochs = list(cat.epochs if epochs is None else epochs)
     if not epochs:
         raise ValueError("The store has no committed epoch to rank samples from.")
+    cat.preload(epochs, ("ids", SQNORMS, "loss", MARGINS))  # every record in a few round trips
     influence = self_influence(scan, epochs, layers)
     ids = influence.ids
     signals: dict[str, np.ndarray] = {"self_influence": np.asarray(influence.scores, dtype=np.float64)}
@@ -188,7 +190,6 @@ def _percentile_ranks(values: np.ndarray) -> np.ndarray:
 def _mean_by_id(cat: Any, epochs: Sequence[int], record: str, ids: np.ndarray) -> np.ndarray | None:
     """The mean over ``epochs`` of row record ``record`` for each of ``ids`` (NaN where never seen)."""
     total, count = np.zeros(len(ids)), np.zeros(len(ids))
-    cat.preload(epochs, ("ids", record))
     found = False
     for e in epochs:
         parts = cat.optional_records(e, record)
@@ -214,8 +215,8 @@ def duplicate_groups(scan: Any, epoch: int) -> tuple[list[list[int]], str | None
     ids, labels = scan.catalog.row_field(epoch, "ids"), scan.catalog.row_field(epoch, "label")
     if len(ids) > MAX_DUPLICATE_ROWS:
         return [], f"the duplicate check is left out past {MAX_DUPLICATE_ROWS:,} rows"
-    a = torch.cat([b.load()["a"].reshape(b.rows, -1).double() for b in source.blocks()])
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    a = torch.cat([b.load()["a"].reshape(b.rows, -1).float() for b in source.blocks()])
+    sq = a.pow(2).sum(1)
     parent = np.arange(len(ids))
 
     def root(i: int) -> int:
@@ -226,9 +227,10 @@ def duplicate_groups(scan: Any, epoch: int) -> tuple[list[list[int]], str | None
 
     step = 2048
     for lo in range(0, len(ids), step):
-        near = (a[lo : lo + step] @ a.T >= DUPLICATE_COSINE).numpy()
-        for i, j in zip(*np.nonzero(near)):
-            i, j = lo + int(i), int(j)
+        dist = (sq[lo : lo + step, None] + sq[None, :] - 2 * a[lo : lo + step] @ a.T).clamp_min(0)
+        near = (dist <= DUPLICATE_DISTANCE**2 * torch.maximum(sq[lo : lo + step, None], sq[None, :])).numpy()
+        rows, cols = np.nonzero(near)
+        for i, j in zip((rows + lo).tolist(), cols.tolist()):
             if i < j:
                 parent[root(i)] = root(j)
     members: dict[int, list[int]] = {}

@@ -205,6 +205,61 @@ def self_influence(
 
 
 @_operator
+def suspects(ctx: Context, k: int = 20, image_shape: Any = None, input_key: str | None = None) -> Output:
+    """``store.suspects()`` over the epochs so far: the top-``k`` table with each one's signals and
+    flags, the share of each class among them, flagged shares and, for images, a grid."""
+    out = Output()
+    epochs = ctx.epochs_upto("all")
+    sus = ctx.store.suspects(epochs=epochs)
+    n = max(len(sus), 1)
+    out.scalars["suspects/conflicting_share"] = float(sus.flags["conflicting"].sum() / n)
+    out.scalars["suspects/duplicate_conflict_share"] = float(sus.flags["duplicate_conflict"].sum() / n)
+    out.histograms["suspects/score"] = sus.scores
+    top = sus.top(k)
+    labels = _known(ctx, "label", top.ids)
+    table = _frame(
+        rank=np.arange(1, len(top) + 1),
+        id=top.ids,
+        label=labels,
+        score=top.scores,
+        **top.signals,
+        **top.flags,
+    )
+    span = f"epochs {epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else f"epoch {epochs[0]}"
+    out.tables.append(
+        ("top", f"Top {len(top)} suspects ({span}), most suspicious first, with their signals", table)
+    )
+    if (labels >= 0).any():
+        classes, counts = np.unique(labels[labels >= 0], return_counts=True)
+        everyone = _known(ctx, "label", sus.ids)
+        base = np.array([(everyone == c).mean() for c in classes])
+        out.tables.append(
+            (
+                "classes",
+                f"Share of each class among the top {len(top)} suspects, and among all samples",
+                _frame(label=classes, share_of_suspects=counts / counts.sum(), share_of_all=base),
+            )
+        )
+    if sus.groups:
+        out.tables.append(
+            (
+                "duplicates",
+                "Near-identical inputs that carry different labels",
+                _frame(
+                    group=np.arange(1, len(sus.groups) + 1), ids=[" ".join(map(str, g)) for g in sus.groups]
+                ),
+            )
+        )
+    if sus.notes:
+        out.note = "; ".join(sus.notes)
+    grid = _images(ctx, top.ids, image_shape, input_key)
+    if grid is not None:
+        fig = ctx.plots.sample_grid(grid, top.ids, table["label"], f"Top suspects ({span})")
+        out.figures.append(("grid", "Top suspects, with their given labels", fig))
+    return out
+
+
+@_operator
 def tracin(ctx: Context, k: int = 5, epochs: str = "all") -> Output:
     """TracIn of every query sample: its ``k`` strongest training proponents."""
     store, out = ctx.store, Output()
