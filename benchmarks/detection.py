@@ -9,7 +9,8 @@ shuffling):
 - ``text``: the text-classifier example's generated topic task, a 2-layer BERT (hidden 64), 5 epochs;
 
 each with *uniform* flips (to any other class) and *pair* flips (class ``c`` to ``c + 1``: the
-asymmetric noise of a confusable pair). SGD with momentum 0.9, batch 64, mean cross-entropy.
+asymmetric noise of a confusable pair). SGD with momentum 0.9 (the text task: AdamW, as its example
+trains), batch 64, mean cross-entropy.
 
 Detectors, all from the same training run except cleanlab:
 
@@ -81,6 +82,7 @@ class Protocol:
     flips: str  # "uniform" | "pairs"
     lr: float = 0.1
     integer_inputs: bool = False
+    adamw: bool = False  # the text example's optimizer; SGD with momentum 0.9 otherwise
 
 
 def digits(scaling: str) -> Callable[[int], tuple[np.ndarray, ...]]:
@@ -152,15 +154,17 @@ for flips in ("uniform", "pairs"):
     )
     PROTOCOLS[f"digits_unit_{flips}"] = Protocol(digits("unit"), dbg.attribution.build_net, 10, 20, flips)
     PROTOCOLS[f"mnist1d_{flips}"] = Protocol(mnist1d, dbg.build_cnn, 10, 10, flips)
-    PROTOCOLS[f"text_{flips}"] = Protocol(text, TextNet, 4, 5, flips, lr=0.05, integer_inputs=True)
+    PROTOCOLS[f"text_{flips}"] = Protocol(
+        text, TextNet, 4, 5, flips, lr=2e-3, integer_inputs=True, adamw=True
+    )
 
 
 class Recording(L.LightningModule):
     """Mean cross-entropy under SGD; records each sample's loss and margin per epoch, as it trains."""
 
-    def __init__(self, net: nn.Module, lr: float, n: int, epochs: int) -> None:
+    def __init__(self, net: nn.Module, lr: float, n: int, epochs: int, adamw: bool = False) -> None:
         super().__init__()
-        self.net, self.lr = net, lr
+        self.net, self.lr, self.adamw = net, lr, adamw
         self.losses = np.full((epochs, n), np.nan)
         self.margins = np.full((epochs, n), np.nan)
 
@@ -176,6 +180,8 @@ class Recording(L.LightningModule):
         return losses.mean()  # nothing else: the capture finds losses and margins by itself
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.adamw:
+            return torch.optim.AdamW(self.parameters(), lr=self.lr)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
     @torch.no_grad()
@@ -209,7 +215,7 @@ def fit(
     L.seed_everything(seed, verbose=False)
     data = Subset(IndexedDataset(TensorDataset(x, y)), rows.tolist())
     loader = DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    model = Recording(p.build(), p.lr, len(y), p.epochs)
+    model = Recording(p.build(), p.lr, len(y), p.epochs, p.adamw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()

@@ -106,7 +106,9 @@ def class_conflicts(
     """
     scan = as_scan(store)
     sample_norms = np.sqrt(kernels.sqnorms(scan, epoch, layers))
-    weights = 1.0 / np.maximum(sample_norms, np.finfo(np.float64).tiny) if unit else None
+    weights = None
+    if unit:  # a zero gradient has no direction: it votes for none (and 1/0 would poison the sum)
+        weights = np.divide(1.0, sample_norms, out=np.zeros_like(sample_norms), where=sample_norms > 0)
     cg = class_gradients(scan, epoch, layers, weights)
     flat = cg.flat()
     norms = flat.norm(dim=1)
@@ -126,7 +128,7 @@ def class_conflicts(
                     matrix = cg.matrices[rep.name][k] if rep.name in cg.matrices else None
                     sums = {p: g[k] for p, g in cg.grads[rep.name].items()}
                     dots[block.first + np.nonzero(mask)[0]] += rep.dot_class(sel, sums, matrix).numpy()
-    known = labels >= 0
+    known = (labels >= 0) & (sample_norms > 0)  # a zero gradient has no alignment: NaN
     alignment = np.full(len(labels), np.nan)
     class_norm = norms.numpy()[[index[int(c)] for c in labels[known]]]
     alignment[known] = dots[known] / np.maximum(sample_norms[known] * class_norm, np.finfo(np.float64).tiny)
