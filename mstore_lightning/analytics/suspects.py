@@ -17,12 +17,18 @@ Every signal is read from the store; none needs the model, more training or anot
 Losses and margins come from the rows the capture stored (see ``capture.signals``); a store without
 them ranks on the gradient signals alone.
 
-**How they are combined.** Each signal is turned into a rank percentile among the samples (``1``: the
-most suspicious), and the score is their mean: a Borda count. Ranks put signals of different units
-on one scale without a fitted weight, so the combination carries no parameter tuned to any data set;
-a sample scores high only when several independent views agree, which makes the ranking robust to
-the signal that is noisy on a given task. Ties share their mean rank, and ids break remaining ties,
-so the ranking is deterministic.
+**How they are combined.** Each of ``loss``, ``margin`` and ``alignment`` is standardised to a robust
+z-score, ``0.6745 · (x − median) / MAD`` over the samples, oriented so that high is suspicious, and
+the score is their mean. Standardising puts signals of different units on one scale without a fitted
+weight, so nothing in the combination is tuned to a data set; the median and MAD keep the mislabeled
+tail itself from setting the scale; and, unlike ranks, z-scores keep the strength of the evidence,
+which is what separates a 10% tail. A sample scores high when the evidence adds up across views of
+it: how it is fitted (loss, margin) and where its gradient points (alignment). ``self_influence`` is
+reported beside them but left out of the score: a gradient's norm is its loss times its features'
+norm, so it repeats the loss and adds atypical inputs that are correctly labelled. A signal unknown
+for a sample (NaN) leaves it out of that sample's mean. Ids break ties, so the ranking is
+deterministic. ``benchmarks/detection.py`` measures the combination against each signal alone and
+against cleanlab on four data sets, uniform and pair flips, five seeds each.
 
 **Flags.** ``conflicting``: the sample's gradient opposes its class's (``alignment < 0``).
 ``duplicate_conflict``: its input is (near) identical to another sample's that carries another label,
@@ -42,6 +48,7 @@ import torch
 
 from mstore_lightning.analytics.classes import class_conflicts
 from mstore_lightning.analytics.frames import frame
+from mstore_lightning.analytics.geometry import robust_z
 from mstore_lightning.analytics.influence import self_influence
 from mstore_lightning.analytics.kernels import as_scan
 from mstore_lightning.store.layout import MARGINS, SQNORMS
@@ -58,7 +65,7 @@ class Suspects:
 
     Attributes:
         ids: the training ids, most suspicious first.
-        scores: the combined score of each (mean rank percentile, in ``(0, 1]``; higher is worse).
+        scores: the combined score of each (mean robust z-score; higher is worse).
         signals: each signal's value per id, aligned with ``ids`` (NaN where it is unknown).
         flags: ``conflicting`` and ``duplicate_conflict`` per id, aligned with ``ids``.
         groups: ids of (near) identical inputs that carry different labels, one list per group.
@@ -160,31 +167,25 @@ def suspects(
     return out.top(k) if k is not None else out
 
 
-def combine(signals: dict[str, np.ndarray]) -> np.ndarray:
-    """The mean rank percentile of each sample over ``signals`` (``1``: most suspicious on all).
+# The signals the score combines; the others are reported beside it.
+SCORED = ("loss", "margin", "alignment")
 
-    A signal unknown for a sample (NaN) leaves it out of that sample's mean.
-    """
+
+def combine(signals: dict[str, np.ndarray]) -> np.ndarray:
+    """The mean robust z-score of each sample over the :data:`SCORED` signals present in ``signals``
+    (oriented: high is suspicious); NaN values are left out of a sample's mean."""
     n = len(next(iter(signals.values())))
     total, count = np.zeros(n), np.zeros(n)
-    for name, values in signals.items():
+    for name in SCORED:
+        values = signals.get(name)
+        if values is None:
+            continue
         known = ~np.isnan(values)
         if not known.any():
             continue
-        total[known] += _percentile_ranks(DIRECTION[name] * values[known])
+        total[known] += robust_z(DIRECTION[name] * values[known])
         count[known] += 1
     return np.divide(total, count, out=np.zeros(n), where=count > 0)
-
-
-def _percentile_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks in ``(0, 1]`` (largest value: ``1``), ties sharing their mean rank."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    uniq, inverse = np.unique(values, return_inverse=True)
-    if len(uniq) < len(values):  # mean rank within each tie
-        ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
-    return ranks / len(values)
 
 
 def _mean_by_id(cat: Any, epochs: Sequence[int], record: str, ids: np.ndarray) -> np.ndarray | None:
