@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     topk.add_argument("--epoch", type=int, help="epoch to search (default: the last committed)")
     topk.add_argument("--metric", choices=("cosine", "dot"), default="cosine", help="default cosine")
     topk.add_argument(
+        "--include-self", action="store_true", help="keep a training query's own row among its neighbours"
+    )
+    topk.add_argument(
         "--layers", type=_names, nargs="+", metavar="LAYERS", help="layers to use (default: all)"
     )
     tracin = add(
@@ -194,7 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
         "  mstore suspects runs/demo.zarr --all --format csv --output suspects.csv",
         output,
     )  # fmt: skip
-    suspects.add_argument("--all", action="store_true", help="every training sample, not the top 20")
     for sub in (tracin, self_influence, suspects):
         sub.add_argument(
             "--epochs", type=_ids, nargs="+", metavar="EPOCHS", help="epochs to sum (default: all committed)"
@@ -202,7 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--layers", type=_names, nargs="+", metavar="LAYERS", help="layers to use (default: all)"
         )
-        sub.add_argument("--top", type=_positive, metavar="N", help="keep the N highest scores (per query)")
+        sub.add_argument(
+            "--top",
+            type=_positive,
+            metavar="N",
+            help=f"keep the N highest scores (per query; default {DEFAULT_TOP})",
+        )
+        sub.add_argument("--all", action="store_true", help="every score, not the top ones")
     report = add(
         "report", _report,
         "Rewrite the run's self-contained HTML report from the store and its report folder.",
@@ -290,18 +298,29 @@ def _topk(args: argparse.Namespace) -> int:
     store = _open(args, need_epochs=True)
     epoch = store.epochs[-1] if args.epoch is None else args.epoch
     query = _flat(args.query)
-    found = store.topk(query, args.k, epoch=epoch, metric=args.metric, layers=_flat(args.layers))
-    k = found.ids.shape[1]
+    split = "query" if store.has_queries(epoch) else "train"
+    # A training sample is its own nearest neighbour: left out unless asked for. Query rows are
+    # other samples (their ids are the query set's), so nothing is left out for them.
+    drop_self = split == "train" and not args.include_self
+    found = store.topk(query, args.k + drop_self, epoch=epoch, metric=args.metric, layers=_flat(args.layers))
+    ids, scores = found.ids, np.asarray(found.scores)
+    if drop_self:
+        keep = ids != np.asarray(query)[:, None]
+        keep[keep.sum(1) > args.k, -1] = False  # the query was not among them: keep the first k
+        ids = ids[keep].reshape(len(query), args.k)
+        scores = scores[keep].reshape(len(query), args.k)
+    k = ids.shape[1]
     columns: dict[str, Any] = {
         "query": np.repeat(query, k),
         "rank": np.tile(np.arange(1, k + 1), len(query)),
-        "id": found.ids.reshape(-1),
-        "score": found.scores.reshape(-1),
+        "id": ids.reshape(-1),
+        "score": scores.reshape(-1),
     }
-    split = "query" if store.has_queries(epoch) else "train"
     columns.update(_sample_fields(store, [epoch], columns["id"]))
     query_label = _sample_fields(store, [epoch], columns["query"], split, fields=("label",))
     columns.update({f"query_{name}": values for name, values in query_label.items()})
+    if drop_self and not args.quiet:
+        print("each query's own row is left out (--include-self keeps it)", file=sys.stderr)
     return _emit(args, _frame(columns))
 
 
@@ -316,7 +335,7 @@ def _tracin(args: argparse.Namespace) -> int:
         ids, scores = store.tracin(query, epochs=epochs, layers=layers)
     else:
         ids, scores = _sum_epochs(args, epochs, lambda e: store.tracin(query, epochs=[e], layers=layers))
-    order = best(scores, scores.shape[-1] if args.top is None else args.top)
+    order = best(scores, _shown(args, scores.shape[-1]))
     n = order.shape[1]
     chosen = ids[order]
     columns: dict[str, Any] = {
@@ -335,27 +354,35 @@ def _self_influence(args: argparse.Namespace) -> int:
     store = _open(args, need_epochs=True)
     epochs, layers = _epochs(store, args.epochs), _flat(args.layers)
     ids, scores = _sum_epochs(args, epochs, lambda e: store.self_influence(epochs=[e], layers=layers))
-    order = best(scores, len(scores) if args.top is None else args.top)
+    order = best(scores, _shown(args, len(scores)))
     columns: dict[str, Any] = {"rank": np.arange(1, len(order) + 1), "id": ids[order], "score": scores[order]}
     columns.update(_sample_fields(store, epochs, ids[order]))
     return _emit(args, _frame(columns))
+
+
+DEFAULT_TOP = 20
+
+
+def _shown(args: argparse.Namespace, total: int) -> int:
+    """How many of ``total`` ranked rows to print: ``--top N``, every one with ``--all``, else
+    :data:`DEFAULT_TOP`; says so on stderr."""
+    n = total if args.all else min(total, args.top or DEFAULT_TOP)
+    if not args.quiet:
+        what = "every one" if n == total else f"the top {n} of {total} (--top N or --all for more)"
+        print(f"{args.command}: showing {what}", file=sys.stderr)
+    return n
 
 
 def _suspects(args: argparse.Namespace) -> int:
     store = _open(args, need_epochs=True)
     epochs, layers = _epochs(store, args.epochs), _flat(args.layers)
     sus = store.suspects(epochs=epochs, layers=layers)
-    k = None if args.all else (args.top or 20)
-    top = sus if k is None else sus.top(k)
+    top = sus.top(_shown(args, len(sus)))
     columns: dict[str, Any] = {"rank": np.arange(1, len(top) + 1), "id": top.ids, "score": top.scores}
     columns.update(_sample_fields(store, epochs, top.ids, fields=("label",)))
     columns.update(top.signals)
     columns.update(top.flags)
     if not args.quiet:
-        shown = (
-            "every sample" if k is None else f"the top {len(top)} of {len(sus)} samples (--all for every one)"
-        )
-        print(f"suspects over epochs {epochs}: {shown}", file=sys.stderr)
         for note in sus.notes:
             print(f"note: {note}", file=sys.stderr)
     return _emit(args, _frame(columns))

@@ -311,7 +311,9 @@ def test_queries_on_a_damaged_chunk_fail_in_one_line(capsys, copy):
     assert_one_line_error(err, "Chunk epochs/00000/r0/layers/net.0/d/c/2/0/0: crc32c checksum mismatch")
     # Self-influence reads the squared norms kept at capture, not the damaged factor chunk.
     code, out, err = call(capsys, "self-influence", copy)
-    assert code == 0 and err == "" and out
+    assert (
+        code == 0 and err == "self-influence: showing the top 20 of 24 (--top N or --all for more)\n" and out
+    )
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +385,10 @@ def test_topk_equals_the_api(capsys, store_path, store, fmt, metric):
 def test_tracin_equals_the_api(capsys, store_path, store, fmt, tmp_path):
     out_file = tmp_path / f"tracin.{fmt}"
     code, _, err = call(capsys, "tracin", store_path, "--query", "1", "2", "--output", out_file)
-    assert code == 0 and f"wrote 48 rows to {out_file}" in err
+    assert code == 0 and f"wrote 40 rows to {out_file}" in err  # the top 20 of each query by default
+    assert "tracin: showing the top 20 of 24 (--top N or --all for more)" in err
+    code, _, err = call(capsys, "tracin", store_path, "--query", "1", "2", "--all", "--output", out_file)
+    assert code == 0 and f"wrote 48 rows to {out_file}" in err and "showing every one" in err
     got = _read(out_file.read_text(), fmt)
     want = store.tracin([1, 2])  # one call over every epoch; the command sums epoch by epoch
     for q, query in enumerate([1, 2]):
@@ -416,7 +421,10 @@ def test_tracin_equals_the_api(capsys, store_path, store, fmt, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["csv", "json"])
 def test_self_influence_equals_the_api(capsys, store_path, store, fmt):
-    code, out, _ = call(capsys, "self-influence", store_path, "--format", fmt)
+    code, out, err = call(capsys, "self-influence", store_path, "--format", fmt)
+    assert code == 0 and "showing the top 20 of 24" in err
+    assert len(_read(out, fmt)) == 20
+    code, out, _ = call(capsys, "self-influence", store_path, "--format", fmt, "--all")
     assert code == 0
     got, want = _read(out, fmt), store.self_influence()
     order = np.argsort(-want.scores, kind="stable")

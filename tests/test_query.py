@@ -124,3 +124,29 @@ def test_end_of_epoch_passes_leave_training_unchanged(tmp_path, policy):
     captured = fit([cap])
     for a, b in zip(plain, captured):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_results_are_arrays_the_caller_can_write(tmp_path):
+    """``torch.as_tensor`` warns on read-only arrays: every result is a fresh, writable one."""
+    import warnings
+
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    trainer([GradientCapture(tmp_path / "s.zarr", policy=EXACT)]).fit(Task(mlp()), loader(x, y))
+    store = open_store(tmp_path / "s.zarr")
+    ids = store.sample_ids(0)
+    results = {
+        "sample_ids": ids,
+        "row_field": store.row_field(0, "loss"),
+        "margin": store.row_field(0, "margin"),
+        "norms": store.norms(0),
+        "self_influence": store.self_influence().scores,
+        "class_conflicts": store.class_conflicts(0).ids,
+        "suspects": store.suspects().ids,
+    }
+    for name, value in results.items():
+        assert np.asarray(value).flags.writeable, name
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.as_tensor(np.asarray(value))
+    ids[0] = -1  # the caller's copy: the store's stays as it was
+    assert store.sample_ids(0)[0] != -1

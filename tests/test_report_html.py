@@ -375,3 +375,21 @@ def _load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_report_is_written_with_the_process_umask(tmp_path):
+    import os
+    import stat
+
+    from mstore_lightning.reports.html import _write_atomic
+
+    old = os.umask(0o022)
+    try:
+        _write_atomic(tmp_path / "r.html", "<html></html>")
+        assert stat.S_IMODE((tmp_path / "r.html").stat().st_mode) == 0o644
+        os.umask(0o077)
+        _write_atomic(tmp_path / "s.html", "<html></html>")
+        assert stat.S_IMODE((tmp_path / "s.html").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert not list(tmp_path.glob("*.partial"))

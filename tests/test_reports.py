@@ -411,10 +411,14 @@ def test_max_overhead_skips_epochs_always_reports_the_last_and_tracin_sums_the_r
     queries = store.sample_ids(3, "query")
     reported, every = store.tracin(queries, epochs=[0, 3]), store.tracin(queries)
     assert not np.allclose(reported.scores, every.scores)
+    # Its value carries its own name, never "score" beside the CLI's every-epoch TracIn.
+    assert "score" not in table.columns
+    titles = [t["title"] for t in tracin["tables"]]
+    assert any("TracIn over reported epochs 0, 3" in t for t in titles), titles
     for q, rows in table.groupby("query", sort=False):
         scores = reported.scores[list(queries).index(q)]
         np.testing.assert_allclose(
-            rows["score"], scores[np.searchsorted(reported.ids, rows["id"])], rtol=1e-6
+            rows["tracin_over_reported_epochs"], scores[np.searchsorted(reported.ids, rows["id"])], rtol=1e-6
         )
     assert "analytics_max_overhead" in paths.html.read_text()
 

@@ -236,7 +236,7 @@ def test_the_report_operator_and_the_cli_show_the_same_ranking(tmp_path):
     assert shares["share_of_suspects"].sum() == pytest.approx(1.0)
     cli = [sys.executable, "-m", "mstore_lightning.cli", "suspects", str(path)]
     shown = subprocess.run(cli, capture_output=True, text=True, check=True, timeout=300)
-    assert "the top 20 of 40 samples (--all for every one)" in shown.stderr
+    assert "suspects: showing the top 20 of 40 (--top N or --all for more)" in shown.stderr
     assert len(shown.stdout.strip().splitlines()) == 1 + 20
     every = subprocess.run(
         [*cli, "--all", "--format", "csv", "-q"], capture_output=True, text=True, check=True

@@ -27,6 +27,7 @@ from mstore_lightning import analytics
 from mstore_lightning.analytics import kernels
 from mstore_lightning.capture.recompute import Recompute
 from mstore_lightning.facade.describe import describe
+from mstore_lightning.store.layout import MARGINS
 from mstore_lightning.store.scan import Scan
 
 Ids = Sequence[int] | np.ndarray
@@ -134,8 +135,11 @@ class GradientStore:
 
     def sample_ids(self, epoch: int, split: str = "train") -> np.ndarray:
         """Global dataset index of each captured row of ``epoch``: training rows, or with
-        ``split="query"`` the query samples captured at the epoch's end (``GradientCapture(query=)``)."""
-        return self.catalog.row_field(epoch, "ids", split)
+        ``split="query"`` the query samples captured at the epoch's end (``GradientCapture(query=)``).
+
+        A fresh array the caller may write to (``torch.as_tensor`` takes it without a warning); the
+        store keeps its own read-only copy for its queries."""
+        return self.catalog.row_field(epoch, "ids", split).copy()
 
     def row_count(self, epoch: int, split: str = "train") -> int:
         """Rows of ``epoch``'s ``split``, read from its arrays' metadata alone."""
@@ -146,8 +150,14 @@ class GradientStore:
         return self.catalog.has_queries(epoch)
 
     def row_field(self, epoch: int, field: str, split: str = "train") -> np.ndarray:
-        """One per-row record of ``epoch``: ``ids``, ``step``, ``loss``, ``label`` or ``lr``."""
-        return self.catalog.row_field(epoch, field, split)
+        """One per-row record of ``epoch``: ``ids``, ``step``, ``loss``, ``label``, ``lr``, or
+        ``margin`` (NaN where the capture saw no logits); a fresh, writable array."""
+        if field == MARGINS:
+            parts = self.catalog.optional_records(epoch, MARGINS, split)
+            if parts is None:
+                return np.full(self.row_count(epoch, split), np.nan, dtype=np.float32)
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        return self.catalog.row_field(epoch, field, split).copy()
 
     def preload(self, epochs: Sequence[int], records: Sequence[str] = (), split: str = "train") -> None:
         """Reads the metadata of ``epochs`` and their row ``records`` in a few round trips, however
@@ -269,7 +279,9 @@ class GradientStore:
     def class_conflicts(self, epoch: int, layers: Sequence[str] | None = None) -> analytics.ClassConflicts:
         """Cosines between class gradients and the samples opposing their class's; see
         :func:`mstore_lightning.analytics.class_conflicts`."""
-        return analytics.class_conflicts(self.scan, epoch, layers)
+        out = analytics.class_conflicts(self.scan, epoch, layers)
+        out.ids = out.ids.copy()
+        return out
 
     def outliers(
         self, epoch: int, threshold: float = 3.5, layers: Sequence[str] | None = None

@@ -512,6 +512,20 @@ def _os_reason(exc: OSError) -> str:
     return f"it could not be read ({exc.strerror or exc})"
 
 
+def _umask() -> int:
+    """The process umask: read from /proc where it can be (setting it to read it races other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(target: Path, text: str) -> None:
     # A unique temporary name in the target's folder: a reader never sees half a page, and two
     # writers never share a partial file.
@@ -520,6 +534,8 @@ def _write_atomic(target: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        # mkstemp makes the file 0600; a report is shared like any file open() would write.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

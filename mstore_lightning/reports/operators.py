@@ -297,15 +297,22 @@ def tracin(ctx: Context, k: int = 5, epochs: str = "all") -> Output:
     if known.any():
         out.scalars["tracin/top1_same_label"] = float(np.mean(top_labels[known, 0] == q_labels[known]))
     out.scalars["tracin/epochs_summed"] = float(len(run.epochs))
+    # Summed over fewer epochs than store.tracin, the value gets its own name, so that nobody
+    # compares it with the CLI's as if it were the same number.
+    summed = ", ".join(map(str, sorted(run.epochs)))
+    column = "tracin_over_reported_epochs" if left else "score"
     table = _frame(
         query=np.repeat(queries, k),
         query_label=np.repeat(q_labels, k),
         rank=np.tile(np.arange(1, k + 1), len(queries)),
         id=ids[top].reshape(-1),
         label=top_labels.reshape(-1),
-        score=np.take_along_axis(scores, top, 1).reshape(-1),
+        **{column: np.take_along_axis(scores, top, 1).reshape(-1)},
     )
-    out.tables.append(("proponents", f"Top {k} TracIn proponents of each query", table))
+    title = f"Top {k} TracIn proponents of each query"
+    if left:
+        title += f": TracIn over reported epochs {summed} (store.tracin and mstore tracin sum every epoch)"
+    out.tables.append(("proponents", title, table))
     return out
 
 
