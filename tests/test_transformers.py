@@ -421,26 +421,27 @@ class ViTClassifier(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over CPU attention kernels
-def test_vit_position_table_and_class_token_are_reported(tmp_path):
+def test_vit_position_table_and_class_token_are_captured_at_their_broadcast(tmp_path):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(10, 2, 8, 8, generator=g), torch.randint(0, 3, (10,), generator=g)
     task, ref = Task(ViTClassifier()), Reference()
-    with pytest.warns(
-        UserWarning,
-        match=r"ViTEmbeddings x1 \(net\.vit\.vit\.embeddings; cls_token, position_embeddings; [\d,]+ numbers\)",
-    ):
-        trainer([ref, GradientCapture(tmp_path / "s.zarr", policy=EXACT)]).fit(
-            task, loader(x, y, batch_size=4)
-        )
+    trainer([ref, GradientCapture(tmp_path / "s.zarr", policy=EXACT)]).fit(task, loader(x, y, batch_size=4))
     store = open_store(tmp_path / "s.zarr")
-    (u,) = store.uncovered
-    emb = task.net.vit.vit.embeddings
-    assert u["numel"] == emb.cls_token.numel() + emb.position_embeddings.numel() == 16 + 5 * 16
-    assert store.layer_spec("net.vit.vit.embeddings.patch_embeddings.projection")["kind"] == "conv"
+    assert store.uncovered == []  # every parameter, the class token and position table included
+    emb = "net.vit.vit.embeddings"
+    assert store.layer_spec(f"{emb}.cls_token")["kind"] == "broadcast"
+    assert store.parameters(f"{emb}.position_embeddings") == {
+        "position_embeddings": f"{emb}.position_embeddings"
+    }
+    assert store.layer_spec(f"{emb}.patch_embeddings.projection")["kind"] == "conv"
     ids = store.sample_ids(0).tolist()
+    names = set()
     for layer in store.layers:
+        params = store.parameters(layer)
         for p, g in store.restore(0, layer, ids).items():
-            r = ref.stacked(0, ids, f"{layer}.{p}")
+            names.add(params[p])
+            r = ref.stacked(0, ids, params[p]).reshape(g.shape)
             err, scale = (g - r).flatten(1).norm(dim=1), r.flatten(1).norm(dim=1)
             assert (err <= RTOL * scale + 1e-9).all(), (layer, p)
+    assert names == {n for n, p in task.named_parameters() if p.requires_grad}

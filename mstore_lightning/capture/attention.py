@@ -120,21 +120,30 @@ class _Route(TorchFunctionMode):
 class Routed:
     """A handle on one module's capture-time forward; :meth:`remove` restores the module's own.
 
-    The forward is a method bound to the module, so a deep copy made during capture (an EMA or SWA
-    model) is bound to the copy and runs the copy's own forward, never the original's.
+    While ``enabled()``, the module's own forward runs under the torch function mode ``mode()``
+    (:class:`_Route` for attention, ``broadcast.Watch`` for broadcast parameters). The forward is a
+    method bound to the module, so a deep copy made during capture (an EMA or SWA model) is bound to
+    the copy and runs the copy's own forward, never the original's.
     """
 
-    def __init__(self, module: nn.Module, feed: Feed) -> None:
+    def __init__(
+        self, module: nn.Module, enabled: Callable[[], bool], mode: Callable[[], TorchFunctionMode]
+    ) -> None:
         cls_forward = type(module).forward
 
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            if self is not module or not feed.enabled():
+            if self is not module or not enabled():
                 return cls_forward(self, *args, **kwargs)
-            with _Route(feed):
+            with mode():
                 return cls_forward(self, *args, **kwargs)
 
         self._module, self._forward = module, types.MethodType(forward, module)
         module.forward = self._forward
+
+    @classmethod
+    def attention(cls, module: nn.Module, feed: Feed) -> Routed:
+        """``module`` (an ``nn.MultiheadAttention``) with its projections handed to ``feed``."""
+        return cls(module, feed.enabled, lambda: _Route(feed))
 
     def remove(self) -> None:
         if self._module.__dict__.get("forward") is self._forward:

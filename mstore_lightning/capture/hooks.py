@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mstore_lightning.capture import attention, recurrent
+from mstore_lightning.capture import attention, broadcast, recurrent
 from mstore_lightning.capture.layers import LayerPlan
 
 
@@ -72,6 +72,8 @@ class HookManager:
         self.batch_rows: int | None = None
         self._rows_seen: int | None = None
         self.broadcast: set[str] = set()  # layers whose single-row output was expanded to the batch
+        # Broadcast parameters used in a way the capture cannot split by sample: layer -> the op.
+        self.misused: dict[str, str] = {}
 
     @property
     def attached(self) -> bool:
@@ -92,8 +94,10 @@ class HookManager:
             if isinstance(owner, nn.RNNBase):
                 hook = self._recurrent_hook(roles)
                 self._handles.append(owner.register_forward_hook(hook, with_kwargs=True))
-            else:
-                self._handles.append(attention.Routed(owner, _AttentionFeed(self, roles)))
+            elif isinstance(owner, nn.MultiheadAttention):
+                self._handles.append(attention.Routed.attention(owner, _AttentionFeed(self, roles)))
+            else:  # raw parameters broadcast over the batch
+                self._handles.append(self._watch(owner, roles))
         for name, module in (norms or {}).items():
             self._handles.append(module.register_forward_hook(self._norm_hook(name)))
 
@@ -163,6 +167,23 @@ class HookManager:
             out.register_hook(use.hook(part))
             if self.keep_graph:
                 self.layer_nodes.setdefault(name, []).append(out.grad_fn)
+
+    def _watch(self, owner: nn.Module, roles: dict[str, str]) -> attention.Routed:
+        params = {n: getattr(owner, n) for n in roles}
+
+        def feed(param: str, result: Tensor, p: Tensor) -> None:
+            name = roles[param]
+            self.input_requires_grad[name] = False
+            ones = result.new_ones((result.shape[0], 1))
+            self.add_use(name, ones, [result], lambda grads: broadcast.per_sample(grads[0], p.shape))
+
+        def other(param: str, op: str) -> None:
+            self.misused.setdefault(roles[param], op)
+
+        def enabled() -> bool:
+            return self.active and torch.is_grad_enabled()
+
+        return attention.Routed(owner, enabled, lambda: broadcast.Watch(params, feed, other))
 
     def _recurrent_hook(self, roles: dict[str, str]) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:

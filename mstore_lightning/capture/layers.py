@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mstore_lightning.capture import attention, choice, recurrent
+from mstore_lightning.capture import attention, broadcast, choice, recurrent
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
 from mstore_lightning.core import pooling, projection, quant
 from mstore_lightning.core.families.registry import Extractor, extractor_for_kind, find_extractor
@@ -372,6 +372,8 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
         ext = find_extractor(module)
         reason = _why_not(module, ext)
         covered = [] if reason else [pn for pn in ext.param_names(module) if pn in own]
+        if ext is None:  # raw parameters: those broadcast over the batch are captured at the broadcast
+            covered = _plan_broadcast(name, module, plans)
         shared = [pn for pn in covered if len(owners[id(own[pn])]) > 1]
         if shared:
             others = sorted(set(owners[id(own[shared[0]])]) - {name})
@@ -388,7 +390,7 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
                     "reason": reason or "no extractor covers these parameters",
                 }
             )
-        if covered:
+        if covered and ext is not None:
             parent = name.rpartition(".")[0]
             fed = isinstance(modules.get(parent), nn.MultiheadAttention)  # its out_proj: applied functionally
             plans[name] = LayerPlan(
@@ -403,6 +405,24 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
                 role="out_proj" if fed else None,
             )
     return plans, uncovered
+
+
+def _plan_broadcast(name: str, module: nn.Module, plans: dict[str, LayerPlan]) -> list[str]:
+    """Adds a layer for each of ``module``'s raw parameters of batch size 1 (see ``capture.broadcast``)."""
+    shapes = broadcast.broadcast_params(module)
+    for param, shape in shapes.items():
+        plans[f"{name}.{param}"] = LayerPlan(
+            name=f"{name}.{param}",
+            module=module,
+            extractor=extractor_for_kind("broadcast"),
+            hyper={"params_of": {param: param}},
+            params=[param],
+            param_shapes={param: shape},
+            owner=module,
+            owner_name=name,
+            role=param,
+        )
+    return list(shapes)
 
 
 def _plan_fed(name: str, module: nn.Module, plans: dict[str, LayerPlan]) -> tuple[set[str], str | None]:
@@ -470,6 +490,21 @@ def not_per_sample_record(plan: LayerPlan, rows: int, n: int) -> dict[str, Any]:
             f"its calls see {rows} row(s) for a batch of {n} samples: an input shared by the whole batch "
             "(such as position ids) is broadcast after the layer, so its output gradient sums over the "
             "samples and cannot be split into per-sample gradients"
+        ),
+    }
+
+
+def misused_record(plan: LayerPlan, op: str) -> dict[str, Any]:
+    """The uncovered record of a broadcast parameter that the forward also used through ``op``."""
+    p = getattr(plan.module, plan.role)
+    return {
+        "module": plan.owner_name,
+        "type": type(plan.module).__name__,
+        "params": [plan.role],
+        "numel": int(p.numel()),
+        "reason": (
+            f"a raw parameter used inside the module's forward through {op}, besides any broadcast over "
+            "the batch; no hook can split that use's gradient by sample"
         ),
     }
 

@@ -14,6 +14,7 @@ from mstore_lightning.capture.coupling import coupled_layers, is_training_batch_
 from mstore_lightning.capture.hooks import HookManager, refuse_compiled
 from mstore_lightning.capture.layers import (
     LayerPlan,
+    misused_record,
     not_per_sample,
     not_per_sample_record,
     samples_seen,
@@ -134,6 +135,22 @@ class LayerSet:
         the first time; one that was captured per sample before cannot be dropped without holes.
         """
         n = samples_seen(uses)
+        for name, op in list(self.hooks.misused.items()):
+            uses.pop(name, None)
+            plan = self.plans.pop(name, None)
+            if plan is None:
+                continue
+            if plan.ready:
+                raise RuntimeError(
+                    f"{plan.name} was broadcast over the batch in earlier batches, but this batch also used it "
+                    f"through {op}, which the capture cannot split by sample; capture needs every batch to "
+                    "use it the same way."
+                )
+            record = misused_record(plan, op)
+            self.uncovered.append(record)
+            self._warn_uncovered(record)
+            run.update_meta(uncovered=self.uncovered)
+        self.hooks.misused.clear()
         for name, rows in not_per_sample(uses, n).items():
             del uses[name]
             plan = self.plans.get(name)

@@ -156,6 +156,7 @@ def _load_builtin() -> None:
     from mstore_lightning.core.families import (  # noqa: F401
         attention,
         batchnorm,
+        broadcast,
         conv,
         embedding,
         gpt2_conv1d,
