@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import textwrap
@@ -27,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from mstore_lightning import cli_output
+
 PROG = "mstore"
 _LABEL_UNKNOWN = -1  # what the store records for a sample without a label
 _WIDTH = 88  # help text width
-_FACTOR_BLOCK = 4096  # rows of factors decoded at a time by ``export --factors``
 
 
 class _UsageError(Exception):
@@ -268,22 +268,24 @@ def _inspect(args: argparse.Namespace) -> int:
         rows.append(row)
     if rows:  # an open epoch has only its state: its other cells read "-"
         columns = max((list(r) for r in rows), key=len)
-        table = _frame([{c: r.get(c, "-") for c in columns} for r in rows])
+        table = cli_output.frame([{c: r.get(c, "-") for c in columns} for r in rows])
         print("\nper epoch:\n" + table.to_string(index=False))
     layers = [
         {"layer": n, "bytes": store.nbytes_stored(layer=n) if store.epochs else 0} for n in store.layers
     ]
     if layers:
-        print("\nbytes per layer:\n" + _frame(layers).to_string(index=False))
+        print("\nbytes per layer:\n" + cli_output.frame(layers).to_string(index=False))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     from mstore_lightning.store.verify import verify
 
-    with _bar(args, "verify", "chunk") as bar:
+    with cli_output.progress_bar(args, "verify", "chunk") as bar:
         report = verify(
-            args.store, args.storage_options, progress=lambda done, total: _advance(bar, done, total)
+            args.store,
+            args.storage_options,
+            progress=lambda done, total: cli_output.advance(bar, done, total),
         )
     print(report.summary())
     if report.ok:
@@ -321,7 +323,7 @@ def _topk(args: argparse.Namespace) -> int:
     columns.update({f"query_{name}": values for name, values in query_label.items()})
     if drop_self and not args.quiet:
         print("each query's own row is left out (--include-self keeps it)", file=sys.stderr)
-    return _emit(args, _frame(columns))
+    return cli_output.emit(args, cli_output.frame(columns))
 
 
 def _tracin(args: argparse.Namespace) -> int:
@@ -345,7 +347,7 @@ def _tracin(args: argparse.Namespace) -> int:
         "score": np.take_along_axis(scores, order, 1).reshape(-1),
     }
     columns.update(_sample_fields(store, epochs, columns["id"]))
-    return _emit(args, _frame(columns))
+    return cli_output.emit(args, cli_output.frame(columns))
 
 
 def _self_influence(args: argparse.Namespace) -> int:
@@ -357,7 +359,7 @@ def _self_influence(args: argparse.Namespace) -> int:
     order = best(scores, _shown(args, len(scores)))
     columns: dict[str, Any] = {"rank": np.arange(1, len(order) + 1), "id": ids[order], "score": scores[order]}
     columns.update(_sample_fields(store, epochs, ids[order]))
-    return _emit(args, _frame(columns))
+    return cli_output.emit(args, cli_output.frame(columns))
 
 
 DEFAULT_TOP = 20
@@ -385,7 +387,7 @@ def _suspects(args: argparse.Namespace) -> int:
     if not args.quiet:
         for note in sus.notes:
             print(f"note: {note}", file=sys.stderr)
-    return _emit(args, _frame(columns))
+    return cli_output.emit(args, cli_output.frame(columns))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -397,7 +399,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    fmt = args.format or _suffix_format(args.output, ("parquet", "csv"))
+    fmt = args.format or cli_output.suffix_format(args.output, ("parquet", "csv"))
     if fmt is None:
         raise _UsageError(f"cannot tell the format from {str(args.output)!r}; pass --format parquet or csv")
     if args.factors and fmt == "csv":
@@ -413,7 +415,7 @@ def _export(args: argparse.Namespace) -> int:
         columns[name] = store.row_field(epoch, name, args.split)
     squares = np.zeros(len(ids), dtype=np.float64)
     per_layer = {}
-    with _bar(args, "norms", "layer", total=len(layers)) as bar:
+    with cli_output.progress_bar(args, "norms", "layer", total=len(layers)) as bar:
         for layer in layers:
             norms = np.asarray(store.norms(epoch, layers=[layer], split=args.split))
             per_layer[f"norm[{layer}]"], squares = norms, squares + norms**2
@@ -421,9 +423,9 @@ def _export(args: argparse.Namespace) -> int:
     columns["norm"] = np.sqrt(squares)
     columns.update(per_layer)
     if not args.factors:
-        _write_rows(_frame(columns), fmt, args.output)
+        cli_output.write_rows(cli_output.frame(columns), fmt, args.output)
     else:
-        _write_factors(args, store, epoch, layers, columns)
+        cli_output.write_factors(args, store, epoch, layers, columns)
     if not args.quiet:
         print(f"wrote {len(ids)} rows of epoch {epoch} ({args.split}) to {args.output}", file=sys.stderr)
     return 0
@@ -451,7 +453,7 @@ def _sum_epochs(
     from mstore_lightning.analytics.ranking import RunningSum
 
     run = RunningSum()
-    with _bar(args, "epochs", "epoch", total=len(epochs)) as bar:
+    with cli_output.progress_bar(args, "epochs", "epoch", total=len(epochs)) as bar:
         for epoch in epochs:
             part = one(epoch)
             run.add(part.ids, part.scores, [epoch])
@@ -484,106 +486,10 @@ def _sample_fields(
             values[values == _LABEL_UNKNOWN] = np.nan
         if np.isnan(values).all():
             continue
-        out[name] = _frame({name: values}).astype({name: "Int64"})[name] if name == "label" else values
-    return out
-
-
-def _emit(args: argparse.Namespace, frame: Any) -> int:
-    fmt = args.format or (_suffix_format(args.output, ("csv", "json")) if args.output else None) or "table"
-    if fmt == "table":
-        text = frame.to_string(index=False, na_rep="") + "\n"
-    elif fmt == "csv":
-        text = frame.to_csv(index=False)
-    else:
-        records = [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
-        text = json.dumps(records, indent=1, allow_nan=False) + "\n"
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        args.output.write_text(text, encoding="utf-8")
-        if not args.quiet:
-            print(f"wrote {len(frame)} rows to {args.output}", file=sys.stderr)
-    return 0
-
-
-def _write_rows(frame: Any, fmt: str, path: Path) -> None:
-    if fmt == "csv":
-        frame.to_csv(path, index=False)
-    else:
-        frame.to_parquet(path, index=False)
-
-
-def _write_factors(
-    args: argparse.Namespace, store: Any, epoch: int, layers: list[str], columns: dict[str, Any]
-) -> None:
-    """Writes the rows with one fixed-size list column per stored array of each layer (Parquet)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
-    ids = columns["id"]
-    blocks: dict[str, list[np.ndarray]] = {}
-    steps = math.ceil(len(ids) / _FACTOR_BLOCK) * len(layers)
-    with _bar(args, "factors", "block", total=steps) as bar:
-        for layer in layers:
-            for lo in range(0, len(ids), _FACTOR_BLOCK):
-                got = store.factors(epoch, layer, ids[lo : lo + _FACTOR_BLOCK], split=args.split)
-                for name, values in got.items():
-                    rows = values.reshape(values.shape[0], -1)
-                    exact = rows.dtype in (torch.float32, torch.float64, torch.int64, torch.int32)
-                    blocks.setdefault(f"{layer}/{name}", []).append((rows if exact else rows.float()).numpy())
-                bar.update()
-    table = pa.table({k: pa.array(np.asarray(v)) for k, v in columns.items()})
-    for name, parts in blocks.items():
-        flat = np.concatenate(parts)
-        table = table.append_column(
-            name, pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+        out[name] = (
+            cli_output.frame({name: values}).astype({name: "Int64"})[name] if name == "label" else values
         )
-    pq.write_table(table, args.output)
-
-
-def _frame(columns: Any) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(columns)
-
-
-def _bar(args: argparse.Namespace, desc: str, unit: str, total: int | None = None) -> Any:
-    from tqdm import tqdm
-
-    quiet = args.quiet or not sys.stderr.isatty()
-    return tqdm(
-        total=total, desc=desc, unit=unit, file=sys.stderr, disable=quiet, leave=False, dynamic_ncols=True
-    )
-
-
-def _advance(bar: Any, done: int, total: int) -> None:
-    if bar.total != total:
-        bar.total = total
-    bar.update(done - bar.n)
-
-
-def _suffix_format(path: Path | None, formats: tuple[str, ...]) -> str | None:
-    suffix = path.suffix.lower().lstrip(".") if path is not None else ""
-    suffix = {"pq": "parquet"}.get(suffix, suffix)
-    return suffix if suffix in formats else None
-
-
-def _plain(value: Any) -> Any:
-    """A JSON value: numpy scalars as Python numbers, NaN and missing labels as null."""
-    if value is None or value is _missing():
-        return None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) else float(value)
-    return value
-
-
-def _missing() -> Any:
-    import pandas as pd
-
-    return pd.NA
+    return out
 
 
 def _flat(lists: list[list[Any]] | None) -> list[Any] | None:

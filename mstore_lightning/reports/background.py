@@ -172,8 +172,8 @@ def _warm_up() -> None:
 def _report(
     epoch: int, step: int, epoch_seconds: float, left_out: list[int]
 ) -> tuple[dict[str, Any], RecordingSink]:
-    from mstore_lightning.reports.session import CACHE_BYTES
     from mstore_lightning.facade import open_store
+    from mstore_lightning.reports.session import CACHE_BYTES
 
     if _WORKER["store"] is None:  # one reader for the whole run: its caches serve later epochs
         _WORKER["store"] = open_store(_WORKER["uri"], _WORKER["options"], cache_bytes=CACHE_BYTES)

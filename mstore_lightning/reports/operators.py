@@ -22,6 +22,7 @@ import numpy as np
 
 from mstore_lightning.analytics.geometry import robust_z
 from mstore_lightning.analytics.ranking import RunningSum, best
+from mstore_lightning.reports import samples
 
 if TYPE_CHECKING:
     from mstore_lightning.reports.figures import Figures
@@ -191,7 +192,7 @@ def self_influence(
     out.tables.append(
         ("topk", f"Top {len(top)} self-influence ({span}): likely mislabeled or atypical", table)
     )
-    grid = _images(ctx, ids[top], image_shape, input_key)
+    grid = samples.images(ctx.sample_input, ids[top], image_shape, input_key)
     if grid is None and ctx.sample_input is None:
         out.note = (
             "no image grid: the training dataset is not at hand (it must pickle for the report process)"
@@ -252,7 +253,7 @@ def suspects(ctx: Context, k: int = 20, image_shape: Any = None, input_key: str 
         )
     if sus.notes:
         out.note = "; ".join(sus.notes)
-    grid = _images(ctx, top.ids, image_shape, input_key)
+    grid = samples.images(ctx.sample_input, top.ids, image_shape, input_key)
     if grid is not None:
         fig = ctx.plots.sample_grid(grid, top.ids, table["label"], f"Top suspects ({span})")
         out.figures.append(("grid", "Top suspects, with their given labels", fig))
@@ -558,51 +559,6 @@ def _known(ctx: Context, name: str, ids: np.ndarray, split: str = "train") -> np
     result = np.full(len(ids), missing, dtype=values.dtype)
     result[hit] = values[order[pos[hit]]]
     return result
-
-
-def _images(ctx: Context, ids: np.ndarray, shape: Any, key: str | None) -> list[np.ndarray] | None:
-    """The inputs of ``ids`` as images, or ``None`` when they are not images."""
-    if ctx.sample_input is None or not len(ids):
-        return None
-    images = []
-    for sid in ids:
-        item = ctx.sample_input(int(sid))
-        if isinstance(item, dict) and "index" in item and int(item["index"]) != int(sid):
-            return None  # the loader's dataset is not indexed by sample id: no picture beats a wrong one
-        x = _input_array(item, key)
-        if x is None:
-            return None
-        if shape is not None:
-            if x.size != int(np.prod(shape)):
-                raise ValueError(f"image_shape {list(shape)} does not fit a sample input of {x.size} values.")
-            x = x.reshape(shape)
-        elif not (x.ndim == 2 or (x.ndim == 3 and (x.shape[0] in (1, 3) or x.shape[-1] in (1, 3)))):
-            return None
-        images.append(x)
-    return images
-
-
-def _input_array(item: Any, key: str | None) -> np.ndarray | None:
-    if isinstance(item, dict):
-        if key is not None:
-            return _as_array(item.get(key))
-        for value in item.values():
-            arr = _as_array(value)
-            if arr is not None and arr.dtype.kind == "f":
-                return arr
-        return None
-    if isinstance(item, (tuple, list)) and item:
-        return _as_array(item[0])
-    return _as_array(item)
-
-
-def _as_array(value: Any) -> np.ndarray | None:
-    if value is None:
-        return None
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value)
-    return arr if arr.dtype.kind in "fiu" and arr.ndim >= 1 else None
 
 
 def _param_numel(spec: dict[str, Any]) -> int:
