@@ -34,7 +34,10 @@ def test_references_point_to_the_first_identical_row(rows, weak, cuts):
     arr = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), 3)
     bounds = sorted({0, len(rows), *[c for c in cuts if c < len(rows)]})  # rows arrive in several batches
     refs = np.concatenate(
-        [index.deduplicate("layer/a", arr[a:b], epoch=2, rank=1, first_row=100 + a) for a, b in zip(bounds, bounds[1:])]
+        [
+            index.deduplicate("layer/a", arr[a:b], epoch=2, rank=1, first_row=100 + a)
+            for a, b in zip(bounds, bounds[1:])
+        ]
     )
     for i, row in enumerate(rows):
         first = rows.index(row)
@@ -141,6 +144,37 @@ def test_int8_rows_deduplicate_on_their_codes_and_scales(tmp_path):
     assert torch.allclose(x_q, x, atol=float(x.abs().max()) / 254 + 1e-6)
 
 
+def test_savings_are_reported_on_disk_and_in_rows(tmp_path):
+    torch.manual_seed(0)
+    x, y = data(n=24)
+    trainer([GradientCapture(tmp_path / "s.zarr")], max_epochs=2).fit(Task(mlp()), loader(x, y))
+    store = open_store(tmp_path / "s.zarr")
+    assert store.dedup_saved(0)["net.0/a"] == {
+        "rows_as_references": 0,
+        "uncompressed_bytes": 0,
+        "disk_bytes": 0,
+    }
+    saved = store.dedup_saved(1)["net.0/a"]
+    assert saved["rows_as_references"] == 24 and saved["uncompressed_bytes"] == 24 * (6 + 4)
+    # Every row of epoch 1 repeats epoch 0's: it saves what epoch 0's rows take on disk, less the references.
+    root = tmp_path / "s.zarr/epochs"
+
+    def chunks(folder):
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "zarr.json")
+
+    on_disk = {
+        e: sum(chunks(root / f"0000{e}/r0/layers/net.0" / d) for d in ("a", "a_scale")) for e in (0, 1)
+    }
+    assert on_disk[0] > 0 and on_disk[1] == 0  # nothing of epoch 1's inputs is stored in place
+    want = on_disk[0] - chunks(root / "00001/r0/layers/net.0/a_ref")  # all 24 rows, less the references
+    assert saved["disk_bytes"] == want
+    text = store.describe()
+    assert (
+        f"dedup stored 24 input rows as references (saved about {want:,} B on disk; 240 B uncompressed)"
+        in text
+    )
+
+
 def test_policy_rejects_a_non_boolean_dedup():
     from mstore_lightning import CapturePolicy, PolicyError
 
@@ -168,7 +202,11 @@ def test_appending_over_an_epoch_that_others_reference_is_refused(tmp_path):
     x, y = data(n=16)
     path = tmp_path / "s.zarr"
     trainer([GradientCapture(path, policy=EXACT)], max_epochs=2).fit(Task(mlp()), loader(x, y))
-    with pytest.raises(IncompatibleStoreError, match=r"Epoch 0 of .* holds input rows that epochs \[1\] reference"):
-        trainer([GradientCapture(path, policy={**EXACT, "epochs": [0]}, mode="append")]).fit(Task(mlp()), loader(x, y))
+    with pytest.raises(
+        IncompatibleStoreError, match=r"Epoch 0 of .* holds input rows that epochs \[1\] reference"
+    ):
+        trainer([GradientCapture(path, policy={**EXACT, "epochs": [0]}, mode="append")]).fit(
+            Task(mlp()), loader(x, y)
+        )
     store = open_store(path)
     assert store.epochs == [0, 1] and store.factors(1, "net.0", np.arange(16))["a"].shape == (16, 1, 6)

@@ -24,10 +24,13 @@ def describe(store: GradientStore) -> str:
         lines.append(line)
     for ep in store.epochs:
         line = f"  epoch {ep}: {store.row_count(ep)} rows, lr {store.lr(ep):.4g}"
-        dedup = store.dedup_stats(ep).values()
-        if any(d.get("duplicates") for d in dedup):
-            dups, saved = sum(d["duplicates"] for d in dedup), sum(d["bytes_saved"] for d in dedup)
-            line += f", dedup stored {dups:,} input rows as references ({saved:,} B uncompressed saved)"
+        dedup = store.dedup_saved(ep).values()
+        if any(d["rows_as_references"] for d in dedup):
+            dups = sum(d["rows_as_references"] for d in dedup)
+            raw = sum(d["uncompressed_bytes"] for d in dedup)
+            disk = [d["disk_bytes"] for d in dedup if d["rows_as_references"]]
+            on_disk = f"about {sum(disk):,} B on disk" if min(disk) >= 0 else "on disk: not estimable"
+            line += f", dedup stored {dups:,} input rows as references (saved {on_disk}; {raw:,} B uncompressed)"
         lines.append(line)
     lines.append("  layers:")
     for name in store.layers:

@@ -189,6 +189,33 @@ class GradientStore:
                         into[k] = into.get(k, 0) + int(v)
         return total
 
+    def dedup_saved(self, epoch: int | None = None) -> dict[str, dict[str, int]]:
+        """What deduplication saved, by ``"<layer>/<array>"``, in the units a disk shows.
+
+        Each entry holds ``rows_as_references`` (rows stored as references), ``uncompressed_bytes``
+        (what those rows would take before compression) and ``disk_bytes``: an estimate of the bytes
+        on disk saved, the rows times the array's on-disk bytes per row where it stored rows in place
+        (over every committed epoch), less the references' own bytes. ``disk_bytes`` is ``-1``
+        where no epoch stored the array's rows in place, so there is nothing to estimate from.
+        """
+        epochs = [epoch] if epoch is not None else self.epochs
+        out: dict[str, dict[str, int]] = {}
+        for key, stats in self.dedup_stats(epoch).items():
+            layer, _, array = key.rpartition("/")
+            in_place, disk = 0, 0
+            for ep in self.epochs:
+                s = self.dedup_stats(ep).get(key, {})
+                in_place += s.get("rows", 0) - s.get("duplicates", 0)
+                disk += self.catalog.array_bytes(ep, layer, array)
+            refs = sum(self.catalog.array_bytes(ep, layer, f"{array}_ref") for ep in epochs)
+            per_row = disk / in_place if in_place else None
+            out[key] = {
+                "rows_as_references": stats.get("duplicates", 0),
+                "uncompressed_bytes": stats.get("bytes_saved", 0),
+                "disk_bytes": -1 if per_row is None else max(0, round(stats.get("duplicates", 0) * per_row) - refs),
+            }
+        return out
+
     def nbytes_stored(self, epoch: int | None = None, layer: str | None = None) -> int:
         """Bytes stored for the whole store, one committed epoch, or one layer (in one epoch or all).
 

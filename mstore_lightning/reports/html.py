@@ -171,7 +171,7 @@ def _epochs_table(store: GradientStore, epochs: Sequence[int]) -> str:
 
 # -------------------------------------------------------------------- storage
 def _storage_section(store: GradientStore) -> str:
-    dedup = _dedup_by_layer(store.dedup_stats())
+    dedup = _dedup_by_layer(store.dedup_saved())
     rows, stored, full, saved = [], 0, 0, 0
     for layer in store.layers:
         spec = store.layer_spec(layer)
@@ -180,7 +180,7 @@ def _storage_section(store: GradientStore) -> str:
         layer_stored = store.nbytes_stored(layer=layer)
         layer_full = _full_fp32_bytes(spec) * nrows
         stored, full = stored + layer_stored, full + layer_full
-        saved += dedup.get(layer, {}).get("bytes_saved", 0)
+        saved += max(0, dedup.get(layer, {}).get("disk_bytes", 0))
         encodings = sorted({str(a.get("encoding")) for a in spec.get("arrays", {}).values()})
         rows.append(
             [
@@ -209,7 +209,9 @@ def _storage_section(store: GradientStore) -> str:
         f'<p class="muted">Whole store on disk: {_e(_bytes(store.nbytes_stored()))} (row records, '
         "metadata and recompute weights included). “Full fp32” is what the same rows would take as "
         "uncompressed float32 per-sample gradients; “Smaller by” is its ratio to the bytes on disk; "
-        "“Dedup saved” counts uncompressed bytes of rows stored as references.</p>"
+        "“Dedup saved” estimates the bytes on disk that rows stored as references saved (the rows times "
+        "the array's bytes on disk per row stored in place, less the references), with the number of "
+        "such rows.</p>"
     )
     out.append("</section>")
     return "\n".join(out)
@@ -238,9 +240,11 @@ def _dedup_by_layer(stats: dict[str, dict[str, int]]) -> dict[str, dict[str, int
 
 
 def _dedup_text(stats: dict[str, int] | None) -> str:
-    if not stats or not stats.get("duplicates"):
+    if not stats or not stats.get("rows_as_references"):
         return "—"
-    return f"{_bytes(stats.get('bytes_saved', 0))} ({stats['duplicates']:,} rows)"
+    disk = stats.get("disk_bytes", -1)
+    shown = f"≈{_bytes(disk)} on disk" if disk >= 0 else "not estimable on disk"
+    return f"{shown} ({stats['rows_as_references']:,} rows as references)"
 
 
 def _layer_notes(store: GradientStore, layer: str, spec: dict[str, Any]) -> list[str]:

@@ -323,6 +323,19 @@ class Catalog:
                 total += size if layer is None or mine else 0
         return total
 
+    def array_bytes(self, epoch: int, layer: str, array: str) -> int:
+        """Bytes of the chunks of logical array ``array`` of ``layer`` in ``epoch`` (its parts, such as
+        codes and scales, not its dedup references ``<array>_ref``, nor metadata)."""
+        total = 0
+        for key, size in self._epoch_sizes(epoch).items():  # <rank group>/layers/<layer>/<part>/...
+            parts = key.split("/")
+            if len(parts) < 5 or parts[1] != layout.LAYERS or parts[2] != layer or parts[-1] == "zarr.json":
+                continue
+            part = parts[3]
+            if part == array or (part.startswith(f"{array}_") and part != f"{array}_ref"):
+                total += size
+        return total
+
     def _epoch_sizes(self, epoch: int) -> dict[str, int]:
         if epoch not in self._sizes:  # a committed epoch's files never change: list them once
             self._sizes[epoch] = object_sizes(self.root.store, f"{layout.EPOCHS}/{layout.epoch_key(epoch)}")
