@@ -256,14 +256,14 @@ def _inspect(args: argparse.Namespace) -> int:
     for epoch, state in epoch_states(args.store, args.storage_options).items():
         row: dict[str, Any] = {"epoch": epoch, "state": state}
         if epoch in store.epochs:
-            dedup = store.dedup_stats(epoch).values()
+            dedup = store.dedup_saved(epoch).values()
             row.update(
                 rows=store.row_count(epoch),
                 query_rows=store.row_count(epoch, "query"),
                 lr=f"{store.lr(epoch):.4g}",
                 bytes=store.nbytes_stored(epoch),
-                dedup_rows=sum(d.get("duplicates", 0) for d in dedup),
-                dedup_saved_bytes=sum(d.get("bytes_saved", 0) for d in dedup),
+                rows_as_references=sum(d["rows_as_references"] for d in dedup),
+                dedup_saved_disk_bytes=sum(max(0, d["disk_bytes"]) for d in dedup),
             )
         rows.append(row)
     if rows:  # an open epoch has only its state: its other cells read "-"

@@ -231,7 +231,8 @@ def test_log_metrics_calls_are_exact(run):
         assert {k for k in metrics if k.startswith(("mstore/storage/", "mstore/capture/"))} == {
             "mstore/storage/epoch_bytes",
             "mstore/storage/total_bytes",
-            "mstore/storage/dedup_saved_bytes",
+            "mstore/storage/dedup_saved_disk_bytes",
+            "mstore/storage/dedup_rows_as_references",
             "mstore/storage/ratio_vs_fp32",
             "mstore/storage/rows",
             "mstore/capture/rows_per_s",
@@ -386,9 +387,20 @@ def test_max_overhead_skips_epochs_always_reports_the_last_and_tracin_sums_the_r
         analytics_background=False,
         analytics_max_overhead=1e-6,  # far less than any report costs
     )
-    trainer([cap], max_epochs=4).fit(Task(net()), loader(x, y))
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = TensorBoardLogger(tmp_path / "tb", name="", version="")
+    trainer([cap], max_epochs=4, logger=tb).fit(Task(net()), loader(x, y))
     paths = report_paths(tmp_path / "s.zarr")
     summaries = [paths.read_summary(e) for e in paths.epochs()]
+    # The cheap scalars reach TensorBoard for every captured epoch, skipped ones included: curves,
+    # not two points. The norms kept at capture give the norm statistics without reading a row.
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = sorted({s["global_step"] for s in summaries})
+    for tag in ("mstore/storage/rows", "mstore/grad_norm/total/mean", "mstore/outliers/flagged_share"):
+        assert sorted({ev.step for ev in acc.Scalars(tag)}) == steps and len(steps) == 4, tag
     # Epoch 0 runs (no cost is known yet) and shows what a report costs; 1 and 2 cannot afford it;
     # the last is reported when fit ends.
     assert [("skipped" in s, len(s["analytics"])) for s in summaries] == [

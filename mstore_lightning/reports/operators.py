@@ -400,23 +400,42 @@ def cluster(ctx: Context, k: int = 10, dim: int = 16, seed: int = 0) -> Output:
 @_operator
 def storage(ctx: Context) -> Output:
     """Bytes on disk, what deduplication saved, the ratio to full fp32 gradients, and throughput."""
-    store, out = ctx.store, Output()
-    stored = store.nbytes_stored(ctx.epoch)
-    rows = store.row_count(ctx.epoch)
+    return Output(scalars=storage_scalars(ctx.store, ctx.epoch, ctx.epoch_seconds))
+
+
+def storage_scalars(store: Any, epoch: int, epoch_seconds: float | None = None) -> dict[str, float]:
+    """The storage operator's scalars: file sizes and row counts, cheap for any epoch."""
+    stored = store.nbytes_stored(epoch)
+    rows = store.row_count(epoch)
     full = rows * sum(4 * _param_numel(store.layer_spec(name)) for name in store.layers)
-    saved = sum(s.get("bytes_saved", 0) for s in store.dedup_stats(ctx.epoch).values())
-    out.scalars.update(
-        {
-            "storage/epoch_bytes": float(stored),
-            "storage/total_bytes": float(store.nbytes_stored()),
-            "storage/dedup_saved_bytes": float(saved),
-            "storage/ratio_vs_fp32": float(full / stored) if stored else 0.0,
-            "storage/rows": float(rows),
-            "capture/dropped_rows": float(store.dropped(ctx.epoch)),
-        }
-    )
-    if ctx.epoch_seconds:
-        out.scalars["capture/rows_per_s"] = rows / ctx.epoch_seconds
+    saved = store.dedup_saved(epoch).values()
+    out = {
+        "storage/epoch_bytes": float(stored),
+        "storage/total_bytes": float(store.nbytes_stored()),
+        "storage/dedup_saved_disk_bytes": float(sum(max(0, s["disk_bytes"]) for s in saved)),
+        "storage/dedup_rows_as_references": float(sum(s["rows_as_references"] for s in saved)),
+        "storage/ratio_vs_fp32": float(full / stored) if stored else 0.0,
+        "storage/rows": float(rows),
+        "capture/dropped_rows": float(store.dropped(epoch)),
+    }
+    if epoch_seconds:
+        out["capture/rows_per_s"] = rows / epoch_seconds
+    return out
+
+
+def cheap_scalars(store: Any, epoch: int, epoch_seconds: float | None = None) -> dict[str, float]:
+    """What an epoch the reports skip still logs: storage, and the gradient-norm statistics and
+    flagged share of the layers whose norms the capture kept (no row is read)."""
+    out = storage_scalars(store, epoch, epoch_seconds)
+    kept = {n: store.catalog.captured_sqnorms(epoch, [n]) for n in store.layers}
+    kept = {n: v for n, v in kept.items() if v is not None}
+    for layer, sq in kept.items():
+        out.update(_stats(f"grad_norm/{layer}", np.sqrt(sq)))
+    if kept and len(kept) == len(store.layers):
+        total = np.sqrt(np.sum(list(kept.values()), axis=0))
+        out.update(_stats("grad_norm/total", total))
+        z = robust_z(np.log(np.maximum(total, _TINY)))
+        out["outliers/flagged_share"] = float(np.mean(z > 3.5)) if len(z) else 0.0
     return out
 
 

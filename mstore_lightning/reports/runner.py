@@ -76,6 +76,8 @@ class EpochReporter:
             epoch_seconds=epoch_seconds,
             left_out=frozenset(left_out),
         )
+        # The cheap scalars first: an operator's own value of the same name (storage) replaces them.
+        sink.scalars(operators.cheap_scalars(store, epoch, epoch_seconds))
         records = []
         for spec in self.specs:
             spent = time.perf_counter() - start

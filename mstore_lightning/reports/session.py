@@ -11,6 +11,7 @@ from typing import Any
 
 from mstore_lightning.reports.artifacts import report_paths
 from mstore_lightning.reports.loggers import LoggerSink
+from mstore_lightning.reports.operators import cheap_scalars
 from mstore_lightning.reports.runner import EpochReporter, item_getter, warn_about
 from mstore_lightning.reports.spec import AnalyticSpec
 
@@ -74,11 +75,17 @@ class ReportSession:
             self._background = BackgroundReports(self._reporter, store, storage_options, dataset)
 
     def epoch_done(self, epoch: int, step: int, epoch_seconds: float, loggers: Sequence[Any]) -> None:
-        """Reports ``epoch``, which must be committed, now or in the worker, or skips it."""
+        """Reports ``epoch``, which must be committed, now or in the worker, or skips it.
+
+        Either way the cheap scalars (storage, throughput, and the norms the capture kept) reach
+        ``loggers``, so that every captured epoch has its point on their curves."""
         self.poll(loggers)
         if self.max_overhead is not None:
             self._earned += self.max_overhead * epoch_seconds
             if self._earned < self._cost:
+                sink = LoggerSink(loggers, step, epoch)
+                sink.scalars(cheap_scalars(self._open(), epoch, epoch_seconds))
+                sink.flush()
                 self._skip(epoch, step)
                 return
         self._pending = None
@@ -117,13 +124,9 @@ class ReportSession:
             self._charged.append(self._cost)
             self._background.submit(epoch, step, epoch_seconds, self._left_out(epoch))
             return
-        if self._reader is None:  # one reader for the whole run: its caches serve later epochs
-            from mstore_lightning.facade import open_store
-
-            self._reader = open_store(*self._store_args, cache_bytes=CACHE_BYTES)
         dataset = self._dataset
         summary = self._reporter.report(
-            self._reader,
+            self._open(),
             epoch,
             LoggerSink(loggers, step, epoch),
             step=step,
@@ -133,6 +136,13 @@ class ReportSession:
         )
         self._spent(summary["total_seconds"], 0.0)
         warn_about(summary)
+
+    def _open(self) -> Any:
+        if self._reader is None:  # one reader for the whole run: its caches serve later epochs
+            from mstore_lightning.facade import open_store
+
+            self._reader = open_store(*self._store_args, cache_bytes=CACHE_BYTES)
+        return self._reader
 
     def _left_out(self, epoch: int) -> list[int]:
         return [e for e in self.skipped if e != epoch]
