@@ -15,15 +15,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
-
 from helpers import EXACT, Reference, Task, loader, trainer
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+from test_capture_fit import data
+from test_query import QueryReference
+
 from mstore_lightning import GradientCapture, open_store
 from mstore_lightning.analytics.ranking import best
 from mstore_lightning.reports import report_paths
 from mstore_lightning.reports.spec import AnalyticsError, parse_analytics
-from test_capture_fit import data
-from test_query import QueryReference
 
 ANALYTICS = [
     "norms",
