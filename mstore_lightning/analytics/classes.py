@@ -61,19 +61,32 @@ class ClassConflicts:
         return frame({"id": self.ids, "alignment": self.alignment})
 
 
+KEEP_BYTES = 64 << 20  # decoded rows kept from the class sums' pass for the alignment pass
+
+
 def class_gradients(
-    store: Any, epoch: int, layers: Sequence[str] | None = None, weights: np.ndarray | None = None
+    store: Any,
+    epoch: int,
+    layers: Sequence[str] | None = None,
+    weights: np.ndarray | None = None,
+    keep: dict[str, list[tuple[int, dict[str, Tensor]]]] | None = None,
 ) -> ClassGradients:
     """Sums of per-sample gradients over the samples of each labelled class in ``epoch``; with
-    ``weights`` (one per row), of the gradients scaled by them."""
+    ``weights`` (one per row), of the gradients scaled by them. With ``keep``, the decoded blocks
+    are kept there by layer (``(first row, rows)``) while they fit :data:`KEEP_BYTES`, for a second
+    pass that would read them again."""
     scan = as_scan(store)
     labels = scan.catalog.row_field(epoch, "label")
     classes = np.unique(labels[labels >= 0])
     grads, matrices = {}, {}
+    kept = 0
     for src in scan.sources(epoch, layers):
         rep, sums = src.rep, {}
         for block in src.blocks():
             rows = block.load()
+            if keep is not None and kept <= KEEP_BYTES:
+                keep.setdefault(rep.name, []).append((block.first, rows))
+                kept += sum(v.numel() * v.element_size() for v in rows.values())
             if weights is not None:
                 rows = rep.scaled(rows, torch.from_numpy(weights[block.first : block.first + block.rows]))
             block_labels = labels[block.first : block.first + block.rows]
@@ -109,25 +122,30 @@ def class_conflicts(
     weights = None
     if unit:  # a zero gradient has no direction: it votes for none (and 1/0 would poison the sum)
         weights = np.divide(1.0, sample_norms, out=np.zeros_like(sample_norms), where=sample_norms > 0)
-    cg = class_gradients(scan, epoch, layers, weights)
+    kept: dict[str, list[tuple[int, dict[str, Tensor]]]] = {}
+    cg = class_gradients(scan, epoch, layers, weights, keep=kept)
     flat = cg.flat()
     norms = flat.norm(dim=1)
     cosine = (flat @ flat.T) / torch.outer(norms, norms).clamp_min(torch.finfo(torch.float64).tiny)
     labels = scan.catalog.row_field(epoch, "label")
     index = {int(c): k for k, c in enumerate(cg.classes)}
     dots = np.zeros(len(labels), dtype=np.float64)
+    whole = sum(len(b) for b in kept.values()) and all(
+        sum(r[next(iter(r))].shape[0] for _, r in kept.get(s.rep.name, [])) == len(labels)
+        for s in scan.sources(epoch, layers)
+    )
     for src in scan.sources(epoch, layers):
         rep = src.rep
-        for block in src.blocks():
-            rows = block.load()
-            labels_here = labels[block.first : block.first + block.rows]
+        blocks = kept[rep.name] if whole else ((b.first, b.load()) for b in src.blocks())
+        for first, rows in blocks:
+            labels_here = labels[first : first + next(iter(rows.values())).shape[0]]
             for c, k in index.items():
                 mask = labels_here == c
                 if mask.any():
                     sel = {n: v[torch.from_numpy(mask)] for n, v in rows.items()}
                     matrix = cg.matrices[rep.name][k] if rep.name in cg.matrices else None
                     sums = {p: g[k] for p, g in cg.grads[rep.name].items()}
-                    dots[block.first + np.nonzero(mask)[0]] += rep.dot_class(sel, sums, matrix).numpy()
+                    dots[first + np.nonzero(mask)[0]] += rep.dot_class(sel, sums, matrix).numpy()
     known = (labels >= 0) & (sample_norms > 0)  # a zero gradient has no alignment: NaN
     alignment = np.full(len(labels), np.nan)
     class_norm = norms.numpy()[[index[int(c)] for c in labels[known]]]

@@ -149,7 +149,9 @@ def suspects(
     flags = {"conflicting": np.nan_to_num(alignment, nan=1.0) < 0}
     groups: list[list[int]] = []
     if (labels >= 0).any():
-        groups, note = duplicate_groups(scan, last)
+        groups, note = duplicate_groups(
+            scan, epochs[0]
+        )  # the same inputs every epoch; the first holds them in place
         if note:
             notes.append(note)
     in_group = np.zeros(len(ids), dtype=bool)
@@ -217,29 +219,31 @@ def duplicate_groups(scan: Any, epoch: int) -> tuple[list[list[int]], str | None
     if len(ids) > MAX_DUPLICATE_ROWS:
         return [], f"the duplicate check is left out past {MAX_DUPLICATE_ROWS:,} rows"
     a = torch.cat([b.load()["a"].reshape(b.rows, -1).float() for b in source.blocks()])
-    sq = a.pow(2).sum(1)
-    parent = np.arange(len(ids))
+    norms = a.norm(dim=1)
+    pairs = []
+    step = 2048
+    for lo in range(0, len(ids), step):
+        dist = torch.cdist(a[lo : lo + step], a)
+        near = dist <= DUPLICATE_DISTANCE * torch.maximum(norms[lo : lo + step, None], norms[None, :])
+        rows, cols = torch.nonzero(near, as_tuple=True)
+        keep = rows + lo < cols  # each pair once, no sample with itself
+        pairs += list(zip((rows[keep] + lo).tolist(), cols[keep].tolist()))
+    parent: dict[int, int] = {}
 
     def root(i: int) -> int:
-        while parent[i] != i:
+        while parent.setdefault(i, i) != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
-    step = 2048
-    for lo in range(0, len(ids), step):
-        dist = (sq[lo : lo + step, None] + sq[None, :] - 2 * a[lo : lo + step] @ a.T).clamp_min(0)
-        near = (dist <= DUPLICATE_DISTANCE**2 * torch.maximum(sq[lo : lo + step, None], sq[None, :])).numpy()
-        rows, cols = np.nonzero(near)
-        for i, j in zip((rows + lo).tolist(), cols.tolist()):
-            if i < j:
-                parent[root(i)] = root(j)
+    for i, j in pairs:
+        parent[root(i)] = root(j)
     members: dict[int, list[int]] = {}
-    for i in range(len(ids)):
+    for i in parent:
         members.setdefault(root(i), []).append(i)
     groups = [
         sorted(int(ids[i]) for i in rows)
         for rows in members.values()
-        if len(rows) > 1 and len({int(labels[i]) for i in rows}) > 1
+        if len({int(labels[i]) for i in rows}) > 1
     ]
     return sorted(groups), None
