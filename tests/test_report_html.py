@@ -3,12 +3,11 @@ refused file names, atomic rewrites, and a render in headless Chromium."""
 
 from __future__ import annotations
 
-import json
-
 import base64
 import csv
 import html
 import importlib.util
+import json
 import os
 import shutil
 from collections import OrderedDict
@@ -25,9 +24,9 @@ from test_capture_fit import data
 from torch import nn
 
 from mstore_lightning import GradientCapture, open_store
-from mstore_lightning.store import layout
 from mstore_lightning.reports import ReportPaths, report_paths
 from mstore_lightning.reports.html import MAX_TABLE_ROWS, write_report
+from mstore_lightning.store import layout
 
 EVIL = "<script>alert(1)</script>\"&'"
 # Module names cannot hold dots, and a slash would nest Zarr groups: the rest of the markup can.
@@ -381,14 +380,14 @@ def test_the_report_is_written_with_the_process_umask(tmp_path):
     import os
     import stat
 
-    from mstore_lightning.reports.html import _write_atomic
+    from mstore_lightning.reports.artifacts import write_atomic
 
     old = os.umask(0o022)
     try:
-        _write_atomic(tmp_path / "r.html", "<html></html>")
+        write_atomic(tmp_path / "r.html", "<html></html>")
         assert stat.S_IMODE((tmp_path / "r.html").stat().st_mode) == 0o644
         os.umask(0o077)
-        _write_atomic(tmp_path / "s.html", "<html></html>")
+        write_atomic(tmp_path / "s.html", "<html></html>")
         assert stat.S_IMODE((tmp_path / "s.html").stat().st_mode) == 0o600
     finally:
         os.umask(old)

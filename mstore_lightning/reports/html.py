@@ -20,13 +20,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mstore_lightning.facade import GradientStore, explain_decision, open_store
-from mstore_lightning.reports.artifacts import ReportPaths, report_paths
+from mstore_lightning.reports.artifacts import ReportPaths, report_paths, write_atomic
 
 MAX_TABLE_ROWS = 50  # rows of a CSV table shown; the rest are counted
 MAX_TABLE_COLUMNS = 30
@@ -77,7 +76,7 @@ def write_report(
         raise ValueError("`out` is needed for a GradientStore opened without a URI.")
     paths = report_paths(gs.uri or "store", report_dir)
     target = Path(out) if out is not None else paths.html
-    _write_atomic(target, render_report(gs, paths))
+    write_atomic(target, render_report(gs, paths))
     return target
 
 
@@ -514,36 +513,6 @@ def _os_reason(exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return "the file is missing"
     return f"it could not be read ({exc.strerror or exc})"
-
-
-def _umask() -> int:
-    """The process umask: read from /proc where it can be (setting it to read it races other threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(target: Path, text: str) -> None:
-    # A unique temporary name in the target's folder: a reader never sees half a page, and two
-    # writers never share a partial file.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp makes the file 0600; a report is shared like any file open() would write.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _CSS = """
