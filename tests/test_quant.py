@@ -162,8 +162,15 @@ def quant_run(tmp_path_factory):
     x, y = torch.randn(48, 16, 8, 8, generator=g), torch.randint(0, 5, (48,), generator=g)
     ref = Reference()
     names = ["fp32", *LOSSY]
-    # small chunks: several chunk tables per array
-    caps = [GradientCapture(path / f"{p}.zarr", policy={"precision": p}, chunk_bytes=32 << 10) for p in names]
+    # small chunks: several chunk tables per array. Factors everywhere: routing by measured cost could
+    # store a layer as full gradients in one precision's store and as factors in another's, and the
+    # precisions' accuracies would then not be compared on the same arrays.
+    caps = [
+        GradientCapture(
+            path / f"{p}.zarr", policy={"precision": p, "representation": "factors"}, chunk_bytes=32 << 10
+        )
+        for p in names
+    ]
     trainer([ref, *caps], max_epochs=2).fit(Task(ConvSeqNet()), loader(x, y, batch_size=16))
     return {p: open_store(path / f"{p}.zarr") for p in names}, ref
 
