@@ -3,7 +3,12 @@
 A use is kept only when its output gradient arrives. That one rule makes activation checkpointing
 safe both ways: a non-reentrant re-run's outputs never receive gradient (so it is not counted twice),
 and a reentrant re-run is the only forward with grad enabled (so it is counted once). State lives
-here, never on the user's modules.
+here, never on the user's modules; the one thing set on a module, the capture-time forward of an
+attention module or of one with broadcast parameters (``attention.Routed``), goes with the hooks.
+
+Layers that module hooks cannot see are fed by their owner: ``nn.MultiheadAttention`` (its routed
+forward), ``nn.LSTM``/``nn.GRU`` (a forward hook and a re-run, ``capture.recurrent``) and raw
+parameters broadcast over the batch (``capture.broadcast``).
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ class HookManager:
         fed: dict[int, tuple[nn.Module, dict[str, str]]] = {}
         for name, plan in plans.items():
             self._pending[name] = []
-            if plan.owner is not None:  # fed by its attention module's capture-time forward
+            if plan.owner is not None:  # fed by its owner: attention, recurrent or broadcast capture
                 fed.setdefault(id(plan.owner), (plan.owner, {}))[1][plan.role] = name
             else:
                 self._handles.append(plan.module.register_forward_hook(self._forward_hook(name, plan)))
