@@ -35,9 +35,9 @@ import lightning as L
 import torch
 import transformers
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, TensorDataset
 
-from mstore_lightning import GradientCapture, open_store
+from mstore_lightning import GradientCapture, IndexedDataset, open_store
 from mstore_lightning.capture import choice
 from mstore_lightning.config import DEFAULT_BUDGET
 
@@ -47,17 +47,6 @@ import capture_overhead as co
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "default_budget.json"
 BUDGETS = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 EPOCH_ROWS = 1_000_000  # the epoch size the per-epoch figures assume
-
-
-class Items(Dataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"x": self.x[i], "y": self.y[i], "index": i}
 
 
 class Task(L.LightningModule):
@@ -179,7 +168,7 @@ def one_step(key: str, policy: dict[str, Any], where: Path) -> tuple[Any, float]
         callbacks=[GradientCapture(where, policy={"precision": "int8", **policy})],
     )
     t0 = time.perf_counter()
-    trainer.fit(Task(build(), lm), DataLoader(Items(x, y), batch_size=batch))
+    trainer.fit(Task(build(), lm), DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=batch))
     return open_store(where), time.perf_counter() - t0
 
 

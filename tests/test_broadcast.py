@@ -59,3 +59,20 @@ def test_another_use_of_a_broadcast_parameter_is_reported(tmp_path):
     (u,) = store.uncovered
     assert u["module"] == "net" and u["params"] == ["gate"] and "through mul" in u["reason"]
     assert {"net.cls", "net.pos", "net.bias"} <= set(store.layers)
+
+
+def test_a_broadcast_parameter_shared_between_modules_is_reported_not_planned():
+    from mstore_lightning.capture.layers import select_layers
+    from mstore_lightning.config import CapturePolicy
+
+    net = nn.Module()
+    net.a, net.b = Tokens(), Tokens()
+    net.b.pos = net.a.pos  # one table, used by two modules: its gradient sums both uses
+    plans, uncovered = select_layers(net, CapturePolicy())
+    # As for any module with a shared parameter, none of the module's own parameters is captured,
+    # and none is both planned and reported.
+    assert not {n for n in plans if n.split(".")[1] in ("cls", "pos", "bias")}
+    shared = {u["module"]: u for u in uncovered if "shared with" in u["reason"]}
+    assert set(shared) == {"a", "b"} and all(
+        set(u["params"]) == {"cls", "pos", "bias"} for u in shared.values()
+    )

@@ -26,14 +26,23 @@ _EXPAND = {Tensor.expand}
 _ADD = {Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add}
 
 
-def broadcast_params(module: nn.Module) -> dict[str, list[int]]:
-    """``module``'s own trainable parameters of batch size 1 (``(1, ...)``, two axes or more), by
-    name, with the shape of one sample's gradient."""
-    return {
-        n: list(p.shape[1:])
+def virtual_layers(module: nn.Module) -> list[dict[str, Any]]:
+    """A layer for each of ``module``'s own trainable parameters of batch size 1 (``(1, ...)``, two
+    axes or more), in the form of ``attention.virtual_layers``; one sample's gradient has the
+    parameter's shape less its first axis."""
+    return [
+        {
+            "suffix": n,
+            "role": n,
+            "kind": "broadcast",
+            "hyper": {"params_of": {n: n}},
+            "params": [n],
+            "param_shapes": {n: list(p.shape[1:])},
+            "covers": [n],
+        }
         for n, p in module.named_parameters(recurse=False)
         if p.requires_grad and p.dim() >= 2 and p.shape[0] == 1
-    }
+    ]
 
 
 class Watch(TorchFunctionMode):

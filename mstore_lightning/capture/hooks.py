@@ -139,7 +139,7 @@ class HookManager:
         expands = extractor.kind == "embedding"
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Tensor | None:
-            if not self.active or not torch.is_grad_enabled():
+            if not self.capturing():
                 return None
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return None
@@ -160,6 +160,10 @@ class HookManager:
             return None
 
         return hook
+
+    def capturing(self) -> bool:
+        """Whether a forward now is captured: the hooks are on and grad is enabled."""
+        return self.active and torch.is_grad_enabled()
 
     def add_use(self, name: str, a: Tensor, outputs: list[Tensor], combine: Callable | None = None) -> None:
         """Records one call of layer ``name``: prefix ``a``, and a hook on each output's gradient."""
@@ -185,14 +189,11 @@ class HookManager:
         def other(param: str, op: str) -> None:
             self.misused.setdefault(roles[param], op)
 
-        def enabled() -> bool:
-            return self.active and torch.is_grad_enabled()
-
-        return attention.Routed(owner, enabled, lambda: broadcast.Watch(params, feed, other))
+        return attention.Routed(owner, self.capturing, lambda: broadcast.Watch(params, feed, other))
 
     def _recurrent_hook(self, roles: dict[str, str]) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not self.active or not torch.is_grad_enabled():
+            if not self.capturing():
                 return
             x, hx = args[0], args[1] if len(args) > 1 else kwargs.get("hx")
             if not isinstance(x, Tensor) or x.dim() != 3:
@@ -234,7 +235,7 @@ class _AttentionFeed:
         self.hooks, self.roles = hooks, roles
 
     def enabled(self) -> bool:
-        return self.hooks.active and torch.is_grad_enabled()
+        return self.hooks.capturing()
 
     def linear(self, role: str, x: Tensor | None, out: Tensor, seq: tuple[int, int] | None = None) -> None:
         name = self.roles.get(role)

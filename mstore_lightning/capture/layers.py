@@ -355,30 +355,20 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
         if not policy.matches(name, type(module).__name__):
             continue
         own = {pn: p for pn, p in module.named_parameters(recurse=False) if p.requires_grad}
-        if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
-            covered, why = _plan_fed(name, module, plans)
-            missing = [pn for pn in own if pn not in covered]
-            if missing:
-                uncovered.append(
-                    {
-                        "module": name,
-                        "type": type(module).__name__,
-                        "params": missing,
-                        "numel": int(sum(own[pn].numel() for pn in missing)),
-                        "reason": why or "no extractor covers these parameters",
-                    }
-                )
-            continue
         ext = find_extractor(module)
-        reason = _why_not(module, ext)
-        covered = [] if reason else [pn for pn in ext.param_names(module) if pn in own]
-        if ext is None:  # raw parameters: those broadcast over the batch are captured at the broadcast
-            covered = _plan_broadcast(name, module, plans)
-        shared = [pn for pn in covered if len(owners[id(own[pn])]) > 1]
-        if shared:
-            others = sorted(set(owners[id(own[shared[0]])]) - {name})
-            reason = f"parameter {shared[0]!r} is shared with {others}; its gradient sums every module's use"
-            covered = []
+        layers, reason = _fed_layers(module, ext)
+        if layers is not None:  # pieces no module hook sees, fed by their owner
+            covered = [pn for layer in layers for pn in layer["covers"]]
+        else:
+            covered = [] if reason else [pn for pn in ext.param_names(module) if pn in own]
+        if not isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
+            shared = [pn for pn in covered if len(owners[id(own[pn])]) > 1]
+            if shared:
+                others = sorted(set(owners[id(own[shared[0]])]) - {name})
+                reason = (
+                    f"parameter {shared[0]!r} is shared with {others}; its gradient sums every module's use"
+                )
+                covered, layers = [], []
         missing = [pn for pn in own if pn not in covered]
         if missing:
             uncovered.append(
@@ -390,7 +380,19 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
                     "reason": reason or "no extractor covers these parameters",
                 }
             )
-        if covered and ext is not None:
+        for layer in layers or []:
+            plans[f"{name}.{layer['suffix']}"] = LayerPlan(
+                name=f"{name}.{layer['suffix']}",
+                module=module,
+                extractor=extractor_for_kind(layer["kind"]),
+                hyper=layer["hyper"],
+                params=layer["params"],
+                param_shapes=layer["param_shapes"],
+                owner=module,
+                owner_name=name,
+                role=layer["role"],
+            )
+        if covered and layers is None:
             parent = name.rpartition(".")[0]
             fed = isinstance(modules.get(parent), nn.MultiheadAttention)  # its out_proj: applied functionally
             plans[name] = LayerPlan(
@@ -407,51 +409,24 @@ def select_layers(model: nn.Module, policy: CapturePolicy) -> tuple[dict[str, La
     return plans, uncovered
 
 
-def _plan_broadcast(name: str, module: nn.Module, plans: dict[str, LayerPlan]) -> list[str]:
-    """Adds a layer for each of ``module``'s raw parameters of batch size 1 (see ``capture.broadcast``)."""
-    shapes = broadcast.broadcast_params(module)
-    for param, shape in shapes.items():
-        plans[f"{name}.{param}"] = LayerPlan(
-            name=f"{name}.{param}",
-            module=module,
-            extractor=extractor_for_kind("broadcast"),
-            hyper={"params_of": {param: param}},
-            params=[param],
-            param_shapes={param: shape},
-            owner=module,
-            owner_name=name,
-            role=param,
-        )
-    return list(shapes)
+def _fed_layers(
+    module: nn.Module, ext: type[Extractor] | None
+) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The layers of ``module``'s own parameters that its owner feeds (``None`` for a module that
+    module hooks see), and why the rest of them are not captured, where known.
 
-
-def _plan_fed(name: str, module: nn.Module, plans: dict[str, LayerPlan]) -> tuple[set[str], str | None]:
-    """Adds the layers of an attention or recurrent module's own parameters to ``plans``.
-
-    Returns:
-        The parameters covered, and why the module is not captured (``None`` when it is).
+    Attention and recurrent modules (``capture.attention``, ``capture.recurrent``), and modules
+    without an extractor, whose raw parameters of batch size 1 are captured at their broadcast
+    (``capture.broadcast``).
     """
     if isinstance(module, nn.RNNBase):
         why = recurrent.supported(module)
-        layers = [] if why else recurrent.virtual_layers(module)
-    else:
-        why, layers = None, attention.virtual_layers(module)
-    covered: set[str] = set()
-    for layer in layers:
-        ext = extractor_for_kind(layer["kind"])
-        plans[f"{name}.{layer['suffix']}"] = LayerPlan(
-            name=f"{name}.{layer['suffix']}",
-            module=module,
-            extractor=ext,
-            hyper=layer["hyper"],
-            params=layer["params"],
-            param_shapes=layer["param_shapes"],
-            owner=module,
-            owner_name=name,
-            role=layer["role"],
-        )
-        covered.update(layer["covers"])
-    return covered, why
+        return ([] if why else recurrent.virtual_layers(module)), why
+    if isinstance(module, nn.MultiheadAttention):
+        return attention.virtual_layers(module), None
+    if ext is None:
+        return broadcast.virtual_layers(module), _why_not(module, ext)
+    return None, _why_not(module, ext)
 
 
 def samples_seen(uses: Mapping[str, list[tuple[Tensor, Tensor]]]) -> int:

@@ -199,12 +199,13 @@ class GradientStore:
         where no epoch stored the array's rows in place, so there is nothing to estimate from.
         """
         epochs = [epoch] if epoch is not None else self.epochs
+        every = {ep: self.dedup_stats(ep) for ep in self.epochs}  # the rows stored in place, by epoch
         out: dict[str, dict[str, int]] = {}
         for key, stats in self.dedup_stats(epoch).items():
             layer, _, array = key.rpartition("/")
             in_place, disk = 0, 0
-            for ep in self.epochs:
-                s = self.dedup_stats(ep).get(key, {})
+            for ep, by_key in every.items():
+                s = by_key.get(key, {})
                 in_place += s.get("rows", 0) - s.get("duplicates", 0)
                 disk += self.catalog.array_bytes(ep, layer, array)
             refs = sum(self.catalog.array_bytes(ep, layer, f"{array}_ref") for ep in epochs)
@@ -212,7 +213,9 @@ class GradientStore:
             out[key] = {
                 "rows_as_references": stats.get("duplicates", 0),
                 "uncompressed_bytes": stats.get("bytes_saved", 0),
-                "disk_bytes": -1 if per_row is None else max(0, round(stats.get("duplicates", 0) * per_row) - refs),
+                "disk_bytes": -1
+                if per_row is None
+                else max(0, round(stats.get("duplicates", 0) * per_row) - refs),
             }
         return out
 
