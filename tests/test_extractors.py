@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from mstore_lightning.core.families.gpt2_conv1d import is_transposed_conv1d
+from mstore_lightning.core.families.kron import kron_sqnorm
 from mstore_lightning.capture.hooks import HookManager
 from mstore_lightning.capture.layers import select_layers
 from mstore_lightning.config import CapturePolicy
@@ -193,6 +194,34 @@ def test_conv_nd(case, b, bias, rep):
 def test_embedding(b, t, v, e, pad, uses, rep):
     layer = nn.Embedding(v, e, padding_idx=0 if pad else None)
     check_layer(layer, [torch.randint(0, v, (b, t)) for _ in range(uses)], rep)
+
+
+@SETTINGS
+@given(
+    b=batch,
+    g=st.integers(1, 3),
+    t=st.integers(2, 40),
+    i=st.integers(1, 24),
+    o=st.integers(1, 24),
+    weight=st.booleans(),
+    bias=st.booleans(),
+)
+def test_factor_norms_over_positions_either_way(b, g, t, i, o, weight, bias):
+    """Norms over positions take the cheaper of the Gram and the gradient: both equal brute force."""
+    a, d = torch.randn(b, g, t, i, dtype=torch.float64), torch.randn(b, g, t, o, dtype=torch.float64)
+    ref = torch.zeros(b, dtype=torch.float64)
+    if weight:
+        ref += torch.einsum("bgto,bgti->bgoi", d, a).pow(2).sum((1, 2, 3))
+    if bias:
+        ref += d.sum(2).pow(2).sum((1, 2))
+    torch.testing.assert_close(kron_sqnorm(a, d, weight, bias), ref)
+
+
+@pytest.mark.parametrize("t, i, o", [(3, 16, 16), (40, 4, 4)])  # the Gram, then the gradient itself
+def test_factor_norms_cover_both_ways(t, i, o):
+    a, d = torch.randn(2, 1, t, i, dtype=torch.float64), torch.randn(2, 1, t, o, dtype=torch.float64)
+    ref = torch.einsum("bgto,bgti->bgoi", d, a).pow(2).sum((1, 2, 3)) + d.sum(2).pow(2).sum((1, 2))
+    torch.testing.assert_close(kron_sqnorm(a, d, True, True), ref)
 
 
 def test_embedding_stores_ids_not_one_hots():

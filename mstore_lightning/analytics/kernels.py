@@ -7,6 +7,7 @@ the layer's representation's (``core.representation``): no gradient is restored.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from mstore_lightning.core.representation import Representation, Rows
 from mstore_lightning.store.lanes import Lanes
-from mstore_lightning.store.scan import Scan
+from mstore_lightning.store.scan import Scan, read_ahead
 
 BLOCK_ROWS = 1024  # rows of ``ids_b`` gathered at once by ``dot``
 Layers = Sequence[str] | str | None
@@ -45,9 +46,9 @@ def sqnorms(
 
         return dask_engine.sqnorms(scan, epoch, names, split, client)
     total = np.zeros(scan.catalog.row_count(epoch, split), dtype=np.float64)
-    for src in scan.sources(epoch, names, split):
-        for block in src.blocks():
-            total[block.first : block.first + block.rows] += src.rep.sqnorm(block.load()).numpy()
+    blocks = ((src, block) for src in scan.sources(epoch, names, split) for block in src.blocks())
+    for src, block in read_ahead(blocks):
+        total[block.first : block.first + block.rows] += src.rep.sqnorm(block.load()).numpy()
     return total
 
 
@@ -79,7 +80,7 @@ def dot(
         sorted_rows = rows_b[order]
         in_order = bool(np.all(order[1:] > order[:-1]))
     with Lanes.for_queries(len(rows_a)) as lanes:
-        for rep in reps:
+        for rep in reps:  # one layer's query rows held at a time: ids_a may be many
             xa = scan.source(epoch, rep, split_a).gather(rows_a)
             src = scan.source(epoch, rep, split_b)
             if not by_block:
@@ -88,7 +89,7 @@ def dot(
                         xa, src.gather(rows_b[lo : lo + BLOCK_ROWS])
                     ).numpy()
                 continue
-            for block in src.blocks():
+            for block in read_ahead(src.blocks()):
                 a, b = np.searchsorted(sorted_rows, [block.first, block.first + block.rows])
                 if a == b:
                     continue
@@ -125,19 +126,19 @@ def dot_windows(
     queries = next((len(v) for x in xa.values() for v in x.values()), 0)
     stop = scan.catalog.row_count(epoch) if stop is None else stop
     sources = [scan.source(epoch, rep) for rep in reps]
+    adding = threading.Lock()  # every layer adds into the same slices of the window
     with Lanes.for_queries(queries) as lanes:
         for lo in range(start, stop, window):
             hi = min(lo + window, stop)
             out = np.zeros((queries, hi - lo), dtype=np.float64)
-            for src in sources:
-                for block in src.blocks(lo, hi):
-                    a, b = max(block.first, lo), min(block.first + block.rows, hi)
-                    whole = (a, b) == (block.first, block.first + block.rows)
-                    local = None if whole else np.arange(a - block.first, b - block.first)
-                    lanes.submit(
-                        add_gram, out[:, a - lo : b - lo], src.rep, xa[src.rep.name], block.load, local
-                    )
-                lanes.wait()  # the next layer adds into the same slices
+            for src, block in read_ahead((s, block) for s in sources for block in s.blocks(lo, hi)):
+                a, b = max(block.first, lo), min(block.first + block.rows, hi)
+                whole = (a, b) == (block.first, block.first + block.rows)
+                local = None if whole else np.arange(a - block.first, b - block.first)
+                lanes.submit(
+                    add_gram, out[:, a - lo : b - lo], src.rep, xa[src.rep.name], block.load, local, adding
+                )
+            lanes.wait()
             yield lo, out
 
 
@@ -151,11 +152,22 @@ def gather(
 
 
 def add_gram(
-    out: np.ndarray, rep: Representation, x: Rows, load: Callable[[], Rows], local: np.ndarray | None
+    out: np.ndarray,
+    rep: Representation,
+    x: Rows,
+    load: Callable[[], Rows],
+    local: np.ndarray | None,
+    adding: threading.Lock | None = None,
 ) -> None:
-    """Adds the Gram block of ``x`` against a block's rows (loaded here), or its ``local`` ones."""
+    """Adds the Gram block of ``x`` against a block's rows (loaded here), or its ``local`` ones;
+    under ``adding`` when other threads add into the same ``out``."""
     y = load()
     if local is not None:
         index = torch.from_numpy(local)
         y = {k: v.index_select(0, index) for k, v in y.items()}
-    out += rep.gram(x, y).numpy()
+    gram = rep.gram(x, y).numpy()
+    if adding is None:
+        out += gram
+        return
+    with adding:
+        out += gram

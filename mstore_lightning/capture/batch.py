@@ -203,7 +203,7 @@ class BatchWriter:
         self, log: EpochLog, uses: dict[str, list], mult: float, step: Step, split: str
     ) -> dict[str, torch.Tensor]:
         """Appends the batch's rows of every planned layer, and (train rows) their exact squared
-        norms where they are cheap, one column per planned layer.
+        norms, one column per planned layer.
 
         Returns:
             ``{layer: mask}`` of the layers whose encoding flagged their appended rows that hold NaN
@@ -226,7 +226,7 @@ class BatchWriter:
             if rows_before and not sink.has_layer(epoch, plan, split):  # rows before it first ran
                 sink.append_layer(epoch, plan, zero_rows(plan, rows_before), None, split)
             rows = plan.rows(layer_uses, mult) if layer_uses else zero_rows(plan, len(step.ids))
-            if split == "train" and plan.sqnorm_at_capture:
+            if split == "train":
                 norms[column] = plan.sqnorms(rows)
             flags = sink.append_layer(epoch, plan, rows, step.keep, split)
             if flags is not None and layer_uses:

@@ -91,7 +91,7 @@ class EpochLog:
                     "layers": [
                         n
                         for n, p in plans.items()
-                        if p.ready and p.sqnorm_at_capture and n not in self.recomputed
+                        if p.ready and n not in self.recomputed
                     ],
                 },
             )

@@ -270,18 +270,6 @@ class LayerPlan:
         return [n for n, spec in self.arrays.items() if spec.get("dedup")]
 
     @property
-    def sqnorm_at_capture(self) -> bool:
-        """Whether :meth:`sqnorms` is cheap enough to run on every batch: full gradients, and the
-        factors of linear layers with one position per sample. Elsewhere (sequences, convolutions)
-        a norm costs a ``T × T`` Gram matrix per sample, and readers compute it from the factors."""
-        if self.summary or self.representation == "projection":
-            return False
-        if self.representation == "full":
-            return True
-        positions = self.uses * math.prod(self.input_shape[:-1])
-        return self.extractor.kind in ("linear", "conv1d_transposed") and positions == 1
-
-    @property
     def rep(self) -> Representation:
         """The representation chosen (once :attr:`ready`): what the store's readers see."""
         if self._rep is None:
@@ -290,7 +278,9 @@ class LayerPlan:
 
     def sqnorms(self, rows: dict[str, Tensor]) -> Tensor:
         """Per-sample squared gradient norms ``(B,)`` (float64) of one batch's exact rows, before
-        any quantization; only where :attr:`sqnorm_at_capture`."""
+        any quantization. Kept on every layer, so that norms, cosines and self-influence read them
+        instead of scanning the rows; over positions the kernels take the cheaper of the factors'
+        Gram matrices and the gradient itself, so a norm costs at most the layer's weight gradient."""
         return self.rep.sqnorm(rows)
 
     def rows(self, uses: list[tuple[Tensor, Tensor]], multiplier: float) -> dict[str, Tensor]:

@@ -2,16 +2,20 @@
 
 Each zarr read is a round trip to zarr's event loop thread; on small chunks that trip, not the
 bytes, is the cost, so reads are batched: every part of every array of a request goes in one batch,
-and the rows that deduplicated rows refer to in a second.
+and the rows that deduplicated rows refer to in a second. A scan's chunk reads are issued ahead of
+their use on a few reader threads, so that zarr decompresses several chunks at once while the
+scan's kernels run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,6 +30,9 @@ from mstore_lightning.store.dedup import NO_REF
 from mstore_lightning.store.zarr_io import StoreReadError, check_rows, open_many, require_chunks, take_many
 
 STAGE_BYTES = 64 << 20  # decoded bytes that `stage` reads ahead in one batch
+# Threads that wait on zarr's event loop for chunk reads issued ahead: zarr decompresses on a pool of
+# its own, so these only keep enough reads in flight for it to use every core.
+READ_THREADS = 4
 
 ChunkKey = tuple[int, str, int, int, int, str]  # (epoch, split, rank index, lo, hi, layer name)
 Request = tuple[zarr.Group, Representation, list[str], "slice | np.ndarray"]
@@ -55,6 +62,8 @@ class ChunkReader:
         self._checked: set[tuple[str, str, str]] = set()  # arrays whose metadata matched their layer
         self._staged: dict[ChunkKey, Rows] = {}  # chunks read ahead by `stage`
         self._staged_at: set[tuple[int, str]] = set()  # their (epoch, split)s
+        self._io: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): started on first use
+        self._io_lock = threading.Lock()
 
     # ---------------------------------------------------------------- chunks
     def chunks(self, epoch: int, rep: Representation, split: str = "train") -> list[Chunk]:
@@ -79,8 +88,9 @@ class ChunkReader:
     ) -> Iterator[tuple[Chunk, Callable[[], Rows]]]:
         """Each chunk holding any of the rows ``start:stop``, and its decoded rows when called.
 
-        A chunk not already decoded is read here, and decoded by whoever calls: a scan hands that to
-        its worker threads, and reads the next chunk meanwhile.
+        A chunk not already decoded starts being read, on a reader thread, when it is yielded, and is
+        decoded by whoever calls: a scan that takes chunks ahead of their use (``scan.read_ahead``)
+        has several read at once, and hands the calls to its worker threads.
         """
         for c in self.chunks(epoch, rep, split):
             if c.first + c.hi - c.lo <= start or c.first >= stop:
@@ -90,7 +100,7 @@ class ChunkReader:
             if rows is not None:
                 yield c, functools.partial(dict, rows)
             else:
-                yield c, functools.partial(self._decode_chunk, key, self._read_raw([key])[0])
+                yield c, functools.partial(self._decode_read, key, self._read_async(key))
 
     def gather(self, epoch: int, rep: Representation, rows: np.ndarray, split: str = "train") -> Rows:
         """Decoded arrays of ``rep`` at global row positions ``rows`` (in the given order)."""
@@ -239,6 +249,17 @@ class ChunkReader:
     def _kept(self, key: ChunkKey) -> Rows | None:
         rows = self._staged.get(key)
         return rows if rows is not None else self.cache.get(key)
+
+    def _read_async(self, key: ChunkKey) -> Future:
+        """The stored parts of one chunk, read on a reader thread."""
+        with self._io_lock:
+            if self._io is None or self._io[0] != os.getpid():  # a forked child has no pool threads
+                self._io = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="mstore-read"))
+            pool = self._io[1]
+        return pool.submit(self._read_raw, [key])
+
+    def _decode_read(self, key: ChunkKey, read: Future) -> Rows:
+        return self._decode_chunk(key, read.result()[0])
 
     def _read_chunks(self, keys: list[ChunkKey]) -> list[Rows]:
         """Decoded chunks, read in one batch and offered to the cache."""

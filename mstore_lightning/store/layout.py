@@ -47,7 +47,7 @@ SPLITS = {"train": "r", "query": "q"}  # rank group prefix of each kind of row: 
 # Every rank group's per-row records (``rows/<name>``) and their dtypes.
 ROW_FIELDS = {"ids": np.int64, "step": np.int64, "label": np.int64, "lr": np.float64, "loss": np.float32}
 MARGINS = "margin"  # rows/margin: z_y - max other logit of each training row, where the capture saw logits
-SQNORMS = "sqnorm"  # rows/sqnorm: exact squared norms of the layers where they are cheap, one column each
+SQNORMS = "sqnorm"  # rows/sqnorm: exact squared norms of every captured layer, one column each
 
 
 def is_url(uri: str) -> bool:

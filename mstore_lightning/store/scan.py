@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import zarr
@@ -33,6 +34,9 @@ from mstore_lightning.store.chunks import Chunk, ChunkReader
 from mstore_lightning.store.zarr_io import DAMAGE, ReadStore, StoreReadError
 
 RECOMPUTED = "recomputed from the end-of-epoch weights in eval mode (captured rows use their step's)"
+READ_AHEAD = 8  # blocks taken ahead of their use by `read_ahead`: 32 MB of 4 MB chunks in flight
+
+T = TypeVar("T")
 
 
 class Block(NamedTuple):
@@ -44,6 +48,28 @@ class Block(NamedTuple):
     first: int
     rows: int
     load: Callable[[], Rows]
+
+
+def read_ahead(items: Iterable[T], depth: int = READ_AHEAD) -> Iterator[T]:
+    """Yields ``items`` in order, taking up to ``depth`` more from them meanwhile.
+
+    A stored block's read starts when its source yields it, so taking blocks ahead keeps several
+    reads in flight while the caller runs its kernels on the current one: across layers too, when
+    ``items`` chains the blocks of several sources.
+
+    Example::
+
+        pairs = ((src, block) for src in scan.sources(epoch, None) for block in src.blocks())
+        for src, block in read_ahead(pairs):
+            total[block.first : block.first + block.rows] += src.rep.sqnorm(block.load()).numpy()
+    """
+    taken: deque[T] = deque()
+    for item in items:
+        taken.append(item)
+        if len(taken) > depth:
+            yield taken.popleft()
+    while taken:
+        yield taken.popleft()
 
 
 class RowSource(ABC):

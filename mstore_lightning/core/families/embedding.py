@@ -70,14 +70,15 @@ class EmbeddingExtractor(Extractor):
 
     @classmethod
     def sqnorm(cls, hyper: Hyper, params: list[str], x: Rows) -> Tensor:
+        # A sample's gradient has one row per distinct id: the sum of its positions' d. Summing by
+        # (sample, id) costs B·T·D, where comparing every pair of positions costs B·T²·D.
         ids, d = cls._flat(hyper, x)
-        t = ids.shape[1]
-        out = d.new_zeros(ids.shape[0])
-        step = max(1, _BLOCK_ELEMS // max(1, t * t))
-        for lo in range(0, ids.shape[0], step):
-            i, dd = ids[lo : lo + step], d[lo : lo + step]
-            out[lo : lo + step] = ((dd @ dd.transpose(1, 2)) * (i[:, :, None] == i[:, None, :])).sum((1, 2))
-        return out
+        b, t = ids.shape
+        key = (ids + torch.arange(b, device=ids.device).unsqueeze(1) * hyper["num_embeddings"]).reshape(-1)
+        distinct, which = torch.unique(key, return_inverse=True)
+        rows = d.new_zeros((len(distinct), d.shape[-1])).index_add_(0, which, d.reshape(b * t, -1))
+        sample = torch.div(distinct, hyper["num_embeddings"], rounding_mode="floor")
+        return d.new_zeros(b).index_add_(0, sample, rows.pow(2).sum(1))
 
     @classmethod
     def factor_bytes(cls, a: Tensor, d: Tensor, itemsize: int) -> int:

@@ -83,12 +83,26 @@ def kron_gram(ax: Tensor, dx: Tensor, ay: Tensor, dy: Tensor, weight: bool, bias
 
 
 def kron_sqnorm(a_m: Tensor, d_m: Tensor, weight: bool, bias: bool) -> Tensor:
-    """``(B,)`` squared gradient norms from grouped factor matrices."""
-    b, g, t, _ = a_m.shape
+    """``(B,)`` squared gradient norms from grouped factor matrices.
+
+    Over ``T`` positions there are two ways, and the cheaper one is taken: the ``T × T`` Gram
+    matrices of the factors (``T²(I + O)`` a sample, the "ghost norm"), or the gradient
+    ``Dᵀ A`` itself (``T·I·O``, what the layer's own weight gradient costs).
+    """
+    b, g, t, i = a_m.shape
+    o = d_m.shape[-1]
+    if not weight:  # the bias gradient is Σ_t d_t
+        return d_m.sum(2).pow(2).sum((1, 2)) if bias else a_m.new_zeros(b)
     if t == 1:
         a0, d0 = a_m[:, :, 0], d_m[:, :, 0]
         return (_ab(a0.pow(2).sum(-1), weight, bias) * d0.pow(2).sum(-1)).sum(1)
     out = a_m.new_zeros(b)
+    if t * (i + o) > i * o:
+        step = max(1, _BLOCK_ELEMS // max(1, g * o * i))
+        for lo in range(0, b, step):
+            w = torch.einsum("bgto,bgti->bgoi", d_m[lo : lo + step], a_m[lo : lo + step])
+            out[lo : lo + step] = w.pow(2).sum((1, 2, 3))
+        return out + d_m.sum(2).pow(2).sum((1, 2)) if bias else out
     step = max(1, _BLOCK_ELEMS // max(1, g * t * t))
     for lo in range(0, b, step):
         aa = a_m[lo : lo + step] @ a_m[lo : lo + step].transpose(-1, -2)
