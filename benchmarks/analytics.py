@@ -1,6 +1,6 @@
 """Speed and efficacy of the store's analytics: top-k, TracIn and self-influence on the stored factors.
 
-Two captured runs, each trained once:
+Captured runs, each trained once:
 
 - **top-k** (``--parts topk``): the MLP 784-512-512-10 of ``capture_overhead`` trained for one epoch on
   ``--rows`` seeded synthetic samples (100,000) with an int8 capture of every layer. One query's
@@ -8,6 +8,8 @@ Two captured runs, each trained once:
   per-sample gradients of ``--subset`` rows (2,000) with ``store.restore`` and scoring them with a
   matmul, a time then scaled linearly to all rows. The two are timed alternately and the script
   checks that they agree, and reports the scan rate next to this machine's ``numpy`` copy bandwidth.
+- **bigstore** (``--parts bigstore``): top-k and self-influence on a ViT-tiny's stores of over 1 GB,
+  beside plain ``zarr`` reading the same arrays in the same run (``big_store.py``).
 - **digits** (``--parts digits``): the label-noise protocol of the digits demo (10% of the training
   labels flipped) with an MLP 64-128-128-10, SGD lr 0.1, momentum 0.9, batch 64, 20 epochs, captured
   by an int8 and an fp32 ``GradientCapture`` in the same ``Trainer``, both with the 360 held-out
@@ -18,8 +20,9 @@ Two captured runs, each trained once:
 The script prints one table and writes every raw timing to JSON.
 
 Usage:
-    python benchmarks/analytics.py                                  # both parts, about 3 minutes
+    python benchmarks/analytics.py                                  # every part
     python benchmarks/analytics.py --parts digits                   # the digits part only, ~2 minutes
+    python benchmarks/analytics.py --parts bigstore --pairs 3 --out benchmarks/results/analytics_bigstore.json
     python benchmarks/analytics.py --rows 20000 --subset 500 --pairs 2 --reps 3   # quick smoke run
 """
 
@@ -55,12 +58,13 @@ from mstore_lightning import GradientCapture, open_store
 
 # The models, data and report helpers are capture_overhead's and storage's; they are scripts, not a package.
 sys.path.insert(0, str(Path(__file__).parent))
+import big_store
 import capture_overhead as co
 import storage
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "analytics.json"
 DEMO = Path(__file__).resolve().parent.parent / "example_projects" / "digits" / "train.py"
-PARTS = ("topk", "digits")
+PARTS = ("topk", "digits", "bigstore")
 
 # Top-k.
 TOPK_BATCH = 1024
@@ -634,6 +638,9 @@ def format_table(results: dict[str, dict[str, Any]], machine: dict[str, Any]) ->
         lines.append("  grad_norm_sum_fp32 is Σ_e ‖g_i(e)‖, unsquared: a diagnostic, not self-influence "
                      "(Σ_e lr_e ‖g_i(e)‖²).")
         lines.append(f"  matches: ROC-AUC >= {ref['roc_auc'] - AUC_TOLERANCE:.3f} and precision >= {lo:.2f}.")
+    if "bigstore" in results:
+        lines += ["", f"queries on stores over 1 GB: {results['bigstore']['model']}, medians"]
+        lines += big_store.table_rows(results["bigstore"])
     return "\n".join(lines)
 
 
@@ -646,6 +653,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=3, help="top-k / materialize pairs timed")
     parser.add_argument("--epochs", type=int, default=20, help="digits epochs trained and captured")
     parser.add_argument("--reps", type=int, default=7, help="timed calls per digits store and operation")
+    parser.add_argument("--big-rows", type=int, default=512, help="rows of the exact ViT store (~2.3 MB each)")
+    parser.add_argument(
+        "--big-default-rows", type=int, default=1536, help="rows of the default-policy ViT store (~0.85 MB each)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
@@ -689,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(Path(tmp) / "mlp_topk.zarr", ignore_errors=True)
         if "digits" in args.parts:
             results["digits"] = bench_digits(args.epochs, args.reps, Path(tmp), args.scaling)
+        if "bigstore" in args.parts:
+            results["bigstore"] = big_store.bench(args.big_rows, args.big_default_rows, args.pairs, Path(tmp))
     total_s = time.perf_counter() - start
     machine["loadavg_end"] = os.getloadavg()
 

@@ -48,7 +48,7 @@ from mstore_lightning.capture import batch as batch_module
 from mstore_lightning.capture.batch import BatchWriter
 from mstore_lightning.capture.recorder import Recorder
 from mstore_lightning.capture.rows import RowSink, select_rows
-from mstore_lightning.core import quant
+from mstore_lightning.core import tensor_codes
 from mstore_lightning.store.writer import BackgroundWriter
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,7 +77,7 @@ def patched(obj: Any, **attrs: Any) -> Iterator[None]:
 def _encode_only(self: RowSink, epoch: int, plan: Any, rows: dict, keep: Any, split: str = "train") -> Any:
     masks = []
     for array, values in rows.items():
-        encoded = quant.encode_rows(plan.arrays[array], select_rows(values, keep))
+        encoded = tensor_codes.encode_rows(plan.arrays[array], select_rows(values, keep))
         if plan.arrays[array]["encoding"] != "int64":
             masks.append(encoded.nonfinite())
     if not masks or any(m is None for m in masks):

@@ -11,7 +11,7 @@ Usage:
     python benchmarks/capture_overhead.py --batches-scale 0.1   # quick smoke run
     python benchmarks/capture_overhead.py --versus no-manifest  # what the manifests cost, side by side
     python benchmarks/capture_overhead.py --versus zstd-everywhere  # measured compressors vs zstd
-    python benchmarks/capture_overhead.py --versus single-position-norms  # what keeping every norm costs
+    python benchmarks/capture_overhead.py --versus cheap-norms        # what keeping every layer's norms costs
     python benchmarks/capture_overhead.py --threads 1           # a core left free: target 1.15x
 """
 
@@ -25,7 +25,6 @@ import gc
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -661,32 +660,24 @@ def zstd_everywhere() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def norms_of_single_positions() -> Iterator[None]:
-    """Keeps squared norms at capture only where a layer has one position a sample (and for full
-    gradients), as before every layer's were kept: what keeping sequence and convolution norms costs.
-    The other columns hold zeros (the store's norms of those layers read wrong: time only)."""
-    from mstore_lightning.capture.layers import LayerPlan
-
-    saved = LayerPlan.sqnorms
-
-    def some(self: LayerPlan, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        positions = self.uses * math.prod(self.input_shape[:-1])
-        cheap = self.representation == "full" or (
-            self.extractor.kind in ("linear", "conv1d_transposed") and positions == 1
-        )
-        return saved(self, rows) if cheap else torch.zeros(next(iter(rows.values())).shape[0])
-
-    LayerPlan.sqnorms = some
+def cheap_norms() -> Iterator[None]:
+    """Captures with ``policy.norms="cheap"``: norms kept only where they cost next to nothing, as
+    before every layer's were kept. What keeping sequence and convolution norms costs."""
+    saved = POLICY.get("norms")
+    POLICY["norms"] = "cheap"
     try:
         yield
     finally:
-        LayerPlan.sqnorms = saved
+        if saved is None:
+            POLICY.pop("norms")
+        else:
+            POLICY["norms"] = saved
 
 
 # Parts of the store's work a third arm switches off, side by side with the full capture.
 VERSUS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "no-manifest": without_manifest,
-    "single-position-norms": norms_of_single_positions,
+    "cheap-norms": cheap_norms,
     "zstd-everywhere": zstd_everywhere,
 }
 

@@ -8,19 +8,30 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mstore_lightning.config import CapturePolicy, PolicyError
-from mstore_lightning.facade import GradientStore, open_store
-from mstore_lightning.store import IncompatibleStoreError, StoreExistsError, StoreReadError
-
-# Loaded on first use: reading a store (and the `mstore` command) need not import Lightning.
+# Each name is imported on first use: the `mstore` command's metadata commands (inspect, verify)
+# then start without torch, and reading a store never imports Lightning.
 _LAZY = {
+    "CapturePolicy": "mstore_lightning.config",
+    "PolicyError": "mstore_lightning.config",
+    "GradientStore": "mstore_lightning.facade",
+    "open_store": "mstore_lightning.facade",
+    "IncompatibleStoreError": "mstore_lightning.store",
+    "StoreExistsError": "mstore_lightning.store",
+    "StoreReadError": "mstore_lightning.store",
     "GradientCapture": "mstore_lightning.callbacks",
     "StoreWriteError": "mstore_lightning.callbacks",
     "IndexedDataset": "mstore_lightning.capture",
     "DiskSpaceError": "mstore_lightning.capture",
 }
+
+if TYPE_CHECKING:
+    from mstore_lightning.callbacks import GradientCapture, StoreWriteError
+    from mstore_lightning.capture import DiskSpaceError, IndexedDataset
+    from mstore_lightning.config import CapturePolicy, PolicyError
+    from mstore_lightning.facade import GradientStore, open_store
+    from mstore_lightning.store import IncompatibleStoreError, StoreExistsError, StoreReadError
 
 __all__ = [
     "CapturePolicy",
@@ -43,3 +54,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'mstore_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

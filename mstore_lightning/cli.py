@@ -248,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- subcommands
 def _inspect(args: argparse.Namespace) -> int:
+    from mstore_lightning.facade.info import StoreInfo  # metadata only: no torch to import
     from mstore_lightning.store.verify import epoch_states
 
-    store = _open(args)
+    store = StoreInfo.open(args.store, args.storage_options)
     print(store.describe())
     rows = []
     for epoch, state in epoch_states(args.store, args.storage_options).items():

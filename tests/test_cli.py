@@ -60,13 +60,28 @@ def call(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+# Runs one command, then prints which heavy libraries it imported.
+IMPORTS = (
+    "import sys, json\n"
+    "from mstore_lightning.cli import main\n"
+    "command, store = sys.argv[1:]\n"
+    "try:\n"
+    "    main([command] if command == '--help' else [command, store])\n"
+    "except SystemExit:\n"  # --help exits
+    "    pass\n"
+    "print(json.dumps([m for m in ('torch', 'lightning', 'matplotlib') if m in sys.modules]))\n"
+)
+
+
 def spawn(*args, script: bool = False) -> subprocess.CompletedProcess:
-    """Runs ``mstore`` as a user does: the console script, or ``python -m mstore_lightning.cli``."""
-    head = (
-        [str(Path(sys.executable).parent / "mstore")]
-        if script
-        else [sys.executable, "-m", "mstore_lightning.cli"]
-    )
+    """Runs ``mstore`` as a user does: the console script, or ``python -m mstore_lightning.cli``;
+    ``("imports", command, store)`` runs one command and prints the heavy libraries it imported."""
+    if args and args[0] == "imports":
+        head, args = [sys.executable, "-c", IMPORTS], args[1:]
+    elif script:
+        head = [str(Path(sys.executable).parent / "mstore")]
+    else:
+        head = [sys.executable, "-m", "mstore_lightning.cli"]
     return subprocess.run([*head, *map(str, args)], check=False, capture_output=True, text=True, timeout=300)
 
 
@@ -98,6 +113,7 @@ def spawned(store_path, tmp_path_factory):
         "verify_flipped": (("verify", flipped), False),
         "topk_json": (("topk", store_path, "--query", "0,3", "--k", "5", "--format", "json"), True),
         "bad_path": (("inspect", store_path.parent / "missing.zarr"), False),
+        **{f"imports_{c}": (("imports", c, store_path), False) for c in ("inspect", "verify", "--help")},
     }
     with ThreadPoolExecutor(len(runs)) as pool:
         futures = {name: pool.submit(spawn, *args, script=script) for name, (args, script) in runs.items()}
@@ -115,6 +131,17 @@ def test_help_lists_every_subcommand(spawned, capsys):
         assert exit_.value.code == 0
         out = capsys.readouterr().out
         assert f"usage: mstore {command}" in out and "examples:" in out
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify", "--help"])
+def test_metadata_commands_start_without_torch(spawned, command):
+    """``inspect``, ``verify`` and the help read metadata only: torch, Lightning and matplotlib,
+    most of a command's start-up, are never imported."""
+    run = spawned[f"imports_{command}"]
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == []
+    if command != "--help":
+        assert ("OK" if command == "verify" else "epochs committed: [0, 1, 2]") in run.stdout
 
 
 def test_a_bad_path_is_one_line_without_traceback(spawned):

@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from mstore_lightning import CapturePolicy, open_store
 from mstore_lightning.capture.recorder import Recorder
-from mstore_lightning.core import quant
+from mstore_lightning.core import quant, tensor_codes
 from mstore_lightning.core.transfer import DeviceCopies, HostCopy
 
 
@@ -189,8 +189,8 @@ def test_codes_made_on_cuda_are_within_one_code_step_of_the_cpu_reference(precis
     torch.manual_seed(0)
     x = torch.randn(64, 12, 33) * torch.logspace(-3, 3, 64)[:, None, None]
     spec = quant.array_spec("a", [12, 33], precision)
-    cpu = quant.split_rows(spec, quant.encode_rows(spec, x).data.numpy())
-    gpu = quant.split_rows(spec, quant.encode_rows(spec, x.cuda()).data.cpu().numpy())
+    cpu = quant.split_rows(spec, tensor_codes.encode_rows(spec, x).data.numpy())
+    gpu = quant.split_rows(spec, tensor_codes.encode_rows(spec, x.cuda()).data.cpu().numpy())
     for name, ref in cpu.items():
         got = gpu[name]
         if ref.dtype.kind in "iu":

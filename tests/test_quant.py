@@ -13,19 +13,19 @@ from torch import nn
 
 from helpers import EXACT, Reference, Task, loader, trainer
 from mstore_lightning import GradientCapture, open_store
-from mstore_lightning.core import quant
+from mstore_lightning.core import quant, tensor_codes
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
 
 def round_trip(spec: dict, x: torch.Tensor) -> torch.Tensor:
-    parts = quant.split_rows(spec, quant.encode_rows(spec, x).data.numpy())
+    parts = quant.split_rows(spec, tensor_codes.encode_rows(spec, x).data.numpy())
     assert set(parts) == set(spec["parts"])
     for k, v in parts.items():
         assert (
             list(v.shape[1:]) == spec["parts"][k]["row_shape"] and str(v.dtype) == spec["parts"][k]["dtype"]
         )
-    return quant.decode(spec, "a", parts)
+    return tensor_codes.decode(spec, "a", parts)
 
 
 def bfloat16_bits(x: np.ndarray) -> np.ndarray:
@@ -57,7 +57,7 @@ def test_codes_made_in_the_step_equal_the_numpy_reference_bit_for_bit(
         if special == "zero":
             x[0] = 0.0
     spec = quant.array_spec("a", shape, precision)
-    encoded = quant.encode_rows(spec, x)
+    encoded = tensor_codes.encode_rows(spec, x)
     handed = encoded.data
     assert handed.dtype == torch.from_numpy(np.empty(0, quant.buffer_dtype(spec))).dtype
     assert handed.shape[1:].numel() * handed.element_size() == quant.buffered_nbytes(spec)
@@ -340,11 +340,11 @@ def test_a_value_repeated_across_quantiles_keeps_a_bin_of_its_own(bits):
 def test_large_batches_take_the_two_pass_maximum_and_stay_bit_exact(precision):
     shape = [8, 4096]  # 8 x 4,096 numbers a row: past SPLIT_MAX_NUMBERS with 16 rows
     x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
-    assert x.numel() >= quant.SPLIT_MAX_NUMBERS
+    assert x.numel() >= tensor_codes.SPLIT_MAX_NUMBERS
     x[2] = 0.0
     x[3, 1, 7], x[4, 0, 0], x[5, 7, 4095] = float("nan"), float("inf"), -float("inf")
     spec = quant.array_spec("a", shape, precision)
-    encoded = quant.encode_rows(spec, x)
+    encoded = tensor_codes.encode_rows(spec, x)
     got, ref = quant.split_rows(spec, encoded.data.numpy()), quant.encode(spec, "a", x.numpy())
     finite = [i for i in range(16) if i not in (3, 4, 5)]
     for k in ref:

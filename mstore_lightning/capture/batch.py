@@ -203,7 +203,7 @@ class BatchWriter:
         self, log: EpochLog, uses: dict[str, list], mult: float, step: Step, split: str
     ) -> dict[str, torch.Tensor]:
         """Appends the batch's rows of every planned layer, and (train rows) their exact squared
-        norms, one column per planned layer.
+        norms where the policy keeps them, one column per planned layer.
 
         Returns:
             ``{layer: mask}`` of the layers whose encoding flagged their appended rows that hold NaN
@@ -226,8 +226,10 @@ class BatchWriter:
             if rows_before and not sink.has_layer(epoch, plan, split):  # rows before it first ran
                 sink.append_layer(epoch, plan, zero_rows(plan, rows_before), None, split)
             rows = plan.rows(layer_uses, mult) if layer_uses else zero_rows(plan, len(step.ids))
-            if split == "train":
+            if split == "train" and (self.policy.norms == "all" or plan.sqnorm_is_cheap):
                 norms[column] = plan.sqnorms(rows)
+            elif split == "train":
+                log.without_norms.add(name)
             flags = sink.append_layer(epoch, plan, rows, step.keep, split)
             if flags is not None and layer_uses:
                 flagged[name] = flags

@@ -35,6 +35,7 @@ class EpochLog:
             where its rows are (on CUDA, read only at the epoch's end: see :attr:`nonfinite`).
         dropped: rows not stored because the writer was behind (``on_pressure="drop"``).
         sqnorm_gap: the stored norms miss rows, so readers compute norms from the factors.
+        without_norms: layers whose norms this epoch does not keep (``policy.norms="cheap"``).
         batches: training batches in the epoch, where the loader tells (for the storage plan).
     """
 
@@ -47,6 +48,7 @@ class EpochLog:
     nonfinite_masks: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
     dropped: int = 0
     sqnorm_gap: bool = False
+    without_norms: set[str] = field(default_factory=set)
     batches: float | None = None  # training batches in the epoch, where the loader tells
 
     @property
@@ -91,7 +93,7 @@ class EpochLog:
                     "layers": [
                         n
                         for n, p in plans.items()
-                        if p.ready and n not in self.recomputed
+                        if p.ready and n not in self.recomputed and n not in self.without_norms
                     ],
                 },
             )

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mstore_lightning.capture import attention, broadcast, choice, recurrent
 from mstore_lightning.config import CapturePolicy, PolicyError, match_pattern
-from mstore_lightning.core import pooling, projection, quant
+from mstore_lightning.core import pooling, projection, tensor_codes
 from mstore_lightning.core.families.registry import Extractor, extractor_for_kind, find_extractor
 from mstore_lightning.core.representation import Representation
 
@@ -247,7 +247,7 @@ class LayerPlan:
                     else:
                         rows = self.extractor.full_rows(self.hyper, self.params, a, d, method)
                     for name, values in rows.items():
-                        quant.encode_rows(cand.arrays[name], values)
+                        tensor_codes.encode_rows(cand.arrays[name], values)
 
                 timed[method] = _timed(form, a.device, limit=best - write)
             fastest = min(timed, key=timed.get)
@@ -268,6 +268,20 @@ class LayerPlan:
     def dedup_arrays(self) -> list[str]:
         """Arrays whose rows are deduplicated."""
         return [n for n, spec in self.arrays.items() if spec.get("dedup")]
+
+    @property
+    def sqnorm_is_cheap(self) -> bool:
+        """Whether a norm costs next to nothing: full gradients, and the factors of linear layers with
+        one position a sample. Elsewhere (sequences, convolutions) it costs up to the layer's weight
+        gradient, and ``policy.norms="cheap"`` leaves it to readers."""
+        if self.representation == "full":
+            return True
+        positions = self.uses * math.prod(self.input_shape[:-1])
+        return (
+            self.representation == "factors"
+            and self.extractor.kind in ("linear", "conv1d_transposed")
+            and (positions == 1 and not self.summary)
+        )
 
     @property
     def rep(self) -> Representation:

@@ -38,7 +38,7 @@ from torch.utils.data import default_collate
 from mstore_lightning.capture.hooks import HookManager
 from mstore_lightning.capture.layers import LayerPlan
 from mstore_lightning.capture.scaling import grad_multiplier
-from mstore_lightning.core import quant
+from mstore_lightning.core import quant, tensor_codes
 from mstore_lightning.core.errors import StoreReadError
 from mstore_lightning.core.representation import Representation
 from mstore_lightning.store import layout
@@ -180,7 +180,7 @@ def read_seconds_per_sample(group: zarr.Group, spec: dict[str, Any], max_rows: i
                 tables = group[s.name + quant.TABLE][:]
                 values = codec.decode(values, tables[np.arange(rows) // int(group[s.name].chunks[0])])
             parts[s.name] = values
-        quant.decode(arr_spec, name, parts)
+        tensor_codes.decode(arr_spec, name, parts)
     return (time.perf_counter() - t0) / rows
 
 

@@ -1,7 +1,7 @@
 """Hands a rank's captured rows to the store writer: each layer's arrays and the per-row fields.
 
 The training thread encodes each batch's rows where they were made (casts, or int8 codes with their
-scales: :func:`~mstore_lightning.core.quant.encode_rows`) and hands the bytes to the writer's chunk
+scales: :func:`~mstore_lightning.core.tensor_codes.encode_rows`) and hands the bytes to the writer's chunk
 buffers; the writer thread splits them into their stored parts and deduplicates rows that can repeat,
 with the coder :meth:`RowSink.coding` builds when an array is opened.
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mstore_lightning.capture.layers import LayerPlan
-from mstore_lightning.core import quant
+from mstore_lightning.core import quant, tensor_codes
 from mstore_lightning.core.transfer import HostCopy, as_rows
 from mstore_lightning.store import layout
 from mstore_lightning.store.buffers import Coder, PartSpec
@@ -68,7 +68,7 @@ class RowSink:
         masks: list[torch.Tensor | None] = []
         for array, values in rows.items():
             spec = plan.arrays[array]
-            encoded = quant.encode_rows(spec, select_rows(values, keep))
+            encoded = tensor_codes.encode_rows(spec, select_rows(values, keep))
             self.run.append(
                 epoch,
                 f"{layout.LAYERS}/{plan.name}/{array}",

@@ -23,14 +23,16 @@ at most ``s/2``), and about ``κ / 440`` when rounding errors are uniform. A per
 has relative error at most ``ε_a + ε_d + ε_a·ε_d``; that bounds ``norms`` the same way, and
 ``|⟨ĝ, ĥ⟩ − ⟨g, h⟩| ≤ ε_g‖g‖‖ĥ‖ + ε_h‖h‖‖g‖`` bounds ``dot``.
 
+Encoding on the rows' device, and decoding into tensors, is ``core.tensor_codes``'s: this module is
+NumPy only, so that reading a store's metadata (``mstore inspect``, ``verify``) needs no torch.
+
 Example:
-    >>> import torch
     >>> spec = array_spec("a", [1, 100], "int8")
     >>> sorted(spec["parts"])
     ['a', 'a_scale']
-    >>> x = torch.randn(4, 1, 100)
-    >>> parts = split_rows(spec, encode_rows(spec, x).data.numpy())
-    >>> bool((decode(spec, "a", parts) - x).abs().max() <= x.abs().max() / 254 + 1e-7)
+    >>> x = np.random.default_rng(0).standard_normal((4, 1, 100)).astype(np.float32)
+    >>> parts = encode(spec, "a", x)
+    >>> bool((np.abs(parts["a"] * parts["a_scale"][..., None] - x)).max() <= np.abs(x).max() / 254 + 1e-7)
     True
 """
 
@@ -41,8 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 GROUP_MIN = 64  # numbers sharing one int8 scale: a 4-byte scale costs at most 1/16 of a group's bytes
 
@@ -52,7 +52,6 @@ _FLOATS = {
     "bf16": ("bfloat16-bits", "int16"),
 }
 PRECISIONS = (*_FLOATS, "int8", "kbit:N", "threshold[:q]")
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 LOSSLESS = ("float32", "int64")
 FIT_SAMPLES = 1 << 16  # values a chunk's bin edges are fitted on; the bin means use every value
 LLOYD_STEPS = 3  # refinements of the quantile edges
@@ -152,7 +151,7 @@ def is_lossless(spec: dict[str, Any]) -> bool:
 
 
 def handed_parts(spec: dict[str, Any]) -> list[tuple[str, tuple[int, ...], np.dtype]]:
-    """The parts :func:`encode_rows` packs into one handed-over row, in order: ``(name, row shape,
+    """The parts ``tensor_codes.encode_rows`` packs into one handed-over row, in order: ``(name, row shape,
     dtype)``. Empty for encodings handed over as one array of their own dtype."""
     if spec["encoding"] != "int8" and "codec" not in spec:
         return []
@@ -165,100 +164,28 @@ def handed_parts(spec: dict[str, Any]) -> list[tuple[str, tuple[int, ...], np.dt
 
 
 def buffer_dtype(spec: dict[str, Any]) -> np.dtype:
-    """The dtype of rows as :func:`encode_rows` hands them over (raw bytes where parts are packed)."""
+    """The dtype of rows as ``tensor_codes.encode_rows`` hands them over (raw bytes where parts are packed)."""
     if handed_parts(spec):
         return np.dtype(np.uint8)
     return np.dtype(spec["dtype"])
 
 
 def buffered_nbytes(spec: dict[str, Any]) -> int:
-    """Bytes of one row as the training thread hands it to the writer (:func:`encode_rows`)."""
+    """Bytes of one row as the training thread hands it to the writer (``tensor_codes.encode_rows``)."""
     packed = handed_parts(spec)
     if packed:
         return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in packed)
     return math.prod(spec["row_shape"]) * buffer_dtype(spec).itemsize
 
 
-@dataclass(frozen=True)
-class Encoded:
-    """Rows as :func:`encode_rows` hands them over.
-
-    Attributes:
-        data: the handed-over rows (one ``uint8`` row of packed parts, or the cast values).
-        group_max: for scaled encodings, each group's ``max |x|``, one row of groups per row
-            ``(n, groups)``: NaN or Inf exactly where a group holds NaN or Inf, so it flags
-            non-finite rows for free.
-    """
-
-    data: Tensor
-    group_max: Tensor | None = None
-
-    def nonfinite(self) -> Tensor | None:
-        """Rows holding NaN or Inf (a boolean mask), where the encoding tells."""
-        if self.group_max is None:
-            return None
-        return ~torch.isfinite(self.group_max).all(dim=1)
-
-
-def encode_rows(spec: dict[str, Any], x: Tensor) -> Encoded:
-    """Rows ``x`` ``(n, *row_shape)`` in their stored form, made where ``x`` lives, in a few
-    vectorised ops: what the training thread hands the writer.
-
-    Floats and ids are cast (bfloat16 as its bits). ``int8`` codes and their scales, and a chunk
-    codec's values in ``[-1, 1]`` with theirs, are packed side by side into one ``uint8`` row each
-    (:func:`handed_parts`); the writer splits them with :func:`split_rows`. On the CPU the codes
-    equal :func:`encode`'s bit for bit: the same float32 operations in the same order.
-    """
-    encoding = spec["encoding"]
-    if encoding in _TORCH_DTYPES:
-        return Encoded(x.to(_TORCH_DTYPES[encoding]))
-    if encoding == "bfloat16-bits":
-        return Encoded(x.to(torch.bfloat16).view(torch.int16))
-    n = x.shape[0]
-    groups = x.to(torch.float32).reshape(n, *_group_shape(spec))
-    (_, shape, dtype), (_, scale_shape, _) = handed_parts(spec)
-    numbers, scales = math.prod(shape), math.prod(scale_shape)
-    width = numbers * dtype.itemsize
-    out = torch.empty((n, width + 4 * scales), dtype=torch.uint8, device=x.device)
-    if n == 0:
-        return Encoded(out, groups.new_zeros((0, scales)))
-    amax = _group_max(groups)
-    one = torch.full((), 127.0 if encoding == "int8" else 1.0, dtype=torch.float32, device=x.device)
-    # Tensor divisions, not divisions by a Python number, which torch may turn into a product with
-    # the reciprocal and so round differently from NumPy. NaN or Inf rows keep a non-finite scale.
-    inv = torch.where(amax > 0, one / amax, 0.0)
-    values = groups * inv
-    if encoding == "int8":
-        out[:, :width].view(torch.int8).copy_(values.round_().reshape(n, numbers))
-        scale = (amax / one).reshape(n, scales)
-    else:
-        out[:, :width].copy_(values.reshape(n, numbers).view(torch.uint8))
-        scale = amax.reshape(n, scales)
-    out[:, width:].copy_(scale.view(torch.uint8))
-    return Encoded(out, amax.reshape(n, scales))
-
-
-SPLIT_MAX_NUMBERS = 1 << 18  # from here on, max and min in two passes beat abs then max (measured)
-
-
-def _group_max(groups: Tensor) -> Tensor:
-    """Each group's ``max |x|`` (last axis), keeping its dim; NaN or Inf where the group holds one."""
-    if groups.numel() < SPLIT_MAX_NUMBERS:
-        return groups.abs().amax(dim=-1, keepdim=True)
-    # max(max x, -min x) is exact and reads the numbers without writing |x|; adding 0 turns the -0
-    # of an all-zero group into +0, so that zero rows stay zero bytes.
-    high, low = groups.amax(dim=-1, keepdim=True), groups.amin(dim=-1, keepdim=True)
-    return torch.maximum(high, low.neg_()).add_(0.0)
-
-
-def _group_shape(spec: dict[str, Any]) -> tuple[int, ...]:
+def group_shape(spec: dict[str, Any]) -> tuple[int, ...]:
     """One row's shape as its scale groups: the leading axes, then every number of a group."""
     lead = spec["scale_axes"]
     return (*spec["row_shape"][:lead], math.prod(spec["row_shape"][lead:]))
 
 
 def split_rows(spec: dict[str, Any], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The stored parts of rows handed over by :func:`encode_rows`, keyed by part name (views where
+    """The stored parts of rows handed over by ``tensor_codes.encode_rows``, keyed by part name (views where
     the bytes allow)."""
     packed = handed_parts(spec)
     if not packed:
@@ -281,7 +208,7 @@ def spec_name(spec: dict[str, Any]) -> str:
 
 def encode(spec: dict[str, Any], name: str, rows: np.ndarray) -> dict[str, np.ndarray]:
     """The stored parts of float32 rows ``(n, *row_shape)`` held in NumPy, keyed by part name: the
-    NumPy twin of :func:`encode_rows`, and the reference its codes are checked against.
+    NumPy twin of ``tensor_codes.encode_rows``, and the reference its codes are checked against.
 
     For ``kbit``/``threshold`` the main part holds values normalised to ``[-1, 1]``, which the chunk's
     :class:`ChunkCodec` turns into codes once the chunk is whole.
@@ -290,7 +217,7 @@ def encode(spec: dict[str, Any], name: str, rows: np.ndarray) -> dict[str, np.nd
     if encoding != "int8" and "codec" not in spec:
         return {name: rows}  # stored as buffered
     n = rows.shape[0]
-    groups = np.ascontiguousarray(rows, dtype=np.float32).reshape(n, *_group_shape(spec))
+    groups = np.ascontiguousarray(rows, dtype=np.float32).reshape(n, *group_shape(spec))
     work = np.abs(groups)
     amax = work.max(axis=-1, keepdims=True, initial=0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -303,27 +230,6 @@ def encode(spec: dict[str, Any], name: str, rows: np.ndarray) -> dict[str, np.nd
         inv = np.where(amax > 0, np.float32(1) / amax, np.float32(0))
         unit = np.multiply(groups, inv, out=work)
     return {name: unit.reshape(rows.shape), f"{name}_scale": amax.squeeze(-1)}
-
-
-def decode(spec: dict[str, Any], name: str, parts: dict[str, np.ndarray]) -> Tensor:
-    """Rows of logical array ``name`` as float32 (int64 for ids) from its stored parts."""
-    t = torch.from_numpy(np.ascontiguousarray(parts[name]))
-    encoding = spec["encoding"]
-    if "codec" in spec:  # parts[name] holds the unit values decoded with each chunk's table
-        scale = torch.from_numpy(np.ascontiguousarray(parts[f"{name}_scale"]))
-        groups = t.reshape(t.shape[0], *spec["row_shape"][: spec["scale_axes"]], -1)
-        return (groups * scale.unsqueeze(-1)).reshape(t.shape[0], *spec["row_shape"])
-    if encoding == "int8":
-        scale = torch.from_numpy(np.ascontiguousarray(parts[f"{name}_scale"], dtype=np.float32))
-        lead = spec["scale_axes"]
-        groups = t.reshape(*t.shape[: lead + 1], -1)
-        # int8 times float32 promotes inside the one kernel: no float32 copy of the codes first.
-        return (groups * scale.unsqueeze(-1)).reshape(t.shape)
-    if encoding == "bfloat16-bits":
-        return t.view(torch.bfloat16).float()
-    if encoding == "float16":
-        return t.float()
-    return t
 
 
 TABLE = "_table"

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mstore_lightning.core import pooling, projection
+from mstore_lightning.core import notes, pooling, projection
 from mstore_lightning.core.errors import StoreReadError
 from mstore_lightning.core.families.kron import KroneckerExtractor, kron_gram, kron_sqnorm
 from mstore_lightning.core.families.registry import Extractor, extractor_for_kind, flat_gram
@@ -43,18 +43,6 @@ from mstore_lightning.core.quant import StoredArray, stored_arrays
 
 Rows = dict[str, Tensor]
 MATRIX = "__matrix__"  # a class sum's weight part in the (G, O, I) layout its factors multiply in
-COUPLED_NOTE = (
-    "batch-coupled: its output gradient passes through BatchNorm in training mode ({bns}), so each row "
-    "mixes other samples' losses; the rows sum to the batch gradient but are not each sample's own"
-)
-
-
-def coupled_note(bns: tuple[str, ...] | list[str]) -> str | None:
-    """The ``approximate`` note of a layer whose rows ``bns`` (training-mode BatchNorms) coupled."""
-    if not bns:
-        return None
-    shown = ", ".join(bns[:3]) + (f" and {len(bns) - 3} more" if len(bns) > 3 else "")
-    return COUPLED_NOTE.format(bns=shown)
 
 
 @dataclass(frozen=True)
@@ -119,16 +107,15 @@ class Representation(ABC):
         """Every Zarr array the layer stores: row parts, code tables and dedup references."""
         return stored_arrays(self.arrays)
 
-    @property
+    @functools.cached_property
     def approximate(self) -> str | None:
         """Why results from this layer are estimates, or ``None`` when exact up to precision."""
-        why = [w for w in (self.estimate, coupled_note(self.batch_coupled)) if w]
-        return "; ".join(why) or None
+        return notes.approximate(self.to_spec())
 
-    @property
+    @functools.cached_property
     def estimate(self) -> str | None:
         """Why this form of storage gives estimates, or ``None`` when it is exact."""
-        return None
+        return notes.estimate(self.to_spec())
 
     def check_restore(self) -> None:
         """Raises where this representation's gradients cannot be restored (before any read)."""
@@ -255,10 +242,6 @@ class PooledFactors(Factors):
     def to_spec(self) -> dict[str, Any]:
         return {**super().to_spec(), "summary": self.summary}
 
-    @property
-    def estimate(self) -> str | None:
-        return f"pooled {self.summary['pool']}x: block means of the convolution maps"
-
     def unpacked(self, rows: Rows) -> Rows:
         s = self.summary
         return {
@@ -293,14 +276,6 @@ class _Projected(Representation):
 
     def to_spec(self) -> dict[str, Any]:
         return {**super().to_spec(), "projection": self.projection}
-
-    @property
-    def estimate(self) -> str | None:
-        p = self.projection
-        return (
-            f"Kronecker projection {p['k_out']}x{p['k_in']} (seed {p['seed']}): unbiased, relative "
-            f"error std <= {p['predicted_error']:.3g}"
-        )
 
     def restore(self, rows: Rows) -> Rows:
         raise self._unrestorable()

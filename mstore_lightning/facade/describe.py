@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mstore_lightning.facade.gradient_store import GradientStore
+    from mstore_lightning.facade.info import StoreInfo
 
 
-def describe(store: GradientStore) -> str:
+def describe(store: StoreInfo) -> str:
     """Epochs, layers, what each stores and why, bytes, and what is not captured."""
     lines = [f"gradient store {store.uri}", f"  epochs committed: {store.epochs}"]
     pol = store.policy
@@ -30,7 +30,9 @@ def describe(store: GradientStore) -> str:
             raw = sum(d["uncompressed_bytes"] for d in dedup)
             disk = [d["disk_bytes"] for d in dedup if d["rows_as_references"]]
             on_disk = f"about {sum(disk):,} B on disk" if min(disk) >= 0 else "on disk: not estimable"
-            line += f", dedup stored {dups:,} input rows as references (saved {on_disk}; {raw:,} B uncompressed)"
+            line += (
+                f", dedup stored {dups:,} input rows as references (saved {on_disk}; {raw:,} B uncompressed)"
+            )
         lines.append(line)
     lines.append("  layers:")
     for name in store.layers:

@@ -4,7 +4,6 @@ catalog, chunk reader and public scan.
 Imports ``core`` and ``config`` only: it knows Zarr and bytes, never capture or analytics.
 """
 
-from mstore_lightning.core.errors import StoreReadError
-from mstore_lightning.store.session import IncompatibleStoreError, StoreExistsError
+from mstore_lightning.core.errors import IncompatibleStoreError, StoreExistsError, StoreReadError
 
 __all__ = ["IncompatibleStoreError", "StoreExistsError", "StoreReadError"]

@@ -8,16 +8,17 @@ bytes, are what a query costs.
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.core.checks import choice
-from mstore_lightning.core.representation import Representation
 from mstore_lightning.store import layout
 from mstore_lightning.store.zarr_io import (
     DAMAGE,
@@ -33,6 +34,9 @@ from mstore_lightning.store.zarr_io import (
     take_many,
 )
 
+if TYPE_CHECKING:
+    from mstore_lightning.core.representation import Representation
+
 ArrayKey = tuple[str, str, str]  # (rank group path, layer name or "", array name)
 
 
@@ -42,7 +46,9 @@ class Catalog:
     Attributes:
         uri: where the store is.
         meta: the run's root metadata (schema version, policy, layer specs, ...).
-        reps: each captured layer's :class:`~mstore_lightning.core.representation.Representation`.
+        specs: each captured layer's JSON spec.
+        reps: each captured layer's :class:`~mstore_lightning.core.representation.Representation`,
+            made on first use (the kernels need torch; what is stored does not).
         opened: arrays opened so far, by ``(rank group path, layer or "", name)``; shared with the
             chunk reader so that each array's metadata is read once.
     """
@@ -60,10 +66,8 @@ class Catalog:
             raise StoreReadError(
                 f"{uri!r} has store schema version {version}; this library reads version {layout.SCHEMA_VERSION}."
             )
-        self.reps = {
-            name: Representation.from_spec(spec)
-            for name, spec in self.meta.get("layers", {}).items()
-            if spec.get("representation")
+        self.specs: dict[str, dict[str, Any]] = {
+            name: spec for name, spec in self.meta.get("layers", {}).items() if spec.get("representation")
         }
         self.opened: dict[ArrayKey, zarr.Array] = {}
         self._epochs: dict[tuple[int, str], dict[str, Any]] = {}
@@ -72,19 +76,45 @@ class Catalog:
         self._committed: dict[int, zarr.Group] = {}  # seen committed by `epochs`
         self._sizes: dict[int, dict[str, int]] = {}  # file sizes of committed epochs
 
+    @classmethod
+    def open(cls, uri: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Catalog:
+        """The catalog of the store at a local path or fsspec URL, opened read-only."""
+        uri = os.fspath(uri)
+        if not layout.is_url(uri) and not os.path.isdir(uri):
+            raise StoreReadError(f"No gradient store at {uri!r}: the directory does not exist.")
+        store = ReadStore(layout.zarr_store(uri, storage_options, read_only=True))
+        try:
+            root = zarr.open_group(store, mode="r", zarr_format=layout.ZARR_FORMAT)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreReadError(f"{uri!r} is not a Zarr group, so not a gradient store.") from exc
+        except DAMAGE as exc:
+            raise StoreReadError(f"{uri!r}: the store's root metadata (zarr.json) is damaged: {exc}") from exc
+        return cls(root, uri, storage_options)
+
     # ---------------------------------------------------------------- layers
     @property
     def layers(self) -> list[str]:
-        return list(self.reps)
+        return list(self.specs)
 
-    def rep(self, layer: str) -> Representation:
-        """The representation of ``layer``, or a clear error naming the store's layers."""
+    @functools.cached_property
+    def reps(self) -> dict[str, Representation]:
+        from mstore_lightning.core.representation import Representation  # torch, once rows are read
+
+        return {name: Representation.from_spec(spec) for name, spec in self.specs.items()}
+
+    def spec(self, layer: str) -> dict[str, Any]:
+        """The JSON spec of ``layer``, or a clear error naming the store's layers."""
         try:
-            return self.reps[layer]
+            return self.specs[layer]
         except KeyError:
             raise StoreReadError(
                 f"Layer {layer!r} is not in this store; its layers are {self.layers}."
             ) from None
+
+    def rep(self, layer: str) -> Representation:
+        """The representation of ``layer``, or a clear error naming the store's layers."""
+        self.spec(layer)
+        return self.reps[layer]
 
     def select(self, layers: Sequence[str] | str | None) -> list[Representation]:
         """The representations of ``layers`` (one name, several, or ``None`` for all)."""
@@ -313,7 +343,7 @@ class Catalog:
             rest = object_sizes(self.root.store, "", skip=set(known))
             return sum(rest.values()) + sum(sum(s.values()) for s in known.values())
         if layer is not None:
-            self.rep(layer)
+            self.spec(layer)
         total = 0
         for ep in [epoch] if epoch is not None else self.epochs:
             self._epoch(ep)  # raises for an epoch that is not committed

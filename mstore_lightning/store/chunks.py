@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import zarr
 
-from mstore_lightning.core import quant
+from mstore_lightning.core import quant, tensor_codes
 from mstore_lightning.core.representation import Representation, Rows
 from mstore_lightning.store import layout
 from mstore_lightning.store.catalog import Catalog
@@ -119,7 +119,7 @@ class ChunkReader:
                 for name, got in self._read_batch([(g, rep, names, local[order])])[0].items():
                     for p, values in got.items():
                         parts[name][p][sel[order]] = values
-        return {n: quant.decode(rep.arrays[n], n, parts[n]) for n in names}
+        return {n: tensor_codes.decode(rep.arrays[n], n, parts[n]) for n in names}
 
     def _gather_by_chunk(self, epoch: int, rep: Representation, rows: np.ndarray, split: str) -> Rows | None:
         """:meth:`gather` through whole decoded chunks, kept in the cache when the store has one
@@ -276,7 +276,7 @@ class ChunkReader:
     def _decode_chunk(self, key: ChunkKey, parts: dict[str, dict[str, np.ndarray]]) -> Rows:
         """A chunk's stored parts decoded, and offered to the cache (safe from any thread)."""
         rep = self.catalog.reps[key[-1]]
-        rows = {n: quant.decode(rep.arrays[n], n, parts[n]) for n in parts}
+        rows = {n: tensor_codes.decode(rep.arrays[n], n, parts[n]) for n in parts}
         self.cache.put(key, rows)
         return rows
 

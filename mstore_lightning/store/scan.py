@@ -24,14 +24,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
-import zarr
 
 from mstore_lightning.core.checks import whole
 from mstore_lightning.core.representation import Representation, Rows
-from mstore_lightning.store import layout
 from mstore_lightning.store.catalog import Catalog
 from mstore_lightning.store.chunks import Chunk, ChunkReader
-from mstore_lightning.store.zarr_io import DAMAGE, ReadStore, StoreReadError
+from mstore_lightning.store.zarr_io import StoreReadError
 
 RECOMPUTED = "recomputed from the end-of-epoch weights in eval mode (captured rows use their step's)"
 READ_AHEAD = 8  # blocks taken ahead of their use by `read_ahead`: 32 MB of 4 MB chunks in flight
@@ -172,17 +170,7 @@ class Scan:
     ) -> Scan:
         """Opens the store at a local path or fsspec URL, read-only."""
         whole("cache_bytes", cache_bytes, low=0, noun="a number of bytes >= 0")
-        uri = os.fspath(uri)
-        if not layout.is_url(uri) and not os.path.isdir(uri):
-            raise StoreReadError(f"No gradient store at {uri!r}: the directory does not exist.")
-        store = ReadStore(layout.zarr_store(uri, storage_options, read_only=True))
-        try:
-            root = zarr.open_group(store, mode="r", zarr_format=layout.ZARR_FORMAT)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-            raise StoreReadError(f"{uri!r} is not a Zarr group, so not a gradient store.") from exc
-        except DAMAGE as exc:
-            raise StoreReadError(f"{uri!r}: the store's root metadata (zarr.json) is damaged: {exc}") from exc
-        return cls(Catalog(root, uri, storage_options), cache_bytes)
+        return cls(Catalog.open(uri, storage_options), cache_bytes)
 
     def source(self, epoch: int, layer: str | Representation, split: str = "train") -> RowSource:
         """The rows of ``layer`` in ``epoch``'s ``split``: stored, or recomputed where the epoch

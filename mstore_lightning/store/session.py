@@ -13,6 +13,7 @@ import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from mstore_lightning.core.checks import choice
+from mstore_lightning.core.errors import IncompatibleStoreError, StoreExistsError
 from mstore_lightning.core.quant import TABLE
 from mstore_lightning.store import layout
 from mstore_lightning.store.buffers import PARTS_ATTR, Coder, PartSpec
@@ -36,14 +37,6 @@ STORAGE_POLICY = (
 # Fields of a layer spec known when the store is opened, and those fixed at the layer's first batch.
 LAYER_FIELDS_AT_OPEN = ("module_type", "param_shapes")
 LAYER_STORAGE_FIELDS = ("representation", "arrays", "projection", "summary")
-
-
-class StoreExistsError(FileExistsError):
-    """The store path already holds a store and the mode does not allow touching it."""
-
-
-class IncompatibleStoreError(ValueError):
-    """An existing store cannot take this run's data (another schema or another set of layers)."""
 
 
 class RunWriter:
