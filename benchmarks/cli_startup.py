@@ -67,13 +67,13 @@ def capture(path: Path) -> None:
         trainer.fit(co.Classifier(spec.build()), co.make_loader(data, spec.batch_size))
 
 
-def unpack(commit: str, into: Path) -> str:
-    """The package at ``commit``, unpacked under ``into``; returns the commit's short hash."""
+def unpack(repo: Path, commit: str, into: Path) -> str:
+    """The package at ``commit`` of ``repo``, unpacked under ``into``; returns the commit's short hash."""
     short = subprocess.run(
-        ["git", "rev-parse", "--short", commit], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "rev-parse", "--short", commit], cwd=repo, capture_output=True, text=True, check=True
     ).stdout.strip()
     archive = into / "tree.tar"
-    subprocess.run(["git", "archive", "-o", str(archive), short, "mstore_lightning"], cwd=ROOT, check=True)
+    subprocess.run(["git", "archive", "-o", str(archive), short, "mstore_lightning"], cwd=repo, check=True)
     with tarfile.open(archive) as tar:
         tar.extractall(into, filter="data")
     return short
@@ -83,8 +83,14 @@ def run(package_root: Path, argv: list[str]) -> tuple[float, list[str], int]:
     """Wall seconds of one ``mstore`` process, the heavy libraries it imported, and its status."""
     env = {**os.environ, "PYTHONPATH": str(package_root)}
     start = time.perf_counter()
+    # Run from the package's root: ``python -c`` puts the working directory first on sys.path.
     done = subprocess.run(
-        [sys.executable, "-c", RUNNER, *argv], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", RUNNER, *argv],
+        env=env,
+        cwd=package_root,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     seconds = time.perf_counter() - start
     last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "[]"
@@ -100,9 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", default="762d107", help="commit whose package is the 'before' arm")
     parser.add_argument("--pairs", type=int, default=7, help="before/after pairs per command")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    parser.add_argument(
+        "--repo", type=Path, default=ROOT, help="git checkout that holds --before (when this tree is a copy)"
+    )
     args = parser.parse_args(argv)
     after_commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True, text=True, check=False
     ).stdout.strip()
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "mstore_lightning"],
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         capture(store)
         before_root = tmp_path / "before"
         before_root.mkdir()
-        before = unpack(args.before, before_root)
+        before = unpack(args.repo, args.before, before_root)
         commands = {
             "--help": ["--help"],
             "inspect": ["inspect", str(store)],
