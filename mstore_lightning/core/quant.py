@@ -232,6 +232,26 @@ def encode(spec: dict[str, Any], name: str, rows: np.ndarray) -> dict[str, np.nd
     return {name: unit.reshape(rows.shape), f"{name}_scale": amax.squeeze(-1)}
 
 
+def decode(spec: dict[str, Any], name: str, parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows of logical array ``name`` as float32 (int64 for ids) from its stored parts.
+
+    NumPy, single-threaded per call: a scan decodes several chunks at once on its reader threads,
+    which torch's own intra-op threads would only contend with.
+    """
+    values = parts[name]
+    encoding = spec["encoding"]
+    if "codec" in spec or encoding == "int8":  # codes (or a chunk codec's unit values) times scales
+        scale = np.asarray(parts[f"{name}_scale"], dtype=np.float32)
+        lead = spec["scale_axes"]
+        groups = values.reshape(*values.shape[: lead + 1], -1)
+        return np.multiply(groups, scale[..., None], dtype=np.float32).reshape(values.shape)
+    if encoding == "bfloat16-bits":  # bfloat16 is the top half of a float32
+        return (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if encoding == "float16":
+        return values.astype(np.float32)
+    return values
+
+
 TABLE = "_table"
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mstore_lightning.core import quant
 from mstore_lightning.core.quant import group_shape, handed_parts
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
@@ -99,21 +100,6 @@ def _group_max(groups: Tensor) -> Tensor:
 
 
 def decode(spec: dict[str, Any], name: str, parts: dict[str, np.ndarray]) -> Tensor:
-    """Rows of logical array ``name`` as float32 (int64 for ids) from its stored parts."""
-    t = torch.from_numpy(np.ascontiguousarray(parts[name]))
-    encoding = spec["encoding"]
-    if "codec" in spec:  # parts[name] holds the unit values decoded with each chunk's table
-        scale = torch.from_numpy(np.ascontiguousarray(parts[f"{name}_scale"]))
-        groups = t.reshape(t.shape[0], *spec["row_shape"][: spec["scale_axes"]], -1)
-        return (groups * scale.unsqueeze(-1)).reshape(t.shape[0], *spec["row_shape"])
-    if encoding == "int8":
-        scale = torch.from_numpy(np.ascontiguousarray(parts[f"{name}_scale"], dtype=np.float32))
-        lead = spec["scale_axes"]
-        groups = t.reshape(*t.shape[: lead + 1], -1)
-        # int8 times float32 promotes inside the one kernel: no float32 copy of the codes first.
-        return (groups * scale.unsqueeze(-1)).reshape(t.shape)
-    if encoding == "bfloat16-bits":
-        return t.view(torch.bfloat16).float()
-    if encoding == "float16":
-        return t.float()
-    return t
+    """Rows of logical array ``name`` as a float32 tensor (int64 for ids) from its stored parts
+    (:func:`~mstore_lightning.core.quant.decode`, shared with the arrays)."""
+    return torch.from_numpy(np.ascontiguousarray(quant.decode(spec, name, parts)))

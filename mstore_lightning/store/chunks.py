@@ -88,9 +88,9 @@ class ChunkReader:
     ) -> Iterator[tuple[Chunk, Callable[[], Rows]]]:
         """Each chunk holding any of the rows ``start:stop``, and its decoded rows when called.
 
-        A chunk not already decoded starts being read, on a reader thread, when it is yielded, and is
-        decoded by whoever calls: a scan that takes chunks ahead of their use (``scan.read_ahead``)
-        has several read at once, and hands the calls to its worker threads.
+        A chunk not already decoded starts being read and decoded, on a reader thread, when it is
+        yielded; calling waits for it. A scan that takes chunks ahead of their use
+        (``scan.read_ahead``) has several in flight at once.
         """
         for c in self.chunks(epoch, rep, split):
             if c.first + c.hi - c.lo <= start or c.first >= stop:
@@ -100,7 +100,7 @@ class ChunkReader:
             if rows is not None:
                 yield c, functools.partial(dict, rows)
             else:
-                yield c, functools.partial(self._decode_read, key, self._read_async(key))
+                yield c, functools.partial(_first_result, self._read_async(key))
 
     def gather(self, epoch: int, rep: Representation, rows: np.ndarray, split: str = "train") -> Rows:
         """Decoded arrays of ``rep`` at global row positions ``rows`` (in the given order)."""
@@ -251,15 +251,12 @@ class ChunkReader:
         return rows if rows is not None else self.cache.get(key)
 
     def _read_async(self, key: ChunkKey) -> Future:
-        """The stored parts of one chunk, read on a reader thread."""
+        """One chunk's decoded rows, read and decoded on a reader thread."""
         with self._io_lock:
             if self._io is None or self._io[0] != os.getpid():  # a forked child has no pool threads
                 self._io = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="mstore-read"))
             pool = self._io[1]
-        return pool.submit(self._read_raw, [key])
-
-    def _decode_read(self, key: ChunkKey, read: Future) -> Rows:
-        return self._decode_chunk(key, read.result()[0])
+        return pool.submit(self._read_chunks, [key])
 
     def _read_chunks(self, keys: list[ChunkKey]) -> list[Rows]:
         """Decoded chunks, read in one batch and offered to the cache."""
@@ -356,6 +353,10 @@ class ChunkReader:
         for (parts, name, at), source in zip(fills, self._read_batch(sources)):
             for p, values in source[name].items():
                 parts[p][at] = values
+
+
+def _first_result(read: Future) -> Rows:
+    return read.result()[0]
 
 
 class ChunkCache:
