@@ -109,6 +109,38 @@ def zoo_data(n=12):
     return x, torch.randint(0, 3, (n,), generator=g)
 
 
+@pytest.mark.parametrize("norms", ["all", "cheap"])
+def test_norms_of_every_family_are_kept_at_capture(tmp_path, norms):
+    """``norms="all"`` keeps every layer's squared norms, positions and uses included, equal to
+    torch.func's; ``"cheap"`` keeps only those that cost nothing, and readers compute the rest."""
+    torch.manual_seed(0)
+    x, y = zoo_data()
+    ref = Reference()
+    cap = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "norms": norms})
+    trainer([ref, cap], max_epochs=1).fit(Task(Zoo()), loader(x, y, batch_size=5))
+    store = open_store(tmp_path / "s.zarr")
+    e = store.epochs[-1]
+    rank = zarr.open_group(tmp_path / "s.zarr", mode="r")[
+        f"{layout.EPOCHS}/{layout.epoch_key(e)}/{layout.rank_key(0)}"
+    ]
+    kept = set(rank.attrs["sqnorms"]["layers"])
+    if norms == "all":
+        assert kept == set(store.layers)
+    else:  # full gradients, and the head: factors with one position a sample
+        full = {n for n in store.layers if store.layer_spec(n)["representation"] == "full"}
+        assert kept == full | {"net.head"} and kept != set(store.layers)
+    ids = store.sample_ids(e).tolist()
+    for layer in store.layers:
+        exact = [
+            sum(float(g.pow(2).sum()) for k, g in ref.grads[e][i].items() if k.rsplit(".", 1)[0] == layer)
+            for i in ids
+        ]
+        np.testing.assert_allclose(
+            np.asarray(store.norms(e, layers=[layer])) ** 2, exact, rtol=1e-4, atol=1e-10
+        )
+    assert (store.catalog.captured_sqnorms(e, store.layers) is not None) == (norms == "all")
+
+
 def test_every_layer_family_in_one_fit(tmp_path):
     torch.manual_seed(0)
     x, y = zoo_data()
