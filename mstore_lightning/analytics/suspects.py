@@ -138,7 +138,8 @@ def suspects(
     labels = cat.row_field(last, "label")
     alignment = np.full(len(ids), np.nan)
     if (labels >= 0).any():
-        conflicts = class_conflicts(scan, last, layers, unit=True)
+        for _ in scan.stage([last], layers, ["train"]):  # the epoch's chunks in one read, where they fit
+            conflicts = class_conflicts(scan, last, layers, unit=True)
         at = np.searchsorted(ids, conflicts.ids)
         alignment[at] = conflicts.alignment
         signals["alignment"] = alignment
