@@ -30,8 +30,8 @@ from mstore_lightning.store.dedup import NO_REF
 from mstore_lightning.store.zarr_io import StoreReadError, check_rows, open_many, require_chunks, take_many
 
 STAGE_BYTES = 64 << 20  # decoded bytes that `stage` reads ahead in one batch
-# Threads that wait on zarr's event loop for chunk reads issued ahead: zarr decompresses on a pool of
-# its own, so these only keep enough reads in flight for it to use every core.
+# Threads that read chunks issued ahead and decode them; zarr decompresses on a pool of its own, so
+# these keep enough reads in flight for it to use every core. One pool serves every store.
 READ_THREADS = 4
 
 ChunkKey = tuple[int, str, int, int, int, str]  # (epoch, split, rank index, lo, hi, layer name)
@@ -62,8 +62,6 @@ class ChunkReader:
         self._checked: set[tuple[str, str, str]] = set()  # arrays whose metadata matched their layer
         self._staged: dict[ChunkKey, Rows] = {}  # chunks read ahead by `stage`
         self._staged_at: set[tuple[int, str]] = set()  # their (epoch, split)s
-        self._io: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): started on first use
-        self._io_lock = threading.Lock()
 
     # ---------------------------------------------------------------- chunks
     def chunks(self, epoch: int, rep: Representation, split: str = "train") -> list[Chunk]:
@@ -252,11 +250,7 @@ class ChunkReader:
 
     def _read_async(self, key: ChunkKey) -> Future:
         """One chunk's decoded rows, read and decoded on a reader thread."""
-        with self._io_lock:
-            if self._io is None or self._io[0] != os.getpid():  # a forked child has no pool threads
-                self._io = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="mstore-read"))
-            pool = self._io[1]
-        return pool.submit(self._read_chunks, [key])
+        return _readers().submit(self._read_chunks, [key])
 
     def _read_chunks(self, keys: list[ChunkKey]) -> list[Rows]:
         """Decoded chunks, read in one batch and offered to the cache."""
@@ -357,6 +351,19 @@ class ChunkReader:
 
 def _first_result(read: Future) -> Rows:
     return read.result()[0]
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): one for every store of a process
+_POOL_LOCK = threading.Lock()
+
+
+def _readers() -> ThreadPoolExecutor:
+    """The process's reader threads, started on first use (again in a forked child, which has none)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            _POOL = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="mstore-read"))
+        return _POOL[1]
 
 
 class ChunkCache:

@@ -32,7 +32,7 @@ from mstore_lightning.store.chunks import Chunk, ChunkReader
 from mstore_lightning.store.zarr_io import StoreReadError
 
 RECOMPUTED = "recomputed from the end-of-epoch weights in eval mode (captured rows use their step's)"
-READ_AHEAD = 8  # blocks taken ahead of their use by `read_ahead`: 32 MB of 4 MB chunks in flight
+READ_AHEAD = 8  # blocks taken ahead of their use by `read_ahead`: at most 8 decoded chunks held
 
 T = TypeVar("T")
 
