@@ -41,7 +41,10 @@ HEAVY = ("torch", "lightning", "matplotlib", "pandas")
 RUNNER = (
     "import sys, json\n"
     "from mstore_lightning.cli import main\n"
-    "status = main(sys.argv[1:])\n"
+    "try:\n"
+    "    status = main(sys.argv[1:])\n"
+    "except SystemExit as exc:\n"  # --help exits from argparse
+    "    status = exc.code or 0\n"
     "sys.stdout.flush()\n"
     f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)), file=sys.stderr)\n"
     "sys.exit(status)\n"
