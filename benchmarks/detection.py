@@ -223,7 +223,9 @@ def fit(
     return time.perf_counter() - start, model
 
 
-def run(name: str, p: Protocol, seed: int, work: Path, dump: Path | None = None) -> dict[str, Any]:
+def run(
+    name: str, p: Protocol, seed: int, work: Path, dump: Path | None = None, cleanlab: bool = True
+) -> dict[str, Any]:
     x_np, y_clean, x_test_np, y_test = p.data(seed)
     y_np, flipped = flip(y_clean, p.classes, p.flips, seed)
     dtype = torch.long if p.integer_inputs else torch.float32
@@ -250,23 +252,25 @@ def run(name: str, p: Protocol, seed: int, work: Path, dump: Path | None = None)
         [store.row_field(e, "loss")[np.argsort(store.sample_ids(e))] for e in store.epochs], 0
     )
     clean_s = None
-    try:
-        probs = np.full((len(y), p.classes), np.nan)
-        start = time.perf_counter()
-        folds = StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=seed)
-        for k, (train_rows, held) in enumerate(folds.split(np.zeros(len(y)), y_np)):
-            _, m = fit(p, x, y, train_rows, seed + 1000 * (k + 1), [])
-            probs[held] = m.probabilities(x[held])
-        from cleanlab.rank import get_label_quality_scores
+    if cleanlab:
+        try:
+            probs = np.full((len(y), p.classes), np.nan)
+            start = time.perf_counter()
+            folds = StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=seed)
+            for k, (train_rows, held) in enumerate(folds.split(np.zeros(len(y)), y_np)):
+                _, m = fit(p, x, y, train_rows, seed + 1000 * (k + 1), [])
+                probs[held] = m.probabilities(x[held])
+            from cleanlab.rank import get_label_quality_scores
 
-        scores["cleanlab"] = 1.0 - get_label_quality_scores(y_np, probs)
-        clean_s = time.perf_counter() - start
-    except Exception as exc:  # noqa: BLE001 - a peer that cannot run is a result
-        print(f"  cleanlab failed: {type(exc).__name__}: {exc}", flush=True)
+            scores["cleanlab"] = 1.0 - get_label_quality_scores(y_np, probs)
+            clean_s = time.perf_counter() - start
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run is a result
+            print(f"  cleanlab failed: {type(exc).__name__}: {exc}", flush=True)
     if dump is not None:  # every score by id, to study combinations without training again
         dump.mkdir(parents=True, exist_ok=True)
         arrays = {f"signal_{n}": v for n, v in _signals(sus, order).items()}
         arrays.update({f"detector_{d}": v for d, v in scores.items()})
+        arrays.update(epoch_losses=model.losses, epoch_margins=model.margins)  # (epochs, samples)
         np.savez(dump / f"{name}_{seed}.npz", flipped=flipped, **arrays)
     with torch.no_grad():
         model.net.eval()
@@ -334,6 +338,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--dump", type=Path, default=None, help="a folder for every run's scores by id (.npz)")
+    ap.add_argument(
+        "--no-cleanlab", action="store_true", help="leave out cleanlab's 5 extra fits a run (to study signals)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -344,7 +351,7 @@ def main() -> None:
         for name in args.protocols:
             runs = []
             for seed in seeds:
-                r = run(name, PROTOCOLS[name], seed, Path(tmp), args.dump)
+                r = run(name, PROTOCOLS[name], seed, Path(tmp), args.dump, not args.no_cleanlab)
                 runs.append(r)
                 print(
                     f"{name} seed {seed}: acc {r['test_accuracy']:.3f}, suspects {r['suspects_s'] * 1e3:.0f} ms; AUC "
