@@ -137,9 +137,18 @@ def suspects(
     last = epochs[-1]
     labels = cat.row_field(last, "label")
     alignment = np.full(len(ids), np.nan)
+    groups: list[list[int]] = []
     if (labels >= 0).any():
-        for _ in scan.stage([last], layers, ["train"]):  # the epoch's chunks in one read, where they fit
-            conflicts = class_conflicts(scan, last, layers, unit=True)
+        # The class pass reads the last epoch, the duplicate check the first (the same inputs every
+        # epoch; the first holds them in place): their chunks are read in one batch where they fit.
+        first = epochs[0]
+        for run in scan.stage(sorted({first, last}), layers, ["train"]):
+            if last in run:
+                conflicts = class_conflicts(scan, last, layers, unit=True)
+            if first in run:
+                groups, note = duplicate_groups(scan, first)
+                if note:
+                    notes.append(note)
         at = np.searchsorted(ids, conflicts.ids)
         alignment[at] = conflicts.alignment
         signals["alignment"] = alignment
@@ -148,13 +157,6 @@ def suspects(
     scores = combine(signals)
     order = np.lexsort((ids, -scores))  # highest score first; ids break ties
     flags = {"conflicting": np.nan_to_num(alignment, nan=1.0) < 0}
-    groups: list[list[int]] = []
-    if (labels >= 0).any():
-        groups, note = duplicate_groups(
-            scan, epochs[0]
-        )  # the same inputs every epoch; the first holds them in place
-        if note:
-            notes.append(note)
     in_group = np.zeros(len(ids), dtype=bool)
     members = np.array(sorted({i for g in groups for i in g}), dtype=np.int64)
     in_group[np.searchsorted(ids, members)] = True
