@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import capture_overhead as co
+from harness import git
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -66,10 +67,6 @@ BENCHMARKS: list[tuple[str, str, list[str], dict[str, tuple[str, ...]]]] = [
         | {f"{m} plain fit (s)": ("models", m, "plain_median_s") for m in ("mlp", "cnn", "transformer")},
     ),
 ]
-
-
-def git(*args: str, cwd: Path = ROOT) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def run_once(tree: Path, script: str, args: list[str], out: Path) -> dict[str, Any]:

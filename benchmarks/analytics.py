@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import big_store
 import capture_overhead as co
 import storage
+from harness import timed
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "analytics.json"
 DEMO = Path(__file__).resolve().parent.parent / "example_projects" / "digits" / "train.py"
@@ -109,18 +110,6 @@ def make_trainer(epochs: int, callbacks: list[GradientCapture]) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """Wall and process CPU seconds of ``fn()`` and its result.
-
-    Garbage is collected first so none lands inside. CPU time (all threads, zarr's included) is kept
-    beside the wall time because the machine is shared: other work slows the wall clock more.
-    """
-    gc.collect()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - start, time.process_time() - cpu_start, out
 
 
 # -------------------------------------------------------------------------------------------- machine

@@ -24,7 +24,6 @@ the int8 bound.
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 import statistics
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
+from harness import timed
 from torch.utils.data import DataLoader, Dataset
 
 from mstore_lightning import GradientCapture, IndexedDataset, open_store
@@ -104,13 +104,6 @@ def arrays_of(path: Path) -> list[str]:
     return [
         n for n, a in root.members(max_depth=None) if isinstance(a, zarr.Array) and n.startswith("epochs/")
     ]
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    gc.collect()
-    start, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - start, time.process_time() - cpu, out
 
 
 def bench_store(name: str, path: Path, rounds: int) -> dict[str, Any]:

@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import warnings
@@ -31,6 +29,7 @@ from typing import Any
 import capture_overhead as co
 import lightning as L
 import torch
+from harness import git, run_python, unpack
 
 from mstore_lightning import GradientCapture
 
@@ -70,31 +69,10 @@ def capture(path: Path) -> None:
         trainer.fit(co.Classifier(spec.build()), co.make_loader(data, spec.batch_size))
 
 
-def unpack(repo: Path, commit: str, into: Path) -> str:
-    """The package at ``commit`` of ``repo``, unpacked under ``into``; returns the commit's short hash."""
-    short = subprocess.run(
-        ["git", "rev-parse", "--short", commit], cwd=repo, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    archive = into / "tree.tar"
-    subprocess.run(["git", "archive", "-o", str(archive), short, "mstore_lightning"], cwd=repo, check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")
-    return short
-
-
 def run(package_root: Path, argv: list[str]) -> tuple[float, list[str], int]:
     """Wall seconds of one ``mstore`` process, the heavy libraries it imported, and its status."""
-    env = {**os.environ, "PYTHONPATH": str(package_root)}
     start = time.perf_counter()
-    # Run from the package's root: ``python -c`` puts the working directory first on sys.path.
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, *argv],
-        env=env,
-        cwd=package_root,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = run_python(package_root, ["-c", RUNNER, *argv])
     seconds = time.perf_counter() - start
     last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "[]"
     try:
@@ -113,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "--repo", type=Path, default=ROOT, help="git checkout that holds --before (when this tree is a copy)"
     )
     args = parser.parse_args(argv)
-    after_commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True, text=True, check=False
-    ).stdout.strip()
+    after_commit = git("rev-parse", "--short", "HEAD", cwd=args.repo, check=False)
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "mstore_lightning"],
         cwd=ROOT,

@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 import capture_overhead as co
+from harness import git, run_python, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -44,29 +43,9 @@ RUNNER = (
 )
 
 
-def unpack(repo: Path, commit: str, into: Path) -> str:
-    """The package at ``commit`` of ``repo``, unpacked under ``into``; returns the short hash."""
-    short = subprocess.run(
-        ["git", "rev-parse", "--short", commit], cwd=repo, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    archive = into / "tree.tar"
-    subprocess.run(["git", "archive", "-o", str(archive), short, "mstore_lightning"], cwd=repo, check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")
-    return short
-
-
 def arm(package_root: Path, store: Path, calls: int) -> list[float]:
     """One process of ``calls`` timed calls with the package under ``package_root``."""
-    env = {**os.environ, "PYTHONPATH": str(package_root)}
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(store), str(calls)],
-        env=env,
-        cwd=package_root,  # `python -c` puts the working directory first on sys.path
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    done = run_python(package_root, ["-c", RUNNER, str(store), str(calls)], check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -81,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=ROOT, help="git checkout that holds --before")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = parser.parse_args(argv)
-    after_commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True, text=True, check=False
-    ).stdout.strip()
+    after_commit = git("rev-parse", "--short", "HEAD", cwd=args.repo, check=False)
     machine = co.machine_info()
     print(f"{machine['cpu_model']}, {machine['cpu_count']} cores", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
