@@ -7,8 +7,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mstore_lightning.core.lazy import lazy_names
 
 # Each name is imported on first use: the `mstore` command's metadata commands (inspect, verify)
 # then start without torch, and reading a store never imports Lightning.
@@ -48,12 +49,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mstore_lightning' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

@@ -7,8 +7,9 @@ Names are imported on first use, so that ``facade.info`` loads without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mstore_lightning.core.lazy import lazy_names
 
 _LAZY = {
     "describe": "mstore_lightning.facade.describe",
@@ -27,9 +28,4 @@ if TYPE_CHECKING:
 __all__ = ["GradientStore", "QueryResult", "StoreInfo", "describe", "explain_decision", "open_store"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mstore_lightning.facade' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)
