@@ -152,6 +152,34 @@ def test_a_scan_over_more_ids_than_a_block_equals_brute_force_and_fills_the_cach
     np.testing.assert_array_equal(again, got)
 
 
+@pytest.mark.parametrize(("queries", "in_stream"), [([3, 411], True), ([0, 150, 300, 450, 600, 699], False)])
+def test_topk_takes_training_queries_from_the_blocks_it_scans(tmp_path, monkeypatch, queries, in_stream):
+    # Queries lying in a few chunks a layer are taken from the blocks the scan reads anyway (no read
+    # of their own); spread over more chunks, they are gathered first. Both equal brute force.
+    torch.manual_seed(0)
+    x, y = data(n=700)
+    ref = Reference()
+    capture = GradientCapture(tmp_path / "s.zarr", policy=EXACT, chunk_bytes=4096)
+    trainer([ref, capture], max_epochs=1).fit(Task(mlp()), loader(x, y, batch_size=64))
+    store = open_store(tmp_path / "s.zarr")
+    assert all(len(store.scan.source(0, layer).chunks()) > kernels.QUERY_BLOCKS for layer in store.layers)
+    gathered = []
+    gather_rows = kernels.gather_rows
+    monkeypatch.setattr(
+        kernels, "gather_rows", lambda *a, **kw: gathered.append(a[2]) or gather_rows(*a, **kw)
+    )
+    got = store.topk(queries, k=700, metric="dot")
+    assert (gathered == []) == in_stream, gathered
+    ids = np.asarray(store.sample_ids(0))
+    scores = (flat(ref, 0, queries) @ flat(ref, 0, ids.tolist()).T).numpy()
+    best = np.argsort(-scores, axis=1, kind="stable")
+    np.testing.assert_allclose(got.scores, np.take_along_axis(scores, best, 1), rtol=1e-4, atol=1e-7)
+    where = {int(i): r for r, i in enumerate(ids)}
+    for q in range(len(queries)):  # each id with its own score (near-ties may swap places)
+        brute = scores[q, [where[int(i)] for i in got.ids[q]]]
+        np.testing.assert_allclose(np.asarray(got.scores)[q], brute, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("metric", ["dot", "cosine"])
 def test_topk_scores_a_window_of_rows_at_a_time_and_equals_brute_force(tmp_path, monkeypatch, metric):
     torch.manual_seed(0)

@@ -158,7 +158,8 @@ def topk(
         scores = np.zeros((len(query_ids), 0), dtype=np.float64)
         rows = np.zeros((len(query_ids), 0), dtype=np.int64)
         window = max(1, SCORE_BYTES // (8 * max(1, len(query_ids))))
-        xa = kernels.gather(scan, epoch, query_ids, layers, split)
+        # Training rows as queries are taken from the scan that reads them anyway.
+        xa = rows_q if split == "train" else kernels.gather(scan, epoch, query_ids, layers, split)
         for first, block in kernels.dot_windows(scan, epoch, xa, layers, window):
             if norms is not None:
                 block = cosines(block, q_norms, norms[first : first + block.shape[1]])

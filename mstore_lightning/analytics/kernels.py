@@ -7,6 +7,7 @@ the layer's representation's (``core.representation``): no gradient is restored.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from mstore_lightning.core.representation import Representation, Rows
 from mstore_lightning.store.lanes import Lanes
-from mstore_lightning.store.scan import Scan, read_ahead
+from mstore_lightning.store.scan import Block, RowSource, Scan, StoredRows, read_ahead
 
 BLOCK_ROWS = 1024  # rows of ``ids_b`` gathered at once by ``dot``
 Layers = Sequence[str] | str | None
@@ -106,7 +107,7 @@ def dot(
 def dot_windows(
     scan: Scan,
     epoch: int,
-    xa: dict[str, Rows],
+    xa: dict[str, Rows] | np.ndarray,
     layers: Layers,
     window: int,
     *,
@@ -117,36 +118,127 @@ def dot_windows(
     the training rows ``first:first + window``, window after window from ``start`` to ``stop``,
     summed over ``layers``.
 
+    ``xa`` may instead be the queries' positions among the epoch's training rows. Where one window
+    covers them and each layer's queries lie in a few blocks, their rows are then taken from the
+    blocks the scan reads anyway: each layer's blocks holding queries are read first. Otherwise
+    they are gathered beforehand.
+
     Only one window of scores and the chunks it reads are held at once, however many rows the epoch
     has; a chunk across two windows is read for each.
     """
     reps = scan.catalog.select(layers)
     scan.prepare([epoch], layers, ["train"])
-    xa = {name: {k: torch.as_tensor(v) for k, v in x.items()} for name, x in xa.items()}
-    queries = next((len(v) for x in xa.values() for v in x.values()), 0)
     stop = scan.catalog.row_count(epoch) if stop is None else stop
     sources = [scan.source(epoch, rep) for rep in reps]
+    plans = None
+    if isinstance(xa, np.ndarray):
+        queries = len(xa)
+        plans = _in_stream(sources, xa, start, stop) if stop - start <= window else None
+        if plans is None:
+            xa = gather_rows(scan, epoch, xa, layers, "train")
+    if not isinstance(xa, np.ndarray):
+        xa = {name: {k: torch.as_tensor(v) for k, v in x.items()} for name, x in xa.items()}
+        queries = next((len(v) for x in xa.values() for v in x.values()), 0)
     adding = threading.Lock()  # every layer adds into the same slices of the window
     with Lanes.for_queries(queries) as lanes:
         for lo in range(start, stop, window):
             hi = min(lo + window, stop)
             out = np.zeros((queries, hi - lo), dtype=np.float64)
-            for src, block in read_ahead((s, block) for s in sources for block in s.blocks(lo, hi)):
+            if plans is None:
+                pairs = read_ahead((s, block) for s in sources for block in s.blocks(lo, hi))
+                items = ((src, block, xa[src.rep.name], block.load) for src, block in pairs)
+            else:
+                items = _queries_first(sources, plans, xa)
+            for src, block, x, load in items:
                 a, b = max(block.first, lo), min(block.first + block.rows, hi)
                 whole = (a, b) == (block.first, block.first + block.rows)
                 local = None if whole else np.arange(a - block.first, b - block.first)
-                lanes.submit(
-                    add_gram, out[:, a - lo : b - lo], src.rep, xa[src.rep.name], block.load, local, adding
-                )
+                lanes.submit(add_gram, out[:, a - lo : b - lo], src.rep, x, load, local, adding)
             lanes.wait()
             yield lo, out
+
+
+QUERY_BLOCKS = 4  # blocks a layer's queries may lie in for `dot_windows` to take them from its scan
+
+Plan = tuple[list[tuple[int, int]], list[tuple[int, int]]]  # (ranges of blocks holding queries, the rest)
+
+
+def _in_stream(
+    sources: Sequence[RowSource], positions: np.ndarray, start: int, stop: int
+) -> list[Plan] | None:
+    """Each source's rows ``start:stop`` as ``(ranges of its chunks holding queries, the ranges
+    between them)``, or ``None`` where they cannot be taken from the scan: a source that is not
+    stored chunks, a layer whose queries lie in more than :data:`QUERY_BLOCKS` chunks, or queries
+    outside the rows. Found from the chunk grid: no read starts here."""
+    if not len(positions) or positions.min() < start or positions.max() >= stop:
+        return None
+    plans = []
+    for src in sources:
+        if not isinstance(src, StoredRows):
+            return None
+        holding = []
+        for c in src.chunks():
+            first, end = c.first, c.first + c.hi - c.lo
+            if end > start and first < stop and np.any((positions >= first) & (positions < end)):
+                holding.append((first, end))
+        if len(holding) > QUERY_BLOCKS:
+            return None
+        edges = [start, *(e for r in holding for e in r), stop]
+        gaps = [(lo, hi) for lo, hi in zip(edges[::2], edges[1::2]) if hi > lo]
+        plans.append((holding, gaps))
+    return plans
+
+
+def _queries_first(
+    sources: Sequence[RowSource], plans: list[Plan], positions: np.ndarray
+) -> Iterator[tuple[RowSource, Block, Rows, Callable[[], Rows]]]:
+    """``(source, block, query rows, load)`` for every block of :func:`_in_stream`'s plans, each
+    layer's blocks holding queries first: they are loaded here, and the queries' rows taken from
+    them, while the reads of the blocks after them are already under way."""
+
+    def items() -> Iterator[tuple[RowSource, Block, int]]:
+        for src, (holding, gaps) in zip(sources, plans):
+            for lo, hi in holding:
+                yield from ((src, block, len(holding)) for block in src.blocks(lo, hi))
+            for lo, hi in gaps:
+                yield from ((src, block, 0) for block in src.blocks(lo, hi))
+
+    held: list[tuple[Block, Rows]] = []
+    x: Rows = {}
+    for src, block, holding in read_ahead(items()):
+        if not holding:
+            yield src, block, x, block.load
+            continue
+        held.append((block, block.load()))
+        if len(held) == holding:
+            x = _take(held, positions)
+            for b, rows in held:
+                yield src, b, x, functools.partial(dict, rows)
+            held = []
+
+
+def _take(held: list[tuple[Block, Rows]], positions: np.ndarray) -> Rows:
+    """The rows at ``positions`` (in that order) from loaded blocks that hold them all."""
+    out: Rows = {}
+    for block, rows in held:
+        sel = np.nonzero((positions >= block.first) & (positions < block.first + block.rows))[0]
+        index = torch.from_numpy(positions[sel] - block.first)
+        for name, values in rows.items():
+            if name not in out:
+                out[name] = values.new_empty((len(positions), *values.shape[1:]))
+            out[name][torch.from_numpy(sel)] = values.index_select(0, index)
+    return out
 
 
 def gather(
     scan: Scan, epoch: int, ids: Sequence[int] | np.ndarray, layers: Layers, split: str
 ) -> dict[str, Rows]:
     """The rows of samples ``ids`` of each of ``layers``, ``{layer: rows}``."""
-    rows = scan.catalog.rows_of(epoch, ids, split)
+    return gather_rows(scan, epoch, scan.catalog.rows_of(epoch, ids, split), layers, split)
+
+
+def gather_rows(scan: Scan, epoch: int, rows: np.ndarray, layers: Layers, split: str) -> dict[str, Rows]:
+    """The rows at positions ``rows`` of each of ``layers``, ``{layer: rows}``."""
     scan.prepare([epoch], layers, [split])
     return {src.rep.name: src.gather(rows) for src in scan.sources(epoch, layers, split)}
 
