@@ -271,6 +271,7 @@ def run(
         arrays = {f"signal_{n}": v for n, v in _signals(sus, order).items()}
         arrays.update({f"detector_{d}": v for d, v in scores.items()})
         arrays.update(epoch_losses=model.losses, epoch_margins=model.margins)  # (epochs, samples)
+        arrays.update(labels=y_np)  # the labels trained on, flips included
         np.savez(dump / f"{name}_{seed}.npz", flipped=flipped, **arrays)
     with torch.no_grad():
         model.net.eval()

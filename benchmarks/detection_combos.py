@@ -2,13 +2,13 @@
 
 ``detection.py --dump DIR`` saves, for every protocol and seed, each sample's signals as
 ``suspects()`` orients them (high = suspicious), every detector's scores, which labels were flipped,
-and the per-epoch losses and margins of the run. This script scores candidate combinations on those
+the per-epoch losses and margins of the run, and the labels trained on. This script scores candidate combinations on those
 dumps with no training, beside the shipped ``suspects()`` and the single-signal baselines; cleanlab's
 scores come from a committed ``detection`` results file of the same seeds (training is seeded and
 deterministic, so the runs are the same). It prints one table a protocol and writes JSON.
 
 Usage:
-    python benchmarks/detection.py --no-cleanlab --dump /tmp/dump     # about 15 minutes
+    python benchmarks/detection.py --no-cleanlab --dump /tmp/dump     # about 20 minutes
     python benchmarks/detection_combos.py --dump /tmp/dump --cleanlab benchmarks/results/detection_63076ef.json
 """
 
@@ -31,6 +31,14 @@ def robust_z(x: np.ndarray) -> np.ndarray:
     med = np.nanmedian(x)
     mad = np.nanmedian(np.abs(x - med)) * 1.4826
     return (x - med) / (mad if mad > 0 else (np.nanstd(x) or 1.0))
+
+
+def by_class(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """:func:`robust_z` within each given label's samples: what is unusual for its own class."""
+    out = np.empty_like(x, dtype=np.float64)
+    for c in np.unique(labels):
+        out[labels == c] = robust_z(x[labels == c])
+    return out
 
 
 def precision_at_flipped(score: np.ndarray, flipped: np.ndarray) -> float:
@@ -63,9 +71,26 @@ def candidates(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             + align
         )
         / 3,
+        # Each sample's loss at its first visit, before any update on it: out of sample, as
+        # cleanlab's folds are, but from a model still early in training.
+        "first-visit loss alone": losses[0],
+        "loss + AUM + alignment + first-visit loss": (loss + aum + align + robust_z(losses[0])) / 4,
+        # How much a sample's own updates lowered its loss (TracIn's self term): what its loss would
+        # be without them, read from the store, is the loss plus this.
+        "loss + AUM + alignment + log self-influence": (
+            loss + aum + align + np.nan_to_num(robust_z(np.log(d["signal_self_influence"] + 1e-12)))
+        )
+        / 4,
         "baseline: mean loss": d["detector_loss_mean"],
         "baseline: AUM": d["detector_aum"],
     }
+    if "labels" in d:  # dumps from before the labels were saved have no class-conditional candidates
+        y = d["labels"]
+        c_loss, c_aum = by_class(losses.mean(0), y), by_class(-margins.mean(0), y)
+        out["class-conditional z: loss + AUM + alignment"] = (c_loss + c_aum + align) / 3
+        out["mean of global and class z: loss + AUM, + alignment"] = (
+            (loss + c_loss) / 2 + (aum + c_aum) / 2 + align
+        ) / 3
     return {k: np.nan_to_num(v) for k, v in out.items()}
 
 

@@ -16,7 +16,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from mstore_lightning.core.families.gpt2_conv1d import is_transposed_conv1d
+from mstore_lightning.core import quant, tensor_codes
+from mstore_lightning.core.families.kron import int_matmul as kron_int_matmul
 from mstore_lightning.core.families.kron import kron_sqnorm
+from mstore_lightning.core.families.linear import LinearExtractor
+from mstore_lightning.core.tensor_codes import Coded
 from mstore_lightning.capture.hooks import HookManager
 from mstore_lightning.capture.layers import select_layers
 from mstore_lightning.config import CapturePolicy
@@ -215,6 +219,49 @@ def test_factor_norms_over_positions_either_way(b, g, t, i, o, weight, bias):
     if bias:
         ref += d.sum(2).pow(2).sum((1, 2))
     torch.testing.assert_close(kron_sqnorm(a, d, weight, bias), ref)
+
+
+def coded(x: torch.Tensor) -> Coded:
+    """``x`` ``(n, *row)`` through the stored int8 form, kept as codes and scales."""
+    spec = quant.array_spec("a", list(x.shape[1:]), "int8")
+    parts = quant.split_rows(spec, tensor_codes.encode_rows(spec, x).data.numpy())
+    return tensor_codes.decode_or_code(spec, "a", parts, codes=True)
+
+
+@SETTINGS
+@given(
+    n=st.integers(1, 4),
+    m=st.integers(1, 5),
+    uses=st.integers(1, 2),
+    t=st.integers(1, 12),
+    i=st.integers(1, 40),
+    o=st.integers(1, 40),
+    params=st.sampled_from([["weight", "bias"], ["weight"], ["bias"]]),
+)
+def test_gram_of_int8_codes_equals_brute_force_on_their_values(n, m, uses, t, i, o, params):
+    """The Gram of int8 rows formed on their codes (exact integer products, scaled after) equals
+    the inner products of the per-sample gradients of the rows' decoded values."""
+    assume(kron_int_matmul())
+    rows = {
+        k: {"a": coded(torch.randn(b, uses, t, i)), "d": coded(torch.randn(b, uses, t, o))}
+        for k, b in (("x", n), ("y", m))
+    }
+    hyper = {"in_features": i, "out_features": o}
+    got = LinearExtractor.gram(hyper, params, rows["x"], rows["y"])
+
+    def grads(r: dict[str, Coded]) -> torch.Tensor:
+        a, d = (r[k].decoded().double().flatten(1, -2) for k in ("a", "d"))
+        flat = [torch.einsum("bto,bti->boi", d, a).flatten(1)] if "weight" in params else []
+        return torch.cat([*flat, *([d.sum(1)] if "bias" in params else [])], 1)
+
+    gx, gy = grads(rows["x"]), grads(rows["y"])
+    want = gx @ gy.T
+    scale = gx.norm(dim=1)[:, None] * gy.norm(dim=1)[None, :]
+    assert ((got.double() - want).abs() <= 1e-6 * scale + 1e-12).all()
+    floats = LinearExtractor.gram(
+        hyper, params, *({k: v.decoded() for k, v in rows[s].items()} for s in "xy")
+    )
+    assert ((got - floats).double().abs() <= 1e-5 * scale + 1e-12).all()  # the float path agrees
 
 
 @pytest.mark.parametrize("t, i, o", [(3, 16, 16), (40, 4, 4)])  # the Gram, then the gradient itself

@@ -180,6 +180,37 @@ def test_topk_takes_training_queries_from_the_blocks_it_scans(tmp_path, monkeypa
         np.testing.assert_allclose(np.asarray(got.scores)[q], brute, rtol=1e-4, atol=1e-7)
 
 
+def test_topk_on_an_int8_store_multiplies_codes_and_agrees_with_decoded_rows(tmp_path, monkeypatch):
+    # Linear layers stored as int8 factors are scored on their codes (exact integer products,
+    # scaled after), cached as codes where there is a cache; dot() on decoded floats agrees.
+    from mstore_lightning.core.families import kron
+
+    assert kron.int_matmul()  # the pinned torch multiplies int8 matrices on the CPU
+    torch.manual_seed(0)
+    x, y = data(n=300)
+    capture = GradientCapture(tmp_path / "s.zarr", policy={"precision": "int8"}, chunk_bytes=4096)
+    trainer([capture], max_epochs=1).fit(Task(mlp()), loader(x, y, batch_size=64))
+    calls = []
+    on_codes = kron.kron_gram_codes
+    monkeypatch.setattr(kron, "kron_gram_codes", lambda *a: calls.append(1) or on_codes(*a))
+    queries = [3, 150, 299]
+    for cache_bytes in (0, 1 << 26):
+        store = open_store(tmp_path / "s.zarr", cache_bytes=cache_bytes)
+        calls.clear()
+        got = store.topk(queries, k=300, metric="dot")
+        assert calls  # the codes path ran
+        again = store.topk(queries, k=300, metric="dot")  # from the cache, where there is one
+        np.testing.assert_array_equal(again.scores, got.scores)
+        ids = np.asarray(store.sample_ids(0))
+        want = np.asarray(store.dot(0, queries, ids))  # gathered rows, decoded to float32
+        where = {int(i): r for r, i in enumerate(ids)}
+        for q in range(len(queries)):
+            floats = want[q, [where[int(i)] for i in got.ids[q]]]
+            np.testing.assert_allclose(
+                np.asarray(got.scores)[q], floats, rtol=1e-5, atol=1e-6 * np.abs(want).max()
+            )
+
+
 @pytest.mark.parametrize("metric", ["dot", "cosine"])
 def test_topk_scores_a_window_of_rows_at_a_time_and_equals_brute_force(tmp_path, monkeypatch, metric):
     torch.manual_seed(0)

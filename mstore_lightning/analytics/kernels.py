@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mstore_lightning.core.representation import Representation, Rows
+from mstore_lightning.core.tensor_codes import Coded
 from mstore_lightning.store.lanes import Lanes
 from mstore_lightning.store.scan import Block, RowSource, Scan, StoredRows, read_ahead
 
@@ -145,7 +146,9 @@ def dot_windows(
             hi = min(lo + window, stop)
             out = np.zeros((queries, hi - lo), dtype=np.float64)
             if plans is None:
-                pairs = read_ahead((s, block) for s in sources for block in s.blocks(lo, hi))
+                pairs = read_ahead(
+                    (s, block) for s in sources for block in s.blocks(lo, hi, codes=s.rep.takes_codes)
+                )
                 items = ((src, block, xa[src.rep.name], block.load) for src, block in pairs)
             else:
                 items = _queries_first(sources, plans, xa)
@@ -198,10 +201,11 @@ def _queries_first(
 
     def items() -> Iterator[tuple[RowSource, Block, int]]:
         for src, (holding, gaps) in zip(sources, plans):
+            codes = src.rep.takes_codes
             for lo, hi in holding:
-                yield from ((src, block, len(holding)) for block in src.blocks(lo, hi))
+                yield from ((src, block, len(holding)) for block in src.blocks(lo, hi, codes))
             for lo, hi in gaps:
-                yield from ((src, block, 0) for block in src.blocks(lo, hi))
+                yield from ((src, block, 0) for block in src.blocks(lo, hi, codes))
 
     held: list[tuple[Block, Rows]] = []
     x: Rows = {}
@@ -218,15 +222,24 @@ def _queries_first(
 
 
 def _take(held: list[tuple[Block, Rows]], positions: np.ndarray) -> Rows:
-    """The rows at ``positions`` (in that order) from loaded blocks that hold them all."""
-    out: Rows = {}
+    """The rows at ``positions`` (in that order) from loaded blocks that hold them all (tensors or
+    ``Coded``, as the blocks hold them)."""
+    where, pieces = [], []
     for block, rows in held:
         sel = np.nonzero((positions >= block.first) & (positions < block.first + block.rows))[0]
         index = torch.from_numpy(positions[sel] - block.first)
-        for name, values in rows.items():
-            if name not in out:
-                out[name] = values.new_empty((len(positions), *values.shape[1:]))
-            out[name][torch.from_numpy(sel)] = values.index_select(0, index)
+        where.append(sel)
+        pieces.append({name: values.index_select(0, index) for name, values in rows.items()})
+    back = torch.from_numpy(np.argsort(np.concatenate(where), kind="stable"))
+    out: Rows = {}
+    for name in pieces[0]:
+        parts = [p[name] for p in pieces]
+        if all(isinstance(p, Coded) for p in parts):
+            out[name] = Coded.cat(parts).index_select(0, back)
+        else:  # some blocks came decoded, from the cache
+            out[name] = torch.cat([p.decoded() if isinstance(p, Coded) else p for p in parts]).index_select(
+                0, back
+            )
     return out
 
 

@@ -259,7 +259,7 @@ class RecomputedRows(RowSource):
     def _ids(self) -> np.ndarray:
         return self.catalog.row_field(self.epoch, "ids")
 
-    def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[Block]:
+    def blocks(self, start: int = 0, stop: int | None = None, codes: bool = False) -> Iterator[Block]:
         stop = len(self) if stop is None else stop
         for first in range(start - start % self.BLOCK, stop, self.BLOCK):
             ids = self._ids()[first : first + self.BLOCK]

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from mstore_lightning.core import notes, pooling, projection
 from mstore_lightning.core.errors import StoreReadError
-from mstore_lightning.core.families.kron import KroneckerExtractor, kron_gram, kron_sqnorm
+from mstore_lightning.core.families.kron import KroneckerExtractor, int_matmul, kron_gram, kron_sqnorm
 from mstore_lightning.core.families.registry import Extractor, extractor_for_kind, flat_gram
 from mstore_lightning.core.quant import StoredArray, stored_arrays
 
@@ -124,6 +124,12 @@ class Representation(ABC):
         """Rows as the layer family reads them (pooled maps repeated over their blocks)."""
         return rows
 
+    @property
+    def takes_codes(self) -> bool:
+        """Whether :meth:`gram` takes ``int8`` rows as stored, as ``tensor_codes.Coded`` codes and
+        scales, and multiplies the codes exactly in integers (rather than decoded floats)."""
+        return False
+
     # ---------------------------------------------------------------- kernels
     @abstractmethod
     def restore(self, rows: Rows) -> Rows:
@@ -180,6 +186,10 @@ class Factors(Representation):
 
     def gram(self, x: Rows, y: Rows) -> Tensor:
         return self.extractor.gram(self.hyper, self.params, self.unpacked(x), self.unpacked(y))
+
+    @property
+    def takes_codes(self) -> bool:
+        return getattr(self.extractor, "plain", False) and int_matmul()
 
     def scaled(self, rows: Rows, w: Tensor) -> Rows:
         # A gradient is linear in its output-gradient factor d; the input factor stays as stored.
@@ -241,6 +251,10 @@ class PooledFactors(Factors):
 
     def to_spec(self) -> dict[str, Any]:
         return {**super().to_spec(), "summary": self.summary}
+
+    @property
+    def takes_codes(self) -> bool:
+        return False  # the means are repeated over their blocks first
 
     def unpacked(self, rows: Rows) -> Rows:
         s = self.summary

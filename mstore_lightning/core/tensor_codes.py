@@ -103,3 +103,62 @@ def decode(spec: dict[str, Any], name: str, parts: dict[str, np.ndarray]) -> Ten
     """Rows of logical array ``name`` as a float32 tensor (int64 for ids) from its stored parts
     (:func:`~mstore_lightning.core.quant.decode`, shared with the arrays)."""
     return torch.from_numpy(np.ascontiguousarray(quant.decode(spec, name, parts)))
+
+
+@dataclass(frozen=True)
+class Coded:
+    """Rows of an ``int8`` array as stored: ``codes`` ``(n, *row_shape)`` times ``scale``, one per
+    group of the leading axes ``(n, *lead)``. Kernels that take them (``takes_codes``) multiply
+    codes exactly, in integers, and scale the far smaller products; others get them decoded.
+    """
+
+    codes: Tensor
+    scale: Tensor
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes
+
+    def index_select(self, dim: int, index: Tensor) -> Coded:
+        """The rows at ``index`` (``dim`` 0), as ``Tensor.index_select``."""
+        return Coded(self.codes.index_select(dim, index), self.scale.index_select(dim, index))
+
+    def decoded(self) -> Tensor:
+        """The float32 rows."""
+        lead = self.scale.shape
+        groups = self.codes.reshape(*lead, -1).to(torch.float32)
+        return groups.mul_(self.scale[..., None]).reshape(self.codes.shape)
+
+    def group_scale(self) -> Tensor:
+        """The scale of every number's group, over all axes but the last ``(n, *row_shape[:-1])``."""
+        extra = self.codes.dim() - 1 - self.scale.dim()
+        return self.scale.reshape(*self.scale.shape, *[1] * extra).expand(self.codes.shape[:-1])
+
+    @staticmethod
+    def cat(pieces: list[Coded]) -> Coded:
+        return Coded(torch.cat([p.codes for p in pieces]), torch.cat([p.scale for p in pieces]))
+
+
+def stays_coded(spec: dict[str, Any]) -> bool:
+    """Whether rows of the array ``spec`` can be handed over as :class:`Coded`: ``int8`` codes, whose
+    scales never vary along the last axis (a chunk codec's fitted bins are decoded instead)."""
+    return spec["encoding"] == "int8" and "codec" not in spec
+
+
+def decode_or_code(
+    spec: dict[str, Any], name: str, parts: dict[str, np.ndarray], codes: bool
+) -> Tensor | Coded:
+    """:func:`decode`, or with ``codes`` the :class:`Coded` rows where :func:`stays_coded`."""
+    if codes and stays_coded(spec):
+        return Coded(
+            torch.from_numpy(parts[name]), torch.from_numpy(np.asarray(parts[f"{name}_scale"], np.float32))
+        )
+    return decode(spec, name, parts)
+
+
+def decoded(rows: dict[str, Tensor | Coded]) -> dict[str, Tensor]:
+    """``rows`` with every :class:`Coded` array decoded."""
+    return {k: v.decoded() if isinstance(v, Coded) else v for k, v in rows.items()}

@@ -82,23 +82,24 @@ class ChunkReader:
         return rows if rows is not None else self._read_chunks([key])[0]
 
     def deferred(
-        self, epoch: int, rep: Representation, split: str, start: int, stop: int
+        self, epoch: int, rep: Representation, split: str, start: int, stop: int, codes: bool = False
     ) -> Iterator[tuple[Chunk, Callable[[], Rows]]]:
         """Each chunk holding any of the rows ``start:stop``, and its decoded rows when called.
 
         A chunk not already decoded starts being read and decoded, on a reader thread, when it is
         yielded; calling waits for it. A scan that takes chunks ahead of their use
-        (``scan.read_ahead``) has several in flight at once.
+        (``scan.read_ahead``) has several in flight at once. With ``codes``, ``int8`` arrays may
+        come as ``tensor_codes.Coded`` (for kernels that ``takes_codes``).
         """
         for c in self.chunks(epoch, rep, split):
             if c.first + c.hi - c.lo <= start or c.first >= stop:
                 continue
             key = (epoch, split, c.rank, c.lo, c.hi, rep.name)
-            rows = self._kept(key)
+            rows = self._kept(key, codes)
             if rows is not None:
                 yield c, functools.partial(dict, rows)
             else:
-                yield c, functools.partial(_first_result, self._read_async(key))
+                yield c, functools.partial(_first_result, self._read_async(key, codes))
 
     def gather(self, epoch: int, rep: Representation, rows: np.ndarray, split: str = "train") -> Rows:
         """Decoded arrays of ``rep`` at global row positions ``rows`` (in the given order)."""
@@ -244,17 +245,21 @@ class ChunkReader:
                 opened[(g.path, rep.name, n)] = arr
 
     # ---------------------------------------------------------------- reads
-    def _kept(self, key: ChunkKey) -> Rows | None:
+    def _kept(self, key: ChunkKey, codes: bool = False) -> Rows | None:
+        """A staged or cached chunk's rows; decoded unless ``codes`` (the cache keeps what a scan
+        read, ``int8`` codes included)."""
         rows = self._staged.get(key)
-        return rows if rows is not None else self.cache.get(key)
+        rows = rows if rows is not None else self.cache.get(key)
+        return rows if rows is None or codes else tensor_codes.decoded(rows)
 
-    def _read_async(self, key: ChunkKey) -> Future:
+    def _read_async(self, key: ChunkKey, codes: bool = False) -> Future:
         """One chunk's decoded rows, read and decoded on a reader thread."""
-        return _readers().submit(self._read_chunks, [key])
+        return _readers().submit(self._read_chunks, [key], codes)
 
-    def _read_chunks(self, keys: list[ChunkKey]) -> list[Rows]:
-        """Decoded chunks, read in one batch and offered to the cache."""
-        return [self._decode_chunk(key, parts) for key, parts in zip(keys, self._read_raw(keys))]
+    def _read_chunks(self, keys: list[ChunkKey], codes: bool = False) -> list[Rows]:
+        """Decoded chunks (``int8`` arrays as codes, with ``codes``), read in one batch and offered to
+        the cache."""
+        return [self._decode_chunk(key, parts, codes) for key, parts in zip(keys, self._read_raw(keys))]
 
     def _read_raw(self, keys: list[ChunkKey]) -> list[dict[str, dict[str, np.ndarray]]]:
         """The stored parts of chunks, read in one batch, not yet decoded."""
@@ -264,10 +269,13 @@ class ChunkReader:
             requests.append((self.catalog.rank_groups(epoch, split)[r], rep, list(rep.arrays), slice(lo, hi)))
         return self._read_batch(requests)
 
-    def _decode_chunk(self, key: ChunkKey, parts: dict[str, dict[str, np.ndarray]]) -> Rows:
-        """A chunk's stored parts decoded, and offered to the cache (safe from any thread)."""
+    def _decode_chunk(
+        self, key: ChunkKey, parts: dict[str, dict[str, np.ndarray]], codes: bool = False
+    ) -> Rows:
+        """A chunk's stored parts decoded (``int8`` arrays kept as codes, with ``codes``), and offered
+        to the cache (safe from any thread)."""
         rep = self.catalog.reps[key[-1]]
-        rows = {n: tensor_codes.decode(rep.arrays[n], n, parts[n]) for n in parts}
+        rows = {n: tensor_codes.decode_or_code(rep.arrays[n], n, parts[n], codes) for n in parts}
         self.cache.put(key, rows)
         return rows
 
@@ -367,7 +375,8 @@ def _readers() -> ThreadPoolExecutor:
 
 
 class ChunkCache:
-    """Decoded chunks, least recently used out first, up to ``limit`` bytes (0: none kept).
+    """Decoded chunks, least recently used out first, up to ``limit`` bytes (0: none kept); ``int8``
+    arrays as their codes where a scan read them so, which readers of floats decode on a hit.
 
     Committed epochs never change, so a cached chunk never goes stale.
     """
@@ -386,7 +395,7 @@ class ChunkCache:
             return hit[0]
 
     def put(self, key: tuple, rows: Rows) -> None:
-        nbytes = sum(t.element_size() * t.nelement() for t in rows.values())
+        nbytes = sum(t.nbytes for t in rows.values())
         if nbytes > self.limit:
             return
         with self._lock:

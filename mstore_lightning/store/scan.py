@@ -96,8 +96,10 @@ class RowSource(ABC):
         """Rows of the layer in the epoch's split."""
 
     @abstractmethod
-    def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[Block]:
-        """Blocks covering rows ``start:stop`` (all by default), in row order."""
+    def blocks(self, start: int = 0, stop: int | None = None, codes: bool = False) -> Iterator[Block]:
+        """Blocks covering rows ``start:stop`` (all by default), in row order. With ``codes``, stored
+        ``int8`` arrays may load as ``tensor_codes.Coded`` rows, for ``rep.gram`` where
+        ``rep.takes_codes``."""
 
     @abstractmethod
     def gather(self, rows: np.ndarray) -> Rows:
@@ -127,9 +129,9 @@ class StoredRows(RowSource):
     def __len__(self) -> int:
         return self.reader.catalog.row_count(self.epoch, self.split)
 
-    def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[Block]:
+    def blocks(self, start: int = 0, stop: int | None = None, codes: bool = False) -> Iterator[Block]:
         stop = len(self) if stop is None else stop
-        for c, load in self.reader.deferred(self.epoch, self.rep, self.split, start, stop):
+        for c, load in self.reader.deferred(self.epoch, self.rep, self.split, start, stop, codes):
             yield Block(c.first, c.hi - c.lo, load)
 
     def gather(self, rows: np.ndarray) -> Rows:

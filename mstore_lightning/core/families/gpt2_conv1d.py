@@ -26,6 +26,7 @@ def is_transposed_conv1d(module: nn.Module) -> bool:
 @register_duck(is_transposed_conv1d)
 class TransposedConv1DExtractor(KroneckerExtractor):
     kind = "conv1d_transposed"
+    plain = True
 
     @classmethod
     def hyper(cls, module: nn.Module) -> Hyper:

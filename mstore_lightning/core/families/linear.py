@@ -11,6 +11,7 @@ from mstore_lightning.core.families.registry import Hyper, register
 @register(nn.Linear)
 class LinearExtractor(KroneckerExtractor):
     kind = "linear"
+    plain = True
 
     @classmethod
     def hyper(cls, module: nn.Module) -> Hyper:
