@@ -272,6 +272,7 @@ def run(
         arrays.update({f"detector_{d}": v for d, v in scores.items()})
         arrays.update(epoch_losses=model.losses, epoch_margins=model.margins)  # (epochs, samples)
         arrays.update(labels=y_np)  # the labels trained on, flips included
+        arrays.update(features=_logit_inputs(store, p.classes))  # (samples, width), by id
         np.savez(dump / f"{name}_{seed}.npz", flipped=flipped, **arrays)
     with torch.no_grad():
         model.net.eval()
@@ -290,6 +291,21 @@ def run(
         },
         "detection": {d: dbg.detection(s, flipped) for d, s in scores.items()},
     }
+
+
+def _logit_inputs(store: Any, classes: int) -> np.ndarray:
+    """The last epoch's stored input rows of the logit layer (the last one with ``classes`` outputs
+    stored as factors), by id, each sample's uses and positions averaged."""
+    epoch = store.epochs[-1]
+    layer = [
+        name
+        for name in store.layers
+        if store.layer_spec(name)["representation"] == "factors"
+        and store.layer_spec(name)["arrays"]["d"]["row_shape"][-1] == classes
+    ][-1]
+    ids = np.asarray(store.sample_ids(epoch))
+    rows = store.factors(epoch, layer, np.sort(ids).tolist())["a"]
+    return rows.reshape(len(ids), -1, rows.shape[-1]).mean(1).numpy()
 
 
 def _signals(sus: Any, order: np.ndarray) -> dict[str, np.ndarray]:

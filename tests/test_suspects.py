@@ -18,7 +18,7 @@ from scipy.stats import median_abs_deviation
 from torch import nn
 
 from mstore_lightning import GradientCapture, open_store
-from mstore_lightning.analytics.suspects import combine
+from mstore_lightning.analytics.suspects import NEIGHBOURS, combine
 from mstore_lightning.reports import report_paths
 
 
@@ -41,15 +41,17 @@ class Smoothed(Task):
 
 
 class Truth(L.Callback):
-    """Before each step: every sample's cross-entropy, logit margin and per-sample gradient."""
+    """Before each step: every sample's cross-entropy, logit margin, per-sample gradient, and the
+    input of the logit layer (the last of ``pl_module.net``)."""
 
     def __init__(self) -> None:
-        self.loss, self.margin = defaultdict(dict), defaultdict(dict)
+        self.loss, self.margin, self.features = defaultdict(dict), defaultdict(dict), defaultdict(dict)
         self.grads: dict[int, dict[int, dict[str, torch.Tensor]]] = defaultdict(dict)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with torch.no_grad():
             z = pl_module(batch["x"])
+            features = pl_module.net[:-1](batch["x"])
         y = batch["y"]
         loss = nn.functional.cross_entropy(z, y, reduction="none")
         own = z.gather(1, y[:, None])[:, 0]
@@ -59,6 +61,7 @@ class Truth(L.Callback):
             e = trainer.current_epoch
             self.loss[e][sid], self.margin[e][sid] = float(loss[row]), float(own[row] - other[row])
             self.grads[e][sid] = {k: v[row] for k, v in g.items()}
+            self.features[e][sid] = features[row].double()
 
 
 def blobs(n: int = 48, seed: int = 0, flips: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -119,11 +122,23 @@ def test_every_signal_equals_its_brute_force_computation(tmp_path):
         ]
     )
     np.testing.assert_allclose(sus.signals["alignment"], want_align, rtol=1e-4, atol=1e-6)
-    # The score: the mean robust z-score of loss, margin and alignment, by scipy's MAD.
-    oriented = [want_loss, -want_margin, -want_align]
-    want_score = np.mean(
-        [(v - np.median(v)) / median_abs_deviation(v, scale="normal") for v in oriented], axis=0
-    )
+    # Neighbours: by a full sort of cosines of the logit layer's inputs, itself left out.
+    f = torch.stack([truth.features[last][int(i)] for i in ids])
+    f = f / f.norm(dim=1, keepdim=True)
+    cos = (f @ f.T).fill_diagonal_(-2.0).numpy()
+    own = np.array([labels[int(i)] for i in ids])
+    nearest = np.argsort(-cos, axis=1, kind="stable")[:, :NEIGHBOURS]
+    want_near = (own[nearest] != own[:, None]).mean(1)
+    np.testing.assert_array_equal(sus.signals["neighbours"], want_near)
+    # The score: the mean robust z-score of loss, margin, alignment and neighbours, by scipy's MAD
+    # (the standard deviation where the MAD is 0, as for shares among 10 neighbours mostly 0).
+    oriented = [want_loss, -want_margin, -want_align, want_near]
+
+    def z(v):
+        mad = median_abs_deviation(v, scale="normal")
+        return (v - np.median(v)) / (mad if mad > 0 else v.std())
+
+    want_score = np.mean([z(v) for v in oriented], axis=0)
     np.testing.assert_allclose(sus.scores, want_score, rtol=1e-3, atol=1e-3)
     assert np.all(np.diff(sus.scores) <= 0)
 
@@ -172,6 +187,8 @@ def test_the_score_leaves_unknown_values_out_and_ignores_unscored_signals():
     both = combine({"loss": loss, "margin": np.array([np.nan, 0.0, 1.0, 2.0])})
     assert both[0] == only_loss[0]  # no margin for sample 0: its loss alone
     assert not np.isnan(both).any()
+    shares = np.array([0.0, 0.0, 0.0, 0.5])  # most at one value: the MAD is 0, the std scales it
+    np.testing.assert_allclose(combine({"neighbours": shares}), shares / shares.std())
 
 
 def opposed(n: int = 40, flips: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

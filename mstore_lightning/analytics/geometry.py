@@ -71,13 +71,19 @@ def outliers(store: Any, epoch: int, threshold: float = 3.5, layers: Sequence[st
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
-    """``0.6745 · (x − median) / MAD``: a z-score that a few extreme values cannot inflate."""
+    """``0.6745 · (x − median) / MAD``: a z-score that a few extreme values cannot inflate.
+
+    Where more than half the values are equal (a share among a few neighbours, say) the MAD is 0,
+    and the standard deviation sets the scale instead.
+    """
     values = np.asarray(values, dtype=np.float64)
     if not len(values):
         return values
     median = np.median(values)
     mad = np.median(np.abs(values - median))
-    return 0.6745 * (values - median) / max(mad, _TINY)
+    if mad > 0:
+        return 0.6745 * (values - median) / mad
+    return (values - median) / max(float(values.std()), _TINY)
 
 
 @dataclass

@@ -13,6 +13,11 @@ Every signal is read from the store; none needs the model, more training or anot
   what most of its class asks for pulls the class elsewhere. Unit gradients give each sample one
   vote; late in training the few mislabeled samples hold most of a class's gradient, and a plain sum
   would make their direction the class's.
+- ``neighbours``: the share of the sample's ``NEIGHBOURS`` (10) nearest training samples that carry
+  another label (high is suspicious; deep k-NN, Bahri et al., 2020). Nearness is the cosine of the
+  logit layer's stored inputs at the last epoch, the features the classifier reads. It asks the
+  other samples rather than the model's fit of this one, so a sample the model memorised still
+  stands out among neighbours of its true class.
 
 Losses and margins come from the rows the capture stored (see ``capture.signals``); a store without
 them ranks on the gradient signals alone.
@@ -23,7 +28,9 @@ the score is their mean. Standardising puts signals of different units on one sc
 weight, so nothing in the combination is tuned to a data set; the median and MAD keep the mislabeled
 tail itself from setting the scale; and, unlike ranks, z-scores keep the strength of the evidence,
 which is what separates a 10% tail. A sample scores high when the evidence adds up across views of
-it: how it is fitted (loss, margin) and where its gradient points (alignment). ``self_influence`` is
+it: how it is fitted (loss, margin), where its gradient points (alignment), and what the samples
+around it are labelled (neighbours). ``k = 10`` is a usual size for deep k-NN, not a fitted value; 5
+and 20 score within 0.002 AUC of it on every protocol of ``benchmarks/detection.py``. ``self_influence`` is
 reported beside them but left out of the score: a gradient's norm is its loss times its features'
 norm, so it repeats the loss and adds atypical inputs that are correctly labelled. A signal unknown
 for a sample (NaN) leaves it out of that sample's mean. Ids break ties, so the ranking is
@@ -54,9 +61,10 @@ from mstore_lightning.analytics.kernels import as_scan
 from mstore_lightning.store.layout import MARGINS, SQNORMS
 
 # Signal name -> +1 when high is suspicious, -1 when low is.
-DIRECTION = {"loss": 1.0, "margin": -1.0, "self_influence": 1.0, "alignment": -1.0}
+DIRECTION = {"loss": 1.0, "margin": -1.0, "self_influence": 1.0, "alignment": -1.0, "neighbours": 1.0}
+NEIGHBOURS = 10  # k of the neighbour signal
 DUPLICATE_DISTANCE = 0.01  # relative: ||a_i - a_j|| <= this x max(||a_i||, ||a_j||)
-MAX_DUPLICATE_ROWS = 50_000  # the pairwise search is quadratic; past this it is skipped, with a note
+MAX_DUPLICATE_ROWS = 50_000  # the pairwise searches are quadratic; past this they are skipped, with a note
 
 
 @dataclass
@@ -145,6 +153,9 @@ def suspects(
         for run in scan.stage(sorted({first, last}), layers, ["train"]):
             if last in run:
                 conflicts = class_conflicts(scan, last, layers, unit=True)
+                near, note = neighbour_disagreement(scan, last)
+                if note:
+                    notes.append(note)
             if first in run:
                 groups, note = duplicate_groups(scan, first)
                 if note:
@@ -152,6 +163,9 @@ def suspects(
         at = np.searchsorted(ids, conflicts.ids)
         alignment[at] = conflicts.alignment
         signals["alignment"] = alignment
+        if near is not None:
+            signals["neighbours"] = np.full(len(ids), np.nan)
+            signals["neighbours"][np.searchsorted(ids, cat.row_field(last, "ids"))] = near
     else:
         notes.append("no labels were recorded: no class alignment, and no duplicate check")
     scores = combine(signals)
@@ -173,7 +187,7 @@ def suspects(
 
 
 # The signals the score combines; the others are reported beside it.
-SCORED = ("loss", "margin", "alignment")
+SCORED = ("loss", "margin", "alignment", "neighbours")
 
 
 def combine(signals: dict[str, np.ndarray]) -> np.ndarray:
@@ -210,6 +224,49 @@ def _mean_by_id(cat: Any, epochs: Sequence[int], record: str, ids: np.ndarray) -
     if not found:
         return None
     return np.divide(total, count, out=np.full(len(ids), np.nan), where=count > 0)
+
+
+def logit_layer(cat: Any, classes: int) -> str | None:
+    """The last layer stored as factors with one output a class: the classifier's logit layer."""
+    found = [
+        name
+        for name in cat.layers
+        if cat.spec(name)["representation"] == "factors"
+        and cat.spec(name)["arrays"]["d"]["row_shape"][-1] == classes
+    ]
+    return found[-1] if found else None
+
+
+def neighbour_disagreement(scan: Any, epoch: int) -> tuple[np.ndarray | None, str | None]:
+    """For each training row of ``epoch``, the share of its :data:`NEIGHBOURS` nearest labelled rows
+    (cosine of the logit layer's stored inputs, each sample's positions averaged) that carry another
+    label; NaN for a row without a label. ``None`` and a note where it cannot be computed."""
+    labels = scan.catalog.row_field(epoch, "label")
+    known = labels >= 0
+    layer = logit_layer(scan.catalog, int(labels.max()) + 1)
+    if layer is None:
+        return None, "no stored layer outputs one logit a class: no neighbour signal"
+    if known.sum() > MAX_DUPLICATE_ROWS:
+        return None, f"the neighbour signal is left out past {MAX_DUPLICATE_ROWS:,} rows"
+    k = min(NEIGHBOURS, int(known.sum()) - 1)
+    if k < 1:
+        return None, "too few labelled samples for the neighbour signal"
+    rows = [b.load()["a"].float() for b in scan.source(epoch, layer).blocks()]
+    features = torch.cat([r.reshape(len(r), -1, r.shape[-1]).mean(1) for r in rows])
+    features = torch.nn.functional.normalize(features, dim=1)
+    lab = torch.from_numpy(labels)
+    others = torch.from_numpy(~known)
+    out = np.full(len(labels), np.nan)
+    step = 2048
+    for lo in range(0, len(labels), step):
+        sim = features[lo : lo + step] @ features.T
+        sim[:, others] = -torch.inf
+        rows_here = torch.arange(lo, lo + len(sim))
+        sim[torch.arange(len(sim)), rows_here] = -torch.inf  # not its own neighbour
+        nearest = sim.topk(k, dim=1).indices
+        out[lo : lo + len(sim)] = (lab[nearest] != lab[rows_here, None]).double().mean(1).numpy()
+    out[~known] = np.nan
+    return out, None
 
 
 def duplicate_groups(scan: Any, epoch: int) -> tuple[list[list[int]], str | None]:
