@@ -254,7 +254,7 @@ def neighbour_disagreement(scan: Any, epoch: int) -> tuple[np.ndarray | None, st
     rows = [b.load()["a"].float() for b in scan.source(epoch, layer).blocks()]
     features = torch.cat([r.reshape(len(r), -1, r.shape[-1]).mean(1) for r in rows])
     features = torch.nn.functional.normalize(features, dim=1)
-    lab = torch.from_numpy(labels)
+    lab = torch.as_tensor(np.array(labels))  # the catalog's own array is read-only
     others = torch.from_numpy(~known)
     out = np.full(len(labels), np.nan)
     step = 2048
