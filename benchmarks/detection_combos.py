@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def robust_z(x: np.ndarray) -> np.ndarray:
-    """``(x - median) / (1.4826 MAD)``, the standard deviation where the MAD is 0."""
+    """``(x - median) / (1.4826 MAD)``, the standard deviation where the MAD is 0 (as the library's)."""
     med = np.nanmedian(x)
     mad = np.nanmedian(np.abs(x - med)) * 1.4826
     return (x - med) / (mad if mad > 0 else (np.nanstd(x) or 1.0))
@@ -39,6 +39,15 @@ def by_class(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     for c in np.unique(labels):
         out[labels == c] = robust_z(x[labels == c])
     return out
+
+
+def neighbour_disagreement(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """The share of each sample's ``k`` nearest others (cosine of ``features``) with another label."""
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    cos = unit @ unit.T
+    np.fill_diagonal(cos, -np.inf)
+    nearest = np.argpartition(-cos, k, axis=1)[:, :k]
+    return (labels[nearest] != labels[:, None]).mean(1)
 
 
 def precision_at_flipped(score: np.ndarray, flipped: np.ndarray) -> float:
@@ -57,7 +66,7 @@ def candidates(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     late = epochs // 2
     out: dict[str, Callable[[], np.ndarray] | np.ndarray] = {
         "suspects() as shipped": d["detector_suspects"],
-        "loss + AUM + alignment (recomputed)": (loss + aum + align) / 3,
+        "loss + AUM + alignment (shipped before the neighbours)": (loss + aum + align) / 3,
         "loss + AUM": (loss + aum) / 2,
         "per-epoch z: loss + AUM + alignment": (per_epoch_loss + per_epoch_aum + align) / 3,
         "late half of epochs: loss + AUM + alignment": (
@@ -84,6 +93,16 @@ def candidates(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "baseline: mean loss": d["detector_loss_mean"],
         "baseline: AUM": d["detector_aum"],
     }
+    if "features" in d:  # the logit layer's inputs: neighbours of other k, recomputed from them
+        for k in (5, 20):
+            out[f"loss + AUM + alignment + {k} neighbours"] = (
+                loss + aum + align + robust_z(neighbour_disagreement(d["features"], d["labels"], k))
+            ) / 4
+        out["10 neighbours alone"] = neighbour_disagreement(d["features"], d["labels"], 10)
+    if "signal_neighbours" in d:  # what suspects() scores since the neighbour signal
+        out["loss + AUM + alignment + 10 neighbours (recomputed)"] = (
+            loss + aum + align + robust_z(d["signal_neighbours"])
+        ) / 4
     if "labels" in d:  # dumps from before the labels were saved have no class-conditional candidates
         y = d["labels"]
         c_loss, c_aum = by_class(losses.mean(0), y), by_class(-margins.mean(0), y)
