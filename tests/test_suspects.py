@@ -168,6 +168,16 @@ def test_a_loss_that_is_not_cross_entropy_ranks_on_the_gradients_and_says_so(tmp
     assert len(sus.ids) == len(x)
 
 
+def test_without_the_logit_layer_there_is_no_neighbour_signal_and_it_says_so(tmp_path):
+    x, y, _ = blobs(flips=3)
+    torch.manual_seed(0)
+    capture = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "layers": ["net.0"]})
+    trainer([capture], max_epochs=2).fit(PlainLoss(net()), loader(x, y, batch_size=8))
+    sus = open_store(tmp_path / "s.zarr").suspects()
+    assert "neighbours" not in sus.signals and "alignment" in sus.signals
+    assert any("no neighbour signal" in n for n in sus.notes)
+
+
 def test_rankings_are_deterministic_and_k_keeps_the_first(tmp_path):
     x, y, _ = blobs(flips=4)
     store = _fit(tmp_path, PlainLoss(net()), x, y)
