@@ -294,15 +294,12 @@ def run(
 
 
 def _logit_inputs(store: Any, classes: int) -> np.ndarray:
-    """The last epoch's stored input rows of the logit layer (the last one with ``classes`` outputs
-    stored as factors), by id, each sample's uses and positions averaged."""
+    """The last epoch's stored input rows of the logit layer (the one ``suspects()`` reads), by id,
+    each sample's uses and positions averaged."""
+    from mstore_lightning.analytics.suspects import logit_layer
+
     epoch = store.epochs[-1]
-    layer = [
-        name
-        for name in store.layers
-        if store.layer_spec(name)["representation"] == "factors"
-        and store.layer_spec(name)["arrays"]["d"]["row_shape"][-1] == classes
-    ][-1]
+    layer = logit_layer(store.catalog, classes)
     ids = np.asarray(store.sample_ids(epoch))
     rows = store.factors(epoch, layer, np.sort(ids).tolist())["a"]
     return rows.reshape(len(ids), -1, rows.shape[-1]).mean(1).numpy()

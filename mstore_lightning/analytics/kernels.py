@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mstore_lightning.core.representation import Representation, Rows
-from mstore_lightning.core.tensor_codes import Coded
+from mstore_lightning.core.tensor_codes import Coded, floats
 from mstore_lightning.store.lanes import Lanes
 from mstore_lightning.store.scan import Block, RowSource, Scan, StoredRows, read_ahead
 
@@ -237,9 +237,7 @@ def _take(held: list[tuple[Block, Rows]], positions: np.ndarray) -> Rows:
         if all(isinstance(p, Coded) for p in parts):
             out[name] = Coded.cat(parts).index_select(0, back)
         else:  # some blocks came decoded, from the cache
-            out[name] = torch.cat([p.decoded() if isinstance(p, Coded) else p for p in parts]).index_select(
-                0, back
-            )
+            out[name] = torch.cat([floats(p) for p in parts]).index_select(0, back)
     return out
 
 

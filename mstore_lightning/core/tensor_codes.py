@@ -159,6 +159,11 @@ def decode_or_code(
     return decode(spec, name, parts)
 
 
+def floats(values: Tensor | Coded) -> Tensor:
+    """``values`` decoded where they are :class:`Coded`, as they are otherwise."""
+    return values.decoded() if isinstance(values, Coded) else values
+
+
 def decoded(rows: dict[str, Tensor | Coded]) -> dict[str, Tensor]:
     """``rows`` with every :class:`Coded` array decoded."""
-    return {k: v.decoded() if isinstance(v, Coded) else v for k, v in rows.items()}
+    return {k: floats(v) for k, v in rows.items()}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mstore_lightning.core.families.registry import Extractor, Hyper, Rows
-from mstore_lightning.core.tensor_codes import Coded
+from mstore_lightning.core.tensor_codes import Coded, decoded
 
 _BLOCK_ELEMS = 1 << 23  # bounds the (rows, rows, T, T) temporaries of the kernels
 
@@ -59,7 +59,7 @@ class KroneckerExtractor(Extractor):
         rows = (x["a"], x["d"], y["a"], y["d"])
         if cls.plain and all(isinstance(r, Coded) for r in rows) and _exact_in_int32(rows) and int_matmul():
             return kron_gram_codes(*(_plain_codes(r) for r in rows), "weight" in params, "bias" in params)
-        x, y = {k: _floats(v) for k, v in x.items()}, {k: _floats(v) for k, v in y.items()}
+        x, y = decoded(x), decoded(y)
         ax, dx = cls.matrices(hyper, x["a"], x["d"])
         ay, dy = cls.matrices(hyper, y["a"], y["d"])
         return kron_gram(ax, dx, ay, dy, "weight" in params, "bias" in params)
@@ -173,10 +173,6 @@ def _plain_codes(rows: Coded) -> tuple[Tensor, Tensor]:
 def _exact_in_int32(rows: tuple[Coded, ...]) -> bool:
     # A sum of I products of codes in [-127, 127] fits int32 for I up to 133,144.
     return all(r.codes.shape[-1] * 127 * 127 < 2**31 for r in rows)
-
-
-def _floats(rows: Tensor | Coded) -> Tensor:
-    return rows.decoded() if isinstance(rows, Coded) else rows
 
 
 @functools.cache
