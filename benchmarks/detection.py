@@ -272,7 +272,7 @@ def run(
         arrays.update({f"detector_{d}": v for d, v in scores.items()})
         arrays.update(epoch_losses=model.losses, epoch_margins=model.margins)  # (epochs, samples)
         arrays.update(labels=y_np)  # the labels trained on, flips included
-        arrays.update(features=_logit_inputs(store, p.classes))  # (samples, width), by id
+        arrays.update(_layer_inputs(store))  # features_<i>: (samples, width) of each layer, by id
         np.savez(dump / f"{name}_{seed}.npz", flipped=flipped, **arrays)
     with torch.no_grad():
         model.net.eval()
@@ -293,16 +293,19 @@ def run(
     }
 
 
-def _logit_inputs(store: Any, classes: int) -> np.ndarray:
-    """The last epoch's stored input rows of the logit layer (the one ``suspects()`` reads), by id,
-    each sample's uses and positions averaged."""
-    from mstore_lightning.analytics.suspects import logit_layer
+def _layer_inputs(store: Any) -> dict[str, np.ndarray]:
+    """The last epoch's stored inputs of each layer the neighbour signal reads, as points (the
+    family's pooling, ``Representation.input_features``), by id: ``features_<i>`` in layer order."""
+    from mstore_lightning.analytics.kernels import as_scan
 
+    scan = as_scan(store)
     epoch = store.epochs[-1]
-    layer = logit_layer(store.catalog, classes)
-    ids = np.asarray(store.sample_ids(epoch))
-    rows = store.factors(epoch, layer, np.sort(ids).tolist())["a"]
-    return rows.reshape(len(ids), -1, rows.shape[-1]).mean(1).numpy()
+    order = np.argsort(np.asarray(scan.catalog.row_field(epoch, "ids")))
+    out = {}
+    for i, rep in enumerate(r for r in scan.catalog.select(None) if r.input_width is not None):
+        rows = [rep.input_features(b.load()) for b in scan.source(epoch, rep).blocks()]
+        out[f"features_{i}"] = torch.cat(rows).numpy()[order]
+    return out
 
 
 def _signals(sus: Any, order: np.ndarray) -> dict[str, np.ndarray]:
@@ -353,7 +356,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--dump", type=Path, default=None, help="a folder for every run's scores by id (.npz)")
     ap.add_argument(
-        "--no-cleanlab", action="store_true", help="leave out cleanlab's 5 extra fits a run (to study signals)"
+        "--no-cleanlab",
+        action="store_true",
+        help="leave out cleanlab's 5 extra fits a run (to study signals)",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

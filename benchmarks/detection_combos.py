@@ -2,8 +2,8 @@
 
 ``detection.py --dump DIR`` saves, for every protocol and seed, each sample's signals as
 ``suspects()`` orients them (high = suspicious), every detector's scores, which labels were flipped,
-the per-epoch losses and margins of the run, and the labels trained on. This script scores candidate combinations on those
-dumps with no training, beside the shipped ``suspects()`` and the single-signal baselines; cleanlab's
+the per-epoch losses and margins of the run, the labels trained on, and each layer's inputs as the
+neighbour signal reads them. This script scores candidate combinations on those dumps with no training, beside the shipped ``suspects()`` and the single-signal baselines; cleanlab's
 scores come from a committed ``detection`` results file of the same seeds (training is seeded and
 deterministic, so the runs are the same). It prints one table a protocol and writes JSON.
 
@@ -50,6 +50,12 @@ def neighbour_disagreement(features: np.ndarray, labels: np.ndarray, k: int) -> 
     return (labels[nearest] != labels[:, None]).mean(1)
 
 
+def layers_disagreement(d: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """:func:`neighbour_disagreement` averaged over every layer's inputs in the dump."""
+    layers = sorted((n for n in d if n.startswith("features_")), key=lambda n: int(n.split("_")[1]))
+    return np.mean([neighbour_disagreement(d[n], d["labels"], k) for n in layers], 0)
+
+
 def precision_at_flipped(score: np.ndarray, flipped: np.ndarray) -> float:
     k = int(flipped.sum())
     return float(flipped[np.argsort(-score, kind="stable")[:k]].mean())
@@ -93,16 +99,32 @@ def candidates(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "baseline: mean loss": d["detector_loss_mean"],
         "baseline: AUM": d["detector_aum"],
     }
-    if "features" in d:  # the logit layer's inputs: neighbours of other k, recomputed from them
+    if "features" in d:  # older dumps: the logit layer's inputs alone
         for k in (5, 20):
             out[f"loss + AUM + alignment + {k} neighbours"] = (
                 loss + aum + align + robust_z(neighbour_disagreement(d["features"], d["labels"], k))
             ) / 4
         out["10 neighbours alone"] = neighbour_disagreement(d["features"], d["labels"], 10)
-    if "signal_neighbours" in d:  # what suspects() scores since the neighbour signal
-        out["loss + AUM + alignment + 10 neighbours (recomputed)"] = (
-            loss + aum + align + robust_z(d["signal_neighbours"])
+    if "features_0" in d:  # every layer's inputs: the neighbour signal's views, recomputed
+        fit = (loss + aum + align) / 3
+        last = max(int(n.split("_")[1]) for n in d if n.startswith("features_"))
+        logit = robust_z(neighbour_disagreement(d[f"features_{last}"], d["labels"], 10))
+        for k in (5, 10, 20):
+            out[f"two views: fit, and {k} neighbours over every layer"] = (
+                fit + robust_z(layers_disagreement(d, k))
+            ) / 2
+        out["10 neighbours over every layer, alone"] = layers_disagreement(d, 10)
+        out["two views: fit, and 10 neighbours in the last layer only"] = (fit + logit) / 2
+        out["one mean of four z: loss, AUM, alignment, 10 neighbours over every layer"] = (
+            loss + aum + align + robust_z(layers_disagreement(d, 10))
         ) / 4
+        out["one mean of four z: loss, AUM, alignment, 10 neighbours in the last layer (before)"] = (
+            loss + aum + align + logit
+        ) / 4
+    if "signal_neighbours" in d:  # what suspects() scores since the neighbour signal
+        out["two views, from suspects()'s own neighbour signal"] = (
+            (loss + aum + align) / 3 + robust_z(d["signal_neighbours"])
+        ) / 2
     if "labels" in d:  # dumps from before the labels were saved have no class-conditional candidates
         y = d["labels"]
         c_loss, c_aum = by_class(losses.mean(0), y), by_class(-margins.mean(0), y)

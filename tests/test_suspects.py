@@ -42,10 +42,11 @@ class Smoothed(Task):
 
 class Truth(L.Callback):
     """Before each step: every sample's cross-entropy, logit margin, per-sample gradient, and the
-    input of the logit layer (the last of ``pl_module.net``)."""
+    inputs of the two linear layers of ``pl_module.net``."""
 
     def __init__(self) -> None:
-        self.loss, self.margin, self.features = defaultdict(dict), defaultdict(dict), defaultdict(dict)
+        self.loss, self.margin = defaultdict(dict), defaultdict(dict)
+        self.inputs, self.features = defaultdict(dict), defaultdict(dict)
         self.grads: dict[int, dict[int, dict[str, torch.Tensor]]] = defaultdict(dict)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -61,6 +62,7 @@ class Truth(L.Callback):
             e = trainer.current_epoch
             self.loss[e][sid], self.margin[e][sid] = float(loss[row]), float(own[row] - other[row])
             self.grads[e][sid] = {k: v[row] for k, v in g.items()}
+            self.inputs[e][sid] = batch["x"][row].double()
             self.features[e][sid] = features[row].double()
 
 
@@ -122,23 +124,28 @@ def test_every_signal_equals_its_brute_force_computation(tmp_path):
         ]
     )
     np.testing.assert_allclose(sus.signals["alignment"], want_align, rtol=1e-4, atol=1e-6)
-    # Neighbours: by a full sort of cosines of the logit layer's inputs, itself left out.
-    f = torch.stack([truth.features[last][int(i)] for i in ids])
-    f = f / f.norm(dim=1, keepdim=True)
-    cos = (f @ f.T).fill_diagonal_(-2.0).numpy()
+    # Neighbours: in each linear layer, by a full sort of cosines of its inputs, the sample itself
+    # left out; then averaged over the two layers.
     own = np.array([labels[int(i)] for i in ids])
-    nearest = np.argsort(-cos, axis=1, kind="stable")[:, :NEIGHBOURS]
-    want_near = (own[nearest] != own[:, None]).mean(1)
+
+    def disagreement(points):
+        f = torch.stack([points[last][int(i)] for i in ids])
+        f = f / f.norm(dim=1, keepdim=True)
+        cos = (f @ f.T).fill_diagonal_(-2.0).numpy()
+        nearest = np.argsort(-cos, axis=1, kind="stable")[:, :NEIGHBOURS]
+        return (own[nearest] != own[:, None]).mean(1)
+
+    want_near = (disagreement(truth.inputs) + disagreement(truth.features)) / 2
     np.testing.assert_array_equal(sus.signals["neighbours"], want_near)
-    # The score: the mean robust z-score of loss, margin, alignment and neighbours, by scipy's MAD
-    # (the standard deviation where the MAD is 0, as for shares among 10 neighbours mostly 0).
-    oriented = [want_loss, -want_margin, -want_align, want_near]
+    # The score: two views weighed equally, the mean robust z-score of loss, margin and alignment,
+    # and that of neighbours, by scipy's MAD (the standard deviation where the MAD is 0).
 
     def z(v):
         mad = median_abs_deviation(v, scale="normal")
         return (v - np.median(v)) / (mad if mad > 0 else v.std())
 
-    want_score = np.mean([z(v) for v in oriented], axis=0)
+    fit = np.mean([z(want_loss), z(-want_margin), z(-want_align)], axis=0)
+    want_score = (fit + z(want_near)) / 2
     np.testing.assert_allclose(sus.scores, want_score, rtol=1e-3, atol=1e-3)
     assert np.all(np.diff(sus.scores) <= 0)
 
@@ -168,10 +175,10 @@ def test_a_loss_that_is_not_cross_entropy_ranks_on_the_gradients_and_says_so(tmp
     assert len(sus.ids) == len(x)
 
 
-def test_without_the_logit_layer_there_is_no_neighbour_signal_and_it_says_so(tmp_path):
+def test_without_a_layer_keeping_its_input_there_is_no_neighbour_signal_and_it_says_so(tmp_path):
     x, y, _ = blobs(flips=3)
     torch.manual_seed(0)
-    capture = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "layers": ["net.0"]})
+    capture = GradientCapture(tmp_path / "s.zarr", policy={**EXACT, "representation": "full"})
     trainer([capture], max_epochs=2).fit(PlainLoss(net()), loader(x, y, batch_size=8))
     sus = open_store(tmp_path / "s.zarr").suspects()
     assert "neighbours" not in sus.signals and "alignment" in sus.signals

@@ -14,28 +14,38 @@ Every signal is read from the store; none needs the model, more training or anot
   vote; late in training the few mislabeled samples hold most of a class's gradient, and a plain sum
   would make their direction the class's.
 - ``neighbours``: the share of the sample's ``NEIGHBOURS`` (10) nearest training samples that carry
-  another label (high is suspicious; deep k-NN, Bahri et al., 2020). Nearness is the cosine of the
-  logit layer's stored inputs at the last epoch, the features the classifier reads. It asks the
-  other samples rather than the model's fit of this one, so a sample the model memorised still
-  stands out among neighbours of its true class.
+  another label, averaged over the layers (high is suspicious; deep k-NN, Papernot & McDaniel,
+  2018, and Bahri et al., 2020). In each layer that stores its input, nearness is the cosine of the
+  inputs at the last epoch, each pooled by its family (``Extractor.input_features``): a sequence's
+  token features averaged, a feature map kept in place, an embedding's ids counted. It asks the
+  other samples rather than the model's fit of this one: a sample the model memorised still stands
+  out among neighbours of its true class, and the early layers, which stay near the data, still
+  group the samples where the model fits badly.
 
 Losses and margins come from the rows the capture stored (see ``capture.signals``); a store without
 them ranks on the gradient signals alone.
 
-**How they are combined.** Each of ``loss``, ``margin`` and ``alignment`` is standardised to a robust
-z-score, ``0.6745 · (x − median) / MAD`` over the samples, oriented so that high is suspicious, and
-the score is their mean. Standardising puts signals of different units on one scale without a fitted
+**How they are combined.** Each signal is standardised to a robust z-score,
+``0.6745 · (x − median) / MAD`` over the samples (the standard deviation where the MAD is 0),
+oriented so that high is suspicious. The score weighs two views of the label equally: how the
+training fits it (the mean z of ``loss``, ``margin`` and ``alignment``) and how the samples around
+it are labelled (the z of ``neighbours``). The fit view asks the model, and is as good as the run's
+fit; the neighbour view asks the data as the layers see it, and holds where a run fits badly or
+memorises its noise. Standardising puts signals of different units on one scale without a fitted
 weight, so nothing in the combination is tuned to a data set; the median and MAD keep the mislabeled
 tail itself from setting the scale; and, unlike ranks, z-scores keep the strength of the evidence,
-which is what separates a 10% tail. A sample scores high when the evidence adds up across views of
-it: how it is fitted (loss, margin), where its gradient points (alignment), and what the samples
-around it are labelled (neighbours). ``k = 10`` is a usual size for deep k-NN, not a fitted value; 5
-and 20 score within 0.002 AUC of it on every protocol of ``benchmarks/detection.py``. ``self_influence`` is
-reported beside them but left out of the score: a gradient's norm is its loss times its features'
-norm, so it repeats the loss and adds atypical inputs that are correctly labelled. A signal unknown
-for a sample (NaN) leaves it out of that sample's mean. Ids break ties, so the ranking is
-deterministic. ``benchmarks/detection.py`` measures the combination against each signal alone and
-against cleanlab on four data sets, uniform and pair flips, five seeds each.
+which is what separates a 10% tail. ``k = 10`` is a usual size for deep k-NN, not a fitted value.
+``self_influence`` is reported beside them but left out of the score: a gradient's norm is its loss
+times its features' norm, so it repeats the loss and adds atypical inputs that are correctly
+labelled. A signal unknown for a sample (NaN) leaves it out of that sample's view, and a view with
+no known signal leaves the view out. Ids break ties, so the ranking is deterministic.
+``benchmarks/detection.py`` measures the combination against each signal alone and against cleanlab
+on four data sets, uniform and pair flips, five seeds each.
+
+**Cost.** The neighbour signal compares every pair of rows in every layer. It is left out past
+``MAX_DUPLICATE_ROWS`` rows; inputs wider than ``NEIGHBOUR_WIDTH`` are count-sketched to it; and where
+all layers would take more than ``NEIGHBOUR_WORK`` multiply-adds, it reads evenly spaced layers (the
+last always), with a note.
 
 **Flags.** ``conflicting``: the sample's gradient opposes its class's (``alignment < 0``).
 ``duplicate_conflict``: its input is (near) identical to another sample's that carries another label,
@@ -46,6 +56,7 @@ group of ids.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +74,8 @@ from mstore_lightning.store.layout import MARGINS, SQNORMS
 # Signal name -> +1 when high is suspicious, -1 when low is.
 DIRECTION = {"loss": 1.0, "margin": -1.0, "self_influence": 1.0, "alignment": -1.0, "neighbours": 1.0}
 NEIGHBOURS = 10  # k of the neighbour signal
+NEIGHBOUR_WIDTH = 4096  # a layer's input wider than this is count-sketched to it
+NEIGHBOUR_WORK = 2e11  # multiply-adds of the neighbour signal's pairwise cosines, over its layers
 DUPLICATE_DISTANCE = 0.01  # relative: ||a_i - a_j|| <= this x max(||a_i||, ||a_j||)
 MAX_DUPLICATE_ROWS = 50_000  # the pairwise searches are quadratic; past this they are skipped, with a note
 
@@ -153,7 +166,7 @@ def suspects(
         for run in scan.stage(sorted({first, last}), layers, ["train"]):
             if last in run:
                 conflicts = class_conflicts(scan, last, layers, unit=True)
-                near, note = neighbour_disagreement(scan, last)
+                near, note = neighbour_disagreement(scan, last, layers)
                 if note:
                     notes.append(note)
             if first in run:
@@ -186,24 +199,32 @@ def suspects(
     return out.top(k) if k is not None else out
 
 
-# The signals the score combines; the others are reported beside it.
-SCORED = ("loss", "margin", "alignment", "neighbours")
+# The score's two views of a label, weighted equally: how the training fits it, and how the samples
+# around it are labelled. The other signals are reported beside them.
+VIEWS = (("loss", "margin", "alignment"), ("neighbours",))
+SCORED = tuple(name for view in VIEWS for name in view)
 
 
 def combine(signals: dict[str, np.ndarray]) -> np.ndarray:
-    """The mean robust z-score of each sample over the :data:`SCORED` signals present in ``signals``
-    (oriented: high is suspicious); NaN values are left out of a sample's mean."""
+    """Each sample's score: the mean over the :data:`VIEWS` of the view's mean robust z-score (oriented:
+    high is suspicious), over the signals present in ``signals``; a NaN value leaves that signal out
+    of the sample's view, and a view with none known leaves the view out."""
     n = len(next(iter(signals.values())))
     total, count = np.zeros(n), np.zeros(n)
-    for name in SCORED:
-        values = signals.get(name)
-        if values is None:
-            continue
-        known = ~np.isnan(values)
-        if not known.any():
-            continue
-        total[known] += robust_z(DIRECTION[name] * values[known])
-        count[known] += 1
+    for view in VIEWS:
+        v_total, v_count = np.zeros(n), np.zeros(n)
+        for name in view:
+            values = signals.get(name)
+            if values is None:
+                continue
+            known = ~np.isnan(values)
+            if not known.any():
+                continue
+            v_total[known] += robust_z(DIRECTION[name] * values[known])
+            v_count[known] += 1
+        seen = v_count > 0
+        total[seen] += v_total[seen] / v_count[seen]
+        count[seen] += 1
     return np.divide(total, count, out=np.zeros(n), where=count > 0)
 
 
@@ -226,47 +247,82 @@ def _mean_by_id(cat: Any, epochs: Sequence[int], record: str, ids: np.ndarray) -
     return np.divide(total, count, out=np.full(len(ids), np.nan), where=count > 0)
 
 
-def logit_layer(cat: Any, classes: int) -> str | None:
-    """The last layer stored as factors with one output a class: the classifier's logit layer."""
-    found = [
-        name
-        for name in cat.layers
-        if cat.spec(name)["representation"] == "factors"
-        and cat.spec(name)["arrays"]["d"]["row_shape"][-1] == classes
-    ]
-    return found[-1] if found else None
-
-
-def neighbour_disagreement(scan: Any, epoch: int) -> tuple[np.ndarray | None, str | None]:
+def neighbour_disagreement(
+    scan: Any, epoch: int, layers: Sequence[str] | None = None
+) -> tuple[np.ndarray | None, str | None]:
     """For each training row of ``epoch``, the share of its :data:`NEIGHBOURS` nearest labelled rows
-    (cosine of the logit layer's stored inputs, each sample's positions averaged) that carry another
-    label; NaN for a row without a label. ``None`` and a note where it cannot be computed."""
+    that carry another label, averaged over the layers that store their inputs (cosine of
+    ``Representation.input_features``); NaN for a row without a label. ``None`` and a note where it
+    cannot be computed, and a note where the work bound left layers out."""
     labels = scan.catalog.row_field(epoch, "label")
     known = labels >= 0
-    layer = logit_layer(scan.catalog, int(labels.max()) + 1)
-    if layer is None:
-        return None, "no stored layer outputs one logit a class: no neighbour signal"
-    if known.sum() > MAX_DUPLICATE_ROWS:
+    reps = [r for r in scan.catalog.select(layers) if r.input_width is not None]
+    if not reps:
+        return None, "no stored layer keeps its input: no neighbour signal"
+    n = int(known.sum())
+    if n > MAX_DUPLICATE_ROWS:
         return None, f"the neighbour signal is left out past {MAX_DUPLICATE_ROWS:,} rows"
-    k = min(NEIGHBOURS, int(known.sum()) - 1)
+    k = min(NEIGHBOURS, n - 1)
     if k < 1:
         return None, "too few labelled samples for the neighbour signal"
-    rows = [b.load()["a"].float() for b in scan.source(epoch, layer).blocks()]
-    features = torch.cat([r.reshape(len(r), -1, r.shape[-1]).mean(1) for r in rows])
-    features = torch.nn.functional.normalize(features, dim=1)
+    chosen = within_work(reps, len(labels), NEIGHBOUR_WORK)
+    note = None
+    if len(chosen) < len(reps):
+        note = (
+            f"the neighbour signal read {len(chosen)} of {len(reps)} layers, evenly spaced, to stay "
+            f"within {NEIGHBOUR_WORK:.0e} multiply-adds"
+        )
     lab = torch.as_tensor(np.array(labels))  # the catalog's own array is read-only
-    others = torch.from_numpy(~known)
-    out = np.full(len(labels), np.nan)
-    step = 2048
-    for lo in range(0, len(labels), step):
-        sim = features[lo : lo + step] @ features.T
-        sim[:, others] = -torch.inf
-        rows_here = torch.arange(lo, lo + len(sim))
-        sim[torch.arange(len(sim)), rows_here] = -torch.inf  # not its own neighbour
-        nearest = sim.topk(k, dim=1).indices
-        out[lo : lo + len(sim)] = (lab[nearest] != lab[rows_here, None]).double().mean(1).numpy()
+    total = np.zeros(len(labels))
+    for rep in chosen:
+        rows = [
+            _fold(rep.input_features(b.load()), NEIGHBOUR_WIDTH, rep.name)
+            for b in scan.source(epoch, rep).blocks()
+        ]
+        total += _disagreement(torch.nn.functional.normalize(torch.cat(rows), dim=1), lab, known, k)
+    out = total / len(chosen)
     out[~known] = np.nan
-    return out, None
+    return out, note
+
+
+def within_work(reps: Sequence[Any], rows: int, work: float) -> list[Any]:
+    """``reps`` whole where comparing every pair of ``rows`` in each costs at most ``work``
+    multiply-adds, else the most that fit, evenly spaced, the last always among them (one where
+    even it alone costs more)."""
+    widths = np.array([min(r.input_width, NEIGHBOUR_WIDTH) for r in reps], dtype=np.float64)
+    for m in range(len(reps), 0, -1):
+        at = np.unique(np.round(np.linspace(len(reps) - 1, 0, m)).astype(int))
+        if rows * rows * widths[at].sum() <= work or len(at) == 1:
+            return [reps[i] for i in sorted(at)]
+    return reps[-1:]
+
+
+def _fold(x: torch.Tensor, width: int, layer: str) -> torch.Tensor:
+    """``x`` with its columns past ``width`` summed into ``width`` buckets with random signs (a
+    count sketch, seeded by the layer's name): inner products are kept in expectation."""
+    if x.shape[1] <= width:
+        return x
+    g = torch.Generator().manual_seed(zlib.crc32(layer.encode()))
+    bucket = torch.randint(width, (x.shape[1],), generator=g)
+    sign = (torch.randint(2, (x.shape[1],), generator=g) * 2 - 1).to(x.dtype)
+    return x.new_zeros(len(x), width).index_add_(1, bucket, x * sign)
+
+
+def _disagreement(unit: torch.Tensor, labels: torch.Tensor, known: np.ndarray, k: int) -> np.ndarray:
+    """The share of each row's ``k`` nearest labelled rows (cosine of the unit rows) with another
+    label; every row but its own is a candidate."""
+    others = torch.from_numpy(~known) if not known.all() else None
+    out = np.zeros(len(unit))
+    step = 2048
+    for lo in range(0, len(unit), step):
+        sim = unit[lo : lo + step] @ unit.T
+        if others is not None:
+            sim[:, others] = -torch.inf
+        here = torch.arange(lo, lo + len(sim))
+        sim[torch.arange(len(sim)), here] = -torch.inf  # not its own neighbour
+        nearest = sim.topk(k, dim=1).indices
+        out[lo : lo + len(sim)] = (labels[nearest] != labels[here, None]).double().mean(1).numpy()
+    return out
 
 
 def duplicate_groups(scan: Any, epoch: int) -> tuple[list[list[int]], str | None]:
@@ -279,15 +335,23 @@ def duplicate_groups(scan: Any, epoch: int) -> tuple[list[list[int]], str | None
     if len(ids) > MAX_DUPLICATE_ROWS:
         return [], f"the duplicate check is left out past {MAX_DUPLICATE_ROWS:,} rows"
     a = torch.cat([b.load()["a"].reshape(b.rows, -1).float() for b in source.blocks()])
+    # A near pair's cosine is at least sqrt(1 − DUPLICATE_DISTANCE²) (its smaller norm at its best),
+    # so one product of unit rows finds the few candidates; they are then measured exactly. The
+    # slack absorbs float32 rounding of the cosine.
     norms = a.norm(dim=1)
+    unit = a / norms.clamp_min(1e-30)[:, None]
+    unit[norms == 0, 0] = 1.0  # zero inputs: one direction, so that they meet each other
+    least = (1 - DUPLICATE_DISTANCE**2) ** 0.5 - 1e-4
     pairs = []
     step = 2048
     for lo in range(0, len(ids), step):
-        dist = torch.cdist(a[lo : lo + step], a)
-        near = dist <= DUPLICATE_DISTANCE * torch.maximum(norms[lo : lo + step, None], norms[None, :])
-        rows, cols = torch.nonzero(near, as_tuple=True)
-        keep = rows + lo < cols  # each pair once, no sample with itself
-        pairs += list(zip((rows[keep] + lo).tolist(), cols[keep].tolist()))
+        rows, cols = torch.nonzero(unit[lo : lo + step] @ unit.T >= least, as_tuple=True)
+        rows += lo
+        keep = rows < cols  # each pair once, no sample with itself
+        rows, cols = rows[keep], cols[keep]
+        dist = (a[rows].double() - a[cols].double()).norm(dim=1)
+        near = dist <= DUPLICATE_DISTANCE * torch.maximum(norms[rows], norms[cols]).double()
+        pairs += list(zip(rows[near].tolist(), cols[near].tolist()))
     parent: dict[int, int] = {}
 
     def root(i: int) -> int:

@@ -117,6 +117,16 @@ class Representation(ABC):
         """Why this form of storage gives estimates, or ``None`` when it is exact."""
         return notes.estimate(self.to_spec())
 
+    @property
+    def input_width(self) -> int | None:
+        """The width of :meth:`input_features`, or ``None`` where the layer stores no input."""
+        return None
+
+    def input_features(self, rows: Rows) -> Tensor:
+        """``(n, width)``: each row's stored layer input as one point (see
+        ``Extractor.input_features``), for finding the samples nearest it."""
+        raise ValueError(f"Layer {self.name!r} stores no input ({self.tag}).")
+
     def check_restore(self) -> None:
         """Raises where this representation's gradients cannot be restored (before any read)."""
 
@@ -191,6 +201,17 @@ class Factors(Representation):
     def takes_codes(self) -> bool:
         return getattr(self.extractor, "plain", False) and int_matmul()
 
+    @property
+    def input_width(self) -> int | None:
+        return self.extractor.input_width(self.hyper, self._a_shape)
+
+    @property
+    def _a_shape(self) -> list[int]:
+        return list(self.arrays["a"]["row_shape"])
+
+    def input_features(self, rows: Rows) -> Tensor:
+        return self.extractor.input_features(self.hyper, self.unpacked(rows)["a"])
+
     def scaled(self, rows: Rows, w: Tensor) -> Rows:
         # A gradient is linear in its output-gradient factor d; the input factor stays as stored.
         d = rows["d"]
@@ -255,6 +276,10 @@ class PooledFactors(Factors):
     @property
     def takes_codes(self) -> bool:
         return False  # the means are repeated over their blocks first
+
+    @property
+    def _a_shape(self) -> list[int]:
+        return list(self.summary["a_shape"])
 
     def unpacked(self, rows: Rows) -> Rows:
         s = self.summary
@@ -322,6 +347,15 @@ class ProjectedFactors(_Projected):
 
     def _terms(self) -> tuple[bool, bool]:
         return "weight" in self.params, "bias" in self.params
+
+    @property
+    def input_width(self) -> int | None:
+        return int(self.projection["k_in"])
+
+    def input_features(self, rows: Rows) -> Tensor:
+        # The projected inputs ``P_inᵀ a``: Gaussian, so their cosines are the inputs' in expectation.
+        a = rows["a"].float()
+        return a.reshape(a.shape[0], -1, a.shape[-1]).mean(1)
 
     def scaled(self, rows: Rows, w: Tensor) -> Rows:
         d = rows["d"]

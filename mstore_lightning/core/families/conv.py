@@ -56,6 +56,15 @@ class ConvExtractor(KroneckerExtractor):
         return x.detach()
 
     @classmethod
+    def input_width(cls, hyper: Hyper, a_shape: list[int]) -> int:
+        return math.prod(a_shape[1:])
+
+    @classmethod
+    def input_features(cls, hyper: Hyper, a: Tensor) -> Tensor:
+        # A feature map's positions are one grid in every sample, so they keep their places.
+        return as_float(a).mean(1).reshape(a.shape[0], -1)
+
+    @classmethod
     def matrices(cls, hyper: Hyper, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         b, u = a.shape[:2]
         g = hyper["groups"]

@@ -81,6 +81,22 @@ class EmbeddingExtractor(Extractor):
         return d.new_zeros(b).index_add_(0, sample, rows.pow(2).sum(1))
 
     @classmethod
+    def input_width(cls, hyper: Hyper, a_shape: list[int]) -> int:
+        return int(hyper["num_embeddings"])
+
+    @classmethod
+    def input_features(cls, hyper: Hyper, a: Tensor) -> Tensor:
+        # The bag of ids: how often each row of the table is read. Padding is left out, as the
+        # gradient leaves it out; a sample's length then does not make it near others of that length.
+        ids = a.reshape(a.shape[0], -1).long()
+        bag = torch.zeros(ids.shape[0], hyper["num_embeddings"]).scatter_add_(
+            1, ids, torch.ones(ids.shape, dtype=torch.float32)
+        )
+        if hyper["padding_idx"] is not None:
+            bag[:, hyper["padding_idx"]] = 0
+        return bag
+
+    @classmethod
     def factor_bytes(cls, a: Tensor, d: Tensor, itemsize: int) -> int:
         return a[0].numel() * 8 + d[0].numel() * itemsize
 

@@ -107,6 +107,22 @@ class Extractor(ABC):
         gx = cls.restore(hyper, params, x)
         return sum(gx[p].reshape(gx[p].shape[0], -1).double().pow(2).sum(1) for p in params)
 
+    # ----------------------------------------------------------- the input as a point (read side)
+    @classmethod
+    def input_width(cls, hyper: Hyper, a_shape: list[int]) -> int:
+        """The width of :meth:`input_features` for stored prefixes of row shape ``a_shape``."""
+        return int(a_shape[-1])
+
+    @classmethod
+    def input_features(cls, hyper: Hyper, a: Tensor) -> Tensor:
+        """``(n, width)``: each sample's stored prefix ``a (n, U, ..., I)`` as one point, for finding
+        the samples nearest it.
+
+        By default the mean over uses and positions: a sequence is read as a set of token features,
+        pooled as a sentence embedding pools them.
+        """
+        return a.float().reshape(a.shape[0], -1, a.shape[-1]).mean(1)
+
 
 def register(*module_types: type) -> Callable[[type[Extractor]], type[Extractor]]:
     """Class decorator: registers an extractor for module types (subclasses match too)."""
