@@ -114,6 +114,23 @@ def candidates(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 fit + robust_z(layers_disagreement(d, k))
             ) / 2
         out["10 neighbours over every layer, alone"] = layers_disagreement(d, 10)
+        every = robust_z(layers_disagreement(d, 10))
+        out["three views: loss + AUM, alignment, neighbours over every layer"] = (
+            (loss + aum) / 2 + align + every
+        ) / 3
+        out["two views: fit without alignment, and neighbours over every layer"] = (
+            (loss + aum) / 2 + every
+        ) / 2
+        out["two views, each view re-standardised"] = (robust_z(fit) + every) / 2
+        middle = np.median([loss, aum, align], 0)
+        for k in (5, 10, 20):
+            out[f"two views, fit view the median of its z; {k} neighbours over every layer"] = (
+                middle + robust_z(layers_disagreement(d, k))
+            ) / 2
+        out["two views, fit view the median of its z; 10 neighbours in the last layer only"] = (
+            middle + logit
+        ) / 2
+        out["fit view alone, the median of its z"] = middle
         out["two views: fit, and 10 neighbours in the last layer only"] = (fit + logit) / 2
         out["one mean of four z: loss, AUM, alignment, 10 neighbours over every layer"] = (
             loss + aum + align + robust_z(layers_disagreement(d, 10))

@@ -137,14 +137,14 @@ def test_every_signal_equals_its_brute_force_computation(tmp_path):
 
     want_near = (disagreement(truth.inputs) + disagreement(truth.features)) / 2
     np.testing.assert_array_equal(sus.signals["neighbours"], want_near)
-    # The score: two views weighed equally, the mean robust z-score of loss, margin and alignment,
-    # and that of neighbours, by scipy's MAD (the standard deviation where the MAD is 0).
+    # The score: two views weighed equally, the median robust z-score of loss, margin and
+    # alignment, and that of neighbours, by scipy's MAD (the standard deviation where the MAD is 0).
 
     def z(v):
         mad = median_abs_deviation(v, scale="normal")
         return (v - np.median(v)) / (mad if mad > 0 else v.std())
 
-    fit = np.mean([z(want_loss), z(-want_margin), z(-want_align)], axis=0)
+    fit = np.median([z(want_loss), z(-want_margin), z(-want_align)], axis=0)
     want_score = (fit + z(want_near)) / 2
     np.testing.assert_allclose(sus.scores, want_score, rtol=1e-3, atol=1e-3)
     assert np.all(np.diff(sus.scores) <= 0)
@@ -206,6 +206,20 @@ def test_the_score_leaves_unknown_values_out_and_ignores_unscored_signals():
     assert not np.isnan(both).any()
     shares = np.array([0.0, 0.0, 0.0, 0.5])  # most at one value: the MAD is 0, the std scales it
     np.testing.assert_allclose(combine({"neighbours": shares}), shares / shares.std())
+    # A view is the median of its signals: one signal far off does not move it.
+    steady = np.array([1.0, 2.0, 3.0, 4.0])
+    fit = combine({"loss": steady, "margin": -steady, "alignment": -np.array([1.0, 2.0, 3.0, 100.0])})
+    np.testing.assert_allclose(fit, 0.6745 * (steady - 2.5))
+    # Two views weigh the same, whatever the number of signals in each.
+    views = combine(
+        {
+            "loss": steady,
+            "margin": -steady,
+            "alignment": -np.array([1.0, 2.0, 3.0, 100.0]),
+            "neighbours": shares,
+        }
+    )
+    np.testing.assert_allclose(views, (fit + shares / shares.std()) / 2)
 
 
 def opposed(n: int = 40, flips: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

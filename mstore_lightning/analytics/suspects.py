@@ -28,19 +28,23 @@ them ranks on the gradient signals alone.
 **How they are combined.** Each signal is standardised to a robust z-score,
 ``0.6745 · (x − median) / MAD`` over the samples (the standard deviation where the MAD is 0),
 oriented so that high is suspicious. The score weighs two views of the label equally: how the
-training fits it (the mean z of ``loss``, ``margin`` and ``alignment``) and how the samples around
-it are labelled (the z of ``neighbours``). The fit view asks the model, and is as good as the run's
-fit; the neighbour view asks the data as the layers see it, and holds where a run fits badly or
-memorises its noise. Standardising puts signals of different units on one scale without a fitted
-weight, so nothing in the combination is tuned to a data set; the median and MAD keep the mislabeled
-tail itself from setting the scale; and, unlike ranks, z-scores keep the strength of the evidence,
-which is what separates a 10% tail. ``k = 10`` is a usual size for deep k-NN, not a fitted value.
-``self_influence`` is reported beside them but left out of the score: a gradient's norm is its loss
-times its features' norm, so it repeats the loss and adds atypical inputs that are correctly
-labelled. A signal unknown for a sample (NaN) leaves it out of that sample's view, and a view with
-no known signal leaves the view out. Ids break ties, so the ranking is deterministic.
-``benchmarks/detection.py`` measures the combination against each signal alone and against cleanlab
-on four data sets, uniform and pair flips, five seeds each.
+training fits it (``loss``, ``margin`` and ``alignment``) and how the samples around it are labelled
+(``neighbours``); a view's value is the median of its z-scores. The fit view asks the model, and is
+as good as the run's fit; the neighbour view asks the data as the layers see it, and holds where a
+run fits badly or memorises its noise. The median takes the middle of the fit view's three
+opinions, so one that fails on a run (a loss driven down by memorising, a gradient direction blurred
+by a poor fit) does not carry the view. Standardising puts signals of different units on one scale
+without a fitted weight, so nothing in the combination is tuned to a data set; the median and MAD
+keep the mislabeled tail itself from setting the scale; and, unlike ranks, z-scores keep the
+strength of the evidence, which is what separates a 10% tail. ``k = 10`` is a usual size for deep
+k-NN, not a fitted value. ``self_influence`` is reported beside them but left out of the score: a
+gradient's norm is its loss times its features' norm, so it repeats the loss and adds atypical
+inputs that are correctly labelled. A signal unknown for a sample (NaN) leaves it out of that
+sample's view, and a view with no known signal leaves the view out. Ids break ties, so the ranking
+is deterministic. ``benchmarks/detection.py`` measures the combination against each signal alone
+and against cleanlab on four data sets, uniform and pair flips, five seeds each;
+``benchmarks/detection_combos.py`` scores the alternatives (one mean of all signals, the mean
+within a view, other ``k``) on the same runs.
 
 **Cost.** The neighbour signal compares every pair of rows in every layer. It is left out past
 ``MAX_DUPLICATE_ROWS`` rows; inputs wider than ``NEIGHBOUR_WIDTH`` are count-sketched to it; and where
@@ -206,26 +210,32 @@ SCORED = tuple(name for view in VIEWS for name in view)
 
 
 def combine(signals: dict[str, np.ndarray]) -> np.ndarray:
-    """Each sample's score: the mean over the :data:`VIEWS` of the view's mean robust z-score (oriented:
-    high is suspicious), over the signals present in ``signals``; a NaN value leaves that signal out
-    of the sample's view, and a view with none known leaves the view out."""
+    """Each sample's score: the mean over the :data:`VIEWS` of the median of the view's robust
+    z-scores (oriented: high is suspicious), over the signals present in ``signals``; a NaN value
+    leaves that signal out of the sample's view, and a view with none known leaves the view out."""
     n = len(next(iter(signals.values())))
-    total, count = np.zeros(n), np.zeros(n)
+    views = []
     for view in VIEWS:
-        v_total, v_count = np.zeros(n), np.zeros(n)
+        zs = []
         for name in view:
             values = signals.get(name)
-            if values is None:
+            if values is None or np.isnan(values).all():
                 continue
+            z = np.full(n, np.nan)
             known = ~np.isnan(values)
-            if not known.any():
-                continue
-            v_total[known] += robust_z(DIRECTION[name] * values[known])
-            v_count[known] += 1
-        seen = v_count > 0
-        total[seen] += v_total[seen] / v_count[seen]
-        count[seen] += 1
-    return np.divide(total, count, out=np.zeros(n), where=count > 0)
+            z[known] = robust_z(DIRECTION[name] * values[known])
+            zs.append(z)
+        if zs:
+            stack = np.array(zs)
+            seen = ~np.isnan(stack).all(0)
+            middle = np.full(n, np.nan)
+            middle[seen] = np.nanmedian(stack[:, seen], axis=0)
+            views.append(middle)
+    if not views:
+        return np.zeros(n)
+    stack = np.array(views)
+    count = (~np.isnan(stack)).sum(0)
+    return np.divide(np.nansum(stack, 0), count, out=np.zeros(n), where=count > 0)
 
 
 def _mean_by_id(cat: Any, epochs: Sequence[int], record: str, ids: np.ndarray) -> np.ndarray | None:
