@@ -139,7 +139,7 @@ def candidates(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             loss + aum + align + logit
         ) / 4
     if "signal_neighbours" in d:  # what suspects() scores since the neighbour signal
-        out["two views, from suspects()'s own neighbour signal"] = (
+        out["two views (the fit view's mean), from suspects()'s own neighbour signal"] = (
             (loss + aum + align) / 3 + robust_z(d["signal_neighbours"])
         ) / 2
     if "labels" in d:  # dumps from before the labels were saved have no class-conditional candidates
