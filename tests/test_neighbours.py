@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from helpers import EXACT, Task, loader, trainer
 from hypothesis import given, settings
@@ -241,3 +242,32 @@ def test_the_duplicate_search_finds_every_group_the_pairwise_definition_does(tmp
     want = brute_groups(stored, np.asarray(labels), np.asarray(ids))
     assert groups == want
     assert [0, 1, 3] in groups and [4, 5] in groups and not any(2 in grp for grp in groups)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [{"representation": "factors", "pool": 2}, {"representation": "projection", "projection_dim": 4}],
+    ids=["pooled", "projected"],
+)
+def test_pooled_and_projected_layers_give_points_of_their_stated_width(tmp_path, policy):
+    ids, y = token_data()
+    inputs = Inputs(["conv"])
+    torch.manual_seed(0)
+    trainer([inputs, GradientCapture(tmp_path / "s.zarr", policy={**EXACT, **policy})], max_epochs=1).fit(
+        Task(TokenNet()), loader(ids, y, batch_size=10)
+    )
+    scan = as_scan(open_store(tmp_path / "s.zarr"))
+    order = scan.catalog.row_field(0, "ids").tolist()
+    forms = {type(rep).__name__ for rep in scan.catalog.select(None)}
+    assert ("PooledFactors" if "pool" in policy else "ProjectedFactors") in forms
+    for rep in scan.catalog.select(None):
+        if rep.input_width is None:
+            continue
+        got = torch.cat([rep.input_features(b.load()) for b in scan.source(0, rep).blocks()])
+        assert got.shape == (len(ids), rep.input_width) and torch.isfinite(got).all()
+        if rep.name == "net.conv" and "pool" in policy:  # block means, repeated over each block
+            seen = torch.stack([inputs.seen[(0, "net.conv")][i] for i in order])
+            want = nn.functional.avg_pool1d(seen, 2).repeat_interleave(2, dim=-1)
+            torch.testing.assert_close(got, want.reshape(len(seen), -1), rtol=1e-5, atol=1e-6)
+    shares, _ = SUSPECTS.neighbour_disagreement(scan, 0)
+    assert np.isfinite(shares).all()

@@ -304,7 +304,7 @@ def within_work(reps: Sequence[Any], rows: int, work: float) -> list[Any]:
         at = np.unique(np.round(np.linspace(len(reps) - 1, 0, m)).astype(int))
         if rows * rows * widths[at].sum() <= work or len(at) == 1:
             return [reps[i] for i in sorted(at)]
-    return reps[-1:]
+    return []  # no layers
 
 
 def _fold(x: torch.Tensor, width: int, layer: str) -> torch.Tensor:
