@@ -294,18 +294,16 @@ def run(
 
 
 def _layer_inputs(store: Any) -> dict[str, np.ndarray]:
-    """The last epoch's stored inputs of each layer the neighbour signal reads, as points (the
-    family's pooling, ``Representation.input_features``), by id: ``features_<i>`` in layer order."""
+    """The last epoch's stored inputs of each layer the neighbour signal reads, as it compares them
+    (``suspects.points``), by id: ``features_<i>`` in layer order."""
     from mstore_lightning.analytics.kernels import as_scan
+    from mstore_lightning.analytics.suspects import points
 
     scan = as_scan(store)
     epoch = store.epochs[-1]
     order = np.argsort(np.asarray(scan.catalog.row_field(epoch, "ids")))
-    out = {}
-    for i, rep in enumerate(r for r in scan.catalog.select(None) if r.input_width is not None):
-        rows = [rep.input_features(b.load()) for b in scan.source(epoch, rep).blocks()]
-        out[f"features_{i}"] = torch.cat(rows).numpy()[order]
-    return out
+    reps = [r for r in scan.catalog.select(None) if r.input_width is not None]
+    return {f"features_{i}": points(scan, epoch, rep).numpy()[order] for i, rep in enumerate(reps)}
 
 
 def _signals(sus: Any, order: np.ndarray) -> dict[str, np.ndarray]:

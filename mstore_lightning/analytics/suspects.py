@@ -285,14 +285,22 @@ def neighbour_disagreement(
     lab = torch.as_tensor(np.array(labels))  # the catalog's own array is read-only
     total = np.zeros(len(labels))
     for rep in chosen:
-        rows = [
-            _fold(rep.input_features(b.load()), NEIGHBOUR_WIDTH, rep.name)
-            for b in scan.source(epoch, rep).blocks()
-        ]
-        total += _disagreement(torch.nn.functional.normalize(torch.cat(rows), dim=1), lab, known, k)
+        total += _disagreement(torch.nn.functional.normalize(points(scan, epoch, rep), dim=1), lab, known, k)
     out = total / len(chosen)
     out[~known] = np.nan
     return out, note
+
+
+def points(scan: Any, epoch: int, rep: Any) -> torch.Tensor:
+    """``(rows, width)``: each training row's stored input to layer ``rep`` in ``epoch`` as the
+    neighbour signal compares it (the family's pooling, count-sketched past
+    :data:`NEIGHBOUR_WIDTH`), in the epoch's row order."""
+    return torch.cat(
+        [
+            _fold(rep.input_features(b.load()), NEIGHBOUR_WIDTH, rep.name)
+            for b in scan.source(epoch, rep).blocks()
+        ]
+    )
 
 
 def within_work(reps: Sequence[Any], rows: int, work: float) -> list[Any]:

@@ -353,9 +353,9 @@ class ProjectedFactors(_Projected):
         return int(self.projection["k_in"])
 
     def input_features(self, rows: Rows) -> Tensor:
-        # The projected inputs ``P_inᵀ a``: Gaussian, so their cosines are the inputs' in expectation.
-        a = rows["a"].float()
-        return a.reshape(a.shape[0], -1, a.shape[-1]).mean(1)
+        # The projected inputs ``P_inᵀ a``, pooled by the families' default: Gaussian, so their
+        # cosines are the inputs' in expectation, whatever the family.
+        return Extractor.input_features(self.hyper, rows["a"])
 
     def scaled(self, rows: Rows, w: Tensor) -> Rows:
         d = rows["d"]
